@@ -1,0 +1,35 @@
+# Two commands do everything: `make demo` and `make test`. Both share `make setup`.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.pantry-setup-done
+
+.PHONY: setup demo test proto proto-check lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml scripts/setup.sh
+	bash scripts/setup.sh
+	touch $(STAMP)
+
+demo: setup
+	$(PY) -m pantry.demo
+
+test: setup
+	bash scripts/test.sh
+
+proto: setup
+	$(PY) scripts/gen_proto.py
+
+proto-check: setup
+	$(PY) scripts/gen_proto.py --check
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy kvstore engine prefill decode conductor pantry
+
+bench: setup
+	$(PY) bench/ttft_prefix.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
