@@ -1,0 +1,81 @@
+"""Block addressing (DESIGN section 3): chained 128-bit hashes of full token blocks.
+
+A key names the whole prefix up to and including its block, so equal keys mean equal prefixes
+(within a namespace) and a cache lookup is a walk along the key list.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections.abc import Callable, Sequence
+
+import xxhash
+
+from kvstore.errors import ConfigError, InvalidTokenError
+
+_ROOT_TAG = b"pantry-kv-v1\x00"
+_MAX_TOKEN = 2**32
+ALGORITHMS = ("xxh3_128", "sha256")
+
+
+def make_namespace(fingerprint: str, tenant: str = "", salt: str = "") -> str:
+    """The namespace string that keeps models, layouts and tenants apart."""
+    return f"model={fingerprint};tenant={tenant};salt={salt}"
+
+
+def _digest_fn(algorithm: str, seed: int) -> Callable[[bytes], bytes]:
+    if algorithm == "xxh3_128":
+        return lambda data: xxhash.xxh3_128_digest(data, seed)
+    if algorithm == "sha256":
+        # sha256 has no seed parameter; prefixing the seed keeps deployments with different seeds
+        # disjoint just like xxh3's seed does. The full 32-byte digest is chained and used as key
+        # (64 hex chars), because truncating would give up the collision resistance it is for.
+        seed_bytes = struct.pack("<Q", seed)
+        return lambda data: hashlib.sha256(seed_bytes + data).digest()
+    raise ConfigError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
+
+
+class BlockHasher:
+    """Computes the chained block keys for one namespace.
+
+    `sha256` option: h[i] = sha256(seed as u64 LE + h[i-1] + tokens), root likewise over the
+    root tag; keys are 64 hex chars. `xxh3_128` (default) follows DESIGN section 3 exactly.
+    """
+
+    def __init__(
+        self, namespace: str, block_size: int = 16, seed: int = 0, algorithm: str = "xxh3_128"
+    ) -> None:
+        if block_size <= 0:
+            raise ConfigError(f"block_size must be > 0, got {block_size}")
+        if not 0 <= seed < 2**64:
+            raise ConfigError(f"seed must be in [0, 2**64), got {seed}")
+        self.namespace = namespace
+        self.block_size = block_size
+        self.seed = seed
+        self.algorithm = algorithm
+        self._digest = _digest_fn(algorithm, seed)
+        self._root = self._digest(_ROOT_TAG + namespace.encode("utf-8"))
+        self._block_fmt = struct.Struct(f"<{block_size}I")
+
+    def root(self) -> bytes:
+        return self._root
+
+    def block_keys(self, tokens: Sequence[int]) -> list[str]:
+        """Hex keys of the full blocks of `tokens`; a trailing partial block has no key."""
+        n_full = len(tokens) // self.block_size
+        keys: list[str] = []
+        prev = self._root
+        bs = self.block_size
+        for i in range(n_full):
+            chunk = tokens[i * bs : (i + 1) * bs]
+            try:
+                packed = self._block_fmt.pack(*chunk)
+            except struct.error:
+                bad = next((t for t in chunk if not 0 <= int(t) < _MAX_TOKEN), None)
+                raise InvalidTokenError(
+                    f"token ids must satisfy 0 <= t < 2**32, got {bad!r} in block {i}"
+                ) from None
+            prev = self._digest(prev + packed)
+            keys.append(prev.hex())
+        return keys

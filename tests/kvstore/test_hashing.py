@@ -1,0 +1,70 @@
+"""Pinned block-key vectors from DESIGN section 3: any change here breaks every stored key."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvstore.errors import ConfigError, InvalidTokenError
+from kvstore.hashing import BlockHasher, make_namespace
+
+
+def test_namespace_format() -> None:
+    assert make_namespace("test") == "model=test;tenant=;salt="
+    assert make_namespace("fp", "acme", "s1") == "model=fp;tenant=acme;salt=s1"
+
+
+def test_design_vectors_seed0() -> None:
+    h = BlockHasher(make_namespace("test"), block_size=16, seed=0)
+    assert h.root().hex() == "a7a39d2381af0855f0dc853e2fadd077"
+    assert h.block_keys(list(range(40))) == [
+        "c579f7442a0237f170cdf5d8d9de02bd",
+        "1f2b21c33004a9004124bb2adf0bcd5f",
+    ]
+
+
+def test_design_vectors_tenant() -> None:
+    h = BlockHasher(make_namespace("test", tenant="acme"))
+    assert h.block_keys(list(range(40))) == [
+        "3d7a31ae2af484731c4c59c6ea738d7f",
+        "b5c064c7a51776e414406aa62b625fc7",
+    ]
+
+
+def test_design_vectors_seed42() -> None:
+    h = BlockHasher(make_namespace("test"), seed=42)
+    assert h.block_keys(list(range(32))) == [
+        "eefc01b755909913e8d51c2147c41b8a",
+        "b7faacd987087c3a575c7f5dd3acdf63",
+    ]
+
+
+def test_partial_block_has_no_key_and_prefix_property() -> None:
+    h = BlockHasher(make_namespace("test"))
+    assert h.block_keys(list(range(15))) == []
+    full = h.block_keys(list(range(48)))
+    assert h.block_keys(list(range(35))) == full[:2]
+    # a different token in block 0 changes every later key
+    changed = h.block_keys([1] + list(range(1, 48)))
+    assert all(a != b for a, b in zip(full, changed, strict=True))
+
+
+def test_token_range_validated() -> None:
+    h = BlockHasher(make_namespace("test"), block_size=2)
+    assert len(h.block_keys([0, 2**32 - 1])) == 1
+    with pytest.raises(InvalidTokenError, match="2\\*\\*32"):
+        h.block_keys([0, 2**32])
+    with pytest.raises(InvalidTokenError):
+        h.block_keys([-1, 0])
+
+
+def test_sha256_option() -> None:
+    h = BlockHasher(make_namespace("test"), algorithm="sha256")
+    keys = h.block_keys(list(range(32)))
+    assert len(keys) == 2 and all(len(k) == 64 for k in keys)
+    assert keys != BlockHasher(make_namespace("test"), algorithm="sha256", seed=1).block_keys(
+        list(range(32))
+    )
+    with pytest.raises(ConfigError, match="algorithm"):
+        BlockHasher("x", algorithm="md5")
+    with pytest.raises(ConfigError, match="block_size"):
+        BlockHasher("x", block_size=0)
