@@ -1,0 +1,66 @@
+"""Rotary position embeddings, computed exactly the way transformers does (float32)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from engine.config import ModelConfig
+
+
+def inverse_frequencies(config: ModelConfig) -> Tensor:
+    dim = config.head_dim
+    # Same expression as transformers so the float32 rounding matches bit for bit.
+    inv_freq = 1.0 / (
+        config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float) / dim)
+    )
+    scaling = config.rope_scaling_dict
+    rope_type = config.rope_type
+    if rope_type == "linear":
+        return inv_freq / float(scaling["factor"])  # type: ignore[arg-type]
+    if rope_type == "llama3":
+        return _llama3(inv_freq, scaling)
+    return inv_freq
+
+
+def _llama3(inv_freq: Tensor, scaling: dict[str, object]) -> Tensor:
+    factor = float(scaling["factor"])  # type: ignore[arg-type]
+    low_freq_factor = float(scaling["low_freq_factor"])  # type: ignore[arg-type]
+    high_freq_factor = float(scaling["high_freq_factor"])  # type: ignore[arg-type]
+    old_context_len = float(scaling["original_max_position_embeddings"])  # type: ignore[arg-type]
+    low_freq_wavelen = old_context_len / low_freq_factor
+    high_freq_wavelen = old_context_len / high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+class RotaryEmbedding(torch.nn.Module):
+    inv_freq: Tensor
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.register_buffer("inv_freq", inverse_frequencies(config), persistent=False)
+
+    def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """cos, sin of shape [T, head_dim] for integer positions [T]."""
+        freqs = positions.to(torch.float32)[:, None] * self.inv_freq.float()[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos(), emb.sin()
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x: [T, heads, head_dim]; cos/sin: [T, head_dim]."""
+    cos = cos[:, None, :].to(x.dtype)
+    sin = sin[:, None, :].to(x.dtype)
+    return x * cos + _rotate_half(x) * sin

@@ -1,0 +1,95 @@
+"""Runs one model step over a batch of sequences on the paged KV cache."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from engine.attention import AttentionBatch
+from engine.block_manager import BlockAllocator
+from engine.config import ModelConfig
+from engine.errors import InvalidStep
+from engine.kv_cache import PagedKVCache
+from engine.loader import LoadedModel
+
+
+@dataclass(frozen=True)
+class SeqStep:
+    """Compute token_ids at positions start_pos..; KV for [0, start_pos) is already cached."""
+
+    token_ids: tuple[int, ...]
+    start_pos: int
+    block_table: tuple[int, ...]
+
+
+class ModelRunner:
+    def __init__(self, loaded: LoadedModel, *, num_blocks: int, block_size: int = 16) -> None:
+        if block_size <= 0:
+            raise ValueError(f"block_size must be positive, got {block_size}")
+        self.loaded = loaded
+        self.model = loaded.model
+        self.config: ModelConfig = loaded.config
+        self.block_size = block_size
+        self.device = next(self.model.parameters()).device
+        self.kv = PagedKVCache(
+            num_layers=self.config.num_layers,
+            num_blocks=num_blocks,
+            block_size=block_size,
+            num_kv_heads=self.config.num_kv_heads,
+            head_dim=self.config.head_dim,
+            dtype=loaded.dtype,
+            device=str(self.device),
+        )
+        self.allocator = BlockAllocator(num_blocks)
+
+    def _validate(self, seq: SeqStep) -> None:
+        if not seq.token_ids:
+            raise InvalidStep("SeqStep.token_ids must not be empty")
+        if seq.start_pos < 0:
+            raise InvalidStep(f"SeqStep.start_pos must be >= 0, got {seq.start_pos}")
+        end = seq.start_pos + len(seq.token_ids)
+        if end > self.config.max_position_embeddings:
+            raise InvalidStep(
+                f"sequence length {end} exceeds max_position_embeddings "
+                f"{self.config.max_position_embeddings}"
+            )
+        if len(seq.block_table) * self.block_size < end:
+            raise InvalidStep(
+                f"SeqStep.block_table has {len(seq.block_table)} blocks of {self.block_size}, "
+                f"needs {end} slots"
+            )
+        for block_id in seq.block_table:
+            if not 0 <= block_id < self.kv.num_blocks:
+                raise InvalidStep(f"SeqStep.block_table has invalid block id {block_id}")
+
+    def step(self, seqs: Sequence[SeqStep]) -> Tensor:
+        """Float32 logits [len(seqs), vocab] at each sequence's last computed position."""
+        if not seqs:
+            raise InvalidStep("step() needs at least one SeqStep")
+        for seq in seqs:
+            self._validate(seq)
+        ids: list[int] = []
+        positions: list[int] = []
+        for seq in seqs:
+            ids.extend(seq.token_ids)
+            positions.extend(range(seq.start_pos, seq.start_pos + len(seq.token_ids)))
+        batch = AttentionBatch.build(
+            query_lens=[len(s.token_ids) for s in seqs],
+            context_lens=[s.start_pos for s in seqs],
+            block_tables=[s.block_table for s in seqs],
+            block_size=self.block_size,
+            device=self.device,
+        )
+        last = torch.tensor(batch.cu_query_lens[1:], dtype=torch.int64, device=self.device) - 1
+        with torch.inference_mode():
+            hidden = self.model(
+                torch.tensor(ids, dtype=torch.int64, device=self.device),
+                torch.tensor(positions, dtype=torch.int64, device=self.device),
+                batch,
+                self.kv,
+            )
+            logits = self.model.compute_logits(hidden.index_select(0, last))
+        return logits.float()
