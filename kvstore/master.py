@@ -1,0 +1,348 @@
+"""The master's domain logic: membership, placement, two-phase put, leases, LRU eviction.
+
+Metadata only: the master hands out (node, offset, length) and never touches object bytes.
+All methods are thread-safe (one lock; every operation is short and in memory).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+
+from kvstore.allocator import BuddyAllocator
+from kvstore.config import MasterConfig
+from kvstore.errors import UnknownNodeError
+from kvstore.metadata import (
+    MetadataBackend,
+    NodeInfo,
+    NodeStatus,
+    ObjectMeta,
+    ObjectState,
+    PoolStatus,
+    create_backend,
+)
+
+log = logging.getLogger(__name__)
+
+
+class PutOutcome(enum.Enum):
+    ALLOCATED = "allocated"
+    EXISTS = "exists"
+    IN_PROGRESS = "in_progress"
+    NO_SPACE = "no_space"
+    TOO_LARGE = "too_large"
+
+
+@dataclass(frozen=True)
+class PutGrant:
+    key: str
+    outcome: PutOutcome
+    location: ObjectMeta | None = None
+
+
+@dataclass
+class _Node:
+    info: NodeInfo
+    allocator: BuddyAllocator
+    last_heartbeat: float
+    # Sealed keys of this node, least recently used first.
+    lru: OrderedDict[str, None] = field(default_factory=OrderedDict)
+    keys: set[str] = field(default_factory=set)
+
+
+class Master:
+    def __init__(
+        self,
+        config: MasterConfig | None = None,
+        backend: MetadataBackend | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config or MasterConfig()
+        self._backend = backend or create_backend(self.config.metadata_backend)
+        self._clock = clock
+        self._lock = threading.RLock()
+        self._nodes: dict[str, _Node] = {}
+        self._leases: dict[str, float] = {}
+        # Slots of removed objects that were leased: freed only once the lease runs out, so a
+        # reader mid-copy never sees the slot reused under it.
+        self._zombies: list[tuple[str, int, float]] = []
+        self._pending: set[str] = set()
+        self.hits = self.misses = self.evictions = self.puts = 0
+
+    # ---- membership -------------------------------------------------------------------------
+
+    def register_node(self, info: NodeInfo) -> None:
+        with self._lock:
+            if info.node_id in self._nodes:
+                # A re-registration means the node restarted or we dropped it: its old slots
+                # are meaningless now.
+                self._drop_node(info.node_id, reason="re-registered")
+            alloc = BuddyAllocator(info.segment_size, self.config.min_slot_bytes)
+            self._nodes[info.node_id] = _Node(info, alloc, self._clock())
+            self._backend.put_node(info)
+            log.info("node %s registered (host %s, %s, %d bytes)", info.node_id, info.host_id,
+                     info.address, info.segment_size)
+
+    def heartbeat(self, node_id: str) -> bool:
+        with self._lock:
+            node = self._nodes.get(node_id)
+            if node is None:
+                return False
+            node.last_heartbeat = self._clock()
+            return True
+
+    def node(self, node_id: str) -> NodeInfo:
+        with self._lock:
+            if node_id not in self._nodes:
+                raise UnknownNodeError(f"unknown node {node_id!r}")
+            return self._nodes[node_id].info
+
+    def _drop_node(self, node_id: str, reason: str) -> None:
+        node = self._nodes.pop(node_id)
+        for key in node.keys:
+            self._backend.delete(key)
+            self._leases.pop(key, None)
+            self._pending.discard(key)
+        self._zombies = [z for z in self._zombies if z[0] != node_id]
+        self._backend.delete_node(node_id)
+        log.warning("node %s dropped (%s) with %d objects", node_id, reason, len(node.keys))
+
+    # ---- two-phase put ----------------------------------------------------------------------
+
+    def put_start(
+        self, keys: Sequence[str], sizes: Sequence[int], client_host_id: str = ""
+    ) -> list[PutGrant]:
+        assert len(keys) == len(sizes), "keys and sizes must pair up"
+        grants: list[PutGrant] = []
+        with self._lock:
+            now = self._clock()
+            touched: set[str] = set()
+            for key, size in zip(keys, sizes, strict=True):
+                existing = self._backend.get(key)
+                if existing is not None:
+                    sealed = existing.state is ObjectState.SEALED
+                    grants.append(PutGrant(key, PutOutcome.EXISTS if sealed
+                                           else PutOutcome.IN_PROGRESS))
+                    continue
+                if size > self.config.max_object_bytes:
+                    grants.append(PutGrant(key, PutOutcome.TOO_LARGE))
+                    continue
+                placed = self._place(size, client_host_id)
+                if placed is None:
+                    grants.append(PutGrant(key, PutOutcome.NO_SPACE))
+                    continue
+                node, offset, slot = placed
+                meta = ObjectMeta(key, node.info.node_id, offset, size, slot,
+                                  ObjectState.PENDING, now + self.config.put_timeout_s)
+                self._backend.put(meta)
+                self._pending.add(key)
+                node.keys.add(key)
+                touched.add(node.info.node_id)
+                grants.append(PutGrant(key, PutOutcome.ALLOCATED, meta))
+            for node_id in touched:
+                self._enforce_watermark(self._nodes[node_id])
+        return grants
+
+    def _place(self, size: int, client_host_id: str) -> tuple[_Node, int, int] | None:
+        # Local host first (the writer copies through shm), then the emptiest node.
+        order = sorted(
+            self._nodes.values(),
+            key=lambda n: (n.info.host_id != client_host_id or not client_host_id,
+                           -n.allocator.free_bytes, n.info.node_id),
+        )
+        for node in order:
+            got = node.allocator.allocate(size)
+            if got is not None:
+                return node, got[0], got[1]
+        for node in order:
+            got = self._allocate_evicting(node, size)
+            if got is not None:
+                return node, got[0], got[1]
+        return None
+
+    def _allocate_evicting(self, node: _Node, size: int) -> tuple[int, int] | None:
+        for key in list(node.lru):
+            if not self._evictable(key):
+                continue
+            self._evict(node, key)
+            got = node.allocator.allocate(size)
+            if got is not None:
+                return got
+        return None
+
+    def _evictable(self, key: str) -> bool:
+        until = self._leases.get(key)
+        return until is None or until <= self._clock()
+
+    def _evict(self, node: _Node, key: str) -> None:
+        meta = self._backend.delete(key)
+        assert meta is not None and meta.state is ObjectState.SEALED, f"evicting {key}"
+        node.lru.pop(key, None)
+        node.keys.discard(key)
+        self._leases.pop(key, None)
+        node.allocator.free(meta.offset)
+        self.evictions += 1
+
+    def _enforce_watermark(self, node: _Node) -> None:
+        alloc = node.allocator
+        if alloc.capacity == 0 or alloc.used <= self.config.high_watermark * alloc.capacity:
+            return
+        target = self.config.low_watermark * alloc.capacity
+        for key in list(node.lru):
+            if alloc.used <= target:
+                break
+            if self._evictable(key):
+                self._evict(node, key)
+
+    def put_end(self, keys: Sequence[str]) -> list[bool]:
+        out: list[bool] = []
+        with self._lock:
+            for key in keys:
+                meta = self._backend.get(key)
+                if meta is None or meta.node_id not in self._nodes:
+                    out.append(False)
+                    continue
+                if meta.state is ObjectState.PENDING:
+                    self._backend.put(replace(meta, state=ObjectState.SEALED, deadline=0.0))
+                    self._nodes[meta.node_id].lru[key] = None
+                    self._pending.discard(key)
+                    self.puts += 1
+                out.append(True)
+        return out
+
+    def put_abort(self, keys: Sequence[str]) -> int:
+        n = 0
+        with self._lock:
+            for key in keys:
+                meta = self._backend.get(key)
+                if meta is not None and meta.state is ObjectState.PENDING:
+                    self._delete(meta)
+                    n += 1
+        return n
+
+    def _delete(self, meta: ObjectMeta) -> None:
+        self._backend.delete(meta.key)
+        self._pending.discard(meta.key)
+        node = self._nodes[meta.node_id]
+        node.lru.pop(meta.key, None)
+        node.keys.discard(meta.key)
+        until = self._leases.pop(meta.key, None)
+        if until is not None and until > self._clock():
+            self._zombies.append((meta.node_id, meta.offset, until))
+        else:
+            node.allocator.free(meta.offset)
+
+    # ---- reads ------------------------------------------------------------------------------
+
+    def _sealed(self, key: str) -> ObjectMeta | None:
+        meta = self._backend.get(key)
+        if meta is None or meta.state is not ObjectState.SEALED:
+            return None
+        return meta
+
+    def _lease_and_touch(self, meta: ObjectMeta, now: float) -> None:
+        until = now + self.config.lease_ms / 1000.0
+        self._leases[meta.key] = max(until, self._leases.get(meta.key, 0.0))
+        self._nodes[meta.node_id].lru.move_to_end(meta.key)
+
+    def get_replicas(self, keys: Sequence[str]) -> list[ObjectMeta | None]:
+        """Sealed locations (leased for lease_ms, LRU-touched); None per missing key."""
+        out: list[ObjectMeta | None] = []
+        with self._lock:
+            now = self._clock()
+            for key in keys:
+                meta = self._sealed(key)
+                if meta is None:
+                    self.misses += 1
+                else:
+                    self.hits += 1
+                    self._lease_and_touch(meta, now)
+                out.append(meta)
+        return out
+
+    def match_prefix(self, keys: Sequence[str]) -> list[ObjectMeta]:
+        """Locations of the longest run of leading sealed keys (leased and LRU-touched)."""
+        out: list[ObjectMeta] = []
+        with self._lock:
+            now = self._clock()
+            for key in keys:
+                meta = self._sealed(key)
+                if meta is None:
+                    break
+                self._lease_and_touch(meta, now)
+                out.append(meta)
+        return out
+
+    def exists(self, keys: Sequence[str]) -> list[bool]:
+        with self._lock:
+            return [self._sealed(k) is not None for k in keys]
+
+    def remove(self, keys: Sequence[str]) -> int:
+        """Remove sealed objects; pending puts are left to finish or time out."""
+        n = 0
+        with self._lock:
+            for key in keys:
+                meta = self._sealed(key)
+                if meta is not None:
+                    self._delete(meta)
+                    n += 1
+        return n
+
+    # ---- housekeeping -----------------------------------------------------------------------
+
+    def reap(self) -> None:
+        """Drop silent nodes, reclaim abandoned puts and expired zombie slots, apply watermarks."""
+        with self._lock:
+            now = self._clock()
+            for node_id, node in list(self._nodes.items()):
+                if now - node.last_heartbeat > self.config.node_timeout_s:
+                    self._drop_node(node_id, reason="heartbeat timeout")
+            for key in list(self._pending):
+                meta = self._backend.get(key)
+                assert meta is not None and meta.state is ObjectState.PENDING, key
+                if meta.deadline <= now:
+                    log.warning("put of %s on %s abandoned; reclaiming", meta.key, meta.node_id)
+                    self._delete(meta)
+            still: list[tuple[str, int, float]] = []
+            for node_id, offset, until in self._zombies:
+                if until <= now:
+                    self._nodes[node_id].allocator.free(offset)
+                else:
+                    still.append((node_id, offset, until))
+            self._zombies = still
+            self._leases = {k: u for k, u in self._leases.items() if u > now}
+            for node in self._nodes.values():
+                self._enforce_watermark(node)
+
+    def status(self) -> PoolStatus:
+        with self._lock:
+            now = self._clock()
+            nodes = tuple(
+                NodeStatus(n.info, n.allocator.capacity, n.allocator.used, len(n.keys),
+                           now - n.last_heartbeat)
+                for n in sorted(self._nodes.values(), key=lambda n: n.info.node_id)
+            )
+            return PoolStatus(
+                nodes=nodes,
+                capacity_bytes=sum(n.capacity_bytes for n in nodes),
+                used_bytes=sum(n.used_bytes for n in nodes),
+                objects=self._backend.count(),
+                hits=self.hits, misses=self.misses, evictions=self.evictions, puts=self.puts,
+            )
+
+    def list_objects(self, prefix: str = "", limit: int = 100) -> tuple[list[tuple[ObjectMeta,
+                                                                                   bool]], bool]:
+        """(objects with their leased flag, truncated) in key order."""
+        with self._lock:
+            now = self._clock()
+            out: list[tuple[ObjectMeta, bool]] = []
+            for meta in self._backend.scan(prefix):
+                if len(out) >= limit:
+                    return out, True
+                out.append((meta, self._leases.get(meta.key, 0.0) > now))
+            return out, False

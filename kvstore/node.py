@@ -1,0 +1,93 @@
+"""The storage node's runtime: its segment and its membership (register + heartbeat)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+import grpc
+
+from kvstore.config import NodeConfig
+from kvstore.hostid import default_host_id
+from kvstore.metadata import NodeInfo
+from kvstore.segment import Segment
+from proto.pantry.v1 import kvstore_pb2 as pb
+from proto.pantry.v1 import kvstore_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+
+def segment_path(config: NodeConfig) -> str:
+    return os.path.join(config.shm_dir, f"pantry-kv-{config.node_id}-{os.getpid()}")
+
+
+class StorageNode:
+    """Owns the segment; `start_membership` registers with the master and keeps heartbeating."""
+
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        self.host_id = config.host_id or default_host_id()
+        self.segment = Segment(segment_path(config), config.dram_bytes, config.prefault)
+        self.address = ""
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._channel: grpc.Channel | None = None
+
+    def info(self) -> NodeInfo:
+        assert self.address, "address is known only once the node's server is bound"
+        return NodeInfo(self.config.node_id, self.host_id, self.address, self.segment.path,
+                        self.segment.size)
+
+    def start_membership(self, address: str) -> None:
+        self.address = address
+        self._channel = grpc.insecure_channel(self.config.master_address)
+        stub = pb_grpc.KVMasterStub(self._channel)
+        self._thread = threading.Thread(target=self._run, args=(stub,), name="kv-node-heartbeat",
+                                        daemon=True)
+        self._thread.start()
+
+    def _register(self, stub: pb_grpc.KVMasterStub) -> bool:
+        i = self.info()
+        req = pb.RegisterNodeRequest(node=pb.NodeInfo(
+            node_id=i.node_id, host_id=i.host_id, address=i.address,
+            segment_path=i.segment_path, segment_size=i.segment_size))
+        try:
+            stub.RegisterNode(req, timeout=self.config.heartbeat_s)
+        except grpc.RpcError as e:
+            log.info("master %s not answering yet (%s); retrying", self.config.master_address,
+                     e.code())
+            return False
+        log.info("registered with master %s as %s", self.config.master_address, i.node_id)
+        return True
+
+    def _run(self, stub: pb_grpc.KVMasterStub) -> None:
+        registered = False
+        # Until registered, retry fast: launchers start master and nodes together.
+        while not self._stop.is_set():
+            if not registered:
+                registered = self._register(stub)
+                if not registered:
+                    self._stop.wait(min(0.2, self.config.heartbeat_s))
+                continue
+            if self._stop.wait(self.config.heartbeat_s):
+                break
+            try:
+                known = stub.Heartbeat(pb.HeartbeatRequest(node_id=self.config.node_id),
+                                       timeout=self.config.heartbeat_s).known
+            except grpc.RpcError as e:
+                log.warning("heartbeat failed: %s", e.code())
+                continue
+            if not known:
+                # The master forgot us (restart or timeout): our old objects are gone from its
+                # view, so registering again as an empty node is the consistent thing to do.
+                log.warning("master does not know this node any more; re-registering")
+                registered = False
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        if self._channel is not None:
+            self._channel.close()
+        self.segment.close()

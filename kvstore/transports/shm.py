@@ -1,0 +1,49 @@
+"""Same-host transport: map the node's segment file and copy with memoryview slicing."""
+
+from __future__ import annotations
+
+import mmap
+import os
+from collections.abc import Sequence
+
+from kvstore.transports import TransportError
+
+
+class ShmTransport:
+    name = "shm"
+
+    def __init__(self, path: str, size: int) -> None:
+        """Raises OSError when the file cannot be opened (other mount namespace, permissions)."""
+        fd = os.open(path, os.O_RDWR)
+        try:
+            if os.fstat(fd).st_size != size:
+                raise OSError(f"segment {path} is not {size} bytes")
+            self._mmap = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+        self._view = memoryview(self._mmap)
+        self.size = size
+
+    def _check(self, offset: int, length: int) -> None:
+        if offset < 0 or offset + length > self.size:
+            raise TransportError(f"range [{offset}, {offset + length}) outside the segment")
+
+    def write(self, ops: Sequence[tuple[int, bytes | memoryview]]) -> None:
+        for offset, data in ops:
+            src = memoryview(data).cast("B")
+            self._check(offset, src.nbytes)
+            self._view[offset : offset + src.nbytes] = src
+
+    def read(self, ops: Sequence[tuple[int, int]]) -> list[bytes]:
+        out = []
+        for offset, length in ops:
+            self._check(offset, length)
+            out.append(bytes(self._view[offset : offset + length]))
+        return out
+
+    def close(self) -> None:
+        self._view.release()
+        try:
+            self._mmap.close()
+        except BufferError:
+            pass  # a caller still holds a view; the mapping goes when it is collected
