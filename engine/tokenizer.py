@@ -115,7 +115,7 @@ class Tokenizer:
 
     @classmethod
     def from_gguf(cls, path: str | Path) -> Tokenizer:
-        gguf = GGUFFile(Path(path))
+        gguf = GGUFFile.open(Path(path))
         kind = gguf.field("tokenizer.ggml.model")
         if kind != "gpt2":
             raise TokenizerError(
