@@ -2,30 +2,16 @@
 
 from __future__ import annotations
 
-import glob
 import os
-import time
 from collections.abc import Callable, Iterator
 
 import pytest
+from kv_helpers import wait_for
 
 from kvstore.client import KVStoreClient
 from kvstore.config import MIB, ClientConfig, MasterConfig, NodeConfig
 from kvstore.master_service import MasterServer, start_master
 from kvstore.node_service import NodeServer, start_node
-
-
-def wait_for(cond: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def shm_files(node_id: str) -> list[str]:
-    return glob.glob(f"/dev/shm/pantry-kv-{node_id}-*")
 
 
 @pytest.fixture

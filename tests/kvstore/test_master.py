@@ -1,0 +1,159 @@
+"""Master domain logic with a fake clock: exact offsets, LRU eviction order, leases, timeouts."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvstore.allocator import BuddyAllocator, slot_size
+from kvstore.config import KIB, MasterConfig
+from kvstore.errors import ConfigError
+from kvstore.master import Master, PutOutcome
+from kvstore.metadata import NodeInfo
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def make_master(capacity: int = 64 * KIB, **cfg: float) -> tuple[Master, Clock]:
+    clock = Clock()
+    conf = MasterConfig(lease_ms=1000, put_timeout_s=5, node_timeout_s=3,
+                        max_object_bytes=32 * KIB, **cfg)  # type: ignore[arg-type]
+    m = Master(conf, clock=clock)
+    m.register_node(NodeInfo("n1", "h1", "127.0.0.1:1", "/dev/shm/x", capacity))
+    return m, clock
+
+
+def put(m: Master, key: str, size: int = 4 * KIB, host: str = "h1") -> int:
+    (grant,) = m.put_start([key], [size], host)
+    assert grant.outcome is PutOutcome.ALLOCATED, grant
+    assert grant.location is not None
+    assert m.put_end([key]) == [True]
+    return grant.location.offset
+
+
+def test_slot_sizes() -> None:
+    assert slot_size(1, 4096) == 4096
+    assert slot_size(4096, 4096) == 4096
+    assert slot_size(4097, 4096) == 8192
+    assert slot_size(70_000, 4096) == 131072
+
+
+def test_buddy_allocator_exact_offsets_split_and_merge() -> None:
+    a = BuddyAllocator(48 * KIB, 4 * KIB)  # 32 KiB block at 0, 16 KiB block at 32 KiB
+    assert a.allocate(4 * KIB) == (32 * KIB, 4 * KIB)  # best fit: smallest block first
+    assert a.allocate(4 * KIB) == (36 * KIB, 4 * KIB)
+    assert a.allocate(8 * KIB) == (40 * KIB, 8 * KIB)
+    assert a.allocate(32 * KIB) == (0, 32 * KIB)
+    assert a.allocate(4 * KIB) is None and a.free_bytes == 0
+    a.free(36 * KIB)
+    a.free(32 * KIB)  # merges with its buddy into 8 KiB at 32 KiB
+    assert a.allocate(8 * KIB) == (32 * KIB, 8 * KIB)
+    a.free(0)
+    a.free(32 * KIB)
+    a.free(40 * KIB)
+    assert a.used == 0 and a.largest_free() == 32 * KIB
+    assert a.allocate(16 * KIB) == (32 * KIB, 16 * KIB)
+
+
+def test_two_phase_put_visibility_and_duplicates() -> None:
+    m, _ = make_master()
+    (g,) = m.put_start(["a"], [100], "h1")
+    assert g.outcome is PutOutcome.ALLOCATED and g.location is not None
+    assert (g.location.offset, g.location.length, g.location.slot_bytes) == (0, 100, 4 * KIB)
+    assert m.exists(["a"]) == [False]
+    assert m.get_replicas(["a"]) == [None]
+    assert m.match_prefix(["a"]) == []
+    assert m.put_start(["a"], [100], "h1")[0].outcome is PutOutcome.IN_PROGRESS
+    assert m.put_end(["a"]) == [True]
+    assert m.exists(["a"]) == [True]
+    assert m.put_start(["a"], [100], "h1")[0].outcome is PutOutcome.EXISTS
+    assert m.put_start(["big"], [32 * KIB + 1], "h1")[0].outcome is PutOutcome.TOO_LARGE
+    assert m.put_end(["never"]) == [False]
+
+
+def test_lru_eviction_order_and_leases_on_allocation_failure() -> None:
+    m, _ = make_master(capacity=16 * KIB, high_watermark=1.0, low_watermark=1.0)
+    assert [put(m, k) for k in "abcd"] == [0, 4 * KIB, 8 * KIB, 12 * KIB]
+    m.get_replicas(["a"])  # touch + lease: a is now most recent and protected
+    # Full: the next put evicts the LRU unleased object, b, and reuses its slot.
+    assert put(m, "e") == 4 * KIB
+    assert m.exists(list("abcde")) == [True, False, True, True, True]
+    assert put(m, "f") == 8 * KIB  # then c
+    assert m.exists(list("abcdef")) == [True, False, False, True, True, True]
+    assert m.evictions == 2
+
+
+def test_leased_objects_survive_and_no_space_is_reported() -> None:
+    m, clock = make_master(capacity=8 * KIB, high_watermark=1.0, low_watermark=1.0)
+    put(m, "a")
+    put(m, "b")
+    assert len(m.match_prefix(["a", "b"])) == 2  # leases both
+    assert m.put_start(["c"], [4 * KIB], "h1")[0].outcome is PutOutcome.NO_SPACE
+    clock.t += 1.5  # leases ran out
+    assert put(m, "c") == 0  # a was least recently used (match touched a then b)
+    assert m.exists(["a", "b", "c"]) == [False, True, True]
+
+
+def test_watermark_eviction_down_to_low() -> None:
+    m, _ = make_master(capacity=40 * KIB, high_watermark=0.5, low_watermark=0.25)
+    # 40 KiB = 32 KiB block + 8 KiB block; 5 puts reach 20 KiB = 50% (not above high).
+    for k in "abcde":
+        put(m, k)
+    assert m.evictions == 0
+    put(m, "f")  # 24 KiB > 50%: evict LRU a, b, c, d... until used <= 10 KiB
+    assert m.exists(list("abcdef")) == [False, False, False, False, True, True]
+    assert m.status().used_bytes == 8 * KIB
+
+
+def test_abandoned_put_reclaimed_and_node_timeout() -> None:
+    m, clock = make_master()
+    m.put_start(["p"], [10], "h1")
+    put(m, "s")
+    clock.t += 2
+    assert m.heartbeat("n1")
+    m.reap()
+    assert m.status().objects == 2
+    clock.t += 4  # put_timeout 5 s passed; heartbeat 4 s ago > node_timeout 3 s
+    m.heartbeat("n1")
+    m.reap()
+    assert m.status().objects == 1 and m.put_end(["p"]) == [False]
+    clock.t += 4
+    m.reap()
+    assert m.status().nodes == () and m.exists(["s"]) == [False]
+    assert not m.heartbeat("n1")
+
+
+def test_remove_of_leased_object_defers_slot_reuse() -> None:
+    m, clock = make_master(capacity=4 * KIB)
+    put(m, "a")
+    m.get_replicas(["a"])
+    assert m.remove(["a", "zz"]) == 1
+    assert m.exists(["a"]) == [False]
+    # The slot is still held for the reader's lease.
+    assert m.put_start(["b"], [10], "h1")[0].outcome is PutOutcome.NO_SPACE
+    clock.t += 1.5
+    m.reap()
+    assert put(m, "b") == 0
+
+
+def test_placement_prefers_writer_host_then_free_space() -> None:
+    m, _ = make_master(capacity=16 * KIB)
+    m.register_node(NodeInfo("n2", "h2", "127.0.0.1:2", "/dev/shm/y", 32 * KIB))
+    (g,) = m.put_start(["x"], [10], "h1")
+    assert g.location is not None and g.location.node_id == "n1"
+    (g,) = m.put_start(["y"], [10], "elsewhere")
+    assert g.location is not None and g.location.node_id == "n2"  # most free bytes
+
+
+def test_config_validation_names_setting() -> None:
+    with pytest.raises(ConfigError, match="low_watermark"):
+        MasterConfig(high_watermark=0.5, low_watermark=0.8)
+    with pytest.raises(ConfigError, match="put_timeout_s"):
+        MasterConfig(put_timeout_s=0)
+    with pytest.raises(ConfigError, match="min_slot_bytes"):
+        MasterConfig(min_slot_bytes=3000)
