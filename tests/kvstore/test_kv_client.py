@@ -1,0 +1,165 @@
+"""Client against real in-process master and node gRPC servers, over shm and grpc transports."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+
+import grpc
+import pytest
+from kv_helpers import wait_for
+
+from kvstore.block_object import decode_block, encode_block
+from kvstore.client import KVStoreClient, PrefixMatch
+from kvstore.config import MIB
+from kvstore.errors import ObjectTooLargeError
+from kvstore.hashing import BlockHasher, make_namespace
+from kvstore.node_service import NodeServer
+from proto.pantry.v1 import kvstore_pb2 as pb
+from proto.pantry.v1 import kvstore_pb2_grpc as pb_grpc
+
+NodeFactory = Callable[..., NodeServer]
+ClientFactory = Callable[..., KVStoreClient]
+
+
+def blocks(n: int, size: int = 3000, fp: str = "fp") -> list[tuple[str, bytes]]:
+    keys = BlockHasher(make_namespace(fp), block_size=4).block_keys(list(range(4 * n)))
+    return [(k, encode_block(fp, "uint8", (size,), os.urandom(size))) for k in keys]
+
+
+@pytest.mark.parametrize("client_host", ["host-a", "host-b"])
+def test_put_get_match_exists_remove(
+    node_factory: NodeFactory, client_factory: ClientFactory, client_host: str
+) -> None:
+    node = node_factory("n")
+    c = client_factory(host_id=client_host)
+    items = blocks(4)
+    keys = [k for k, _ in items]
+    assert c.put_many(items[:3]) == [True] * 3
+    assert c.transport_name(node.node.info()) == ("shm" if client_host == "host-a" else "grpc")
+    assert c.get_many(keys) == [items[0][1], items[1][1], items[2][1], None]
+    assert c.exists(keys) == [True, True, True, False]
+    m = c.match_prefix(keys)
+    assert isinstance(m, PrefixMatch) and m.matched == 3
+    assert [loc.key for loc in m.locations] == keys[:3]
+    assert all(loc.node_id == node.node.config.node_id for loc in m.locations)
+    assert [loc.length for loc in m.locations] == [len(items[0][1])] * 3
+    assert c.match_prefix([keys[1], keys[0]]).matched == 2
+    assert c.match_prefix(["00" * 16, keys[0]]).matched == 0
+    assert c.remove([keys[1], "missing"]) == 1
+    assert c.match_prefix(keys).matched == 1
+    assert c.get_many([keys[1]]) == [None]
+    assert c.get_many([]) == [] and c.put_many([]) == []
+    obj = decode_block(c.get_many([keys[0]])[0] or b"", expected_fingerprint="fp")
+    assert obj is not None and obj.shape == (3000,)
+
+
+def test_shm_and_grpc_clients_see_the_same_bytes(
+    node_factory: NodeFactory, client_factory: ClientFactory
+) -> None:
+    node_factory("n")
+    local, remote = client_factory(host_id="host-a"), client_factory(host_id="host-b")
+    a, b = blocks(2)
+    assert local.put_many([a]) == [True]
+    assert remote.put_many([b]) == [True]
+    assert remote.get_many([a[0], b[0]]) == [a[1], b[1]]
+    assert local.get_many([a[0], b[0]]) == [a[1], b[1]]
+
+
+def test_duplicate_put_and_unsealed_invisible(
+    node_factory: NodeFactory, client_factory: ClientFactory, master_address: str
+) -> None:
+    node_factory("n")
+    c = client_factory()
+    (k, v), = blocks(1)
+    assert c.put_many([(k, v), (k, v)]) == [True, True]
+    assert c.put_many([(k, b"other bytes")]) == [True]  # exists: first writer wins
+    assert c.get_many([k]) == [v]
+    # A raw two-phase put left open is invisible to every reader.
+    with grpc.insecure_channel(master_address) as ch:
+        stub = pb_grpc.KVMasterStub(ch)
+        r = stub.PutStart(pb.PutStartRequest(keys=["pending"], sizes=[10],
+                                             client_host_id="x"))
+        assert r.slots[0].state == pb.PUT_STATE_ALLOCATED
+        assert c.exists(["pending"]) == [False]
+        assert c.get_many(["pending"]) == [None]
+        assert c.match_prefix(["pending"]).matched == 0
+        assert c.put_many([("pending", b"y" * 10)]) == [False]  # in progress elsewhere
+        stub.PutEnd(pb.KeysRequest(keys=["pending"]))
+        assert c.exists(["pending"]) == [True]
+
+
+def test_object_too_large_is_a_clear_error(
+    node_factory: NodeFactory, client_factory: ClientFactory
+) -> None:
+    node_factory("n")
+    c = client_factory()
+    with pytest.raises(ObjectTooLargeError, match="max_object_bytes"):
+        c.put_many([("ok", b"x"), ("big", b"x" * (4 * MIB + 1))])
+    assert c.exists(["ok", "big"]) == [False, False]  # nothing half-done
+
+
+def test_full_pool_returns_false_not_raise(
+    node_factory: NodeFactory, client_factory: ClientFactory
+) -> None:
+    node_factory("n", dram_bytes=1 * MIB)
+    c = client_factory(host_id="host-b")
+    big = [(f"b{i}", os.urandom(600 * 1024)) for i in range(2)]
+    assert c.put_many(big[:1]) == [True]
+    c.get_many(["b0"])  # leased: cannot be evicted to make room
+    assert c.put_many(big[1:]) == [False]
+    assert c.get_many(["b0"]) == [big[0][1]]
+
+
+def test_node_death_is_a_miss_not_wrong_data(
+    node_factory: NodeFactory, client_factory: ClientFactory, master_address: str
+) -> None:
+    node = node_factory("n")
+    c = client_factory(host_id="host-b")  # grpc: the node process being gone is visible
+    items = blocks(3)
+    assert c.put_many(items) == [True] * 3
+    node.stop(grace=0)
+    got = c.get_many([k for k, _ in items])
+    assert all(g is None or g == v for g, (_, v) in zip(got, items, strict=True))
+    assert not os.path.exists(node.node.segment.path)
+    # After the heartbeat timeout the master forgets the node and its objects.
+    wait_for(lambda: c.status().nodes == (), timeout=5, what="node dropped")
+    assert c.get_many([k for k, _ in items]) == [None] * 3
+    assert c.match_prefix([k for k, _ in items]).matched == 0
+
+
+def test_concurrent_threads(node_factory: NodeFactory, client_factory: ClientFactory) -> None:
+    node_factory("n", dram_bytes=16 * MIB)
+    c = client_factory()
+    errors: list[BaseException] = []
+
+    def worker(t: int) -> None:
+        try:
+            items = [(f"t{t}-{i}", os.urandom(5000)) for i in range(20)]
+            assert c.put_many(items) == [True] * 20
+            assert c.get_many([k for k, _ in items]) == [v for _, v in items]
+        except BaseException as e:  # surfaced below; a thread's assert is otherwise lost
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert c.status().objects == 160
+
+
+def test_two_nodes_and_status(node_factory: NodeFactory, client_factory: ClientFactory) -> None:
+    node_factory("n1", host_id="host-a")
+    node_factory("n2", host_id="host-b")
+    c = client_factory(host_id="host-b")
+    items = blocks(5)
+    assert c.put_many(items) == [True] * 5
+    s = c.status()
+    assert len(s.nodes) == 2 and s.objects == 5 and s.puts == 5
+    by_id = {n.node.host_id: n.objects for n in s.nodes}
+    assert by_id == {"host-a": 0, "host-b": 5}  # the writer's own host is preferred
+    assert c.get_many([k for k, _ in items]) == [v for _, v in items]
+    assert s.capacity_bytes == 16 * MIB
