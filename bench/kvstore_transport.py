@@ -1,0 +1,97 @@
+"""Put/get throughput of the pool per transport (shm vs grpc), measured in the same run.
+
+Runs a real master and node as processes (the node must not share the client's GIL) and
+prints GB/s per transport plus the shm/grpc ratio.
+
+    PYTHONPATH=. python bench/kvstore_transport.py --object-bytes 1MiB --objects 128 --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from kvstore.client import KVStoreClient
+from kvstore.config import ClientConfig, parse_size
+from kvstore.hostid import default_host_id
+
+ROOT = Path(__file__).resolve().parent.parent
+# Short leases so each round's removed objects free their slots quickly (not timed).
+LEASE_MS = 100
+
+
+def spawn(tmp: str, name: str, *args: str) -> tuple[subprocess.Popen[bytes], str]:
+    ready = Path(tmp) / f"{name}.json"
+    quiet = not os.environ.get("BENCH_VERBOSE")
+    proc = subprocess.Popen([sys.executable, "-m", "kvstore", *args, "--ready-file", str(ready)],
+                            cwd=ROOT, stderr=subprocess.DEVNULL if quiet else None)
+    deadline = time.monotonic() + 30
+    while not ready.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"{name} failed to start")
+        time.sleep(0.05)
+    return proc, str(json.loads(ready.read_text())["address"])
+
+
+def run(client: KVStoreClient, tag: str, size: int, n: int, rounds: int) -> tuple[float, float]:
+    payloads = [os.urandom(size) for _ in range(min(n, 8))]
+    best_put = best_get = 0.0
+    for r in range(rounds):
+        items = [(f"{tag}-{r}-{i}", payloads[i % len(payloads)]) for i in range(n)]
+        t0 = time.perf_counter()
+        ok = client.put_many(items)
+        t1 = time.perf_counter()
+        got = client.get_many([k for k, _ in items])
+        t2 = time.perf_counter()
+        assert all(ok) and all(g is not None for g in got), "pool too small for the benchmark"
+        best_put = max(best_put, size * n / (t1 - t0) / 1e9)
+        best_get = max(best_get, size * n / (t2 - t1) / 1e9)
+        client.remove([k for k, _ in items])
+        # Removed objects keep their slots until the read lease lapses and the master reaps.
+        time.sleep(LEASE_MS / 1000 + 1.2)
+    return best_put, best_get
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--object-bytes", default="1MiB")
+    ap.add_argument("--objects", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=3)
+    ns = ap.parse_args()
+    size = parse_size(ns.object_bytes)
+    dram = max(256 * 1024 * 1024, 2 * size * ns.objects)
+    with tempfile.TemporaryDirectory() as tmp:
+        master, addr = spawn(tmp, "master", "master", "--lease-ms", str(LEASE_MS))
+        node, _ = spawn(tmp, "node", "node", "--master", addr, "--node-id", f"bench-{os.getpid()}",
+                        "--dram-bytes", str(dram), "--host-id", default_host_id())
+        try:
+            cfg = ClientConfig(max_object_bytes=max(size, 1024))
+            results = {}
+            for name, host in (("shm", None), ("grpc", "bench-remote-host")):
+                with KVStoreClient(addr, host_id=host, config=cfg) as c:
+                    while not c.status().nodes:
+                        time.sleep(0.05)
+                    results[name] = run(c, name, size, ns.objects, ns.rounds)
+        finally:
+            for p in (node, master):
+                p.send_signal(signal.SIGTERM)
+                p.wait(timeout=20)
+    print(f"object {size} bytes x {ns.objects}, best of {ns.rounds}")
+    print(f"{'transport':<10}{'put GB/s':>10}{'get GB/s':>10}")
+    for name, (put, get) in results.items():
+        print(f"{name:<10}{put:>10.2f}{get:>10.2f}")
+    sp, sg = results["shm"]
+    gp, gg = results["grpc"]
+    print(f"shm/grpc ratio: put {sp / gp:.1f}x, get {sg / gg:.1f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
