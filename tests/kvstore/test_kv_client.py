@@ -163,3 +163,39 @@ def test_two_nodes_and_status(node_factory: NodeFactory, client_factory: ClientF
     assert by_id == {"host-a": 0, "host-b": 5}  # the writer's own host is preferred
     assert c.get_many([k for k, _ in items]) == [v for _, v in items]
     assert s.capacity_bytes == 16 * MIB
+
+
+def test_health_and_node_edge_limits(node_factory: NodeFactory, master_address: str) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    node = node_factory("n")
+    for addr, svc in ((master_address, "pantry.v1.KVMaster"), (node.address, "pantry.v1.KVNode")):
+        with grpc.insecure_channel(addr) as ch:
+            resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=svc))
+            assert resp.status == health_pb2.HealthCheckResponse.SERVING
+    big = 64 * 1024 * 1024
+    opts = [("grpc.max_send_message_length", big), ("grpc.max_receive_message_length", big)]
+    with grpc.insecure_channel(node.address, options=opts) as ch:
+        stub = pb_grpc.KVNodeStub(ch)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Write(pb.WriteRequest(ops=[pb.WriteOp(offset=0, data=b"x" * (4 * MIB + 1))]))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "max_object_bytes" in (err.value.details() or "")
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Read(pb.ReadRequest(ops=[pb.ReadOp(offset=8 * MIB - 1, length=2)]))
+        assert err.value.code() == grpc.StatusCode.OUT_OF_RANGE
+
+
+def test_overwritten_slot_is_detected_by_decode_block(
+    node_factory: NodeFactory, client_factory: ClientFactory
+) -> None:
+    node = node_factory("n")
+    c = client_factory()
+    (k, v), = blocks(1)
+    assert c.put_many([(k, v)]) == [True]
+    (loc,) = c.match_prefix([k]).locations
+    # Simulate a reader racing a slot reuse (lease ran out): other bytes land in the slot.
+    node.node.segment.write(loc.offset + len(v) - 10, b"\xff" * 10)
+    raw = c.get_many([k])[0]
+    assert raw is not None and len(raw) == len(v)
+    assert decode_block(raw, expected_fingerprint="fp") is None
