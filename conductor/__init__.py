@@ -1,0 +1,1 @@
+"""The front door: public APIs, KV-centric scheduling, admission."""

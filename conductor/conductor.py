@@ -1,0 +1,358 @@
+"""The conductor's domain logic: tokenize, look up the cached prefix, place, stream."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import replace
+
+from engine.detokenizer import IncrementalDetokenizer
+from engine.loader import load_tokenizer
+from engine.pool_transfer import PoolAddressing
+from engine.tokenizer import Tokenizer
+from kvstore.client import KVStoreClient
+
+from .config import ConductorConfig
+from .engines import DecodeClient, EngineInfo, PrefillClient
+from .metrics import TTFT_BUCKETS, Metrics
+from .requests import (
+    GenerationEvent,
+    GenerationFinished,
+    GenerationRequest,
+    InvalidRequest,
+    Overloaded,
+    PromptAccepted,
+    TokensGenerated,
+    Unavailable,
+    Usage,
+)
+from .scheduler import EngineState, Scheduler
+from .stop_strings import StopStringMatcher
+
+log = logging.getLogger(__name__)
+
+LOAD_POLL_S = 1.0
+
+
+class Conductor:
+    def __init__(
+        self,
+        config: ConductorConfig,
+        tokenizer: Tokenizer | None,
+        prefills: list[EngineState[PrefillClient]],
+        decodes: list[EngineState[DecodeClient]],
+        pool: KVStoreClient,
+    ) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        self.prefills = prefills
+        self.decodes = decodes
+        self.pool = pool
+        ref = prefills[0].info
+        self.info: EngineInfo = ref
+        self.model_id = config.served_model_name or ref.model_id
+        self.addressing = PoolAddressing(ref.fingerprint, ref.block_size, hash_seed=ref.hash_seed)
+        self.scheduler: Scheduler[object] = Scheduler(config.ttft_slo_s)
+        self.pool_up = True
+        self._inflight = 0
+        self._poller: asyncio.Task[None] | None = None
+        self.metrics = Metrics()
+        m = self.metrics
+        m.counter("pantry_requests_total", "Requests finished, by route and outcome.")
+        m.counter("pantry_prompt_tokens_total", "Prompt tokens received.")
+        m.counter("pantry_cached_tokens_total", "Prompt tokens served from the KV pool.")
+        m.counter("pantry_generated_tokens_total", "Tokens generated.")
+        m.counter("pantry_request_errors_total", "Requests refused or failed, by kind.")
+        m.histogram("pantry_ttft_seconds", "Time to first token.", TTFT_BUCKETS)
+
+    # ---- life cycle ---------------------------------------------------------------------
+    @classmethod
+    async def connect(cls, config: ConductorConfig, wait_s: float = 120.0) -> Conductor:
+        prefills = [PrefillClient(a, config.engine_timeout_s) for a in config.prefill]
+        decodes = [DecodeClient(a, config.engine_timeout_s) for a in config.decode]
+        deadline = time.monotonic() + wait_s
+
+        async def info_of(client: PrefillClient | DecodeClient) -> EngineInfo:
+            while True:
+                try:
+                    return await client.info()
+                except Exception as exc:
+                    if time.monotonic() > deadline:
+                        raise Unavailable(f"engine {client.address} did not answer: {exc}") from exc
+                    await asyncio.sleep(0.2)
+
+        p_infos = [await info_of(c) for c in prefills]
+        d_infos = [await info_of(c) for c in decodes]
+        ref = p_infos[0]
+        for info in p_infos + d_infos:
+            if (info.fingerprint, info.block_size, info.hash_seed) != (
+                ref.fingerprint, ref.block_size, ref.hash_seed
+            ):
+                raise Unavailable(
+                    f"engine {info.address} serves another model or KV layout than "
+                    f"{ref.address}; start every engine with the same model and block size"
+                )
+        tokenizer = await asyncio.to_thread(load_tokenizer, config.model)
+        pool = await asyncio.to_thread(KVStoreClient, config.kv_master)
+        conductor = cls(
+            config,
+            tokenizer,
+            [EngineState(c, i) for c, i in zip(prefills, p_infos, strict=True)],
+            [EngineState(c, i) for c, i in zip(decodes, d_infos, strict=True)],
+            pool,
+        )
+        conductor._poller = asyncio.create_task(conductor._poll_loads())
+        return conductor
+
+    async def close(self) -> None:
+        if self._poller:
+            self._poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._poller
+        for p in self.prefills:
+            await p.client.close()
+        for d in self.decodes:
+            await d.client.close()
+        self.pool.close()
+
+    async def _poll_loads(self) -> None:
+        while True:
+            await self.refresh_loads()
+            await asyncio.sleep(LOAD_POLL_S)
+
+    async def refresh_loads(self) -> dict[str, bool]:
+        up: dict[str, bool] = {}
+        engines: list[EngineState[PrefillClient] | EngineState[DecodeClient]] = [
+            *self.prefills, *self.decodes
+        ]
+        for st in engines:
+            try:
+                st.load = await st.client.load()
+                st.up = True
+            except Exception:
+                st.up = False
+            up[f"{st.info.role}:{st.info.engine_id}"] = st.up
+        try:
+            await asyncio.to_thread(self.pool.status)
+            self.pool_up = True
+        except Exception:
+            self.pool_up = False
+        up["kvstore"] = self.pool_up
+        return up
+
+    # ---- requests -----------------------------------------------------------------------
+    def tokenize(self, req: GenerationRequest) -> tuple[int, ...]:
+        if req.token_ids is not None:
+            ids = req.token_ids
+        elif self.tokenizer is None:
+            raise InvalidRequest(
+                req.prompt_field, "this model has no tokenizer; send the prompt as token ids"
+            )
+        elif req.messages is not None:
+            if not req.messages:
+                raise InvalidRequest(req.prompt_field, "is empty; send at least one message")
+            try:
+                text = self.tokenizer.apply_chat_template(
+                    [{"role": m.role, "content": m.content} for m in req.messages]
+                )
+            except Exception as exc:
+                raise InvalidRequest(req.prompt_field, f"chat template failed: {exc}") from exc
+            ids = tuple(self.tokenizer.encode(text))
+        else:
+            ids = tuple(self.tokenizer.encode(req.text or ""))
+        if not ids:
+            raise InvalidRequest(req.prompt_field, "is empty; send at least one token")
+        vocab = self.info.vocab_size
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidRequest(
+                req.prompt_field, f"token id {bad} is outside the vocabulary [0, {vocab})"
+            )
+        return ids
+
+    def max_tokens_for(self, req: GenerationRequest, prompt_len: int) -> int:
+        limit = self.info.max_model_len
+        if prompt_len >= limit:
+            raise InvalidRequest(
+                req.prompt_field,
+                f"{prompt_len} tokens do not fit the model's context of {limit} tokens; "
+                "shorten the prompt",
+            )
+        room = limit - prompt_len
+        asked = req.sampling.max_tokens
+        if asked is None:
+            return min(self.config.default_max_tokens, room)
+        if asked < 1:
+            raise InvalidRequest("max_tokens", f"must be at least 1, got {asked}")
+        if asked > room:
+            raise InvalidRequest(
+                "max_tokens",
+                f"{asked} is too large: the {prompt_len}-token prompt leaves room for "
+                f"{room} tokens in the context of {limit}",
+            )
+        return asked
+
+    def check_model(self, req: GenerationRequest) -> None:
+        if req.model and req.model != self.model_id:
+            raise InvalidRequest(
+                "model", f"'{req.model}' is not served here; use '{self.model_id}' (/v1/models)"
+            )
+
+    async def generate(self, req: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+        """Yields PromptAccepted, then TokensGenerated events, then GenerationFinished.
+        Raises InvalidRequest / Overloaded / Unavailable before or while streaming."""
+        try:
+            self.check_model(req)
+            s = req.sampling
+            if s.temperature < 0:
+                raise InvalidRequest("temperature", f"must be >= 0, got {s.temperature}")
+            if not 0 < s.top_p <= 1:
+                raise InvalidRequest("top_p", f"must be in (0, 1], got {s.top_p}")
+            if s.top_k < 0:
+                raise InvalidRequest("top_k", f"must be >= 0 (0 = off), got {s.top_k}")
+            prompt = self.tokenize(req)
+            max_tokens = self.max_tokens_for(req, len(prompt))
+        except InvalidRequest:
+            self.metrics.inc("pantry_request_errors_total", kind="invalid")
+            raise
+        if self._inflight >= self.config.max_concurrent_requests:
+            self.metrics.inc("pantry_request_errors_total", kind="overloaded")
+            raise Overloaded(
+                f"{self._inflight} requests in flight (max_concurrent_requests); retry later"
+            )
+        self._inflight += 1
+        try:
+            async for event in self._serve(req, prompt, max_tokens):
+                yield event
+        finally:
+            self._inflight -= 1
+
+    async def _cached_blocks(self, keys: list[str]) -> int:
+        if not keys:
+            return 0
+        try:
+            match = await asyncio.to_thread(self.pool.match_prefix, keys)
+        except Exception as exc:  # the pool being down costs speed, never correctness
+            log.warning("match_prefix failed, treating as a miss: %s", exc)
+            return 0
+        return match.matched
+
+    async def _serve(
+        self, req: GenerationRequest, prompt: tuple[int, ...], max_tokens: int
+    ) -> AsyncIterator[GenerationEvent]:
+        start = time.perf_counter()
+        yield PromptAccepted(prompt)
+        keys = self.addressing.block_keys(prompt, req.tenant)
+        matched = await self._cached_blocks(keys)
+        # A full hit leaves at most a partial block to compute: decode does that itself.
+        direct = matched == len(keys)
+        sampling = req.sampling
+        detok = IncrementalDetokenizer(self.tokenizer) if self.tokenizer else None
+        stops = StopStringMatcher(sampling.stop)
+        generated: list[int] = []
+        first_token: int | None = None
+        cached = 0
+        ttft = 0.0
+        finish = ""
+        if not direct:
+            placement = self.scheduler.choose_prefill(
+                self.prefills,  # type: ignore[arg-type]
+                uncached=len(prompt) - matched * self.info.block_size,
+                cached_blocks=matched,
+            )
+            if placement is None:
+                raise Unavailable("no prefill engine is up")
+            if self.scheduler.misses_slo(placement):
+                self.metrics.inc("pantry_request_errors_total", kind="slo")
+                raise Overloaded(
+                    f"predicted TTFT {placement.predicted_ttft_s:.2f}s exceeds the SLO "
+                    f"{self.config.ttft_slo_s:.2f}s; retry later"
+                )
+            st = placement.engine
+            client: PrefillClient = st.client  # type: ignore[assignment]
+            st.inflight_tokens += len(prompt)
+            st.inflight_requests += 1
+            t0 = time.perf_counter()
+            try:
+                result = await client.prefill(
+                    req.request_id, prompt, req.tenant, sampling, max_tokens
+                )
+            finally:
+                st.inflight_tokens -= len(prompt)
+                st.inflight_requests -= 1
+            self.scheduler.observe_prefill(st, result.computed_tokens, time.perf_counter() - t0)
+            first_token = result.first_token
+            cached = result.pool_tokens
+        dst = self.scheduler.choose_decode(
+            self.decodes, len(prompt) + max_tokens  # type: ignore[arg-type]
+        )
+        if dst is None:
+            raise Unavailable("no decode engine is up")
+        decoder: DecodeClient = dst.client  # type: ignore[assignment]
+        pending: list[int] = [] if first_token is None else [first_token]
+        dst.inflight_requests += 1
+        try:
+            stream = decoder.decode(
+                req.request_id, prompt, req.tenant, sampling, max_tokens, first_token
+            )
+            skip_first = first_token is not None
+            # The prefill's first token goes out before decode has even pulled the blocks.
+            if pending:
+                ttft = time.perf_counter() - start
+                generated.append(pending[0])
+                text = stops.push(detok.push(pending[0])) if detok else ""
+                yield TokensGenerated((pending[0],), text)
+            async for chunk in stream:
+                if direct and chunk.pool_tokens:
+                    cached = chunk.pool_tokens
+                new = list(chunk.token_ids)
+                if skip_first and new:
+                    new = new[1:]
+                    skip_first = False
+                if new:
+                    if not generated:
+                        ttft = time.perf_counter() - start
+                    generated.extend(new)
+                    text = "".join(detok.push(t) for t in new) if detok else ""
+                    text = stops.push(text) if text else ""
+                    yield TokensGenerated(tuple(new), text)
+                    if stops.stopped:
+                        finish = "stop"
+                        break
+                if chunk.finish_reason:
+                    finish = chunk.finish_reason
+                    break
+        finally:
+            dst.inflight_requests -= 1
+        usage = Usage(
+            prompt_tokens=len(prompt),
+            completion_tokens=len(generated),
+            cached_tokens=cached,
+            ttft_s=ttft,
+            prefill_skipped=direct,
+        )
+        route = "decode_direct" if direct else "prefill_then_decode"
+        m = self.metrics
+        m.inc("pantry_requests_total", route=route, finish=finish or "unknown")
+        m.inc("pantry_prompt_tokens_total", len(prompt))
+        m.inc("pantry_cached_tokens_total", cached)
+        m.inc("pantry_generated_tokens_total", len(generated))
+        m.observe("pantry_ttft_seconds", ttft, route=route)
+        yield GenerationFinished(finish or "stop", stops.flush(), usage)
+
+    def metrics_text(self) -> str:
+        gauges: dict[str, tuple[str, dict[tuple[tuple[str, str], ...], float]]] = {
+            "pantry_inflight_requests": ("Requests being served.", {(): float(self._inflight)}),
+        }
+        up: dict[tuple[tuple[str, str], ...], float] = {}
+        for st in [*self.prefills, *self.decodes]:
+            up[(("engine", st.info.engine_id), ("role", st.info.role))] = float(st.up)  # type: ignore[attr-defined]
+        up[(("engine", "kvstore"), ("role", "kvstore"))] = float(self.pool_up)
+        gauges["pantry_role_up"] = ("1 when the role answered the last poll.", up)
+        return self.metrics.render(gauges)
+
+    def with_request_id(self, req: GenerationRequest, request_id: str) -> GenerationRequest:
+        return replace(req, request_id=request_id)

@@ -1,0 +1,182 @@
+"""Async clients for the engines, converting protobuf to domain types at this edge."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+
+from pantry.serving import grpc_options
+from proto.pantry.v1 import common_pb2, engine_pb2, engine_pb2_grpc
+
+from .requests import InvalidRequest, Overloaded, Sampling, Unavailable
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    address: str
+    role: str
+    engine_id: str
+    model_id: str
+    fingerprint: str
+    block_size: int
+    vocab_size: int
+    max_model_len: int
+    eos_token_ids: tuple[int, ...]
+    hash_seed: int
+
+
+@dataclass(frozen=True)
+class EngineLoad:
+    waiting: int
+    running: int
+    free_blocks: int
+    total_blocks: int
+    requests_total: int
+    computed_tokens_total: int
+    pool_tokens_total: int
+    busy_seconds_total: float
+
+
+@dataclass(frozen=True)
+class PrefillResult:
+    first_token: int
+    pool_tokens: int
+    computed_tokens: int
+
+
+@dataclass(frozen=True)
+class DecodeChunk:
+    token_ids: tuple[int, ...]
+    finish_reason: str
+    pool_tokens: int
+    computed_tokens: int
+
+
+def sampling_to_proto(s: Sampling, max_tokens: int) -> common_pb2.SamplingParams:
+    msg = common_pb2.SamplingParams(
+        temperature=s.temperature,
+        top_k=s.top_k,
+        top_p=s.top_p,
+        max_tokens=max_tokens,
+        ignore_eos=s.ignore_eos,
+        stop_token_ids=list(s.stop_token_ids),
+    )
+    if s.seed is not None:
+        msg.seed = s.seed
+    return msg
+
+
+def _translate(exc: grpc.aio.AioRpcError, address: str) -> Exception:
+    code = exc.code()
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        detail = exc.details() or "invalid request"
+        field, _, message = detail.partition(": ")
+        return InvalidRequest(field if message else "request", message or detail)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return Overloaded(exc.details() or f"engine {address} is full")
+    return Unavailable(f"engine {address}: {code.name}: {exc.details()}")
+
+
+class EngineClient:
+    def __init__(self, address: str, timeout_s: float) -> None:
+        self.address = address
+        self.timeout_s = timeout_s
+        self._channel = grpc.aio.insecure_channel(address, options=grpc_options())
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    @staticmethod
+    def _info(address: str, msg: engine_pb2.EngineInfo) -> EngineInfo:
+        return EngineInfo(
+            address=address,
+            role=msg.role,
+            engine_id=msg.engine_id,
+            model_id=msg.model_id,
+            fingerprint=msg.layout_fingerprint,
+            block_size=msg.block_size,
+            vocab_size=msg.vocab_size,
+            max_model_len=msg.max_model_len,
+            eos_token_ids=tuple(msg.eos_token_ids),
+            hash_seed=msg.hash_seed,
+        )
+
+    @staticmethod
+    def _load(msg: engine_pb2.EngineLoad) -> EngineLoad:
+        return EngineLoad(
+            waiting=msg.waiting,
+            running=msg.running,
+            free_blocks=msg.free_blocks,
+            total_blocks=msg.total_blocks,
+            requests_total=msg.requests_total,
+            computed_tokens_total=msg.computed_tokens_total,
+            pool_tokens_total=msg.pool_tokens_total,
+            busy_seconds_total=msg.busy_seconds_total,
+        )
+
+
+class PrefillClient(EngineClient):
+    def __init__(self, address: str, timeout_s: float) -> None:
+        super().__init__(address, timeout_s)
+        self._stub = engine_pb2_grpc.PrefillEngineStub(self._channel)
+
+    async def info(self, timeout: float = 5.0) -> EngineInfo:
+        msg = await self._stub.Info(engine_pb2.EngineInfoRequest(), timeout=timeout)
+        return self._info(self.address, msg)
+
+    async def load(self, timeout: float = 2.0) -> EngineLoad:
+        return self._load(await self._stub.Load(engine_pb2.EngineLoadRequest(), timeout=timeout))
+
+    async def prefill(
+        self, request_id: str, tokens: tuple[int, ...], tenant: str, sampling: Sampling,
+        max_tokens: int,
+    ) -> PrefillResult:
+        req = engine_pb2.PrefillRequest(
+            request_id=request_id,
+            token_ids=list(tokens),
+            tenant=tenant,
+            sampling=sampling_to_proto(sampling, max_tokens),
+        )
+        try:
+            msg = await self._stub.Prefill(req, timeout=self.timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise _translate(exc, self.address) from exc
+        return PrefillResult(msg.first_token, msg.pool_tokens, msg.computed_tokens)
+
+
+class DecodeClient(EngineClient):
+    def __init__(self, address: str, timeout_s: float) -> None:
+        super().__init__(address, timeout_s)
+        self._stub = engine_pb2_grpc.DecodeEngineStub(self._channel)
+
+    async def info(self, timeout: float = 5.0) -> EngineInfo:
+        msg = await self._stub.Info(engine_pb2.EngineInfoRequest(), timeout=timeout)
+        return self._info(self.address, msg)
+
+    async def load(self, timeout: float = 2.0) -> EngineLoad:
+        return self._load(await self._stub.Load(engine_pb2.EngineLoadRequest(), timeout=timeout))
+
+    async def decode(
+        self, request_id: str, tokens: tuple[int, ...], tenant: str, sampling: Sampling,
+        max_tokens: int, first_token: int | None,
+    ) -> AsyncIterator[DecodeChunk]:
+        req = engine_pb2.DecodeRequest(
+            request_id=request_id,
+            token_ids=list(tokens),
+            tenant=tenant,
+            sampling=sampling_to_proto(sampling, max_tokens),
+        )
+        if first_token is not None:
+            req.first_token = first_token
+        call = self._stub.Decode(req, timeout=self.timeout_s)
+        try:
+            async for msg in call:
+                yield DecodeChunk(
+                    tuple(msg.token_ids), msg.finish_reason, msg.pool_tokens, msg.computed_tokens
+                )
+        except grpc.aio.AioRpcError as exc:
+            raise _translate(exc, self.address) from exc
+        finally:
+            call.cancel()

@@ -1,0 +1,98 @@
+"""pantry.v1.Generation over gRPC (asyncio): proto in, domain events out as proto."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+
+import grpc
+
+from proto.pantry.v1 import generation_pb2, generation_pb2_grpc
+
+from .conductor import Conductor
+from .requests import (
+    ChatMessage,
+    GenerationFinished,
+    GenerationRequest,
+    InvalidRequest,
+    Overloaded,
+    PromptAccepted,
+    Sampling,
+    TokensGenerated,
+    Unavailable,
+)
+
+SERVICE_NAME = "pantry.v1.Generation"
+
+
+def request_from_proto(msg: generation_pb2.GenerateRequest) -> GenerationRequest:
+    s = msg.sampling
+    which = msg.WhichOneof("prompt")
+    if which is None:
+        raise InvalidRequest("prompt", "is required: set text, token_ids or chat")
+    sampling = Sampling(
+        temperature=s.temperature,
+        top_k=s.top_k,
+        top_p=s.top_p if s.top_p > 0 else 1.0,
+        seed=s.seed if s.HasField("seed") else None,
+        max_tokens=s.max_tokens or None,
+        stop=tuple(s.stop),
+        ignore_eos=s.ignore_eos,
+        stop_token_ids=tuple(s.stop_token_ids),
+    )
+    if s.max_tokens < 0:
+        raise InvalidRequest("max_tokens", f"must be at least 1, got {s.max_tokens}")
+    return GenerationRequest(
+        request_id=msg.request_id or f"gen-{uuid.uuid4().hex}",
+        model=msg.model,
+        text=msg.text if which == "text" else None,
+        token_ids=tuple(msg.token_ids.ids) if which == "token_ids" else None,
+        messages=(
+            tuple(ChatMessage(m.role, m.content) for m in msg.chat.messages)
+            if which == "chat" else None
+        ),
+        sampling=sampling,
+        tenant=msg.tenant,
+        prompt_field=which,
+    )
+
+
+class GenerationServicer(generation_pb2_grpc.GenerationServicer):
+    def __init__(self, conductor: Conductor) -> None:
+        self.conductor = conductor
+
+    async def Generate(  # noqa: N802
+        self, request: generation_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[generation_pb2.GenerateResponse]:
+        try:
+            req = request_from_proto(request)
+            async for event in self.conductor.generate(req):
+                if isinstance(event, PromptAccepted):
+                    yield generation_pb2.GenerateResponse(
+                        request_id=req.request_id, prompt_token_ids=list(event.prompt_token_ids)
+                    )
+                elif isinstance(event, TokensGenerated):
+                    yield generation_pb2.GenerateResponse(
+                        request_id=req.request_id, token_ids=list(event.token_ids),
+                        text=event.text,
+                    )
+                elif isinstance(event, GenerationFinished):
+                    u = event.usage
+                    yield generation_pb2.GenerateResponse(
+                        request_id=req.request_id,
+                        text=event.text,
+                        finish_reason=event.finish_reason,
+                        usage=generation_pb2.Usage(
+                            prompt_tokens=u.prompt_tokens,
+                            completion_tokens=u.completion_tokens,
+                            cached_tokens=u.cached_tokens,
+                            ttft_ms=u.ttft_s * 1000,
+                            prefill_skipped=u.prefill_skipped,
+                        ),
+                    )
+        except InvalidRequest as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except Overloaded as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        except Unavailable as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))

@@ -1,0 +1,204 @@
+"""OpenAI-compatible HTTP API (aiohttp): completions, chat completions, models, health, metrics."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+
+from .conductor import Conductor
+from .openai_protocol import error_json, now, parse_chat, parse_completion, usage_json
+from .requests import (
+    GenerationFinished,
+    GenerationRequest,
+    InvalidRequest,
+    Overloaded,
+    PromptAccepted,
+    TokensGenerated,
+    Unavailable,
+)
+
+log = logging.getLogger(__name__)
+
+CONDUCTOR_KEY: web.AppKey[Conductor] = web.AppKey("conductor", Conductor)
+
+
+def _error(status: int, message: str, param: str | None = None) -> web.Response:
+    kind = {400: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable"}
+    return web.json_response(
+        error_json(message, param, status, kind.get(status, "server_error")), status=status
+    )
+
+
+async def _read_json(request: web.Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidRequest("body", f"is not valid JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise InvalidRequest("body", "must be a JSON object")
+    return body
+
+
+def _choice_delta(chat: bool, text: str) -> dict[str, Any]:
+    return {"delta": {"content": text}} if chat else {"text": text}
+
+
+async def _serve(
+    request: web.Request, parse: Callable[[dict[str, Any]], GenerationRequest], chat: bool
+) -> web.StreamResponse:
+    conductor = request.app[CONDUCTOR_KEY]
+    try:
+        body = await _read_json(request)
+        req = parse(body)
+        stream = body.get("stream", False)
+        if not isinstance(stream, bool):
+            raise InvalidRequest("stream", "must be true or false")
+        opts = body.get("stream_options") or {}
+        include_usage = bool(isinstance(opts, dict) and opts.get("include_usage"))
+        want_ids = bool(body.get("return_token_ids"))
+        events = conductor.generate(req)
+        first = await anext(events)  # validation errors surface here, before any byte is sent
+        assert isinstance(first, PromptAccepted)
+    except InvalidRequest as exc:
+        return _error(400, str(exc), exc.field)
+    except Overloaded as exc:
+        return _error(429, str(exc))
+    except Unavailable as exc:
+        return _error(503, str(exc))
+    obj = "chat.completion" if chat else "text_completion"
+    base = {"id": req.request_id, "created": now(), "model": conductor.model_id}
+    prompt_ids = list(first.prompt_token_ids)
+    if stream:
+        return await _stream(request, events, base, obj, chat, include_usage, want_ids, prompt_ids)
+    texts: list[str] = []
+    ids: list[int] = []
+    try:
+        async for event in events:
+            if isinstance(event, TokensGenerated):
+                texts.append(event.text)
+                ids.extend(event.token_ids)
+            elif isinstance(event, GenerationFinished):
+                texts.append(event.text)
+                finished = event
+    except InvalidRequest as exc:
+        return _error(400, str(exc), exc.field)
+    except Overloaded as exc:
+        return _error(429, str(exc))
+    except Unavailable as exc:
+        return _error(503, str(exc))
+    text = "".join(texts)
+    choice: dict[str, Any] = {"index": 0, "finish_reason": finished.finish_reason, "logprobs": None}
+    if chat:
+        choice["message"] = {"role": "assistant", "content": text}
+    else:
+        choice["text"] = text
+    if want_ids:
+        choice["prompt_token_ids"] = prompt_ids
+        choice["token_ids"] = ids
+    return web.json_response(
+        {**base, "object": obj, "choices": [choice], "usage": usage_json(finished.usage)}
+    )
+
+
+async def _stream(
+    request: web.Request, events: Any, base: dict[str, Any], obj: str, chat: bool,
+    include_usage: bool, want_ids: bool, prompt_ids: list[int],
+) -> web.StreamResponse:
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                       "Cache-Control": "no-cache"})
+    await resp.prepare(request)
+    chunk_obj = "chat.completion.chunk" if chat else "text_completion"
+
+    async def send(payload: dict[str, Any]) -> None:
+        await resp.write(f"data: {json.dumps(payload)}\n\n".encode())
+
+    first_chunk = True
+    try:
+        async for event in events:
+            if isinstance(event, TokensGenerated):
+                choice: dict[str, Any] = {"index": 0, "finish_reason": None, "logprobs": None,
+                                          **_choice_delta(chat, event.text)}
+                if chat and first_chunk:
+                    choice["delta"]["role"] = "assistant"
+                if want_ids:
+                    choice["token_ids"] = list(event.token_ids)
+                    if first_chunk:
+                        choice["prompt_token_ids"] = prompt_ids
+                first_chunk = False
+                await send({**base, "object": chunk_obj, "choices": [choice]})
+            elif isinstance(event, GenerationFinished):
+                choice = {"index": 0, "finish_reason": event.finish_reason, "logprobs": None,
+                          **_choice_delta(chat, event.text)}
+                await send({**base, "object": chunk_obj, "choices": [choice]})
+                if include_usage:
+                    await send({**base, "object": chunk_obj, "choices": [],
+                                "usage": usage_json(event.usage)})
+    except (InvalidRequest, Overloaded, Unavailable) as exc:
+        status = 400 if isinstance(exc, InvalidRequest) else 503
+        await send(error_json(str(exc), getattr(exc, "field", None), status, "server_error"))
+    await resp.write(b"data: [DONE]\n\n")
+    await resp.write_eof()
+    return resp
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    return await _serve(request, parse_completion, chat=False)
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await _serve(request, parse_chat, chat=True)
+
+
+async def models(request: web.Request) -> web.Response:
+    conductor = request.app[CONDUCTOR_KEY]
+    card = {
+        "id": conductor.model_id,
+        "object": "model",
+        "created": now(),
+        "owned_by": "pantry",
+        "max_model_len": conductor.info.max_model_len,
+    }
+    return web.json_response({"object": "list", "data": [card]})
+
+
+async def health(request: web.Request) -> web.Response:
+    roles = await request.app[CONDUCTOR_KEY].refresh_loads()
+    ok = all(roles.values())
+    return web.json_response(
+        {"status": "ok" if ok else "degraded", "roles": roles}, status=200 if ok else 503
+    )
+
+
+async def metrics(request: web.Request) -> web.Response:
+    text = request.app[CONDUCTOR_KEY].metrics_text()
+    return web.Response(text=text, content_type="text/plain", charset="utf-8")
+
+
+@web.middleware
+async def errors_as_json(request: web.Request, handler: Any) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except web.HTTPRequestEntityTooLarge:
+        limit = request.app[CONDUCTOR_KEY].config.max_request_bytes
+        return _error(413, f"body: larger than the limit of {limit} bytes (max_request_bytes)")
+    except web.HTTPException as exc:
+        if exc.status >= 400:
+            return _error(exc.status, exc.reason)
+        raise
+
+
+def create_app(conductor: Conductor) -> web.Application:
+    app = web.Application(
+        client_max_size=conductor.config.max_request_bytes, middlewares=[errors_as_json]
+    )
+    app[CONDUCTOR_KEY] = conductor
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_get("/v1/models", models)
+    app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics)
+    return app

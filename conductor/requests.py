@@ -1,0 +1,82 @@
+"""What the conductor serves, independent of the API it arrived through."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+class InvalidRequest(ValueError):
+    """The caller must change `field`; maps to INVALID_ARGUMENT / HTTP 400."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+class Overloaded(RuntimeError):
+    """Admission refused the request; maps to RESOURCE_EXHAUSTED / HTTP 429."""
+
+
+class Unavailable(RuntimeError):
+    """An engine or the pool is down; maps to UNAVAILABLE / HTTP 503."""
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    max_tokens: int | None = None           # None = server default
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+    stop_token_ids: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    request_id: str
+    model: str = ""
+    text: str | None = None
+    token_ids: tuple[int, ...] | None = None
+    messages: tuple[ChatMessage, ...] | None = None
+    sampling: Sampling = field(default_factory=Sampling)
+    tenant: str = ""
+    prompt_field: str = "prompt"            # how the API names the prompt, for error messages
+
+
+@dataclass(frozen=True)
+class PromptAccepted:
+    prompt_token_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class TokensGenerated:
+    token_ids: tuple[int, ...]
+    text: str
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    ttft_s: float
+    prefill_skipped: bool
+
+
+@dataclass(frozen=True)
+class GenerationFinished:
+    finish_reason: str
+    text: str                               # held-back text released at the end
+    usage: Usage
+
+
+GenerationEvent = PromptAccepted | TokensGenerated | GenerationFinished

@@ -1,0 +1,1 @@
+"""The decode role: pulls prompt KV from the pool and generates in a continuous batch."""

@@ -1,0 +1,234 @@
+"""Continuous-batching decode: sequences join when their prompt KV is in the cache (pulled from
+the pool, the uncached tail computed in chunks between decode steps), generate one token per step,
+and write back every full block their own output completes."""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from engine.role_core import EngineCore, RequestRejected
+from engine.runner import SeqStep
+from engine.sampling import Sampler, make_generator
+
+from .sequence import DecodeEvent, DecodeJob, SeqStatus, Sequence
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(RuntimeError):
+    """The engine already holds `max_waiting` queued requests."""
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    max_running: int = 32        # sequences in one decode batch
+    max_waiting: int = 256       # queued requests before new ones are refused
+    chunk_tokens: int = 256      # prompt tokens computed per step while others decode
+
+    def __post_init__(self) -> None:
+        for name in ("max_running", "max_waiting", "chunk_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be at least 1")
+
+
+class SequenceHandle:
+    def __init__(self, seq: Sequence, engine: DecodeEngine) -> None:
+        self._seq = seq
+        self._engine = engine
+
+    def events(self, timeout: float | None = None) -> Iterator[DecodeEvent]:
+        while True:
+            event = self._seq.events.get(timeout=timeout)
+            yield event
+            if event.finish_reason or event.error:
+                return
+
+    def cancel(self) -> None:
+        self._seq.cancelled.set()
+        self._engine._wake()
+
+
+class DecodeEngine:
+    def __init__(self, core: EngineCore, limits: DecodeLimits | None = None) -> None:
+        self.core = core
+        self.limits = limits or DecodeLimits()
+        self._sampler = Sampler()
+        self._cv = threading.Condition()
+        self._waiting: collections.deque[Sequence] = collections.deque()
+        self._active: list[Sequence] = []
+        self._stopped = False
+        self._thread = threading.Thread(target=self._loop, name="decode-loop", daemon=True)
+        self._thread.start()
+
+    # ---- called from server threads -------------------------------------------------------
+    def submit(self, job: DecodeJob) -> SequenceHandle:
+        core = self.core
+        core.validate_prompt(job.token_ids, job.sampling.max_tokens)
+        if job.first_token is not None and not 0 <= job.first_token < core.description.vocab_size:
+            raise RequestRejected("first_token", f"{job.first_token} is outside the vocabulary")
+        seq = Sequence(job=job, generator=make_generator(job.sampling.seed))
+        with self._cv:
+            if len(self._waiting) >= self.limits.max_waiting:
+                raise QueueFull(
+                    f"decode engine {core.config.engine_id} has {len(self._waiting)} requests "
+                    "queued; retry later or add decode engines"
+                )
+            self._waiting.append(seq)
+            self._cv.notify()
+        return SequenceHandle(seq, self)
+
+    def load(self) -> tuple[int, int]:
+        with self._cv:
+            return len(self._waiting), len(self._active)
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stopped = True
+            self._cv.notify()
+        self._thread.join(timeout=10)
+
+    def _wake(self) -> None:
+        with self._cv:
+            self._cv.notify()
+
+    # ---- the loop ------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._stopped and not self._waiting and not self._active:
+                    self._cv.wait()
+                if self._stopped:
+                    break
+            try:
+                with self.core.busy():
+                    self._iteration()
+            except Exception as exc:  # keep serving: fail the batch, not the process
+                log.exception("decode step failed")
+                for seq in list(self._active):
+                    self._finish(seq, error=f"decode step failed: {exc}")
+        for seq in [*self._active, *self._waiting]:
+            seq.events.put(DecodeEvent(error="decode engine stopped"))
+
+    def _iteration(self) -> None:
+        for seq in [s for s in self._active if s.cancelled.is_set()]:
+            self._finish(seq, reason="")
+        self._admit()
+        steps: list[SeqStep] = []
+        members: list[tuple[Sequence, int]] = []
+        budget = self.limits.chunk_tokens
+        for seq in self._active:
+            table = tuple(seq.block_ids)
+            if seq.status is SeqStatus.RUNNING:
+                steps.append(SeqStep((seq.output[-1],), seq.num_computed, table))
+                members.append((seq, 1))
+            elif budget > 0:
+                chunk = seq.prompt[seq.num_computed : seq.num_computed + budget]
+                budget -= len(chunk)
+                steps.append(SeqStep(tuple(chunk), seq.num_computed, table))
+                members.append((seq, len(chunk)))
+        if not steps:
+            return
+        logits = self.core.runner.step(steps)
+        self._advance(members, logits)
+
+    def _admit(self) -> None:
+        core = self.core
+        alloc = core.runner.allocator
+        while True:
+            with self._cv:
+                while self._waiting and self._waiting[0].cancelled.is_set():
+                    self._waiting.popleft().events.put(DecodeEvent(finish_reason="cancelled"))
+                if not self._waiting or len(self._active) >= self.limits.max_running:
+                    return
+                seq = self._waiting[0]
+                needed = core.blocks_for(seq.reserve_tokens())
+                if alloc.num_free < needed:
+                    return
+                self._waiting.popleft()
+                self._active.append(seq)
+            seq.block_ids = alloc.allocate(needed)
+            seq.status = SeqStatus.FILLING
+            keys = core.addressing.block_keys(seq.prompt, seq.job.tenant)
+            loaded = core.transfer.load(keys, seq.block_ids)
+            seq.stored_blocks = loaded
+            seq.num_computed = core.resume_point(loaded, len(seq.prompt))
+            seq.pool_tokens = seq.num_computed
+
+    def _advance(self, members: list[tuple[Sequence, int]], logits: torch.Tensor) -> None:
+        to_sample: list[tuple[int, Sequence]] = []
+        for row, (seq, n) in enumerate(members):
+            seq.num_computed += n
+            if seq.status is SeqStatus.RUNNING or seq.num_computed == len(seq.prompt):
+                to_sample.append((row, seq))
+        if to_sample:
+            rows = torch.tensor([r for r, _ in to_sample])
+            tokens = self._sampler.sample(
+                logits.index_select(0, rows),
+                [s.job.sampling for _, s in to_sample],
+                [s.generator for _, s in to_sample],
+            )
+            for (_, seq), token in zip(to_sample, tokens, strict=True):
+                first = seq.status is SeqStatus.FILLING
+                if first and seq.job.first_token is not None:
+                    token = seq.job.first_token
+                self._emit(seq, token, first)
+        for seq, _ in members:
+            self._store_full_blocks(seq)
+        for seq in [s for s in self._active if s.status is SeqStatus.FINISHED]:
+            self._release(seq)
+
+    def _emit(self, seq: Sequence, token: int, first: bool) -> None:
+        seq.output.append(token)
+        event = DecodeEvent(token_ids=(token,))
+        if first:
+            seq.status = SeqStatus.RUNNING
+            computed = len(seq.prompt) - seq.pool_tokens
+            self.core.record(computed=computed, pooled=seq.pool_tokens)
+            event = DecodeEvent((token,), pool_tokens=seq.pool_tokens, computed_tokens=computed)
+        reason = self._finish_reason(seq, token)
+        if reason:
+            event = DecodeEvent(
+                event.token_ids, reason, event.pool_tokens, event.computed_tokens
+            )
+            seq.status = SeqStatus.FINISHED
+        seq.events.put(event)
+
+    def _finish_reason(self, seq: Sequence, token: int) -> str:
+        params = seq.job.sampling
+        if not params.ignore_eos and token in self.core.description.eos_token_ids:
+            return "stop"
+        if token in params.stop_token_ids:
+            return "stop"
+        if len(seq.output) >= params.max_tokens:
+            return "length"
+        return ""
+
+    def _store_full_blocks(self, seq: Sequence) -> None:
+        core = self.core
+        full = seq.num_computed // core.block_size
+        if full <= seq.stored_blocks:
+            return
+        tokens = seq.all_tokens()[: full * core.block_size]
+        keys = core.addressing.block_keys(tokens, seq.job.tenant)
+        core.transfer.store(keys[seq.stored_blocks :], seq.block_ids[seq.stored_blocks : full])
+        seq.stored_blocks = full
+
+    def _finish(self, seq: Sequence, reason: str = "", error: str = "") -> None:
+        reason = reason or ("" if error else "cancelled")
+        seq.events.put(DecodeEvent(finish_reason=reason, error=error))
+        seq.status = SeqStatus.FINISHED
+        self._release(seq)
+
+    def _release(self, seq: Sequence) -> None:
+        with self._cv:
+            if seq in self._active:
+                self._active.remove(seq)
+        if seq.block_ids:
+            self.core.runner.allocator.free(seq.block_ids)
+            seq.block_ids = []

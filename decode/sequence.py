@@ -1,0 +1,67 @@
+"""One request's state inside the decode engine."""
+
+from __future__ import annotations
+
+import enum
+import queue
+import threading
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.sampling import SamplingParams
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"      # queued: no KV blocks yet
+    FILLING = "filling"      # blocks held; prompt KV being pulled or computed, chunk by chunk
+    RUNNING = "running"      # generating one token per step
+    FINISHED = "finished"
+
+
+@dataclass(frozen=True)
+class DecodeEvent:
+    token_ids: tuple[int, ...] = ()
+    finish_reason: str = ""
+    pool_tokens: int = 0
+    computed_tokens: int = 0
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class DecodeJob:
+    request_id: str
+    token_ids: tuple[int, ...]
+    tenant: str
+    sampling: SamplingParams
+    first_token: int | None = None
+
+
+@dataclass(eq=False)
+class Sequence:
+    job: DecodeJob
+    generator: torch.Generator | None
+    status: SeqStatus = SeqStatus.WAITING
+    block_ids: list[int] = field(default_factory=list)
+    output: list[int] = field(default_factory=list)
+    num_computed: int = 0       # tokens whose KV is in the paged cache
+    stored_blocks: int = 0      # leading full blocks known to be in the pool
+    pool_tokens: int = 0
+    events: queue.Queue[DecodeEvent] = field(default_factory=queue.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def prompt(self) -> tuple[int, ...]:
+        return self.job.token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.job.token_ids) + len(self.output)
+
+    def all_tokens(self) -> list[int]:
+        return [*self.job.token_ids, *self.output]
+
+    def reserve_tokens(self) -> int:
+        """Tokens whose KV this sequence may ever hold: reserved on admission, so a running
+        sequence never waits for memory."""
+        return len(self.job.token_ids) + self.job.sampling.max_tokens

@@ -1,0 +1,81 @@
+"""The DecodeEngine gRPC servicer: proto in, domain call, streamed proto out."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import grpc
+
+from engine.errors import EngineError
+from engine.role_config import EngineRoleConfig
+from engine.role_core import RequestRejected
+from engine.role_server import build_core, create_server, serve_forever
+from engine.wire import info_to_proto, load_to_proto, sampling_from_proto
+from proto.pantry.v1 import engine_pb2, engine_pb2_grpc
+
+from .engine import DecodeEngine, DecodeLimits, QueueFull
+from .sequence import DecodeJob
+
+SERVICE_NAME = "pantry.v1.DecodeEngine"
+
+
+class DecodeServicer(engine_pb2_grpc.DecodeEngineServicer):
+    def __init__(self, engine: DecodeEngine) -> None:
+        self.engine = engine
+
+    def Info(self, request: engine_pb2.EngineInfoRequest, context: grpc.ServicerContext) -> engine_pb2.EngineInfo:  # noqa: N802,E501
+        return info_to_proto(self.engine.core.description)
+
+    def Load(self, request: engine_pb2.EngineLoadRequest, context: grpc.ServicerContext) -> engine_pb2.EngineLoad:  # noqa: N802,E501
+        core = self.engine.core
+        waiting, running = self.engine.load()
+        return load_to_proto(
+            core.counters(),
+            waiting=waiting,
+            running=running,
+            free_blocks=core.runner.allocator.num_free,
+            total_blocks=core.runner.kv.k.shape[1],
+        )
+
+    def Decode(self, request: engine_pb2.DecodeRequest, context: grpc.ServicerContext) -> Iterator[engine_pb2.DecodeChunk]:  # noqa: N802,E501
+        try:
+            job = DecodeJob(
+                request_id=request.request_id or uuid.uuid4().hex,
+                token_ids=tuple(request.token_ids),
+                tenant=request.tenant,
+                sampling=sampling_from_proto(request.sampling),
+                first_token=request.first_token if request.HasField("first_token") else None,
+            )
+            handle = self.engine.submit(job)
+        except QueueFull as exc:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        except (RequestRejected, EngineError, ValueError) as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        # A client that goes away frees the sequence's blocks at the next step.
+        context.add_callback(handle.cancel)
+        for event in handle.events():
+            if event.error:
+                context.abort(grpc.StatusCode.INTERNAL, event.error)
+            yield engine_pb2.DecodeChunk(
+                token_ids=list(event.token_ids),
+                finish_reason=event.finish_reason,
+                pool_tokens=event.pool_tokens,
+                computed_tokens=event.computed_tokens,
+            )
+
+
+def run(config: EngineRoleConfig, limits: DecodeLimits) -> int:
+    core = build_core(config, "decode")
+    engine = DecodeEngine(core, limits)
+    server, port = create_server(
+        config,
+        lambda s: engine_pb2_grpc.add_DecodeEngineServicer_to_server(DecodeServicer(engine), s),
+        [SERVICE_NAME],
+    )
+
+    def stop() -> None:
+        engine.stop()
+        core.pool.close()
+
+    return serve_forever(server, port, config, on_stop=stop)

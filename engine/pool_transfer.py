@@ -1,0 +1,123 @@
+"""Moves KV blocks between an engine's paged cache and the pool.
+
+Both phases use it: prefill stores the prompt's blocks, decode pulls them and stores the blocks its
+own output completes. Every object read back is checked (header, fingerprint, shape, checksum)
+before it touches the cache, so a bad or evicted object is a miss and the engine recomputes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import xxhash
+
+from kvstore.block_object import decode_block, encode_block
+from kvstore.client import KVStoreClient
+from kvstore.hashing import BlockHasher, make_namespace
+
+from .kv_cache import PagedKVCache
+
+log = logging.getLogger(__name__)
+
+KV_LAYOUT_VERSION = 1
+
+
+def layout_fingerprint(
+    model_id: str,
+    weights_digest: str,
+    dtype: torch.dtype,
+    block_size: int,
+    tp_rank: int = 0,
+    tp_size: int = 1,
+) -> str:
+    """Everything that changes the bytes of a block, folded into one short hex name."""
+    parts = [
+        model_id,
+        weights_digest,
+        str(dtype).removeprefix("torch."),
+        f"block={block_size}",
+        f"layout={KV_LAYOUT_VERSION}",
+        f"tp={tp_rank}/{tp_size}",
+    ]
+    return xxhash.xxh3_128_hexdigest("|".join(parts).encode())
+
+
+@dataclass(frozen=True)
+class PoolAddressing:
+    """How this deployment names blocks: the layout fingerprint, hash seed and salt."""
+
+    fingerprint: str
+    block_size: int
+    hash_seed: int = 0
+    salt: str = ""
+
+    def hasher(self, tenant: str) -> BlockHasher:
+        namespace = make_namespace(self.fingerprint, tenant=tenant, salt=self.salt)
+        return BlockHasher(namespace, block_size=self.block_size, seed=self.hash_seed)
+
+    def block_keys(self, tokens: Sequence[int], tenant: str) -> list[str]:
+        return self.hasher(tenant).block_keys(tokens)
+
+
+class PoolTransfer:
+    def __init__(self, client: KVStoreClient, cache: PagedKVCache, fingerprint: str) -> None:
+        self._client = client
+        self._cache = cache
+        self._fingerprint = fingerprint
+        self._dtype_name = str(cache.k.dtype).removeprefix("torch.")
+        self._shape = (
+            cache.k.shape[0],
+            2,
+            cache.k.shape[2],
+            cache.k.shape[3],
+            cache.k.shape[4],
+        )
+
+    def load(self, keys: Sequence[str], block_ids: Sequence[int]) -> int:
+        """Copies the longest run of leading blocks found intact in the pool into `block_ids`.
+
+        Returns how many leading blocks were loaded; everything after the first miss is left for
+        the caller to compute.
+        """
+        assert len(block_ids) >= len(keys)
+        if not keys:
+            return 0
+        match = self._client.match_prefix(list(keys))
+        if match.matched == 0:
+            return 0
+        blobs = self._client.get_many(list(keys[: match.matched]))
+        loaded = 0
+        for blob, block_id in zip(blobs, block_ids, strict=False):
+            tensor = self._to_tensor(blob)
+            if tensor is None:
+                break
+            self._cache.write_block(block_id, tensor)
+            loaded += 1
+        return loaded
+
+    def store(self, keys: Sequence[str], block_ids: Sequence[int]) -> int:
+        """Writes the given cache blocks under `keys`; returns how many are now in the pool."""
+        assert len(keys) == len(block_ids)
+        if not keys:
+            return 0
+        items = []
+        for key, block_id in zip(keys, block_ids, strict=True):
+            data = self._cache.read_block(block_id)
+            payload = data.numpy().tobytes()
+            blob = encode_block(self._fingerprint, self._dtype_name, self._shape, payload)
+            items.append((key, blob))
+        stored = self._client.put_many(items)
+        return sum(stored)
+
+    def _to_tensor(self, blob: bytes | None) -> torch.Tensor | None:
+        if blob is None:
+            return None
+        obj = decode_block(blob, expected_fingerprint=self._fingerprint)
+        if obj is None or tuple(obj.shape) != self._shape or obj.dtype != self._dtype_name:
+            log.warning("pool returned an unusable block object; treating it as a miss")
+            return None
+        flat = torch.frombuffer(bytearray(obj.payload), dtype=self._cache.k.dtype)
+        return flat.view(self._shape)

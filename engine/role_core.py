@@ -1,0 +1,145 @@
+"""The parts of a serving engine that prefill and decode share: model, cache, pool, counters."""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from kvstore.client import KVStoreClient
+
+from .loader import LoadedModel
+from .pool_transfer import PoolAddressing, PoolTransfer, layout_fingerprint
+from .role_config import EngineRoleConfig
+from .runner import ModelRunner
+
+
+class RequestRejected(ValueError):
+    """The request cannot be served as given; `field` names what the caller must change."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+@dataclass(frozen=True)
+class EngineDescription:
+    role: str
+    engine_id: str
+    model_id: str
+    fingerprint: str
+    block_size: int
+    vocab_size: int
+    max_model_len: int
+    eos_token_ids: tuple[int, ...]
+    hash_seed: int
+
+
+@dataclass(frozen=True)
+class EngineCounters:
+    requests_total: int
+    computed_tokens_total: int
+    pool_tokens_total: int
+    busy_seconds_total: float
+
+
+class EngineCore:
+    def __init__(
+        self, config: EngineRoleConfig, role: str, loaded: LoadedModel, pool: KVStoreClient
+    ) -> None:
+        self.config = config
+        self.loaded = loaded
+        model_cfg = loaded.config
+        self.max_model_len = model_cfg.max_position_embeddings
+        if config.max_model_len:
+            self.max_model_len = min(self.max_model_len, config.max_model_len)
+        elem = torch.finfo(loaded.dtype).bits // 8
+        block_nbytes = (
+            model_cfg.num_layers * 2 * config.block_size * model_cfg.num_kv_heads
+            * model_cfg.head_dim * elem
+        )
+        min_blocks = math.ceil(self.max_model_len / config.block_size) + 1
+        num_blocks = max(config.kv_cache_bytes // block_nbytes, min_blocks)
+        self.runner = ModelRunner(loaded, num_blocks=num_blocks, block_size=config.block_size)
+        fingerprint = layout_fingerprint(
+            loaded.model_id, loaded.weights_digest, loaded.dtype, config.block_size
+        )
+        self.addressing = PoolAddressing(
+            fingerprint, config.block_size, hash_seed=config.hash_seed, salt=config.salt
+        )
+        self.pool = pool
+        self.transfer = PoolTransfer(pool, self.runner.kv, fingerprint)
+        self.description = EngineDescription(
+            role=role,
+            engine_id=config.engine_id,
+            model_id=loaded.model_id,
+            fingerprint=fingerprint,
+            block_size=config.block_size,
+            vocab_size=model_cfg.vocab_size,
+            max_model_len=self.max_model_len,
+            eos_token_ids=tuple(model_cfg.eos_token_ids),
+            hash_seed=config.hash_seed,
+        )
+        self._lock = threading.Lock()
+        self._requests = 0
+        self._computed = 0
+        self._pooled = 0
+        self._busy = 0.0
+
+    @property
+    def block_size(self) -> int:
+        return self.config.block_size
+
+    def validate_prompt(self, tokens: Sequence[int], max_tokens: int) -> None:
+        if not tokens:
+            raise RequestRejected("prompt", "is empty; send at least one token")
+        vocab = self.description.vocab_size
+        bad = next((t for t in tokens if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise RequestRejected(
+                "prompt", f"token id {bad} is outside the vocabulary [0, {vocab})"
+            )
+        if len(tokens) >= self.max_model_len:
+            raise RequestRejected(
+                "prompt",
+                f"{len(tokens)} tokens do not fit the context of {self.max_model_len} tokens",
+            )
+        if max_tokens < 1 or len(tokens) + max_tokens > self.max_model_len:
+            raise RequestRejected(
+                "max_tokens",
+                f"{max_tokens} with a {len(tokens)}-token prompt must be between 1 and "
+                f"{self.max_model_len - len(tokens)} (context {self.max_model_len})",
+            )
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return math.ceil(num_tokens / self.block_size)
+
+    def resume_point(self, loaded_blocks: int, num_tokens: int) -> int:
+        """Where computing starts after `loaded_blocks` came from the pool. The last prompt token
+        is always computed, even when its block was loaded, because its logits give the next
+        token; rewriting its KV slot stores the same values."""
+        return min(loaded_blocks * self.block_size, num_tokens - 1)
+
+    def record(self, computed: int, pooled: int) -> None:
+        with self._lock:
+            self._requests += 1
+            self._computed += computed
+            self._pooled += pooled
+
+    @contextmanager
+    def busy(self) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._busy += time.perf_counter() - start
+
+    def counters(self) -> EngineCounters:
+        with self._lock:
+            return EngineCounters(self._requests, self._computed, self._pooled, self._busy)

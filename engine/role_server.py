@@ -1,0 +1,70 @@
+"""Start-up shared by the engine roles: model, pool client, core, grpc server, shutdown."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from concurrent import futures
+
+import grpc
+import torch
+
+from kvstore.client import KVStoreClient
+from pantry.serving import (
+    add_health_and_reflection,
+    grpc_options,
+    wait_for_signal,
+    write_ready_file,
+)
+
+from .loader import load_model
+from .role_config import EngineRoleConfig
+from .role_core import EngineCore
+
+log = logging.getLogger(__name__)
+
+
+def build_core(config: EngineRoleConfig, role: str) -> EngineCore:
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    loaded = load_model(config.model)
+    pool = KVStoreClient(config.kv_master)
+    core = EngineCore(config, role, loaded, pool)
+    log.info(
+        "%s engine %s: model %s, %d KV blocks of %d tokens, context %d",
+        role, config.engine_id, loaded.model_id, core.runner.allocator.num_free,
+        config.block_size, core.max_model_len,
+    )
+    return core
+
+
+def create_server(
+    config: EngineRoleConfig,
+    register: Callable[[grpc.Server], None],
+    service_names: list[str],
+    max_workers: int = 32,
+) -> tuple[grpc.Server, int]:
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers), options=grpc_options()
+    )
+    register(server)
+    add_health_and_reflection(server, service_names)
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    if port == 0:
+        raise RuntimeError(f"port: cannot listen on {config.host}:{config.port}")
+    return server, port
+
+
+def serve_forever(
+    server: grpc.Server, port: int, config: EngineRoleConfig, on_stop: Callable[[], None]
+) -> int:
+    server.start()
+    address = f"{config.host}:{port}"
+    log.info("serving on %s", address)
+    write_ready_file(config.ready_file, address)
+
+    def stop() -> None:
+        server.stop(grace=2).wait()
+        on_stop()
+
+    return wait_for_signal(stop)

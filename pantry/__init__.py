@@ -1,0 +1,1 @@
+"""Pantry: KV-cache-centric, prefill/decode-disaggregated LLM serving."""

@@ -1,0 +1,5 @@
+import sys
+
+from pantry.cli import main
+
+sys.exit(main())

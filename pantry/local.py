@@ -1,0 +1,197 @@
+"""`pantry local`: every role as its own process on loopback, stopped together."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from pantry.serving import write_ready_file
+
+log = logging.getLogger("pantry.local")
+
+START_TIMEOUT_S = 300.0
+STOP_TIMEOUT_S = 15.0
+
+
+@dataclass(frozen=True)
+class LocalOptions:
+    model: str = "smollm2"
+    host: str = "127.0.0.1"
+    http_port: int = 8000
+    grpc_port: int = 50051
+    block_size: int = 16
+    pool_bytes: int = 1 << 30
+    kv_cache_bytes: int = 512 << 20
+    max_model_len: int = 0
+    served_model_name: str = ""
+    threads: int = 0
+    ready_file: str | None = None
+    log_dir: str | None = None
+
+
+class RoleFailed(RuntimeError):
+    """A role exited or did not become ready; the message says which and where its log is."""
+
+
+@dataclass
+class Role:
+    name: str
+    argv: list[str]
+    ready_file: Path
+    proc: subprocess.Popen[bytes] | None = None
+    address: str = ""
+    info: dict[str, object] = field(default_factory=dict)
+    log_path: Path | None = None
+    log_file: IO[bytes] | None = None
+
+
+class LocalCluster:
+    def __init__(self, options: LocalOptions, workdir: Path) -> None:
+        self.options = options
+        self.workdir = workdir
+        self.roles: list[Role] = []
+
+    def _start(self, name: str, argv: list[str]) -> Role:
+        ready = self.workdir / f"{name}.ready.json"
+        role = Role(name, [sys.executable, *argv, "--ready-file", str(ready)], ready)
+        stdout: IO[bytes] | int | None = None
+        if self.options.log_dir:
+            Path(self.options.log_dir).mkdir(parents=True, exist_ok=True)
+            role.log_path = Path(self.options.log_dir) / f"{name}.log"
+            role.log_file = open(role.log_path, "ab")  # noqa: SIM115 - closed in stop()
+            stdout = role.log_file
+        role.proc = subprocess.Popen(role.argv, stdout=stdout, stderr=subprocess.STDOUT
+                                     if stdout else None)
+        self.roles.append(role)
+        log.info("started %-10s pid %d", name, role.proc.pid)
+        return role
+
+    def _wait_ready(self, role: Role, deadline: float) -> None:
+        assert role.proc is not None
+        while not role.ready_file.exists():
+            code = role.proc.poll()
+            if code is not None:
+                where = f"; see {role.log_path}" if role.log_path else ""
+                raise RoleFailed(f"{role.name} exited with status {code} before serving{where}")
+            if time.monotonic() > deadline:
+                raise RoleFailed(f"{role.name} did not become ready in {START_TIMEOUT_S:.0f}s")
+            time.sleep(0.05)
+        role.info = json.loads(role.ready_file.read_text())
+        role.address = str(role.info["address"])
+        log.info("%-10s ready at %s", role.name, role.address)
+
+    def start(self) -> None:
+        o = self.options
+        deadline = time.monotonic() + START_TIMEOUT_S
+        master = self._start("kv-master", ["-m", "kvstore", "master", "--host", o.host,
+                                           "--port", "0"])
+        self._wait_ready(master, deadline)
+        node = self._start("kv-node", ["-m", "kvstore", "node", "--master", master.address,
+                                       "--host", o.host, "--port", "0", "--node-id", "node-0",
+                                       "--dram-bytes", str(o.pool_bytes)])
+        self._wait_ready(node, deadline)
+        engine_args = ["--model", o.model, "--kv-master", master.address, "--host", o.host,
+                       "--port", "0", "--block-size", str(o.block_size),
+                       "--kv-cache-bytes", str(o.kv_cache_bytes),
+                       "--max-model-len", str(o.max_model_len), "--threads", str(o.threads)]
+        prefill = self._start("prefill", ["-m", "pantry", "prefill", *engine_args,
+                                          "--engine-id", "prefill-0"])
+        decode = self._start("decode", ["-m", "pantry", "decode", *engine_args,
+                                        "--engine-id", "decode-0"])
+        self._wait_ready(prefill, deadline)
+        self._wait_ready(decode, deadline)
+        conductor = self._start("conductor", [
+            "-m", "pantry", "conductor", "--model", o.model, "--kv-master", master.address,
+            "--prefill", prefill.address, "--decode", decode.address, "--host", o.host,
+            "--http-port", str(o.http_port), "--grpc-port", str(o.grpc_port),
+            *(["--served-model-name", o.served_model_name] if o.served_model_name else []),
+        ])
+        self._wait_ready(conductor, deadline)
+
+    def summary(self) -> dict[str, object]:
+        by_name = {r.name: r for r in self.roles}
+        con = by_name["conductor"].info
+        return {
+            "http": f"http://{con['http']}",
+            "grpc": by_name["conductor"].address,
+            "model": con.get("model", ""),
+            "kv_master": by_name["kv-master"].address,
+            "roles": {r.name: {"address": r.address, "pid": r.proc.pid if r.proc else None}
+                      for r in self.roles},
+        }
+
+    def table(self) -> str:
+        rows = [("role", "pid", "address")]
+        rows += [(r.name, str(r.proc.pid if r.proc else "-"), r.address) for r in self.roles]
+        con = next((r for r in self.roles if r.name == "conductor"), None)
+        if con and con.info.get("http"):
+            rows.append(("http api", "", f"http://{con.info['http']}/v1"))
+        widths = [max(len(row[i]) for row in rows) for i in range(3)]
+        return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True))
+                         for row in rows)
+
+    def first_exited(self) -> Role | None:
+        return next((r for r in self.roles if r.proc and r.proc.poll() is not None), None)
+
+    def stop(self) -> None:
+        """SIGTERM in reverse start order, then SIGKILL whatever is left."""
+        for role in reversed(self.roles):
+            if role.proc and role.proc.poll() is None:
+                role.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        for role in reversed(self.roles):
+            if role.proc is None:
+                continue
+            try:
+                role.proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop in time; killing it", role.name)
+                role.proc.kill()
+                role.proc.wait()
+            if role.log_file:
+                role.log_file.close()
+
+
+def run_local(options: LocalOptions) -> int:
+    stop_requested: list[int] = []
+
+    def on_signal(signum: int, _frame: object) -> None:
+        stop_requested.append(signum)
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    with tempfile.TemporaryDirectory(prefix="pantry-local-") as tmp:
+        cluster = LocalCluster(options, Path(tmp))
+        status = 0
+        try:
+            cluster.start()
+            print(cluster.table(), flush=True)
+            write_ready_file(options.ready_file, str(cluster.summary()["grpc"]),
+                             **{k: v for k, v in cluster.summary().items() if k != "grpc"})
+            while not stop_requested:
+                gone = cluster.first_exited()
+                if gone is not None:
+                    log.error("%s exited with status %s; stopping everything", gone.name,
+                              gone.proc.returncode if gone.proc else "?")
+                    status = 1
+                    break
+                time.sleep(0.2)
+        except RoleFailed as exc:
+            log.error("%s", exc)
+            status = 1
+        finally:
+            if stop_requested and not status:
+                log.info("stopping on %s", signal.Signals(stop_requested[0]).name)
+            cluster.stop()
+            if options.ready_file:
+                Path(options.ready_file).unlink(missing_ok=True)
+        return status
+

@@ -1,0 +1,1 @@
+"""The prefill role: computes prompt KV, stores it in the pool, hands off to decode."""

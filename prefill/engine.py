@@ -1,0 +1,88 @@
+"""Prefill: load the cached prefix from the pool, compute the rest in chunks, store every new full
+block, and return the first token for the decode handoff."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+
+from engine.role_core import EngineCore
+from engine.runner import SeqStep
+from engine.sampling import Sampler, SamplingParams, make_generator
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PrefillJob:
+    request_id: str
+    token_ids: tuple[int, ...]
+    tenant: str
+    sampling: SamplingParams
+
+
+@dataclass(frozen=True)
+class PrefillOutcome:
+    first_token: int
+    pool_tokens: int
+    computed_tokens: int
+    stored_blocks: int
+
+
+class PrefillEngine:
+    def __init__(self, core: EngineCore, chunk_tokens: int = 512) -> None:
+        assert chunk_tokens > 0
+        self.core = core
+        self.chunk_tokens = chunk_tokens
+        self._sampler = Sampler()
+        # One prompt at a time: on a CPU a second prompt would only slow both down.
+        self._compute = threading.Lock()
+        self._state = threading.Lock()
+        self._waiting = 0
+
+    @property
+    def waiting(self) -> int:
+        with self._state:
+            return self._waiting
+
+    def prefill(self, job: PrefillJob) -> PrefillOutcome:
+        core = self.core
+        core.validate_prompt(job.token_ids, job.sampling.max_tokens)
+        with self._state:
+            self._waiting += 1
+        try:
+            with self._compute, core.busy():
+                return self._run(job)
+        finally:
+            with self._state:
+                self._waiting -= 1
+
+    def _run(self, job: PrefillJob) -> PrefillOutcome:
+        core = self.core
+        runner = core.runner
+        tokens = job.token_ids
+        n = len(tokens)
+        block_ids = runner.allocator.allocate(core.blocks_for(n))
+        try:
+            keys = core.addressing.block_keys(tokens, job.tenant)
+            loaded = core.transfer.load(keys, block_ids)
+            start = core.resume_point(loaded, n)
+            logits = None
+            table = tuple(block_ids)
+            for pos in range(start, n, self.chunk_tokens):
+                chunk = tokens[pos : pos + self.chunk_tokens]
+                logits = runner.step([SeqStep(tuple(chunk), pos, table)])
+            assert logits is not None
+            first = self._sampler.sample(
+                logits, [job.sampling], [make_generator(job.sampling.seed)]
+            )[0]
+            stored = core.transfer.store(keys[loaded:], block_ids[loaded : len(keys)])
+            core.record(computed=n - start, pooled=start)
+            log.info(
+                "prefill %s: %d tokens, %d from pool, %d computed, %d/%d new blocks stored",
+                job.request_id, n, start, n - start, stored, len(keys) - loaded,
+            )
+            return PrefillOutcome(first, start, n - start, loaded + stored)
+        finally:
+            runner.allocator.free(block_ids)

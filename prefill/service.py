@@ -1,0 +1,67 @@
+"""The PrefillEngine gRPC servicer: proto in, domain call, proto out."""
+
+from __future__ import annotations
+
+import uuid
+
+import grpc
+
+from engine.errors import EngineError
+from engine.role_config import EngineRoleConfig
+from engine.role_core import RequestRejected
+from engine.role_server import build_core, create_server, serve_forever
+from engine.wire import info_to_proto, load_to_proto, sampling_from_proto
+from proto.pantry.v1 import engine_pb2, engine_pb2_grpc
+
+from .engine import PrefillEngine, PrefillJob
+
+SERVICE_NAME = "pantry.v1.PrefillEngine"
+
+
+class PrefillServicer(engine_pb2_grpc.PrefillEngineServicer):
+    def __init__(self, engine: PrefillEngine) -> None:
+        self.engine = engine
+
+    def Info(self, request: engine_pb2.EngineInfoRequest, context: grpc.ServicerContext) -> engine_pb2.EngineInfo:  # noqa: N802,E501
+        return info_to_proto(self.engine.core.description)
+
+    def Load(self, request: engine_pb2.EngineLoadRequest, context: grpc.ServicerContext) -> engine_pb2.EngineLoad:  # noqa: N802,E501
+        core = self.engine.core
+        alloc = core.runner.allocator
+        waiting = self.engine.waiting
+        return load_to_proto(
+            core.counters(),
+            waiting=max(waiting - 1, 0),
+            running=min(waiting, 1),
+            free_blocks=alloc.num_free,
+            total_blocks=core.runner.kv.k.shape[1],
+        )
+
+    def Prefill(self, request: engine_pb2.PrefillRequest, context: grpc.ServicerContext) -> engine_pb2.PrefillResult:  # noqa: N802,E501
+        try:
+            job = PrefillJob(
+                request_id=request.request_id or uuid.uuid4().hex,
+                token_ids=tuple(request.token_ids),
+                tenant=request.tenant,
+                sampling=sampling_from_proto(request.sampling),
+            )
+            outcome = self.engine.prefill(job)
+        except (RequestRejected, EngineError, ValueError) as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        return engine_pb2.PrefillResult(
+            first_token=outcome.first_token,
+            pool_tokens=outcome.pool_tokens,
+            computed_tokens=outcome.computed_tokens,
+            stored_blocks=outcome.stored_blocks,
+        )
+
+
+def run(config: EngineRoleConfig, chunk_tokens: int = 512) -> int:
+    core = build_core(config, "prefill")
+    engine = PrefillEngine(core, chunk_tokens=chunk_tokens)
+    server, port = create_server(
+        config,
+        lambda s: engine_pb2_grpc.add_PrefillEngineServicer_to_server(PrefillServicer(engine), s),
+        [SERVICE_NAME],
+    )
+    return serve_forever(server, port, config, on_stop=core.pool.close)
