@@ -79,7 +79,8 @@ def cmd_node(ns: argparse.Namespace) -> int:
     cfg = NodeConfig(master_address=ns.master, node_id=ns.node_id,
                      dram_bytes=parse_size(ns.dram_bytes), host=ns.host, port=ns.port,
                      heartbeat_s=ns.heartbeat, host_id=ns.host_id,
-                     max_object_bytes=parse_size(ns.max_object_bytes))
+                     max_object_bytes=parse_size(ns.max_object_bytes),
+                     tcp_port=None if ns.no_tcp else ns.tcp_port)
     srv = start_node(cfg)
     try:
         if ns.ready_file:
@@ -176,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--heartbeat", type=float, default=2.0)
     n.add_argument("--host-id")
     n.add_argument("--max-object-bytes", default="64MiB")
+    n.add_argument("--tcp-port", type=int, default=0, help="bulk TCP transport port (0: any)")
+    n.add_argument("--no-tcp", action="store_true", help="serve data over gRPC only")
     n.add_argument("--ready-file")
     n.add_argument("--grace", type=float, default=1.0)
     n.set_defaults(fn=cmd_node)

@@ -25,6 +25,7 @@ from kvstore.metadata import NodeInfo, NodeStatus, PoolStatus
 from kvstore.transports import Transport, TransportError
 from kvstore.transports.grpc import GrpcTransport
 from kvstore.transports.shm import ShmTransport
+from kvstore.transports.tcp import TcpTransport
 from proto.pantry.v1 import kvstore_pb2 as pb
 from proto.pantry.v1 import kvstore_pb2_grpc as pb_grpc
 
@@ -87,6 +88,8 @@ class KVStoreClient:
                 return ShmTransport(node.segment_path, node.segment_size)
             except OSError as e:
                 log.info("shm to node %s unavailable (%s); using grpc", node.node_id, e)
+        if self.config.enable_tcp and node.tcp_address:
+            return TcpTransport(node.tcp_address, self.config.rpc_timeout_s)
         return GrpcTransport(node.address, self.config.max_message_bytes,
                              self.config.batch_bytes, self.config.rpc_timeout_s)
 

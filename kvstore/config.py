@@ -89,6 +89,8 @@ class NodeConfig:
     max_object_bytes: int = DEFAULT_MAX_OBJECT_BYTES
     prefault: bool = True
     max_workers: int = 16
+    # Port of the bulk TCP transport; 0 picks a free port, None turns the transport off.
+    tcp_port: int | None = 0
 
     def __post_init__(self) -> None:
         if not self.master_address:
@@ -96,6 +98,8 @@ class NodeConfig:
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.node_id or ""):
             raise ConfigError(f"node_id must match [A-Za-z0-9_.-]+, got {self.node_id!r}")
         _port("port", self.port)
+        if self.tcp_port is not None:
+            _port("tcp_port", self.tcp_port)
         _positive("dram_bytes", self.dram_bytes)
         _positive("heartbeat_s", self.heartbeat_s)
         _positive("max_object_bytes", self.max_object_bytes)
@@ -113,6 +117,7 @@ class ClientConfig:
     # Reads of several objects from one node are packed into messages of at most this size.
     batch_bytes: int = 16 * MIB
     enable_shm: bool = True
+    enable_tcp: bool = True
 
     def __post_init__(self) -> None:
         _positive("rpc_timeout_s", self.rpc_timeout_s)

@@ -30,6 +30,7 @@ class StorageNode:
         self.host_id = config.host_id or default_host_id()
         self.segment = Segment(segment_path(config), config.dram_bytes, config.prefault)
         self.address = ""
+        self.tcp_address = ""
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._channel: grpc.Channel | None = None
@@ -37,7 +38,7 @@ class StorageNode:
     def info(self) -> NodeInfo:
         assert self.address, "address is known only once the node's server is bound"
         return NodeInfo(self.config.node_id, self.host_id, self.address, self.segment.path,
-                        self.segment.size)
+                        self.segment.size, self.tcp_address)
 
     def start_membership(self, address: str) -> None:
         self.address = address
@@ -51,7 +52,8 @@ class StorageNode:
         i = self.info()
         req = pb.RegisterNodeRequest(node=pb.NodeInfo(
             node_id=i.node_id, host_id=i.host_id, address=i.address,
-            segment_path=i.segment_path, segment_size=i.segment_size))
+            segment_path=i.segment_path, segment_size=i.segment_size,
+            tcp_address=i.tcp_address))
         try:
             stub.RegisterNode(req, timeout=self.config.heartbeat_s)
         except grpc.RpcError as e:

@@ -11,6 +11,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from kvstore.config import NodeConfig
 from kvstore.errors import SegmentError
 from kvstore.node import StorageNode
+from kvstore.transports.tcp import TcpServer
 from proto.pantry.v1 import kvstore_pb2 as pb
 from proto.pantry.v1 import kvstore_pb2_grpc as pb_grpc
 
@@ -44,12 +45,14 @@ class NodeServicer(pb_grpc.KVNodeServicer):
 
 
 class NodeServer:
-    """A running storage node: gRPC server + segment + membership."""
+    """A running storage node: gRPC server (+ optional TCP server) + segment + membership."""
 
-    def __init__(self, server: grpc.Server, port: int, node: StorageNode) -> None:
+    def __init__(self, server: grpc.Server, port: int, node: StorageNode,
+                 tcp: TcpServer | None) -> None:
         self.server = server
         self.port = port
         self.node = node
+        self.tcp = tcp
 
     @property
     def address(self) -> str:
@@ -57,6 +60,8 @@ class NodeServer:
 
     def stop(self, grace: float = 1.0) -> None:
         self.server.stop(grace).wait()
+        if self.tcp is not None:
+            self.tcp.close()
         self.node.close()
 
 
@@ -81,12 +86,17 @@ def start_node(config: NodeConfig) -> NodeServer:
         if port == 0:
             raise OSError(f"cannot bind node to {config.host}:{config.port}")
         server.start()
+        tcp = None
+        if config.tcp_port is not None:
+            tcp = TcpServer(config.host, config.tcp_port, node.segment.view,
+                            config.max_object_bytes)
+            node.tcp_address = tcp.address
     except BaseException:
         node.close()
         raise
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     health_servicer.set("pantry.v1.KVNode", health_pb2.HealthCheckResponse.SERVING)
     node.start_membership(f"{config.host}:{port}")
-    log.info("kvstore node %s serving on %s:%d, segment %s (%d bytes)", config.node_id,
-             config.host, port, node.segment.path, node.segment.size)
-    return NodeServer(server, port, node)
+    log.info("kvstore node %s serving on %s:%d (tcp %s), segment %s (%d bytes)", config.node_id,
+             config.host, port, node.tcp_address or "off", node.segment.path, node.segment.size)
+    return NodeServer(server, port, node, tcp)

@@ -62,8 +62,8 @@ class Segment:
             return
         self._closed = True
         atexit.unregister(self.close)
-        self.view.release()
         try:
+            self.view.release()
             self._mmap.close()
         except BufferError:
             # A view is still exported (e.g. an in-flight gRPC reply); the mapping dies with

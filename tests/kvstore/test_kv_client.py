@@ -28,16 +28,19 @@ def blocks(n: int, size: int = 3000, fp: str = "fp") -> list[tuple[str, bytes]]:
     return [(k, encode_block(fp, "uint8", (size,), os.urandom(size))) for k in keys]
 
 
-@pytest.mark.parametrize("client_host", ["host-a", "host-b"])
+@pytest.mark.parametrize(("client_host", "enable_tcp", "transport"),
+                         [("host-a", True, "shm"), ("host-b", True, "tcp"),
+                          ("host-b", False, "grpc")])
 def test_put_get_match_exists_remove(
-    node_factory: NodeFactory, client_factory: ClientFactory, client_host: str
+    node_factory: NodeFactory, client_factory: ClientFactory, client_host: str, enable_tcp: bool,
+    transport: str
 ) -> None:
     node = node_factory("n")
-    c = client_factory(host_id=client_host)
+    c = client_factory(host_id=client_host, enable_tcp=enable_tcp)
     items = blocks(4)
     keys = [k for k, _ in items]
     assert c.put_many(items[:3]) == [True] * 3
-    assert c.transport_name(node.node.info()) == ("shm" if client_host == "host-a" else "grpc")
+    assert c.transport_name(node.node.info()) == transport
     assert c.get_many(keys) == [items[0][1], items[1][1], items[2][1], None]
     assert c.exists(keys) == [True, True, True, False]
     m = c.match_prefix(keys)
@@ -199,3 +202,23 @@ def test_overwritten_slot_is_detected_by_decode_block(
     raw = c.get_many([k])[0]
     assert raw is not None and len(raw) == len(v)
     assert decode_block(raw, expected_fingerprint="fp") is None
+
+
+def test_tcp_transport_errors_keep_the_stream_framed(node_factory: NodeFactory) -> None:
+    from kvstore.transports import TransportError
+    from kvstore.transports.tcp import TcpTransport
+
+    node = node_factory("n")
+    assert node.node.tcp_address
+    t = TcpTransport(node.node.tcp_address, timeout_s=5)
+    try:
+        t.write([(0, b"abc"), (8192, b"\x01" * 5000)])
+        with pytest.raises(TransportError, match="max_object_bytes"):
+            t.write([(0, b"x" * (4 * MIB + 1))])
+        with pytest.raises(TransportError, match="outside segment"):
+            t.read([(8 * MIB - 1, 2)])
+        # The same pooled connection still speaks the protocol after both refusals.
+        assert t.read([(0, 3), (8192, 5000)]) == [b"abc", b"\x01" * 5000]
+        assert node.node.segment.read(0, 3) == b"abc"
+    finally:
+        t.close()
