@@ -1,0 +1,49 @@
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.local_system import LocalSystem, start_local, stop_local
+from tests.helpers.tiny_models import make_tiny_model
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("e2e_models")
+    return {arch: make_tiny_model(root / f"tiny-{arch}", arch, seed=7) for arch in
+            ("llama", "qwen2")}
+
+
+def _system(tmp_path_factory: pytest.TempPathFactory, model: str, name: str,
+            *extra: str) -> Iterator[LocalSystem]:
+    system = start_local(model, tmp_path_factory.mktemp(name), *extra)
+    try:
+        yield system
+    finally:
+        stop_local(system)
+
+
+@pytest.fixture(scope="session")
+def llama_system(tmp_path_factory: pytest.TempPathFactory,
+                 tiny_dirs: dict[str, Path]) -> Iterator[LocalSystem]:
+    yield from _system(tmp_path_factory, str(tiny_dirs["llama"]), "sys-llama",
+                       "--kv-cache-bytes", "16MiB", "--pool-bytes", "64MiB")
+
+
+@pytest.fixture(scope="session")
+def qwen2_system(tmp_path_factory: pytest.TempPathFactory,
+                 tiny_dirs: dict[str, Path]) -> Iterator[LocalSystem]:
+    yield from _system(tmp_path_factory, str(tiny_dirs["qwen2"]), "sys-qwen2",
+                       "--kv-cache-bytes", "16MiB", "--pool-bytes", "64MiB")
+
+
+@pytest.fixture(scope="session")
+def smollm2_system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSystem]:
+    yield from _system(tmp_path_factory, "smollm2", "sys-smollm2",
+                       "--kv-cache-bytes", "256MiB", "--pool-bytes", "512MiB",
+                       "--max-model-len", "2048")
