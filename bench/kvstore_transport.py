@@ -1,7 +1,7 @@
-"""Put/get throughput of the pool per transport (shm vs grpc), measured in the same run.
+"""Put/get throughput of the pool per transport (shm, tcp, grpc), measured in the same run.
 
 Runs a real master and node as processes (the node must not share the client's GIL) and
-prints GB/s per transport plus the shm/grpc ratio.
+prints GB/s per transport plus each one's ratio to grpc.
 
     PYTHONPATH=. python bench/kvstore_transport.py --object-bytes 1MiB --objects 128 --rounds 3
 """
@@ -72,9 +72,11 @@ def main() -> int:
         node, _ = spawn(tmp, "node", "node", "--master", addr, "--node-id", f"bench-{os.getpid()}",
                         "--dram-bytes", str(dram), "--host-id", default_host_id())
         try:
-            cfg = ClientConfig(max_object_bytes=max(size, 1024))
             results = {}
-            for name, host in (("shm", None), ("grpc", "bench-remote-host")):
+            modes = (("shm", None, True), ("tcp", "bench-remote-host", True),
+                     ("grpc", "bench-remote-host", False))
+            for name, host, tcp in modes:
+                cfg = ClientConfig(max_object_bytes=max(size, 1024), enable_tcp=tcp)
                 with KVStoreClient(addr, host_id=host, config=cfg) as c:
                     while not c.status().nodes:
                         time.sleep(0.05)
@@ -87,9 +89,10 @@ def main() -> int:
     print(f"{'transport':<10}{'put GB/s':>10}{'get GB/s':>10}")
     for name, (put, get) in results.items():
         print(f"{name:<10}{put:>10.2f}{get:>10.2f}")
-    sp, sg = results["shm"]
     gp, gg = results["grpc"]
-    print(f"shm/grpc ratio: put {sp / gp:.1f}x, get {sg / gg:.1f}x")
+    for name in ("shm", "tcp"):
+        p, g = results[name]
+        print(f"{name}/grpc ratio: put {p / gp:.1f}x, get {g / gg:.1f}x")
     return 0
 
 
