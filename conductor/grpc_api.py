@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from proto.pantry.v1 import generation_pb2, generation_pb2_grpc
 
@@ -23,6 +25,21 @@ from .requests import (
 )
 
 SERVICE_NAME = "pantry.v1.Generation"
+
+
+@dataclass(frozen=True)
+class MalformedRequest:
+    """Bytes that did not parse: carried into the handler so the caller gets INVALID_ARGUMENT
+    with the parser's reason, instead of grpc's UNKNOWN."""
+
+    reason: str
+
+
+def parse_request(data: bytes) -> generation_pb2.GenerateRequest | MalformedRequest:
+    try:
+        return generation_pb2.GenerateRequest.FromString(data)
+    except DecodeError as exc:
+        return MalformedRequest(str(exc))
 
 
 def request_from_proto(msg: generation_pb2.GenerateRequest) -> GenerationRequest:
@@ -62,8 +79,14 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         self.conductor = conductor
 
     async def Generate(  # noqa: N802
-        self, request: generation_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+        self, request: generation_pb2.GenerateRequest | MalformedRequest,
+        context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[generation_pb2.GenerateResponse]:
+        if isinstance(request, MalformedRequest):
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"request: not a GenerateRequest: {request.reason}",
+            )
         try:
             req = request_from_proto(request)
             async for event in self.conductor.generate(req):
@@ -96,3 +119,14 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         except Unavailable as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+
+
+def add_to_server(servicer: GenerationServicer, server: grpc.aio.Server) -> None:
+    handler = grpc.method_handlers_generic_handler(SERVICE_NAME, {
+        "Generate": grpc.unary_stream_rpc_method_handler(
+            servicer.Generate,
+            request_deserializer=parse_request,
+            response_serializer=generation_pb2.GenerateResponse.SerializeToString,
+        ),
+    })
+    server.add_generic_rpc_handlers((handler,))

@@ -10,11 +10,10 @@ import grpc
 from aiohttp import web
 
 from pantry.serving import add_health_and_reflection, grpc_options, write_ready_file
-from proto.pantry.v1 import generation_pb2_grpc
 
 from .conductor import Conductor
 from .config import ConductorConfig
-from .grpc_api import SERVICE_NAME, GenerationServicer
+from .grpc_api import SERVICE_NAME, GenerationServicer, add_to_server
 from .http_api import create_app
 
 log = logging.getLogger(__name__)
@@ -23,7 +22,7 @@ log = logging.getLogger(__name__)
 async def serve(config: ConductorConfig) -> None:
     conductor = await Conductor.connect(config)
     server = grpc.aio.server(options=grpc_options())
-    generation_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(conductor), server)
+    add_to_server(GenerationServicer(conductor), server)
     add_health_and_reflection(server, [SERVICE_NAME])
     grpc_port = server.add_insecure_port(f"{config.host}:{config.grpc_port}")
     await server.start()
