@@ -1,0 +1,164 @@
+"""PrefillEngine in-process over a real kvstore and a tiny llama, against transformers."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from engine.role_core import EngineCore, RequestRejected
+from engine.sampling import SamplingParams
+from prefill.engine import PrefillEngine, PrefillJob
+from tests.decode.engine_rig import BLOCK, MAX_MODEL_LEN, hf_greedy, make_core, pool_client, prompt
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=8)
+
+
+@pytest.fixture
+def core(tiny_llama: Path, pool_address: str) -> Iterator[EngineCore]:
+    core = make_core(tiny_llama, pool_address, "prefill", "prefill-0")
+    yield core
+    core.pool.close()
+
+
+def job(tokens: tuple[int, ...], tenant: str = "", rid: str = "r",
+        sampling: SamplingParams = GREEDY) -> PrefillJob:
+    return PrefillJob(request_id=rid, token_ids=tokens, tenant=tenant, sampling=sampling)
+
+
+def test_miss_then_hit(core: EngineCore, tiny_llama: Path) -> None:
+    engine = PrefillEngine(core)
+    ids = prompt(40, seed=1)
+    expected_first = hf_greedy(tiny_llama, ids, 1)[0]
+    free = core.runner.allocator.num_free
+
+    first = engine.prefill(job(ids))
+    assert first.first_token == expected_first
+    assert (first.pool_tokens, first.computed_tokens, first.stored_blocks) == (0, 40, 2)
+    assert core.runner.allocator.num_free == free
+
+    keys = core.addressing.block_keys(ids, "")
+    assert len(keys) == 2
+    with pool_client(core.config.kv_master) as c:
+        assert c.exists(keys) == [True, True]
+
+    # The same prompt again: both full blocks (32 tokens) come from the pool; the 8-token tail
+    # has no block and is computed.
+    second = engine.prefill(job(ids, rid="r2"))
+    assert second.first_token == expected_first
+    assert (second.pool_tokens, second.computed_tokens, second.stored_blocks) == (32, 8, 2)
+    assert core.runner.allocator.num_free == free
+
+    counters = core.counters()
+    assert (counters.requests_total, counters.computed_tokens_total,
+            counters.pool_tokens_total) == (2, 48, 32)
+    assert counters.busy_seconds_total > 0
+    assert engine.waiting == 0
+
+
+def test_partial_hit_resumes_after_the_shared_prefix(core: EngineCore, tiny_llama: Path) -> None:
+    engine = PrefillEngine(core)
+    base = prompt(40, seed=2)
+    engine.prefill(job(base))
+    # Shares the first block only; the second block differs in its last token.
+    other = base[:BLOCK] + prompt(BLOCK + 5, seed=3)
+    out = engine.prefill(job(other))
+    assert out.first_token == hf_greedy(tiny_llama, other, 1)[0]
+    assert (out.pool_tokens, out.computed_tokens, out.stored_blocks) == (BLOCK, 21, 2)
+
+
+def test_exact_block_multiple_prompt_recomputes_only_its_last_token(
+    core: EngineCore, tiny_llama: Path
+) -> None:
+    engine = PrefillEngine(core)
+    ids = prompt(2 * BLOCK, seed=4)
+    first = engine.prefill(job(ids))
+    assert (first.pool_tokens, first.computed_tokens, first.stored_blocks) == (0, 32, 2)
+    again = engine.prefill(job(ids))
+    assert (again.pool_tokens, again.computed_tokens, again.stored_blocks) == (31, 1, 2)
+    assert again.first_token == first.first_token == hf_greedy(tiny_llama, ids, 1)[0]
+
+
+def test_prompt_shorter_than_a_block_stores_nothing(core: EngineCore, tiny_llama: Path) -> None:
+    engine = PrefillEngine(core)
+    ids = prompt(5, seed=5)
+    for _ in range(2):
+        out = engine.prefill(job(ids))
+        assert (out.pool_tokens, out.computed_tokens, out.stored_blocks) == (0, 5, 0)
+        assert out.first_token == hf_greedy(tiny_llama, ids, 1)[0]
+
+
+def test_chunked_prefill_gives_the_same_first_token(core: EngineCore, tiny_llama: Path) -> None:
+    ids = prompt(70, seed=6)
+    out = PrefillEngine(core, chunk_tokens=16).prefill(job(ids))
+    assert out.first_token == hf_greedy(tiny_llama, ids, 1)[0]
+    assert (out.pool_tokens, out.computed_tokens, out.stored_blocks) == (0, 70, 4)
+
+
+def test_tenants_do_not_share_blocks(core: EngineCore) -> None:
+    engine = PrefillEngine(core)
+    ids = prompt(48, seed=8)
+    engine.prefill(job(ids, tenant="alice"))
+    bob = engine.prefill(job(ids, tenant="bob"))
+    assert (bob.pool_tokens, bob.computed_tokens) == (0, 48)
+    alice = engine.prefill(job(ids, tenant="alice"))
+    assert (alice.pool_tokens, alice.computed_tokens) == (47, 1)
+
+
+def test_blocks_stored_by_one_engine_are_used_by_another(
+    core: EngineCore, tiny_llama: Path, pool_address: str
+) -> None:
+    ids = prompt(48, seed=9)
+    PrefillEngine(core).prefill(job(ids))
+    other_core = make_core(tiny_llama, pool_address, "prefill", "prefill-1")
+    try:
+        out = PrefillEngine(other_core).prefill(job(ids))
+        assert (out.pool_tokens, out.computed_tokens) == (47, 1)
+        assert out.first_token == hf_greedy(tiny_llama, ids, 1)[0]
+    finally:
+        other_core.pool.close()
+
+
+@pytest.mark.parametrize(("tokens", "max_tokens", "field"), [
+    ((), 1, "prompt"),
+    ((5, 512), 1, "prompt"),
+    ((5, -1), 1, "prompt"),
+    (tuple(range(3, 3 + MAX_MODEL_LEN)), 1, "prompt"),
+    (tuple(range(3, 3 + MAX_MODEL_LEN - 1)), 2, "max_tokens"),
+])
+def test_invalid_prompts_are_rejected_without_touching_state(
+    core: EngineCore, tokens: tuple[int, ...], max_tokens: int, field: str
+) -> None:
+    engine = PrefillEngine(core)
+    free = core.runner.allocator.num_free
+    with pytest.raises(RequestRejected) as info:
+        engine.prefill(job(tokens, sampling=SamplingParams(max_tokens=max_tokens)))
+    assert info.value.field == field
+    assert core.runner.allocator.num_free == free
+    assert engine.waiting == 0
+    assert core.counters().requests_total == 0
+
+
+def test_longest_prompt_that_fits_is_served(core: EngineCore, tiny_llama: Path) -> None:
+    ids = prompt(MAX_MODEL_LEN - 1, seed=10)
+    out = PrefillEngine(core).prefill(job(ids, sampling=SamplingParams(max_tokens=1)))
+    assert out.computed_tokens == MAX_MODEL_LEN - 1
+    assert out.stored_blocks == (MAX_MODEL_LEN - 1) // BLOCK
+    assert out.first_token == hf_greedy(tiny_llama, ids, 1)[0]
+
+
+def test_concurrent_prefills_are_serialised_and_correct(core: EngineCore,
+                                                        tiny_llama: Path) -> None:
+    engine = PrefillEngine(core, chunk_tokens=8)
+    free = core.runner.allocator.num_free
+    prompts = [prompt(20 + 9 * i, seed=40 + i) for i in range(4)]
+    with ThreadPoolExecutor(4) as pool:
+        outs = list(pool.map(lambda ids: engine.prefill(job(ids)), prompts))
+    for ids, out in zip(prompts, outs, strict=True):
+        assert out.first_token == hf_greedy(tiny_llama, ids, 1)[0]
+        assert (out.pool_tokens, out.computed_tokens) == (0, len(ids))
+    assert engine.waiting == 0
+    assert core.runner.allocator.num_free == free
+    assert core.counters().requests_total == 4
