@@ -10,6 +10,11 @@ Labels = tuple[tuple[str, str], ...]
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
+def _num(v: float) -> str:
+    # Exact integers, never 1.23457e+06: counters that lose digits look stalled to rate().
+    return str(int(v)) if float(v).is_integer() else repr(float(v))
+
+
 def _fmt(labels: Labels, extra: tuple[tuple[str, str], ...] = ()) -> str:
     items = labels + extra
     if not items:
@@ -60,18 +65,18 @@ class Metrics:
                 lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
                 if kind == "counter":
                     for labels, v in sorted(self._counters[name].items()):
-                        lines.append(f"{name}{_fmt(labels)} {v:g}")
+                        lines.append(f"{name}{_fmt(labels)} {_num(v)}")
                 else:
                     for labels, series in sorted(self._hist[name].items()):
                         for bound, count in zip(self._buckets[name], series, strict=False):
                             lines.append(f"{name}_bucket{_fmt(labels, (('le', f'{bound:g}'),))} "
-                                         f"{count:g}")
+                                         f"{_num(count)}")
                         lines.append(f"{name}_bucket{_fmt(labels, (('le', '+Inf'),))} "
-                                     f"{series[-2]:g}")
-                        lines.append(f"{name}_count{_fmt(labels)} {series[-2]:g}")
-                        lines.append(f"{name}_sum{_fmt(labels)} {series[-1]:g}")
+                                     f"{_num(series[-2])}")
+                        lines.append(f"{name}_count{_fmt(labels)} {_num(series[-2])}")
+                        lines.append(f"{name}_sum{_fmt(labels)} {_num(series[-1])}")
         for name, (text, series_map) in sorted((gauges or {}).items()):
             lines += [f"# HELP {name} {text}", f"# TYPE {name} gauge"]
             for labels, v in sorted(series_map.items()):
-                lines.append(f"{name}{_fmt(labels)} {v:g}")
+                lines.append(f"{name}{_fmt(labels)} {_num(v)}")
         return "\n".join(lines) + "\n"

@@ -21,6 +21,10 @@ from .sequence import DecodeEvent, DecodeJob, SeqStatus, Sequence
 log = logging.getLogger(__name__)
 
 
+class EngineStopped(RuntimeError):
+    """The engine is shutting down and takes no new sequences."""
+
+
 class QueueFull(RuntimeError):
     """The engine already holds `max_waiting` queued requests."""
 
@@ -74,6 +78,8 @@ class DecodeEngine:
             raise RequestRejected("first_token", f"{job.first_token} is outside the vocabulary")
         seq = Sequence(job=job, generator=make_generator(job.sampling.seed))
         with self._cv:
+            if self._stopped:
+                raise EngineStopped(f"decode engine {core.config.engine_id} is stopping")
             if len(self._waiting) >= self.limits.max_waiting:
                 raise QueueFull(
                     f"decode engine {core.config.engine_id} has {len(self._waiting)} requests "

@@ -14,7 +14,7 @@ from engine.role_server import build_core, create_server, serve_forever
 from engine.wire import info_to_proto, load_to_proto, sampling_from_proto
 from proto.pantry.v1 import engine_pb2, engine_pb2_grpc
 
-from .engine import DecodeEngine, DecodeLimits, QueueFull
+from .engine import DecodeEngine, DecodeLimits, EngineStopped, QueueFull
 from .sequence import DecodeJob
 
 SERVICE_NAME = "pantry.v1.DecodeEngine"
@@ -50,6 +50,8 @@ class DecodeServicer(engine_pb2_grpc.DecodeEngineServicer):
             handle = self.engine.submit(job)
         except QueueFull as exc:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        except EngineStopped as exc:
+            context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         except (RequestRejected, EngineError, ValueError) as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         # A client that goes away frees the sequence's blocks at the next step.
