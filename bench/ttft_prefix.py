@@ -78,7 +78,7 @@ def main() -> int:
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=60)
-    print("\nTTFT, SmolLM2-135M on this machine's CPU (median of %d)" % ns.reps)
+    print(f"\nTTFT, SmolLM2-135M on this machine's CPU (median of {ns.reps})")
     print(f"{'prompt':>7} {'cold ms':>10} {'hit ms':>9} {'cached':>7} {'hit/cold':>9}")
     for length, c, h, cached in rows:
         print(f"{length:>7} {c * 1000:>10.1f} {h * 1000:>9.1f} {cached:>7} {h / c:>9.3f}")

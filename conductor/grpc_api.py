@@ -87,6 +87,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"request: not a GenerateRequest: {request.reason}",
             )
+            return
         try:
             req = request_from_proto(request)
             async for event in self.conductor.generate(req):

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from pantry.client_stream import stream_request
@@ -42,7 +43,14 @@ def _start(workdir: Path) -> tuple[subprocess.Popen[bytes], dict[str, object]]:
     return proc, json.loads(ready.read_text())
 
 
-def _ask(http: str, model: str, label: str) -> dict[str, object]:
+@dataclass(frozen=True)
+class Answer:
+    ttft_s: float
+    cached: int
+    text: str
+
+
+def _ask(http: str, model: str, label: str) -> Answer:
     print(f"\n== {label}")
     print(f"user: {QUESTION}\nassistant: ", end="", flush=True)
     body = {"model": model, "max_tokens": 64, "temperature": 0,
@@ -55,8 +63,7 @@ def _ask(http: str, model: str, label: str) -> dict[str, object]:
     print(f"\n  time to first token: {result.ttft_s * 1000:8.1f} ms")
     print(f"  prompt tokens: {usage.get('prompt_tokens')}, from the pool: {cached}, "
           f"prefill {'skipped' if usage.get('prefill_skipped') else 'ran'}")
-    return {"ttft": result.ttft_s, "cached": cached, "skipped": usage.get("prefill_skipped"),
-            "text": result.text}
+    return Answer(result.ttft_s, int(cached), result.text)
 
 
 def main() -> int:
@@ -69,10 +76,10 @@ def main() -> int:
             cold = _ask(http, model, "first request: cold, prefill computes the whole prompt")
             hot = _ask(http, model, "same prompt again: served from the pool")
             print("\n== summary")
-            print(f"  TTFT cold {cold['ttft'] * 1000:.1f} ms -> from the pool "
-                  f"{hot['ttft'] * 1000:.1f} ms ({hot['ttft'] / cold['ttft']:.2f}x), "
-                  f"{hot['cached']} cached tokens, same answer: {cold['text'] == hot['text']}")
-            ok = bool(hot["cached"]) and cold["text"] == hot["text"]
+            print(f"  TTFT cold {cold.ttft_s * 1000:.1f} ms -> from the pool "
+                  f"{hot.ttft_s * 1000:.1f} ms ({hot.ttft_s / cold.ttft_s:.2f}x), "
+                  f"{hot.cached} cached tokens, same answer: {cold.text == hot.text}")
+            ok = hot.cached > 0 and cold.text == hot.text
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=60)
