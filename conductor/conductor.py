@@ -12,11 +12,12 @@ from dataclasses import replace
 from engine.detokenizer import IncrementalDetokenizer
 from engine.loader import load_tokenizer
 from engine.pool_transfer import PoolAddressing
+from engine.role_core import EngineDescription
 from engine.tokenizer import Tokenizer
 from kvstore.client import KVStoreClient
 
 from .config import ConductorConfig
-from .engines import DecodeClient, EngineInfo, PrefillClient
+from .engines import DecodeClient, PrefillClient
 from .metrics import TTFT_BUCKETS, Metrics
 from .requests import (
     GenerationEvent,
@@ -52,7 +53,7 @@ class Conductor:
         self.decodes = decodes
         self.pool = pool
         ref = prefills[0].info
-        self.info: EngineInfo = ref
+        self.info: EngineDescription = ref
         self.model_id = config.served_model_name or ref.model_id
         self.addressing = PoolAddressing(ref.fingerprint, ref.block_size, hash_seed=ref.hash_seed)
         self.scheduler: Scheduler[object] = Scheduler(config.ttft_slo_s)
@@ -75,7 +76,7 @@ class Conductor:
         decodes = [DecodeClient(a, config.engine_timeout_s) for a in config.decode]
         deadline = time.monotonic() + wait_s
 
-        async def info_of(client: PrefillClient | DecodeClient) -> EngineInfo:
+        async def info_of(client: PrefillClient | DecodeClient) -> EngineDescription:
             while True:
                 try:
                     return await client.info()
@@ -87,13 +88,14 @@ class Conductor:
         p_infos = [await info_of(c) for c in prefills]
         d_infos = [await info_of(c) for c in decodes]
         ref = p_infos[0]
-        for info in p_infos + d_infos:
+        clients: list[PrefillClient | DecodeClient] = [*prefills, *decodes]
+        for client, info in zip(clients, p_infos + d_infos, strict=True):
             if (info.fingerprint, info.block_size, info.hash_seed) != (
                 ref.fingerprint, ref.block_size, ref.hash_seed
             ):
                 raise Unavailable(
-                    f"engine {info.address} serves another model or KV layout than "
-                    f"{ref.address}; start every engine with the same model and block size"
+                    f"engine {client.address} serves another model or KV layout than "
+                    f"{prefills[0].address}; start every engine with the same model and block size"
                 )
         tokenizer = await asyncio.to_thread(load_tokenizer, config.model)
         pool = await asyncio.to_thread(KVStoreClient, config.kv_master)

@@ -7,24 +7,12 @@ from dataclasses import dataclass
 
 import grpc
 
+from engine.role_core import EngineDescription
+from engine.wire import info_from_proto
 from pantry.serving import grpc_options
 from proto.pantry.v1 import common_pb2, engine_pb2, engine_pb2_grpc
 
 from .requests import InvalidRequest, Overloaded, Sampling, Unavailable
-
-
-@dataclass(frozen=True)
-class EngineInfo:
-    address: str
-    role: str
-    engine_id: str
-    model_id: str
-    fingerprint: str
-    block_size: int
-    vocab_size: int
-    max_model_len: int
-    eos_token_ids: tuple[int, ...]
-    hash_seed: int
 
 
 @dataclass(frozen=True)
@@ -89,21 +77,6 @@ class EngineClient:
         await self._channel.close()
 
     @staticmethod
-    def _info(address: str, msg: engine_pb2.EngineInfo) -> EngineInfo:
-        return EngineInfo(
-            address=address,
-            role=msg.role,
-            engine_id=msg.engine_id,
-            model_id=msg.model_id,
-            fingerprint=msg.layout_fingerprint,
-            block_size=msg.block_size,
-            vocab_size=msg.vocab_size,
-            max_model_len=msg.max_model_len,
-            eos_token_ids=tuple(msg.eos_token_ids),
-            hash_seed=msg.hash_seed,
-        )
-
-    @staticmethod
     def _load(msg: engine_pb2.EngineLoad) -> EngineLoad:
         return EngineLoad(
             waiting=msg.waiting,
@@ -122,9 +95,9 @@ class PrefillClient(EngineClient):
         super().__init__(address, timeout_s)
         self._stub = engine_pb2_grpc.PrefillEngineStub(self._channel)
 
-    async def info(self, timeout: float = 5.0) -> EngineInfo:
+    async def info(self, timeout: float = 5.0) -> EngineDescription:
         msg = await self._stub.Info(engine_pb2.EngineInfoRequest(), timeout=timeout)
-        return self._info(self.address, msg)
+        return info_from_proto(msg)
 
     async def load(self, timeout: float = 2.0) -> EngineLoad:
         return self._load(await self._stub.Load(engine_pb2.EngineLoadRequest(), timeout=timeout))
@@ -151,9 +124,9 @@ class DecodeClient(EngineClient):
         super().__init__(address, timeout_s)
         self._stub = engine_pb2_grpc.DecodeEngineStub(self._channel)
 
-    async def info(self, timeout: float = 5.0) -> EngineInfo:
+    async def info(self, timeout: float = 5.0) -> EngineDescription:
         msg = await self._stub.Info(engine_pb2.EngineInfoRequest(), timeout=timeout)
-        return self._info(self.address, msg)
+        return info_from_proto(msg)
 
     async def load(self, timeout: float = 2.0) -> EngineLoad:
         return self._load(await self._stub.Load(engine_pb2.EngineLoadRequest(), timeout=timeout))

@@ -7,7 +7,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from .engines import EngineInfo, EngineLoad
+from engine.role_core import EngineDescription
+
+from .engines import EngineLoad
 
 C = TypeVar("C")
 
@@ -21,7 +23,7 @@ EWMA_WEIGHT = 0.3
 @dataclass
 class EngineState(Generic[C]):
     client: C
-    info: EngineInfo
+    info: EngineDescription
     load: EngineLoad | None = None
     up: bool = True
     inflight_tokens: int = 0            # prompt tokens this conductor has sent and not seen back

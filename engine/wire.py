@@ -33,6 +33,20 @@ def info_to_proto(desc: EngineDescription) -> engine_pb2.EngineInfo:
     )
 
 
+def info_from_proto(msg: engine_pb2.EngineInfo) -> EngineDescription:
+    return EngineDescription(
+        role=msg.role,
+        engine_id=msg.engine_id,
+        model_id=msg.model_id,
+        fingerprint=msg.layout_fingerprint,
+        block_size=msg.block_size,
+        vocab_size=msg.vocab_size,
+        max_model_len=msg.max_model_len,
+        eos_token_ids=tuple(msg.eos_token_ids),
+        hash_seed=msg.hash_seed,
+    )
+
+
 def load_to_proto(
     counters: EngineCounters, *, waiting: int, running: int, free_blocks: int, total_blocks: int
 ) -> engine_pb2.EngineLoad:

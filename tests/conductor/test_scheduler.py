@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from conductor.engines import EngineInfo, EngineLoad
+from conductor.engines import EngineLoad
 from conductor.scheduler import (
     EWMA_WEIGHT,
     INITIAL_SECONDS_PER_TOKEN,
@@ -13,10 +13,11 @@ from conductor.scheduler import (
     Placement,
     Scheduler,
 )
+from engine.role_core import EngineDescription
 
 
-def info(name: str, role: str = "prefill", block_size: int = 16) -> EngineInfo:
-    return EngineInfo(address=f"127.0.0.1:{name}", role=role, engine_id=name, model_id="tiny",
+def info(name: str, role: str = "prefill", block_size: int = 16) -> EngineDescription:
+    return EngineDescription(role=role, engine_id=name, model_id="tiny",
                       fingerprint="fp", block_size=block_size, vocab_size=512,
                       max_model_len=256, eos_token_ids=(2,), hash_seed=0)
 
