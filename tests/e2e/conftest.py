@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,12 +21,12 @@ def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def _system(tmp_path_factory: pytest.TempPathFactory, model: str, name: str,
-            *extra: str) -> Iterator[LocalSystem]:
+            *extra: str, stop_with: signal.Signals = signal.SIGTERM) -> Iterator[LocalSystem]:
     system = start_local(model, tmp_path_factory.mktemp(name), *extra)
     try:
         yield system
     finally:
-        stop_local(system)
+        stop_local(system, stop_with)
 
 
 @pytest.fixture(scope="session")
@@ -39,7 +40,8 @@ def llama_system(tmp_path_factory: pytest.TempPathFactory,
 def qwen2_system(tmp_path_factory: pytest.TempPathFactory,
                  tiny_dirs: dict[str, Path]) -> Iterator[LocalSystem]:
     yield from _system(tmp_path_factory, str(tiny_dirs["qwen2"]), "sys-qwen2",
-                       "--kv-cache-bytes", "16MiB", "--pool-bytes", "64MiB")
+                       "--kv-cache-bytes", "16MiB", "--pool-bytes", "64MiB",
+                       stop_with=signal.SIGINT)
 
 
 @pytest.fixture(scope="session")

@@ -81,10 +81,10 @@ def start_local(model: str, workdir: Path, *extra: str) -> LocalSystem:
     return LocalSystem(proc, json.loads(ready.read_text()), log_dir)
 
 
-def stop_local(system: LocalSystem) -> None:
-    """SIGTERM, as a user's Ctrl-C or Kubernetes would; then check nothing is left behind."""
+def stop_local(system: LocalSystem, sig: signal.Signals = signal.SIGTERM) -> None:
+    """SIGTERM as Kubernetes sends, or SIGINT as Ctrl-C does; then check nothing is left."""
     pids = [r["pid"] for r in system.info["roles"].values()]
-    system.proc.send_signal(signal.SIGTERM)
+    system.proc.send_signal(sig)
     code = system.proc.wait(timeout=60)
     assert code == 0, f"pantry local exited {code}\n{system.logs()}"
     for pid in pids:
