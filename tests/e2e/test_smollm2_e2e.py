@@ -138,3 +138,22 @@ def test_health_and_metrics(smollm2_system: LocalSystem) -> None:
     metrics = httpx.get(smollm2_system.http + "/metrics", timeout=10).text
     assert 'pantry_role_up{engine="kvstore",role="kvstore"} 1' in metrics
     assert "pantry_ttft_seconds_bucket" in metrics
+
+
+@pytest.mark.parametrize("length", [5, 16, 17, 200])
+def test_token_prompts_across_block_boundaries(smollm2_system: LocalSystem, length: int) -> None:
+    import random
+
+    rng = random.Random(length)
+    ids = [rng.randrange(100, 40000) for _ in range(length)]
+    _, model = _hf()
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        expected = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False,
+                                  max_new_tokens=8)[0, length:].tolist()
+    body = {"prompt": ids, "max_tokens": 8, "temperature": 0, "return_token_ids": True}
+    for attempt in ("miss", "hit"):
+        got = smollm2_system.post("/v1/completions", body).json()
+        assert got["choices"][0]["token_ids"] == expected, attempt
+    assert got["usage"]["prompt_tokens_details"]["cached_tokens"] == (
+        min(length // 16 * 16, length - 1) if length >= 16 else 0)
