@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
-import signal
 import sys
-import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,6 +13,7 @@ import grpc
 from kvstore.client import KVStoreClient
 from kvstore.config import ClientConfig, MasterConfig, NodeConfig, parse_size
 from kvstore.errors import KVStoreError
+from pantry.serving import format_table, wait_for_signal, write_ready_file
 
 log = logging.getLogger("kvstore")
 
@@ -29,35 +26,6 @@ def _human(n: float) -> str:
     raise AssertionError("unreachable")
 
 
-def _table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    cells = [list(map(str, headers))] + [[str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-             for r in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def write_ready_file(path: str, address: str) -> None:
-    """Atomically publish {"address", "pid"}: a launcher polling the path never sees half."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    Path(tmp).write_text(json.dumps({"address": address, "pid": os.getpid()}))
-    os.replace(tmp, path)
-
-
-def _wait_for_signal() -> None:
-    stop = threading.Event()
-
-    def handler(signum: int, _frame: object) -> None:
-        log.info("received %s, shutting down", signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
-    while not stop.wait(3600):
-        pass
-
-
 def cmd_master(ns: argparse.Namespace) -> int:
     from kvstore.master_service import start_master
 
@@ -67,7 +35,7 @@ def cmd_master(ns: argparse.Namespace) -> int:
     srv = start_master(cfg)
     if ns.ready_file:
         write_ready_file(ns.ready_file, f"{ns.host}:{srv.port}")
-    _wait_for_signal()
+    wait_for_signal()
     srv.stop(grace=ns.grace)
     log.info("master stopped")
     return 0
@@ -85,7 +53,7 @@ def cmd_node(ns: argparse.Namespace) -> int:
     try:
         if ns.ready_file:
             write_ready_file(ns.ready_file, srv.address)
-        _wait_for_signal()
+        wait_for_signal()
     finally:
         srv.stop(grace=ns.grace)
     log.info("node stopped")
@@ -102,7 +70,7 @@ def cmd_status(ns: argparse.Namespace) -> int:
     rows = [(n.node.node_id, n.node.address, n.node.host_id, _human(n.capacity_bytes),
              _human(n.used_bytes), f"{100 * n.used_bytes / max(n.capacity_bytes, 1):.1f}%",
              n.objects, f"{n.heartbeat_age_s:.1f}s") for n in s.nodes]
-    print(_table(("NODE", "ADDRESS", "HOST", "CAPACITY", "USED", "USE%", "OBJECTS", "HB AGE"),
+    print(format_table(("NODE", "ADDRESS", "HOST", "CAPACITY", "USED", "USE%", "OBJECTS", "HB AGE"),
                  rows))
     print(f"\nnodes {len(s.nodes)}  capacity {_human(s.capacity_bytes)}  used "
           f"{_human(s.used_bytes)}  objects {s.objects}  puts {s.puts}  hits {s.hits}  "
@@ -115,7 +83,7 @@ def cmd_ls(ns: argparse.Namespace) -> int:
         objs, truncated = c.list_objects(ns.prefix, ns.limit)
     rows = [(o.location.key, o.location.node_id, o.location.offset, o.location.length,
              "sealed" if o.sealed else "pending", "yes" if o.leased else "") for o in objs]
-    print(_table(("KEY", "NODE", "OFFSET", "LENGTH", "STATE", "LEASED"), rows))
+    print(format_table(("KEY", "NODE", "OFFSET", "LENGTH", "STATE", "LEASED"), rows))
     if truncated:
         print(f"... more objects; raise --limit (now {ns.limit})")
     return 0

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from pantry.serving import write_ready_file
+from pantry.serving import format_table, write_ready_file
 
 log = logging.getLogger("pantry.local")
 
@@ -129,14 +129,13 @@ class LocalCluster:
         }
 
     def table(self) -> str:
-        rows = [("role", "pid", "address")]
-        rows += [(r.name, str(r.proc.pid if r.proc else "-"), r.address) for r in self.roles]
+        rows: list[tuple[str, str, str]] = [
+            (r.name, str(r.proc.pid if r.proc else "-"), r.address) for r in self.roles
+        ]
         con = next((r for r in self.roles if r.name == "conductor"), None)
         if con and con.info.get("http"):
             rows.append(("http api", "", f"http://{con.info['http']}/v1"))
-        widths = [max(len(row[i]) for row in rows) for i in range(3)]
-        return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True))
-                         for row in rows)
+        return format_table(("ROLE", "PID", "ADDRESS"), rows)
 
     def first_exited(self) -> Role | None:
         return next((r for r in self.roles if r.proc and r.proc.poll() is not None), None)

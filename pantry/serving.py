@@ -7,7 +7,7 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -29,6 +29,16 @@ def write_ready_file(path: str | Path | None, address: str, **extra: object) -> 
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps({"address": address, "pid": os.getpid(), **extra}))
     os.replace(tmp, path)
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """Aligned columns under a ruled header, for CLI state listings."""
+    cells = [list(map(str, headers))] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+             for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
 
 
 def wait_for_signal(on_stop: Callable[[], None] | None = None) -> int:
