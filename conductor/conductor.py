@@ -7,7 +7,6 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import replace
 
 from engine.detokenizer import IncrementalDetokenizer
 from engine.loader import load_tokenizer
@@ -17,7 +16,7 @@ from engine.tokenizer import Tokenizer
 from kvstore.client import KVStoreClient
 
 from .config import ConductorConfig
-from .engines import DecodeClient, PrefillClient
+from .engines import DecodeChunk, DecodeClient, PrefillClient
 from .metrics import TTFT_BUCKETS, Metrics
 from .requests import (
     GenerationEvent,
@@ -36,6 +35,11 @@ from .stop_strings import StopStringMatcher
 log = logging.getLogger(__name__)
 
 LOAD_POLL_S = 1.0
+
+
+async def _empty() -> AsyncIterator[DecodeChunk]:
+    return
+    yield
 
 
 class Conductor:
@@ -294,7 +298,6 @@ class Conductor:
         if dst is None:
             raise Unavailable("no decode engine is up")
         decoder: DecodeClient = dst.client  # type: ignore[assignment]
-        pending: list[int] = [] if first_token is None else [first_token]
         dst.inflight_requests += 1
         try:
             stream = decoder.decode(
@@ -302,12 +305,14 @@ class Conductor:
             )
             skip_first = first_token is not None
             # The prefill's first token goes out before decode has even pulled the blocks.
-            if pending:
+            if first_token is not None:
                 ttft = time.perf_counter() - start
-                generated.append(pending[0])
-                text = stops.push(detok.push(pending[0])) if detok else ""
-                yield TokensGenerated((pending[0],), text)
-            async for chunk in stream:
+                generated.append(first_token)
+                text = stops.push(detok.push(first_token)) if detok else ""
+                yield TokensGenerated((first_token,), text)
+                if stops.stopped:
+                    finish = "stop"  # decode is never called: its stream has not started
+            async for chunk in (_empty() if finish else stream):
                 if direct and chunk.pool_tokens:
                     cached = chunk.pool_tokens
                 new = list(chunk.token_ids)
@@ -355,6 +360,3 @@ class Conductor:
         up[(("engine", "kvstore"), ("role", "kvstore"))] = float(self.pool_up)
         gauges["pantry_role_up"] = ("1 when the role answered the last poll.", up)
         return self.metrics.render(gauges)
-
-    def with_request_id(self, req: GenerationRequest, request_id: str) -> GenerationRequest:
-        return replace(req, request_id=request_id)

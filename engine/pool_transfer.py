@@ -11,11 +11,13 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import grpc
 import torch
 import xxhash
 
 from kvstore.block_object import decode_block, encode_block
 from kvstore.client import KVStoreClient
+from kvstore.errors import KVStoreError
 from kvstore.hashing import BlockHasher, make_namespace
 
 from .kv_cache import PagedKVCache
@@ -85,10 +87,15 @@ class PoolTransfer:
         assert len(block_ids) >= len(keys)
         if not keys:
             return 0
-        match = self._client.match_prefix(list(keys))
-        if match.matched == 0:
+        try:
+            match = self._client.match_prefix(list(keys))
+            if match.matched == 0:
+                return 0
+            blobs = self._client.get_many(list(keys[: match.matched]))
+        except (grpc.RpcError, KVStoreError) as exc:
+            # The pool being unreachable costs speed, never an answer: compute instead.
+            log.warning("pool read failed, computing the prefix instead: %s", _reason(exc))
             return 0
-        blobs = self._client.get_many(list(keys[: match.matched]))
         loaded = 0
         for blob, block_id in zip(blobs, block_ids, strict=False):
             tensor = self._to_tensor(blob)
@@ -109,7 +116,11 @@ class PoolTransfer:
             payload = data.numpy().tobytes()
             blob = encode_block(self._fingerprint, self._dtype_name, self._shape, payload)
             items.append((key, blob))
-        stored = self._client.put_many(items)
+        try:
+            stored = self._client.put_many(items)
+        except (grpc.RpcError, KVStoreError) as exc:
+            log.warning("pool write failed, %d blocks not stored: %s", len(items), _reason(exc))
+            return 0
         return sum(stored)
 
     def _to_tensor(self, blob: bytes | None) -> torch.Tensor | None:
@@ -121,3 +132,9 @@ class PoolTransfer:
             return None
         flat = torch.frombuffer(bytearray(obj.payload), dtype=self._cache.k.dtype)
         return flat.view(self._shape)
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, grpc.RpcError):
+        return f"{exc.code().name}: {exc.details()}"  # type: ignore[attr-defined]
+    return str(exc)

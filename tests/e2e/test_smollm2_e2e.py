@@ -157,3 +157,18 @@ def test_token_prompts_across_block_boundaries(smollm2_system: LocalSystem, leng
         assert got["choices"][0]["token_ids"] == expected, attempt
     assert got["usage"]["prompt_tokens_details"]["cached_tokens"] == (
         min(length // 16 * 16, length - 1) if length >= 16 else 0)
+
+
+def test_stop_string_in_first_token_ends_before_decode(smollm2_system: LocalSystem) -> None:
+    messages = _conv("Say hello to the line cooks of the evening shift.")
+    first = smollm2_system.post("/v1/chat/completions", {
+        "messages": messages, "max_tokens": 1, "temperature": 0, "user": "probe"}).json()
+    head = first["choices"][0]["message"]["content"]
+    assert head
+    # A cold prompt: the first token comes from prefill, and it already contains the stop.
+    got = smollm2_system.post("/v1/chat/completions", {
+        "messages": messages, "max_tokens": 8, "temperature": 0, "stop": [head[-1]]}).json()
+    assert got["choices"][0]["finish_reason"] == "stop"
+    assert got["choices"][0]["message"]["content"] == head[:-1]
+    assert got["usage"]["completion_tokens"] == 1
+    assert got["usage"]["prefill_skipped"] is False
