@@ -95,6 +95,7 @@ def cmd_local(ns: argparse.Namespace) -> int:
         kv_cache_bytes=parse_size(ns.kv_cache_bytes),
         max_model_len=ns.max_model_len,
         served_model_name=ns.served_model_name,
+        max_concurrent_requests=ns.max_concurrent_requests,
         threads=ns.threads,
         ready_file=ns.ready_file,
         log_dir=ns.log_dir,
@@ -120,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     local.add_argument("--pool-bytes", default="1GiB", help="DRAM of the storage node")
     local.add_argument("--kv-cache-bytes", default="512MiB", help="paged KV cache per engine")
     local.add_argument("--max-model-len", type=int, default=0)
+    local.add_argument("--max-concurrent-requests", type=int, default=256)
     local.add_argument("--threads", type=int, default=0)
     local.add_argument("--ready-file", help="write the addresses here as JSON when serving")
     local.add_argument("--log-dir", help="one log file per role instead of this terminal")

@@ -32,6 +32,7 @@ class LocalOptions:
     kv_cache_bytes: int = 512 << 20
     max_model_len: int = 0
     served_model_name: str = ""
+    max_concurrent_requests: int = 256
     threads: int = 0
     ready_file: str | None = None
     log_dir: str | None = None
@@ -112,6 +113,7 @@ class LocalCluster:
             "-m", "pantry", "conductor", "--model", o.model, "--kv-master", master.address,
             "--prefill", prefill.address, "--decode", decode.address, "--host", o.host,
             "--http-port", str(o.http_port), "--grpc-port", str(o.grpc_port),
+            "--max-concurrent-requests", str(o.max_concurrent_requests),
             *(["--served-model-name", o.served_model_name] if o.served_model_name else []),
         ])
         self._wait_ready(conductor, deadline)
