@@ -14,9 +14,10 @@ from engine.pool_transfer import PoolAddressing
 from engine.role_core import EngineDescription
 from engine.tokenizer import Tokenizer
 from kvstore.client import KVStoreClient
+from kvstore.metadata import PoolStatus
 
 from .config import ConductorConfig
-from .engines import DecodeChunk, DecodeClient, PrefillClient
+from .engines import DecodeChunk, DecodeClient, PrefillClient, PrefillResult
 from .metrics import TTFT_BUCKETS, Metrics
 from .requests import (
     GenerationEvent,
@@ -35,6 +36,16 @@ from .stop_strings import StopStringMatcher
 log = logging.getLogger(__name__)
 
 LOAD_POLL_S = 1.0
+ENGINE_GAUGES = (
+    ("pantry_engine_waiting", "waiting"),
+    ("pantry_engine_running", "running"),
+    ("pantry_engine_free_blocks", "free_blocks"),
+    ("pantry_engine_total_blocks", "total_blocks"),
+    ("pantry_engine_requests", "requests_total"),
+    ("pantry_engine_computed_tokens", "computed_tokens_total"),
+    ("pantry_engine_pool_tokens", "pool_tokens_total"),
+    ("pantry_engine_busy_seconds", "busy_seconds_total"),
+)
 
 
 async def _empty() -> AsyncIterator[DecodeChunk]:
@@ -62,6 +73,7 @@ class Conductor:
         self.addressing = PoolAddressing(ref.fingerprint, ref.block_size, hash_seed=ref.hash_seed)
         self.scheduler: Scheduler[object] = Scheduler(config.ttft_slo_s)
         self.pool_up = True
+        self.pool_status: PoolStatus | None = None
         self._inflight = 0
         self._poller: asyncio.Task[None] | None = None
         self.metrics = Metrics()
@@ -142,7 +154,7 @@ class Conductor:
                 st.up = False
             up[f"{st.info.role}:{st.info.engine_id}"] = st.up
         try:
-            await asyncio.to_thread(self.pool.status)
+            self.pool_status = await asyncio.to_thread(self.pool.status)
             self.pool_up = True
         except Exception:
             self.pool_up = False
@@ -263,35 +275,16 @@ class Conductor:
         cached = 0
         ttft = 0.0
         finish = ""
+        fallback = False
         if not direct:
-            placement = self.scheduler.choose_prefill(
-                self.prefills,  # type: ignore[arg-type]
-                uncached=len(prompt) - matched * self.info.block_size,
-                cached_blocks=matched,
-            )
-            if placement is None:
-                raise Unavailable("no prefill engine is up")
-            if self.scheduler.misses_slo(placement):
-                self.metrics.inc("pantry_request_errors_total", kind="slo")
-                raise Overloaded(
-                    f"predicted TTFT {placement.predicted_ttft_s:.2f}s exceeds the SLO "
-                    f"{self.config.ttft_slo_s:.2f}s; retry later"
-                )
-            st = placement.engine
-            client: PrefillClient = st.client  # type: ignore[assignment]
-            st.inflight_tokens += len(prompt)
-            st.inflight_requests += 1
-            t0 = time.perf_counter()
-            try:
-                result = await client.prefill(
-                    req.request_id, prompt, req.tenant, sampling, max_tokens
-                )
-            finally:
-                st.inflight_tokens -= len(prompt)
-                st.inflight_requests -= 1
-            self.scheduler.observe_prefill(st, result.computed_tokens, time.perf_counter() - t0)
-            first_token = result.first_token
-            cached = result.pool_tokens
+            result = await self._prefill(req, prompt, matched, max_tokens)
+            if result is None:
+                # No prefill engine could take it: decode computes the prompt itself, in chunks
+                # between its decode steps. Slower first token, same answer.
+                direct = fallback = True
+            else:
+                first_token = result.first_token
+                cached = result.pool_tokens
         dst = self.scheduler.choose_decode(
             self.decodes, len(prompt) + max_tokens  # type: ignore[arg-type]
         )
@@ -341,7 +334,8 @@ class Conductor:
             ttft_s=ttft,
             prefill_skipped=direct,
         )
-        route = "decode_direct" if direct else "prefill_then_decode"
+        route = "decode_fallback" if fallback else (
+            "decode_direct" if direct else "prefill_then_decode")
         m = self.metrics
         m.inc("pantry_requests_total", route=route, finish=finish or "unknown")
         m.inc("pantry_prompt_tokens_total", len(prompt))
@@ -350,13 +344,71 @@ class Conductor:
         m.observe("pantry_ttft_seconds", ttft, route=route)
         yield GenerationFinished(finish or "stop", stops.flush(), usage)
 
+    async def _prefill(
+        self, req: GenerationRequest, prompt: tuple[int, ...], matched: int, max_tokens: int
+    ) -> PrefillResult | None:
+        """Runs the prompt on the prefill engine with the lowest predicted TTFT; None when no
+        prefill engine is up or the chosen one failed."""
+        placement = self.scheduler.choose_prefill(
+            self.prefills,  # type: ignore[arg-type]
+            uncached=len(prompt) - matched * self.info.block_size,
+            cached_blocks=matched,
+        )
+        if placement is None:
+            log.warning("%s: no prefill engine is up; decode computes the prompt", req.request_id)
+            return None
+        if self.scheduler.misses_slo(placement):
+            self.metrics.inc("pantry_request_errors_total", kind="slo")
+            raise Overloaded(
+                f"predicted TTFT {placement.predicted_ttft_s:.2f}s exceeds the SLO "
+                f"{self.config.ttft_slo_s:.2f}s; retry later"
+            )
+        st = placement.engine
+        client: PrefillClient = st.client  # type: ignore[assignment]
+        st.inflight_tokens += len(prompt)
+        st.inflight_requests += 1
+        t0 = time.perf_counter()
+        try:
+            result = await client.prefill(req.request_id, prompt, req.tenant, req.sampling,
+                                          max_tokens)
+        except Unavailable as exc:
+            st.up = False  # until the next poll says otherwise
+            log.warning("%s: %s; decode computes the prompt", req.request_id, exc)
+            return None
+        finally:
+            st.inflight_tokens -= len(prompt)
+            st.inflight_requests -= 1
+        self.scheduler.observe_prefill(st, result.computed_tokens, time.perf_counter() - t0)
+        return result
+
     def metrics_text(self) -> str:
-        gauges: dict[str, tuple[str, dict[tuple[tuple[str, str], ...], float]]] = {
-            "pantry_inflight_requests": ("Requests being served.", {(): float(self._inflight)}),
-        }
-        up: dict[tuple[tuple[str, str], ...], float] = {}
+        """The conductor's own series plus what it last polled from every role, so one scrape
+        shows the whole system."""
+        Series = dict[tuple[tuple[str, str], ...], float]
+        up: Series = {}
+        engine_series: dict[str, Series] = {name: {} for name, _ in ENGINE_GAUGES}
         for st in [*self.prefills, *self.decodes]:
-            up[(("engine", st.info.engine_id), ("role", st.info.role))] = float(st.up)  # type: ignore[attr-defined]
+            labels = (("engine", st.info.engine_id), ("role", st.info.role))  # type: ignore[attr-defined]
+            up[labels] = float(st.up)  # type: ignore[attr-defined]
+            load = st.load  # type: ignore[attr-defined]
+            if load is not None:
+                for name, field in ENGINE_GAUGES:
+                    engine_series[name][labels] = float(getattr(load, field))
         up[(("engine", "kvstore"), ("role", "kvstore"))] = float(self.pool_up)
-        gauges["pantry_role_up"] = ("1 when the role answered the last poll.", up)
+        gauges: dict[str, tuple[str, Series]] = {
+            "pantry_inflight_requests": ("Requests being served.", {(): float(self._inflight)}),
+            "pantry_role_up": ("1 when the role answered the last poll.", up),
+        }
+        for name, field in ENGINE_GAUGES:
+            gauges[name] = (f"Engine {field.replace('_', ' ')}, as last polled.",
+                            engine_series[name])
+        pool = self.pool_status
+        if pool is not None:
+            for name, value in (("pantry_pool_capacity_bytes", pool.capacity_bytes),
+                                ("pantry_pool_used_bytes", pool.used_bytes),
+                                ("pantry_pool_objects", pool.objects),
+                                ("pantry_pool_hits", pool.hits),
+                                ("pantry_pool_misses", pool.misses),
+                                ("pantry_pool_evictions", pool.evictions)):
+                gauges[name] = ("KV pool, from the master's last status.", {(): float(value)})
         return self.metrics.render(gauges)

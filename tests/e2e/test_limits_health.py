@@ -65,3 +65,35 @@ def test_health_follows_the_roles(limited_system: LocalSystem) -> None:
     assert httpx.get(url, timeout=30).status_code == 200
     assert limited_system.post("/v1/completions", {"prompt": PROMPT, "max_tokens": 3,
                                                    "temperature": 0}).status_code == 200
+
+
+def test_prefill_down_decode_computes_the_prompt(limited_system: LocalSystem) -> None:
+    body = {"prompt": list(range(100, 160)), "max_tokens": 6, "temperature": 0,
+            "ignore_eos": True, "return_token_ids": True}
+    expected = limited_system.post("/v1/completions", {**body, "user": "a"}).json()
+    assert expected["usage"]["prefill_skipped"] is False
+    prefill_pid = limited_system.role("prefill")["pid"]
+    os.kill(prefill_pid, signal.SIGSTOP)
+    try:
+        roles = httpx.get(limited_system.http + "/health", timeout=30).json()["roles"]
+        assert roles["prefill:prefill-0"] is False
+        got = limited_system.post("/v1/completions", {**body, "user": "b"}).json()
+    finally:
+        os.kill(prefill_pid, signal.SIGCONT)
+    assert got["choices"][0]["token_ids"] == expected["choices"][0]["token_ids"]
+    assert got["usage"]["prefill_skipped"] is True
+    assert got["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    metrics = httpx.get(limited_system.http + "/metrics", timeout=10).text
+    assert 'route="decode_fallback"' in metrics
+
+
+def test_metrics_show_every_role(limited_system: LocalSystem) -> None:
+    limited_system.post("/v1/completions", {"prompt": PROMPT, "max_tokens": 2})
+    httpx.get(limited_system.http + "/health", timeout=30)  # a fresh poll of every role
+    metrics = httpx.get(limited_system.http + "/metrics", timeout=10).text
+    lines = dict(line.rsplit(" ", 1) for line in metrics.splitlines()
+                 if line and not line.startswith("#"))
+    assert float(lines['pantry_engine_total_blocks{engine="decode-0",role="decode"}']) > 0
+    assert float(lines['pantry_engine_requests{engine="prefill-0",role="prefill"}']) >= 1
+    assert float(lines["pantry_pool_objects"]) >= 2
+    assert float(lines["pantry_pool_capacity_bytes"]) == 64 * 2**20
