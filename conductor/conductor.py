@@ -13,11 +13,10 @@ from engine.loader import load_tokenizer
 from engine.pool_transfer import PoolAddressing
 from engine.role_core import EngineDescription
 from engine.tokenizer import Tokenizer
-from kvstore.client import KVStoreClient
-from kvstore.metadata import PoolStatus
 
 from .config import ConductorConfig
 from .engines import DecodeChunk, DecodeClient, PrefillClient, PrefillResult
+from .fleet import Fleet
 from .metrics import TTFT_BUCKETS, Metrics
 from .requests import (
     GenerationEvent,
@@ -30,23 +29,10 @@ from .requests import (
     Unavailable,
     Usage,
 )
-from .scheduler import EngineState, Scheduler
+from .scheduler import Scheduler
 from .stop_strings import StopStringMatcher
 
 log = logging.getLogger(__name__)
-
-LOAD_POLL_S = 1.0
-ENGINE_GAUGES = (
-    ("pantry_engine_waiting", "waiting"),
-    ("pantry_engine_running", "running"),
-    ("pantry_engine_free_blocks", "free_blocks"),
-    ("pantry_engine_total_blocks", "total_blocks"),
-    ("pantry_engine_requests", "requests_total"),
-    ("pantry_engine_computed_tokens", "computed_tokens_total"),
-    ("pantry_engine_pool_tokens", "pool_tokens_total"),
-    ("pantry_engine_busy_seconds", "busy_seconds_total"),
-)
-
 
 async def _empty() -> AsyncIterator[DecodeChunk]:
     return
@@ -54,26 +40,15 @@ async def _empty() -> AsyncIterator[DecodeChunk]:
 
 
 class Conductor:
-    def __init__(
-        self,
-        config: ConductorConfig,
-        tokenizer: Tokenizer | None,
-        prefills: list[EngineState[PrefillClient]],
-        decodes: list[EngineState[DecodeClient]],
-        pool: KVStoreClient,
-    ) -> None:
+    def __init__(self, config: ConductorConfig, tokenizer: Tokenizer | None, fleet: Fleet) -> None:
         self.config = config
         self.tokenizer = tokenizer
-        self.prefills = prefills
-        self.decodes = decodes
-        self.pool = pool
-        ref = prefills[0].info
+        self.fleet = fleet
+        ref = fleet.reference
         self.info: EngineDescription = ref
         self.model_id = config.served_model_name or ref.model_id
         self.addressing = PoolAddressing(ref.fingerprint, ref.block_size, hash_seed=ref.hash_seed)
         self.scheduler: Scheduler[object] = Scheduler(config.ttft_slo_s)
-        self.pool_up = True
-        self.pool_status: PoolStatus | None = None
         self._inflight = 0
         self._poller: asyncio.Task[None] | None = None
         self.metrics = Metrics()
@@ -88,41 +63,10 @@ class Conductor:
     # ---- life cycle ---------------------------------------------------------------------
     @classmethod
     async def connect(cls, config: ConductorConfig, wait_s: float = 120.0) -> Conductor:
-        prefills = [PrefillClient(a, config.engine_timeout_s) for a in config.prefill]
-        decodes = [DecodeClient(a, config.engine_timeout_s) for a in config.decode]
-        deadline = time.monotonic() + wait_s
-
-        async def info_of(client: PrefillClient | DecodeClient) -> EngineDescription:
-            while True:
-                try:
-                    return await client.info()
-                except Exception as exc:
-                    if time.monotonic() > deadline:
-                        raise Unavailable(f"engine {client.address} did not answer: {exc}") from exc
-                    await asyncio.sleep(0.2)
-
-        p_infos = [await info_of(c) for c in prefills]
-        d_infos = [await info_of(c) for c in decodes]
-        ref = p_infos[0]
-        clients: list[PrefillClient | DecodeClient] = [*prefills, *decodes]
-        for client, info in zip(clients, p_infos + d_infos, strict=True):
-            if (info.fingerprint, info.block_size, info.hash_seed) != (
-                ref.fingerprint, ref.block_size, ref.hash_seed
-            ):
-                raise Unavailable(
-                    f"engine {client.address} serves another model or KV layout than "
-                    f"{prefills[0].address}; start every engine with the same model and block size"
-                )
+        fleet = await Fleet.connect(config, wait_s)
         tokenizer = await asyncio.to_thread(load_tokenizer, config.model)
-        pool = await asyncio.to_thread(KVStoreClient, config.kv_master)
-        conductor = cls(
-            config,
-            tokenizer,
-            [EngineState(c, i) for c, i in zip(prefills, p_infos, strict=True)],
-            [EngineState(c, i) for c, i in zip(decodes, d_infos, strict=True)],
-            pool,
-        )
-        conductor._poller = asyncio.create_task(conductor._poll_loads())
+        conductor = cls(config, tokenizer, fleet)
+        conductor._poller = asyncio.create_task(fleet.poll_forever())
         return conductor
 
     async def close(self) -> None:
@@ -130,36 +74,7 @@ class Conductor:
             self._poller.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._poller
-        for p in self.prefills:
-            await p.client.close()
-        for d in self.decodes:
-            await d.client.close()
-        self.pool.close()
-
-    async def _poll_loads(self) -> None:
-        while True:
-            await self.refresh_loads()
-            await asyncio.sleep(LOAD_POLL_S)
-
-    async def refresh_loads(self) -> dict[str, bool]:
-        up: dict[str, bool] = {}
-        engines: list[EngineState[PrefillClient] | EngineState[DecodeClient]] = [
-            *self.prefills, *self.decodes
-        ]
-        for st in engines:
-            try:
-                st.load = await st.client.load()
-                st.up = True
-            except Exception:
-                st.up = False
-            up[f"{st.info.role}:{st.info.engine_id}"] = st.up
-        try:
-            self.pool_status = await asyncio.to_thread(self.pool.status)
-            self.pool_up = True
-        except Exception:
-            self.pool_up = False
-        up["kvstore"] = self.pool_up
-        return up
+        await self.fleet.close()
 
     # ---- requests -----------------------------------------------------------------------
     def tokenize(self, req: GenerationRequest) -> tuple[int, ...]:
@@ -252,7 +167,7 @@ class Conductor:
         if not keys:
             return 0
         try:
-            match = await asyncio.to_thread(self.pool.match_prefix, keys)
+            match = await asyncio.to_thread(self.fleet.pool.match_prefix, keys)
         except Exception as exc:  # the pool being down costs speed, never correctness
             log.warning("match_prefix failed, treating as a miss: %s", exc)
             return 0
@@ -286,7 +201,7 @@ class Conductor:
                 first_token = result.first_token
                 cached = result.pool_tokens
         dst = self.scheduler.choose_decode(
-            self.decodes, len(prompt) + max_tokens  # type: ignore[arg-type]
+            self.fleet.decodes, len(prompt) + max_tokens  # type: ignore[arg-type]
         )
         if dst is None:
             raise Unavailable("no decode engine is up")
@@ -350,7 +265,7 @@ class Conductor:
         """Runs the prompt on the prefill engine with the lowest predicted TTFT; None when no
         prefill engine is up or the chosen one failed."""
         placement = self.scheduler.choose_prefill(
-            self.prefills,  # type: ignore[arg-type]
+            self.fleet.prefills,  # type: ignore[arg-type]
             uncached=len(prompt) - matched * self.info.block_size,
             cached_blocks=matched,
         )
@@ -384,31 +299,7 @@ class Conductor:
     def metrics_text(self) -> str:
         """The conductor's own series plus what it last polled from every role, so one scrape
         shows the whole system."""
-        Series = dict[tuple[tuple[str, str], ...], float]
-        up: Series = {}
-        engine_series: dict[str, Series] = {name: {} for name, _ in ENGINE_GAUGES}
-        for st in [*self.prefills, *self.decodes]:
-            labels = (("engine", st.info.engine_id), ("role", st.info.role))  # type: ignore[attr-defined]
-            up[labels] = float(st.up)  # type: ignore[attr-defined]
-            load = st.load  # type: ignore[attr-defined]
-            if load is not None:
-                for name, field in ENGINE_GAUGES:
-                    engine_series[name][labels] = float(getattr(load, field))
-        up[(("engine", "kvstore"), ("role", "kvstore"))] = float(self.pool_up)
-        gauges: dict[str, tuple[str, Series]] = {
-            "pantry_inflight_requests": ("Requests being served.", {(): float(self._inflight)}),
-            "pantry_role_up": ("1 when the role answered the last poll.", up),
-        }
-        for name, field in ENGINE_GAUGES:
-            gauges[name] = (f"Engine {field.replace('_', ' ')}, as last polled.",
-                            engine_series[name])
-        pool = self.pool_status
-        if pool is not None:
-            for name, value in (("pantry_pool_capacity_bytes", pool.capacity_bytes),
-                                ("pantry_pool_used_bytes", pool.used_bytes),
-                                ("pantry_pool_objects", pool.objects),
-                                ("pantry_pool_hits", pool.hits),
-                                ("pantry_pool_misses", pool.misses),
-                                ("pantry_pool_evictions", pool.evictions)):
-                gauges[name] = ("KV pool, from the master's last status.", {(): float(value)})
+        gauges = self.fleet.gauges()
+        gauges["pantry_inflight_requests"] = ("Requests being served.",
+                                              {(): float(self._inflight)})
         return self.metrics.render(gauges)

@@ -166,7 +166,7 @@ async def models(request: web.Request) -> web.Response:
 
 
 async def health(request: web.Request) -> web.Response:
-    roles = await request.app[CONDUCTOR_KEY].refresh_loads()
+    roles = await request.app[CONDUCTOR_KEY].fleet.refresh()
     ok = all(roles.values())
     return web.json_response(
         {"status": "ok" if ok else "degraded", "roles": roles}, status=200 if ok else 503

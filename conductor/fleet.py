@@ -1,0 +1,147 @@
+"""The roles a conductor serves through: engine clients, their last reported load, the pool."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from engine.role_core import EngineDescription
+from kvstore.client import KVStoreClient
+from kvstore.metadata import PoolStatus
+
+from .config import ConductorConfig
+from .engines import DecodeClient, PrefillClient
+from .requests import Unavailable
+from .scheduler import EngineState
+
+LOAD_POLL_S = 1.0
+ENGINE_GAUGES = (
+    ("pantry_engine_waiting", "waiting"),
+    ("pantry_engine_running", "running"),
+    ("pantry_engine_free_blocks", "free_blocks"),
+    ("pantry_engine_total_blocks", "total_blocks"),
+    ("pantry_engine_requests", "requests_total"),
+    ("pantry_engine_computed_tokens", "computed_tokens_total"),
+    ("pantry_engine_pool_tokens", "pool_tokens_total"),
+    ("pantry_engine_busy_seconds", "busy_seconds_total"),
+)
+
+Series = dict[tuple[tuple[str, str], ...], float]
+
+
+class Fleet:
+    def __init__(
+        self,
+        prefills: list[EngineState[PrefillClient]],
+        decodes: list[EngineState[DecodeClient]],
+        pool: KVStoreClient,
+    ) -> None:
+        assert prefills and decodes
+        self.prefills = prefills
+        self.decodes = decodes
+        self.pool = pool
+        self.pool_up = True
+        self.pool_status: PoolStatus | None = None
+
+    @property
+    def reference(self) -> EngineDescription:
+        return self.prefills[0].info
+
+    @classmethod
+    async def connect(cls, config: ConductorConfig, wait_s: float) -> Fleet:
+        """Waits for every engine to describe itself and checks they all share one KV layout:
+        mixing layouts would make blocks written by one unreadable (or wrong) for another."""
+        prefills = [PrefillClient(a, config.engine_timeout_s) for a in config.prefill]
+        decodes = [DecodeClient(a, config.engine_timeout_s) for a in config.decode]
+        deadline = time.monotonic() + wait_s
+
+        async def info_of(client: PrefillClient | DecodeClient) -> EngineDescription:
+            while True:
+                try:
+                    return await client.info()
+                except Exception as exc:
+                    if time.monotonic() > deadline:
+                        raise Unavailable(f"engine {client.address} did not answer: {exc}") from exc
+                    await asyncio.sleep(0.2)
+
+        p_infos = [await info_of(c) for c in prefills]
+        d_infos = [await info_of(c) for c in decodes]
+        ref = p_infos[0]
+        clients: list[PrefillClient | DecodeClient] = [*prefills, *decodes]
+        for client, info in zip(clients, p_infos + d_infos, strict=True):
+            if (info.fingerprint, info.block_size, info.hash_seed) != (
+                ref.fingerprint, ref.block_size, ref.hash_seed
+            ):
+                raise Unavailable(
+                    f"engine {client.address} serves another model or KV layout than "
+                    f"{prefills[0].address}; start every engine with the same model and block size"
+                )
+        pool = await asyncio.to_thread(KVStoreClient, config.kv_master)
+        return cls(
+            [EngineState(c, i) for c, i in zip(prefills, p_infos, strict=True)],
+            [EngineState(c, i) for c, i in zip(decodes, d_infos, strict=True)],
+            pool,
+        )
+
+    async def close(self) -> None:
+        for p in self.prefills:
+            await p.client.close()
+        for d in self.decodes:
+            await d.client.close()
+        self.pool.close()
+
+    async def poll_forever(self) -> None:
+        while True:
+            await self.refresh()
+            await asyncio.sleep(LOAD_POLL_S)
+
+    async def refresh(self) -> dict[str, bool]:
+        """Asks every role for its load; returns which answered."""
+        up: dict[str, bool] = {}
+        engines: list[EngineState[PrefillClient] | EngineState[DecodeClient]] = [
+            *self.prefills, *self.decodes
+        ]
+        for st in engines:
+            try:
+                st.load = await st.client.load()
+                st.up = True
+            except Exception:
+                st.up = False
+            up[f"{st.info.role}:{st.info.engine_id}"] = st.up
+        try:
+            self.pool_status = await asyncio.to_thread(self.pool.status)
+            self.pool_up = True
+        except Exception:
+            self.pool_up = False
+        up["kvstore"] = self.pool_up
+        return up
+
+    def gauges(self) -> dict[str, tuple[str, Series]]:
+        up: Series = {}
+        engine_series: dict[str, Series] = {name: {} for name, _ in ENGINE_GAUGES}
+        engines: list[EngineState[PrefillClient] | EngineState[DecodeClient]] = [
+            *self.prefills, *self.decodes
+        ]
+        for st in engines:
+            labels = (("engine", st.info.engine_id), ("role", st.info.role))
+            up[labels] = float(st.up)
+            if st.load is not None:
+                for name, field in ENGINE_GAUGES:
+                    engine_series[name][labels] = float(getattr(st.load, field))
+        up[(("engine", "kvstore"), ("role", "kvstore"))] = float(self.pool_up)
+        gauges: dict[str, tuple[str, Series]] = {
+            "pantry_role_up": ("1 when the role answered the last poll.", up),
+        }
+        for name, field in ENGINE_GAUGES:
+            gauges[name] = (f"Engine {field.replace('_', ' ')}, as last polled.",
+                            engine_series[name])
+        pool = self.pool_status
+        if pool is not None:
+            for name, value in (("pantry_pool_capacity_bytes", pool.capacity_bytes),
+                                ("pantry_pool_used_bytes", pool.used_bytes),
+                                ("pantry_pool_objects", pool.objects),
+                                ("pantry_pool_hits", pool.hits),
+                                ("pantry_pool_misses", pool.misses),
+                                ("pantry_pool_evictions", pool.evictions)):
+                gauges[name] = ("KV pool, from the master's last status.", {(): float(value)})
+        return gauges
