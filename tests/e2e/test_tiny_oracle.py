@@ -112,3 +112,24 @@ def test_concurrent_requests_each_match_transformers(llama_system: LocalSystem,
         results = list(pool.map(lambda ids: llama_system.complete(ids, NEW_TOKENS), prompts))
     for ids, res in zip(prompts, results, strict=True):
         assert res["choices"][0]["token_ids"] == hf_greedy(tiny_dirs["llama"], ids, NEW_TOKENS)
+
+
+def test_tenants_never_share_cached_kv(llama_system: LocalSystem) -> None:
+    ids = prompt(2 * BLOCK + 3, seed=600)
+    first = llama_system.complete(ids, 3, user="tenant-a")
+    again = llama_system.complete(ids, 3, user="tenant-a")
+    other = llama_system.complete(ids, 3, user="tenant-b")
+    assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == 2 * BLOCK
+    assert other["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    assert first["choices"][0]["token_ids"] == other["choices"][0]["token_ids"]
+
+
+def test_seeded_sampling_is_the_same_on_miss_and_hit(llama_system: LocalSystem) -> None:
+    ids = prompt(3 * BLOCK + 1, seed=700)
+    sampled = {"temperature": 1.0, "top_p": 0.95, "top_k": 50}
+    miss = llama_system.complete(ids, 16, seed=1234, **sampled)
+    hit = llama_system.complete(ids, 16, seed=1234, **sampled)
+    other = llama_system.complete(ids, 16, seed=99, **sampled)
+    assert miss["usage"]["prefill_skipped"] is False and hit["usage"]["prefill_skipped"] is True
+    assert hit["choices"][0]["token_ids"] == miss["choices"][0]["token_ids"]
+    assert other["choices"][0]["token_ids"] != miss["choices"][0]["token_ids"]
