@@ -117,7 +117,7 @@ class Conductor:
         room = limit - prompt_len
         asked = req.sampling.max_tokens
         if asked is None:
-            return min(self.config.default_max_tokens, room)
+            return min(req.default_max_tokens or self.config.default_max_tokens, room)
         if asked < 1:
             raise InvalidRequest("max_tokens", f"must be at least 1, got {asked}")
         if asked > room:

@@ -10,6 +10,8 @@ from typing import Any
 from .requests import ChatMessage, GenerationRequest, InvalidRequest, Sampling, Usage
 
 MAX_STOP_STRINGS = 16
+# OpenAI's documented default for /v1/completions; chat has none, so the server's applies.
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 
 
 def _number(body: Mapping[str, Any], name: str, default: float) -> float:
@@ -126,6 +128,7 @@ def parse_completion(body: Mapping[str, Any]) -> GenerationRequest:
         sampling=parse_sampling(body, ("max_tokens",)),
         tenant=_tenant(body),
         prompt_field="prompt",
+        default_max_tokens=COMPLETIONS_DEFAULT_MAX_TOKENS,
     )
 
 

@@ -50,6 +50,7 @@ class GenerationRequest:
     sampling: Sampling = field(default_factory=Sampling)
     tenant: str = ""
     prompt_field: str = "prompt"            # how the API names the prompt, for error messages
+    default_max_tokens: int | None = None   # the API's own default; None = the server's
 
 
 @dataclass(frozen=True)

@@ -256,3 +256,10 @@ def test_chat_n_stop_and_seed_are_checked_too() -> None:
     assert refused_field(parse_chat, {"messages": msgs, "seed": -5}) == "seed"
     req = parse_chat({"messages": msgs, "stop": "x", "seed": 3, "user": "t"})
     assert (req.sampling.stop, req.sampling.seed, req.tenant) == (("x",), 3, "t")
+
+
+def test_completions_default_to_openais_16_tokens_chat_to_the_servers() -> None:
+    from conductor.openai_protocol import parse_chat, parse_completion
+
+    assert parse_completion({"prompt": "hi"}).default_max_tokens == 16
+    assert parse_chat({"messages": [{"role": "user", "content": "hi"}]}).default_max_tokens is None

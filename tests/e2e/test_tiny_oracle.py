@@ -133,3 +133,9 @@ def test_seeded_sampling_is_the_same_on_miss_and_hit(llama_system: LocalSystem) 
     assert miss["usage"]["prefill_skipped"] is False and hit["usage"]["prefill_skipped"] is True
     assert hit["choices"][0]["token_ids"] == miss["choices"][0]["token_ids"]
     assert other["choices"][0]["token_ids"] != miss["choices"][0]["token_ids"]
+
+
+def test_completion_without_max_tokens_gives_openais_default(llama_system: LocalSystem) -> None:
+    resp = llama_system.post("/v1/completions", {"prompt": prompt(10, seed=800),
+                                                 "temperature": 0, "ignore_eos": True})
+    assert resp.json()["usage"]["completion_tokens"] == 16
