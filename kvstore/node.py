@@ -18,8 +18,11 @@ from proto.pantry.v1 import kvstore_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 
-def segment_path(config: NodeConfig) -> str:
-    return os.path.join(config.shm_dir, f"pantry-kv-{config.node_id}-{os.getpid()}")
+def segment_path(config: NodeConfig, pid: int | None = None) -> str:
+    """Where node `config.node_id` running as `pid` (default: this process) keeps its DRAM
+    segment; a supervisor uses it to clean up after a node that could not."""
+    pid = os.getpid() if pid is None else pid
+    return os.path.join(config.shm_dir, f"pantry-kv-{config.node_id}-{pid}")
 
 
 class StorageNode:

@@ -19,6 +19,7 @@ log = logging.getLogger("pantry.local")
 
 START_TIMEOUT_S = 300.0
 STOP_TIMEOUT_S = 15.0
+NODE_ID = "node-0"
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,7 @@ class LocalCluster:
                                            "--port", "0"])
         self._wait_ready(master, deadline)
         node = self._start("kv-node", ["-m", "kvstore", "node", "--master", master.address,
-                                       "--host", o.host, "--port", "0", "--node-id", "node-0",
+                                       "--host", o.host, "--port", "0", "--node-id", NODE_ID,
                                        "--dram-bytes", str(o.pool_bytes)])
         self._wait_ready(node, deadline)
         engine_args = ["--model", o.model, "--kv-master", master.address, "--host", o.host,
@@ -159,6 +160,21 @@ class LocalCluster:
                 role.proc.wait()
             if role.log_file:
                 role.log_file.close()
+        self._remove_orphan_segment()
+
+    def _remove_orphan_segment(self) -> None:
+        """A node that was killed could not unlink its segment; its memory would stay taken."""
+        from kvstore.config import NodeConfig
+        from kvstore.node import segment_path
+
+        node = next((r for r in self.roles if r.name == "kv-node"), None)
+        if node is None or node.proc is None:
+            return
+        cfg = NodeConfig(master_address="-", node_id=NODE_ID)
+        path = Path(segment_path(cfg, pid=node.proc.pid))
+        if path.exists():
+            log.warning("kv-node left %s behind; removing it", path)
+            path.unlink(missing_ok=True)
 
 
 def run_local(options: LocalOptions) -> int:
