@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 
 from engine.detokenizer import IncrementalDetokenizer
 from engine.loader import load_tokenizer
@@ -134,7 +134,7 @@ class Conductor:
                 "model", f"'{req.model}' is not served here; use '{self.model_id}' (/v1/models)"
             )
 
-    async def generate(self, req: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+    async def generate(self, req: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]:
         """Yields PromptAccepted, then TokensGenerated events, then GenerationFinished.
         Raises InvalidRequest / Overloaded / Unavailable before or while streaming."""
         try:

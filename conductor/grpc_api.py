@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from proto.pantry.v1 import generation_pb2, generation_pb2_grpc
 from .conductor import Conductor
 from .requests import (
     ChatMessage,
-    GenerationFinished,
+    GenerationEvent,
     GenerationRequest,
     InvalidRequest,
     Overloaded,
@@ -74,6 +75,30 @@ def request_from_proto(msg: generation_pb2.GenerateRequest) -> GenerationRequest
     )
 
 
+def event_to_proto(request_id: str, event: GenerationEvent) -> generation_pb2.GenerateResponse:
+    if isinstance(event, PromptAccepted):
+        return generation_pb2.GenerateResponse(
+            request_id=request_id, prompt_token_ids=list(event.prompt_token_ids)
+        )
+    if isinstance(event, TokensGenerated):
+        return generation_pb2.GenerateResponse(
+            request_id=request_id, token_ids=list(event.token_ids), text=event.text
+        )
+    u = event.usage
+    return generation_pb2.GenerateResponse(
+        request_id=request_id,
+        text=event.text,
+        finish_reason=event.finish_reason,
+        usage=generation_pb2.Usage(
+            prompt_tokens=u.prompt_tokens,
+            completion_tokens=u.completion_tokens,
+            cached_tokens=u.cached_tokens,
+            ttft_ms=u.ttft_s * 1000,
+            prefill_skipped=u.prefill_skipped,
+        ),
+    )
+
+
 class GenerationServicer(generation_pb2_grpc.GenerationServicer):
     def __init__(self, conductor: Conductor) -> None:
         self.conductor = conductor
@@ -90,30 +115,10 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             return
         try:
             req = request_from_proto(request)
-            async for event in self.conductor.generate(req):
-                if isinstance(event, PromptAccepted):
-                    yield generation_pb2.GenerateResponse(
-                        request_id=req.request_id, prompt_token_ids=list(event.prompt_token_ids)
-                    )
-                elif isinstance(event, TokensGenerated):
-                    yield generation_pb2.GenerateResponse(
-                        request_id=req.request_id, token_ids=list(event.token_ids),
-                        text=event.text,
-                    )
-                elif isinstance(event, GenerationFinished):
-                    u = event.usage
-                    yield generation_pb2.GenerateResponse(
-                        request_id=req.request_id,
-                        text=event.text,
-                        finish_reason=event.finish_reason,
-                        usage=generation_pb2.Usage(
-                            prompt_tokens=u.prompt_tokens,
-                            completion_tokens=u.completion_tokens,
-                            cached_tokens=u.cached_tokens,
-                            ttft_ms=u.ttft_s * 1000,
-                            prefill_skipped=u.prefill_skipped,
-                        ),
-                    )
+            events = self.conductor.generate(req)
+            async with contextlib.aclosing(events):
+                async for event in events:
+                    yield event_to_proto(req.request_id, event)
         except InvalidRequest as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except Overloaded as exc:

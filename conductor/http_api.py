@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import Callable
@@ -72,8 +73,19 @@ async def _serve(
     obj = "chat.completion" if chat else "text_completion"
     base = {"id": req.request_id, "created": now(), "model": conductor.model_id}
     prompt_ids = list(first.prompt_token_ids)
-    if stream:
-        return await _stream(request, events, base, obj, chat, include_usage, want_ids, prompt_ids)
+    # Closing the generator right away (also when the client hangs up mid-stream) cancels the
+    # decode stream, so the engine frees the sequence's blocks now, not at garbage collection.
+    async with contextlib.aclosing(events):
+        if stream:
+            return await _stream(request, events, base, obj, chat, include_usage, want_ids,
+                                 prompt_ids)
+        return await _collect(events, base, obj, chat, want_ids, prompt_ids)
+
+
+async def _collect(
+    events: Any, base: dict[str, Any], obj: str, chat: bool, want_ids: bool,
+    prompt_ids: list[int],
+) -> web.Response:
     texts: list[str] = []
     ids: list[int] = []
     try:

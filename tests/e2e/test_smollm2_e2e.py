@@ -172,3 +172,29 @@ def test_stop_string_in_first_token_ends_before_decode(smollm2_system: LocalSyst
     assert got["choices"][0]["message"]["content"] == head[:-1]
     assert got["usage"]["completion_tokens"] == 1
     assert got["usage"]["prefill_skipped"] is False
+
+
+def test_client_hanging_up_frees_the_sequence(smollm2_system: LocalSystem) -> None:
+    import time
+
+    import grpc
+    import httpx
+
+    from proto.pantry.v1 import engine_pb2, engine_pb2_grpc
+
+    body = {"messages": _conv("Tell me a very long story about the pantry."),
+            "max_tokens": 400, "temperature": 0, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", smollm2_system.http + "/v1/chat/completions", json=body,
+                      timeout=60) as resp:
+        for line in resp.iter_lines():
+            if line.startswith("data: {"):
+                break  # generating now; about 25 s of work is left when we hang up
+    with grpc.insecure_channel(smollm2_system.role("decode")["address"]) as ch:
+        stub = engine_pb2_grpc.DecodeEngineStub(ch)
+        deadline = time.monotonic() + 10
+        while True:
+            load = stub.Load(engine_pb2.EngineLoadRequest(), timeout=5)
+            if load.running == 0 and load.free_blocks == load.total_blocks:
+                break
+            assert time.monotonic() < deadline, f"sequence still held: {load}"
+            time.sleep(0.1)
