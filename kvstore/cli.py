@@ -13,7 +13,7 @@ import grpc
 from kvstore.client import KVStoreClient
 from kvstore.config import ClientConfig, MasterConfig, NodeConfig, parse_size
 from kvstore.errors import KVStoreError
-from pantry.serving import format_table, wait_for_signal, write_ready_file
+from pantry.serving import configure_logging, format_table, wait_for_signal, write_ready_file
 
 log = logging.getLogger("kvstore")
 
@@ -178,9 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if ns.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    role = {"master": "kv-master", "node": "kv-node"}.get(ns.cmd, "kvstore")
+    configure_logging(role, "DEBUG" if ns.verbose else "INFO")
     try:
         return int(ns.fn(ns))
     except KVStoreError as e:

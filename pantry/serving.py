@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -63,6 +64,7 @@ def configure_logging(role: str, level: str = "INFO") -> None:
     logging.basicConfig(
         level=level,
         format=f"%(asctime)s {role:<9} %(levelname)-5s %(name)s: %(message)s",
+        stream=sys.stderr,
         datefmt="%H:%M:%S",
     )
 
