@@ -83,7 +83,10 @@ def cmd_conductor(ns: argparse.Namespace) -> int:
 
 
 def cmd_local(ns: argparse.Namespace) -> int:
+    from engine.loader import resolve_model_path
     from pantry.local import LocalOptions, run_local
+
+    resolve_model_path(ns.model)  # a wrong --model fails here, before any role starts
 
     return run_local(LocalOptions(
         model=ns.model,
@@ -157,8 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     configure_logging(ns.cmd, ns.log_level)
+    from engine.errors import EngineError
+
     try:
         return int(ns.fn(ns))
-    except ValueError as exc:  # config errors name the setting
+    except (ValueError, EngineError) as exc:  # config and model errors say what to change
         print(f"pantry {ns.cmd}: {exc}", file=sys.stderr)
         return 2

@@ -26,3 +26,16 @@ def test_killed_node_stops_everything_and_leaves_no_segment(
     for role in system.info["roles"].values():
         path = Path(f"/proc/{role['pid']}/stat")
         assert not path.exists() or path.read_text().split()[2] == "Z", role
+
+
+def test_wrong_model_fails_before_any_role_starts(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "pantry", "local", "--model",
+                          str(tmp_path / "missing"), "--http-port", "0"],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2
+    assert "pantry local: model" in res.stderr and "not found" in res.stderr
+    assert "Traceback" not in res.stderr
+    assert "started" not in res.stderr
