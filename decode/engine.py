@@ -8,6 +8,7 @@ import collections
 import logging
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import torch
@@ -59,7 +60,13 @@ class SequenceHandle:
 
 
 class DecodeEngine:
-    def __init__(self, core: EngineCore, limits: DecodeLimits | None = None) -> None:
+    """`background=True` runs the loop on a thread of its own (in-process use). A server runs it
+    on the main thread instead (`run()`): torch's OpenMP pool parallelises the many small ops
+    of a decode step only there, a decode step on another thread takes ~1.7x as long."""
+
+    def __init__(
+        self, core: EngineCore, limits: DecodeLimits | None = None, *, background: bool = True
+    ) -> None:
         self.core = core
         self.limits = limits or DecodeLimits()
         self._sampler = Sampler()
@@ -67,8 +74,18 @@ class DecodeEngine:
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._active: list[Sequence] = []
         self._stopped = False
-        self._thread = threading.Thread(target=self._loop, name="decode-loop", daemon=True)
-        self._thread.start()
+        # Pulling a long prompt's blocks takes about as long as a decode step: done beside the
+        # loop, so the sequences already generating do not wait for it.
+        # Its copies run single-threaded: a second OpenMP team, spinning beside the loop's,
+        # slows every later decode step by ~1.7x on a small machine.
+        self._puller = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="decode-pull",
+            initializer=lambda: torch.set_num_threads(1),
+        )
+        self._thread: threading.Thread | None = None
+        if background:
+            self._thread = threading.Thread(target=self.run, name="decode-loop", daemon=True)
+            self._thread.start()
 
     # ---- called from server threads -------------------------------------------------------
     def submit(self, job: DecodeJob) -> SequenceHandle:
@@ -93,18 +110,25 @@ class DecodeEngine:
         with self._cv:
             return len(self._waiting), len(self._active)
 
-    def stop(self) -> None:
+    def request_stop(self) -> None:
+        """Safe from a signal handler on the thread running the loop (the lock is reentrant)."""
         with self._cv:
             self._stopped = True
             self._cv.notify()
-        self._thread.join(timeout=10)
+
+    def stop(self) -> None:
+        self.request_stop()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        self._puller.shutdown(wait=True)
 
     def _wake(self) -> None:
         with self._cv:
             self._cv.notify()
 
     # ---- the loop ------------------------------------------------------------------------
-    def _loop(self) -> None:
+    def run(self) -> None:
+        """The engine loop; returns once stop is requested."""
         while True:
             with self._cv:
                 while not self._stopped and not self._waiting and not self._active:
@@ -125,6 +149,7 @@ class DecodeEngine:
         for seq in [s for s in self._active if s.cancelled.is_set()]:
             self._finish(seq, reason="")
         self._admit()
+        self._collect_pulls()
         steps: list[SeqStep] = []
         members: list[tuple[Sequence, int]] = []
         budget = self.limits.chunk_tokens
@@ -133,12 +158,16 @@ class DecodeEngine:
             if seq.status is SeqStatus.RUNNING:
                 steps.append(SeqStep((seq.output[-1],), seq.num_computed, table))
                 members.append((seq, 1))
-            elif budget > 0:
+            elif seq.status is SeqStatus.FILLING and budget > 0:
                 chunk = seq.prompt[seq.num_computed : seq.num_computed + budget]
                 budget -= len(chunk)
                 steps.append(SeqStep(tuple(chunk), seq.num_computed, table))
                 members.append((seq, len(chunk)))
         if not steps:
+            with self._cv:
+                pulling = [s.pull for s in self._active if s.status is SeqStatus.LOADING]
+                if pulling and not any(f is not None and f.done() for f in pulling):
+                    self._cv.wait(timeout=1.0)  # a finished pull notifies
             return
         logits = self.core.runner.step(steps)
         self._advance(members, logits)
@@ -159,12 +188,28 @@ class DecodeEngine:
                 self._waiting.popleft()
                 self._active.append(seq)
             seq.block_ids = alloc.allocate(needed)
-            seq.status = SeqStatus.FILLING
-            keys = core.addressing.block_keys(seq.prompt, seq.job.tenant)
-            loaded = core.transfer.load(keys, seq.block_ids)
+            seq.status = SeqStatus.LOADING
+            seq.pull = self._puller.submit(self._pull, seq)
+            seq.pull.add_done_callback(lambda _f: self._wake())
+
+    def _pull(self, seq: Sequence) -> int:
+        """Runs on the puller thread: writes only this sequence's own blocks."""
+        keys = self.core.addressing.block_keys(seq.prompt, seq.job.tenant)
+        return self.core.transfer.load(keys, seq.block_ids)
+
+    def _collect_pulls(self) -> None:
+        for seq in self._active:
+            if seq.status is not SeqStatus.LOADING or seq.pull is None or not seq.pull.done():
+                continue
+            try:
+                loaded = seq.pull.result()
+            except Exception:  # whatever failed, the prompt can still be computed
+                log.exception("pulling %s from the pool failed", seq.job.request_id)
+                loaded = 0
             seq.stored_blocks = loaded
-            seq.num_computed = core.resume_point(loaded, len(seq.prompt))
+            seq.num_computed = self.core.resume_point(loaded, len(seq.prompt))
             seq.pool_tokens = seq.num_computed
+            seq.status = SeqStatus.FILLING
 
     def _advance(self, members: list[tuple[Sequence, int]], logits: torch.Tensor) -> None:
         to_sample: list[tuple[int, Sequence]] = []
@@ -235,6 +280,8 @@ class DecodeEngine:
         with self._cv:
             if seq in self._active:
                 self._active.remove(seq)
+        if seq.pull is not None:
+            wait([seq.pull])  # the puller may still be writing into these blocks
         if seq.block_ids:
             self.core.runner.allocator.free(seq.block_ids)
             seq.block_ids = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import queue
 import threading
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
@@ -14,7 +15,8 @@ from engine.sampling import SamplingParams
 
 class SeqStatus(enum.Enum):
     WAITING = "waiting"      # queued: no KV blocks yet
-    FILLING = "filling"      # blocks held; prompt KV being pulled or computed, chunk by chunk
+    LOADING = "loading"      # blocks held; prompt KV being pulled from the pool in the background
+    FILLING = "filling"      # the rest of the prompt KV being computed, chunk by chunk
     RUNNING = "running"      # generating one token per step
     FINISHED = "finished"
 
@@ -47,6 +49,7 @@ class Sequence:
     num_computed: int = 0       # tokens whose KV is in the paged cache
     stored_blocks: int = 0      # leading full blocks known to be in the pool
     pool_tokens: int = 0
+    pull: Future[int] | None = None    # the background pull of the prompt's cached blocks
     events: queue.Queue[DecodeEvent] = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
 

@@ -10,7 +10,7 @@ import grpc
 from engine.errors import EngineError
 from engine.role_config import EngineRoleConfig
 from engine.role_core import RequestRejected
-from engine.role_server import build_core, create_server, serve_forever
+from engine.role_server import build_core, create_server, serve_on_main_thread
 from engine.wire import info_to_proto, load_to_proto, sampling_from_proto
 from proto.pantry.v1 import engine_pb2, engine_pb2_grpc
 
@@ -69,15 +69,14 @@ class DecodeServicer(engine_pb2_grpc.DecodeEngineServicer):
 
 def run(config: EngineRoleConfig, limits: DecodeLimits) -> int:
     core = build_core(config, "decode")
-    engine = DecodeEngine(core, limits)
+    engine = DecodeEngine(core, limits, background=False)
     server, port = create_server(
         config,
         lambda s: engine_pb2_grpc.add_DecodeEngineServicer_to_server(DecodeServicer(engine), s),
         [SERVICE_NAME],
     )
-
-    def stop() -> None:
-        engine.stop()
-        core.pool.close()
-
-    return serve_forever(server, port, config, on_stop=stop)
+    # The loop runs here, on the main thread, until SIGINT/SIGTERM asks it to stop.
+    serve_on_main_thread(server, port, config, loop=engine.run, request_stop=engine.request_stop)
+    engine.stop()
+    core.pool.close()
+    return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 from collections.abc import Callable
 from concurrent import futures
 
@@ -68,3 +69,24 @@ def serve_forever(
         on_stop()
 
     return wait_for_signal(stop)
+
+
+def serve_on_main_thread(
+    server: grpc.Server, port: int, config: EngineRoleConfig,
+    loop: Callable[[], None], request_stop: Callable[[], None],
+) -> None:
+    """Serves while `loop` runs on this (the main) thread; SIGINT/SIGTERM call `request_stop`,
+    `loop` returns, and the server stops with a grace period."""
+    server.start()
+    address = f"{config.host}:{port}"
+    log.info("serving on %s", address)
+
+    def handler(signum: int, _frame: object) -> None:
+        log.info("stopping on %s", signal.Signals(signum).name)
+        request_stop()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+    write_ready_file(config.ready_file, address)
+    loop()
+    server.stop(grace=2).wait()
