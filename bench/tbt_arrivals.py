@@ -49,11 +49,13 @@ def summary(gaps: list[float]) -> tuple[float, float, float]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--tokens", type=int, default=120)
+    ap.add_argument("--no-pin", action="store_true",
+                    help="let prefill and decode share every CPU (pantry local --no-pin)")
     ns = ap.parse_args()
     rng = random.Random(time.time_ns())
     rows: list[tuple[str, tuple[float, float, float]]] = []
     with tempfile.TemporaryDirectory(prefix="pantry-bench-") as tmp:
-        proc, info = start_pantry(Path(tmp), 2300)
+        proc, info = start_pantry(Path(tmp), 2300, *(["--no-pin"] if ns.no_pin else []))
         http = info["http"]
         try:
             cached = [make_prompt(rng, 2048) for _ in range(3)]

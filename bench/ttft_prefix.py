@@ -24,12 +24,13 @@ from pantry.client_stream import stream_request
 TARGET_RATIO_2048 = 0.2
 
 
-def start_pantry(workdir: Path, max_len: int) -> tuple[subprocess.Popen[bytes], dict[str, str]]:
+def start_pantry(workdir: Path, max_len: int, *extra: str
+                 ) -> tuple[subprocess.Popen[bytes], dict[str, str]]:
     ready = workdir / "ready.json"
     proc = subprocess.Popen(
         [sys.executable, "-m", "pantry", "local", "--model", "smollm2", "--http-port", "0",
          "--grpc-port", "0", "--max-model-len", str(max_len), "--ready-file", str(ready),
-         "--log-dir", str(workdir / "logs")],
+         "--log-dir", str(workdir / "logs"), *extra],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     while not ready.exists():
@@ -55,11 +56,14 @@ def main() -> int:
     ap.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048])
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--png", default="bench/out/ttft_prefix.png")
+    ap.add_argument("--no-pin", action="store_true",
+                    help="let prefill and decode share every CPU (pantry local --no-pin)")
     ns = ap.parse_args()
     rng = random.Random(time.time_ns())
     rows = []
     with tempfile.TemporaryDirectory(prefix="pantry-bench-") as tmp:
-        proc, info = start_pantry(Path(tmp), max(ns.lengths) + 64)
+        proc, info = start_pantry(Path(tmp), max(ns.lengths) + 64,
+                                  *(["--no-pin"] if ns.no_pin else []))
         http = info["http"]
         try:
             ttft(http, make_prompt(rng, 64))  # warm-up: first-call costs are not prefill

@@ -8,6 +8,7 @@ before it touches the cache, so a bad or evicted object is a miss and the engine
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -130,7 +131,10 @@ class PoolTransfer:
         if obj is None or tuple(obj.shape) != self._shape or obj.dtype != self._dtype_name:
             log.warning("pool returned an unusable block object; treating it as a miss")
             return None
-        flat = torch.frombuffer(bytearray(obj.payload), dtype=self._cache.k.dtype)
+        with warnings.catch_warnings():
+            # Read-only is fine: the tensor is only copied into the cache, never written.
+            warnings.filterwarnings("ignore", message=".*not writable.*")
+            flat = torch.frombuffer(obj.payload, dtype=self._cache.k.dtype)
         return flat.view(self._shape)
 
 

@@ -23,7 +23,8 @@ class EngineRoleConfig:
     max_model_len: int = 0  # 0 = the model's own context length
     hash_seed: int = 0
     salt: str = ""
-    threads: int = 0  # 0 = torch's default
+    threads: int = 0  # 0 = torch's default, or one per pinned CPU
+    cpus: tuple[int, ...] = ()  # pin the engine to these CPUs; () = no pinning
     ready_file: str | None = None
 
     def __post_init__(self) -> None:
@@ -43,3 +44,5 @@ class EngineRoleConfig:
             raise ConfigError("hash_seed: must fit in 64 bits")
         if self.threads < 0:
             raise ConfigError("threads: must be 0 (default) or positive")
+        if any(c < 0 for c in self.cpus) or len(set(self.cpus)) != len(self.cpus):
+            raise ConfigError(f"cpus: {list(self.cpus)} must be distinct CPU numbers")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 from collections.abc import Callable
 from concurrent import futures
@@ -26,8 +27,13 @@ log = logging.getLogger(__name__)
 
 
 def build_core(config: EngineRoleConfig, role: str) -> EngineCore:
-    if config.threads:
-        torch.set_num_threads(config.threads)
+    if config.cpus:
+        # Its own cores, as a disaggregated engine has its own machine: another role's work
+        # cannot preempt this one's spinning OpenMP threads.
+        os.sched_setaffinity(0, config.cpus)
+    threads = config.threads or len(config.cpus)
+    if threads:
+        torch.set_num_threads(threads)
     loaded = load_model(config.model)
     pool = KVStoreClient(config.kv_master)
     core = EngineCore(config, role, loaded, pool)

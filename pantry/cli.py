@@ -23,7 +23,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=0, help="0 = the model's context")
     p.add_argument("--hash-seed", type=int, default=0)
     p.add_argument("--salt", default="")
-    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="0 = one per pinned CPU, or torch's")
+    p.add_argument("--cpus", default="", help="pin to these CPUs, e.g. 0,1 (default: none)")
     p.add_argument("--ready-file")
 
 
@@ -42,8 +43,16 @@ def _role_config(ns: argparse.Namespace, role: str):  # type: ignore[no-untyped-
         hash_seed=ns.hash_seed,
         salt=ns.salt,
         threads=ns.threads,
+        cpus=_cpu_list(ns.cpus),
         ready_file=ns.ready_file,
     )
+
+
+def _cpu_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(c) for c in text.split(",") if c.strip())
+    except ValueError as exc:
+        raise ValueError(f"cpus: {text!r} is not a comma-separated list of CPU numbers") from exc
 
 
 def cmd_prefill(ns: argparse.Namespace) -> int:
@@ -100,6 +109,7 @@ def cmd_local(ns: argparse.Namespace) -> int:
         served_model_name=ns.served_model_name,
         max_concurrent_requests=ns.max_concurrent_requests,
         threads=ns.threads,
+        pin=ns.pin,
         ready_file=ns.ready_file,
         log_dir=ns.log_dir,
     ))
@@ -126,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     local.add_argument("--max-model-len", type=int, default=0)
     local.add_argument("--max-concurrent-requests", type=int, default=256)
     local.add_argument("--threads", type=int, default=0)
+    local.add_argument("--no-pin", dest="pin", action="store_false",
+                       help="let prefill and decode share every CPU instead of splitting them")
     local.add_argument("--ready-file", help="write the addresses here as JSON when serving")
     local.add_argument("--log-dir", help="one log file per role instead of this terminal")
     local.set_defaults(fn=cmd_local)

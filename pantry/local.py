@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -35,8 +36,20 @@ class LocalOptions:
     served_model_name: str = ""
     max_concurrent_requests: int = 256
     threads: int = 0
+    pin: bool = True        # split the CPUs between prefill and decode
     ready_file: str | None = None
     log_dir: str | None = None
+
+
+def split_cpus() -> tuple[str, str]:
+    """Half the CPUs for prefill, half for decode, as disaggregation gives each its own
+    machine: a long prefill then cannot stall the decode steps of running requests. With one
+    CPU there is nothing to split."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return "", ""
+    half = len(cpus) // 2
+    return ",".join(map(str, cpus[:half])), ",".join(map(str, cpus[half:]))
 
 
 class RoleFailed(RuntimeError):
@@ -104,10 +117,11 @@ class LocalCluster:
                        "--port", "0", "--block-size", str(o.block_size),
                        "--kv-cache-bytes", str(o.kv_cache_bytes),
                        "--max-model-len", str(o.max_model_len), "--threads", str(o.threads)]
+        prefill_cpus, decode_cpus = split_cpus() if o.pin else ("", "")
         prefill = self._start("prefill", ["-m", "pantry", "prefill", *engine_args,
-                                          "--engine-id", "prefill-0"])
+                                          "--engine-id", "prefill-0", "--cpus", prefill_cpus])
         decode = self._start("decode", ["-m", "pantry", "decode", *engine_args,
-                                        "--engine-id", "decode-0"])
+                                        "--engine-id", "decode-0", "--cpus", decode_cpus])
         self._wait_ready(prefill, deadline)
         self._wait_ready(decode, deadline)
         conductor = self._start("conductor", [
