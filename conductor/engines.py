@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
@@ -68,6 +69,10 @@ def _translate(exc: grpc.aio.AioRpcError, address: str) -> Exception:
 
 
 class EngineClient:
+    """What both engine roles answer (Info, Load); subclasses add their own stub's calls."""
+
+    _stub: Any  # a PrefillEngineStub or DecodeEngineStub: both have Info and Load
+
     def __init__(self, address: str, timeout_s: float) -> None:
         self.address = address
         self.timeout_s = timeout_s
@@ -76,8 +81,12 @@ class EngineClient:
     async def close(self) -> None:
         await self._channel.close()
 
-    @staticmethod
-    def _load(msg: engine_pb2.EngineLoad) -> EngineLoad:
+    async def info(self, timeout: float = 5.0) -> EngineDescription:
+        msg = await self._stub.Info(engine_pb2.EngineInfoRequest(), timeout=timeout)
+        return info_from_proto(msg)
+
+    async def load(self, timeout: float = 2.0) -> EngineLoad:
+        msg = await self._stub.Load(engine_pb2.EngineLoadRequest(), timeout=timeout)
         return EngineLoad(
             waiting=msg.waiting,
             running=msg.running,
@@ -94,13 +103,6 @@ class PrefillClient(EngineClient):
     def __init__(self, address: str, timeout_s: float) -> None:
         super().__init__(address, timeout_s)
         self._stub = engine_pb2_grpc.PrefillEngineStub(self._channel)
-
-    async def info(self, timeout: float = 5.0) -> EngineDescription:
-        msg = await self._stub.Info(engine_pb2.EngineInfoRequest(), timeout=timeout)
-        return info_from_proto(msg)
-
-    async def load(self, timeout: float = 2.0) -> EngineLoad:
-        return self._load(await self._stub.Load(engine_pb2.EngineLoadRequest(), timeout=timeout))
 
     async def prefill(
         self, request_id: str, tokens: tuple[int, ...], tenant: str, sampling: Sampling,
@@ -123,13 +125,6 @@ class DecodeClient(EngineClient):
     def __init__(self, address: str, timeout_s: float) -> None:
         super().__init__(address, timeout_s)
         self._stub = engine_pb2_grpc.DecodeEngineStub(self._channel)
-
-    async def info(self, timeout: float = 5.0) -> EngineDescription:
-        msg = await self._stub.Info(engine_pb2.EngineInfoRequest(), timeout=timeout)
-        return info_from_proto(msg)
-
-    async def load(self, timeout: float = 2.0) -> EngineLoad:
-        return self._load(await self._stub.Load(engine_pb2.EngineLoadRequest(), timeout=timeout))
 
     async def decode(
         self, request_id: str, tokens: tuple[int, ...], tenant: str, sampling: Sampling,

@@ -27,11 +27,22 @@ log = logging.getLogger(__name__)
 CONDUCTOR_KEY: web.AppKey[Conductor] = web.AppKey("conductor", Conductor)
 
 
+ERROR_TYPES = {400: "invalid_request_error", 413: "invalid_request_error",
+               429: "rate_limit_error", 503: "service_unavailable"}
+
+
 def _error(status: int, message: str, param: str | None = None) -> web.Response:
-    kind = {400: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable"}
     return web.json_response(
-        error_json(message, param, status, kind.get(status, "server_error")), status=status
+        error_json(message, param, status, ERROR_TYPES.get(status, "server_error")),
+        status=status,
     )
+
+
+def _status_of(exc: InvalidRequest | Overloaded | Unavailable) -> tuple[int, str, str | None]:
+    """The one mapping from the conductor's named failures to HTTP: (status, message, param)."""
+    if isinstance(exc, InvalidRequest):
+        return 400, str(exc), exc.field
+    return (429 if isinstance(exc, Overloaded) else 503), str(exc), None
 
 
 async def _read_json(request: web.Request) -> dict[str, Any]:
@@ -64,12 +75,8 @@ async def _serve(
         events = conductor.generate(req)
         first = await anext(events)  # validation errors surface here, before any byte is sent
         assert isinstance(first, PromptAccepted)
-    except InvalidRequest as exc:
-        return _error(400, str(exc), exc.field)
-    except Overloaded as exc:
-        return _error(429, str(exc))
-    except Unavailable as exc:
-        return _error(503, str(exc))
+    except (InvalidRequest, Overloaded, Unavailable) as exc:
+        return _error(*_status_of(exc))
     obj = "chat.completion" if chat else "text_completion"
     base = {"id": req.request_id, "created": now(), "model": conductor.model_id}
     prompt_ids = list(first.prompt_token_ids)
@@ -96,12 +103,8 @@ async def _collect(
             elif isinstance(event, GenerationFinished):
                 texts.append(event.text)
                 finished = event
-    except InvalidRequest as exc:
-        return _error(400, str(exc), exc.field)
-    except Overloaded as exc:
-        return _error(429, str(exc))
-    except Unavailable as exc:
-        return _error(503, str(exc))
+    except (InvalidRequest, Overloaded, Unavailable) as exc:
+        return _error(*_status_of(exc))
     text = "".join(texts)
     choice: dict[str, Any] = {"index": 0, "finish_reason": finished.finish_reason, "logprobs": None}
     if chat:
@@ -150,8 +153,8 @@ async def _stream(
                     await send({**base, "object": chunk_obj, "choices": [],
                                 "usage": usage_json(event.usage)})
     except (InvalidRequest, Overloaded, Unavailable) as exc:
-        status = 400 if isinstance(exc, InvalidRequest) else 503
-        await send(error_json(str(exc), getattr(exc, "field", None), status, "server_error"))
+        status, message, param = _status_of(exc)
+        await send(error_json(message, param, status, ERROR_TYPES[status]))
     await resp.write(b"data: [DONE]\n\n")
     await resp.write_eof()
     return resp
