@@ -34,7 +34,7 @@ from .stop_strings import StopStringMatcher
 
 log = logging.getLogger(__name__)
 
-async def _empty() -> AsyncIterator[DecodeChunk]:
+async def _no_chunks() -> AsyncIterator[DecodeChunk]:
     return
     yield
 
@@ -208,9 +208,6 @@ class Conductor:
         decoder: DecodeClient = dst.client  # type: ignore[assignment]
         dst.inflight_requests += 1
         try:
-            stream = decoder.decode(
-                req.request_id, prompt, req.tenant, sampling, max_tokens, first_token
-            )
             skip_first = first_token is not None
             # The prefill's first token goes out before decode has even pulled the blocks.
             if first_token is not None:
@@ -219,8 +216,13 @@ class Conductor:
                 text = stops.push(detok.push(first_token)) if detok else ""
                 yield TokensGenerated((first_token,), text)
                 if stops.stopped:
-                    finish = "stop"  # decode is never called: its stream has not started
-            async for chunk in (_empty() if finish else stream):
+                    finish = "stop"  # done already: decode is never called
+            chunks = (
+                decoder.decode(req.request_id, prompt, req.tenant, sampling, max_tokens,
+                               first_token)
+                if not finish else _no_chunks()
+            )
+            async for chunk in chunks:
                 if direct and chunk.pool_tokens:
                     cached = chunk.pool_tokens
                 new = list(chunk.token_ids)

@@ -137,7 +137,9 @@ class DecodeEngine:
                     break
             try:
                 with self.core.busy():
-                    self._iteration()
+                    stepped = self._iteration()
+                if not stepped:
+                    self._wait_for_pulls()
             except Exception as exc:  # keep serving: fail the batch, not the process
                 log.exception("decode step failed")
                 for seq in list(self._active):
@@ -145,7 +147,8 @@ class DecodeEngine:
         for seq in [*self._active, *self._waiting]:
             seq.events.put(DecodeEvent(error="decode engine stopped"))
 
-    def _iteration(self) -> None:
+    def _iteration(self) -> bool:
+        """One decode step over the batch; False when there was nothing to compute."""
         for seq in [s for s in self._active if s.cancelled.is_set()]:
             self._finish(seq, reason="")
         self._admit()
@@ -164,13 +167,17 @@ class DecodeEngine:
                 steps.append(SeqStep(tuple(chunk), seq.num_computed, table))
                 members.append((seq, len(chunk)))
         if not steps:
-            with self._cv:
-                pulling = [s.pull for s in self._active if s.status is SeqStatus.LOADING]
-                if pulling and not any(f is not None and f.done() for f in pulling):
-                    self._cv.wait(timeout=1.0)  # a finished pull notifies
-            return
+            return False
         logits = self.core.runner.step(steps)
         self._advance(members, logits)
+        return True
+
+    def _wait_for_pulls(self) -> None:
+        """Nothing to compute: sleep until a pull finishes (it notifies), not counted as busy."""
+        with self._cv:
+            pulling = [s.pull for s in self._active if s.status is SeqStatus.LOADING]
+            if pulling and not any(f is not None and f.done() for f in pulling):
+                self._cv.wait(timeout=1.0)
 
     def _admit(self) -> None:
         core = self.core
