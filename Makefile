@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml scripts/setup.sh
 	touch $(STAMP)
 
 demo: setup
-	$(PY) -m pantry.demo
+	$(PY) -m pantry.cli.demo
 
 test: setup
 	bash scripts/test.sh

@@ -19,8 +19,9 @@ import time
 from pathlib import Path
 
 from kvstore.client import KVStoreClient
-from kvstore.config import ClientConfig, parse_size
+from kvstore.config import ClientConfig
 from kvstore.hostid import default_host_id
+from pantry.common.config_flags import parse_size
 
 ROOT = Path(__file__).resolve().parent.parent
 # Short leases so each round's removed objects free their slots quickly (not timed).

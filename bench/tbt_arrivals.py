@@ -22,7 +22,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ttft_prefix import make_prompt, start_pantry  # noqa: E402
 
-from pantry.client_stream import stream_request  # noqa: E402
+from pantry.cli.client_stream import stream_request  # noqa: E402
 
 
 def gaps_of(http: str, ids: list[int], tokens: int) -> list[float]:

@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pantry.client_stream import stream_request
+from pantry.cli.client_stream import stream_request
 
 TARGET_RATIO_2048 = 0.2
 

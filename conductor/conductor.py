@@ -9,10 +9,13 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator
 
 from engine.detokenizer import IncrementalDetokenizer
-from engine.loader import load_tokenizer
-from engine.pool_transfer import PoolAddressing
-from engine.role_core import EngineDescription
+from engine.model_files import load_tokenizer
 from engine.tokenizer import Tokenizer
+from kvstore.hashing import PoolAddressing
+from pantry.common.contract import check_prompt
+from pantry.common.engine_info import EngineDescription
+from pantry.common.errors import InvalidRequest, Overloaded, Unavailable
+from pantry.common.sampling import SamplingParams
 
 from .config import ConductorConfig
 from .engines import DecodeChunk, DecodeClient, PrefillClient, PrefillResult
@@ -22,11 +25,8 @@ from .requests import (
     GenerationEvent,
     GenerationFinished,
     GenerationRequest,
-    InvalidRequest,
-    Overloaded,
     PromptAccepted,
     TokensGenerated,
-    Unavailable,
     Usage,
 )
 from .scheduler import Scheduler
@@ -96,37 +96,20 @@ class Conductor:
             ids = tuple(self.tokenizer.encode(text))
         else:
             ids = tuple(self.tokenizer.encode(req.text or ""))
-        if not ids:
-            raise InvalidRequest(req.prompt_field, "is empty; send at least one token")
-        vocab = self.info.vocab_size
-        bad = next((t for t in ids if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise InvalidRequest(
-                req.prompt_field, f"token id {bad} is outside the vocabulary [0, {vocab})"
-            )
         return ids
 
-    def max_tokens_for(self, req: GenerationRequest, prompt_len: int) -> int:
-        limit = self.info.max_model_len
-        if prompt_len >= limit:
-            raise InvalidRequest(
-                req.prompt_field,
-                f"{prompt_len} tokens do not fit the model's context of {limit} tokens; "
-                "shorten the prompt",
-            )
-        room = limit - prompt_len
+    def admit(self, req: GenerationRequest) -> tuple[tuple[int, ...], SamplingParams]:
+        """The one validation of a request: model, prompt, limit and sampling settings, each
+        error naming the field as the caller's API spells it."""
+        self.check_model(req)
+        prompt = self.tokenize(req)
         asked = req.sampling.max_tokens
-        if asked is None:
-            return min(req.default_max_tokens or self.config.default_max_tokens, room)
-        if asked < 1:
-            raise InvalidRequest("max_tokens", f"must be at least 1, got {asked}")
-        if asked > room:
-            raise InvalidRequest(
-                "max_tokens",
-                f"{asked} is too large: the {prompt_len}-token prompt leaves room for "
-                f"{room} tokens in the context of {limit}",
-            )
-        return asked
+        if asked is None:  # the API's default, cut to what the context leaves
+            room = self.info.max_model_len - len(prompt)
+            asked = min(req.default_max_tokens or self.config.default_max_tokens, max(room, 1))
+        check_prompt(prompt, asked, vocab_size=self.info.vocab_size,
+                     max_model_len=self.info.max_model_len, field=req.prompt_field)
+        return prompt, req.sampling.resolve(asked)
 
     def check_model(self, req: GenerationRequest) -> None:
         if req.model and req.model != self.model_id:
@@ -138,16 +121,7 @@ class Conductor:
         """Yields PromptAccepted, then TokensGenerated events, then GenerationFinished.
         Raises InvalidRequest / Overloaded / Unavailable before or while streaming."""
         try:
-            self.check_model(req)
-            s = req.sampling
-            if s.temperature < 0:
-                raise InvalidRequest("temperature", f"must be >= 0, got {s.temperature}")
-            if not 0 < s.top_p <= 1:
-                raise InvalidRequest("top_p", f"must be in (0, 1], got {s.top_p}")
-            if s.top_k < 0:
-                raise InvalidRequest("top_k", f"must be >= 0 (0 = off), got {s.top_k}")
-            prompt = self.tokenize(req)
-            max_tokens = self.max_tokens_for(req, len(prompt))
+            prompt, params = self.admit(req)
         except InvalidRequest:
             self.metrics.inc("pantry_request_errors_total", kind="invalid")
             raise
@@ -158,7 +132,7 @@ class Conductor:
             )
         self._inflight += 1
         try:
-            async for event in self._serve(req, prompt, max_tokens):
+            async for event in self._serve(req, prompt, params):
                 yield event
         finally:
             self._inflight -= 1
@@ -174,7 +148,7 @@ class Conductor:
         return match.matched
 
     async def _serve(
-        self, req: GenerationRequest, prompt: tuple[int, ...], max_tokens: int
+        self, req: GenerationRequest, prompt: tuple[int, ...], params: SamplingParams
     ) -> AsyncIterator[GenerationEvent]:
         start = time.perf_counter()
         yield PromptAccepted(prompt)
@@ -182,9 +156,8 @@ class Conductor:
         matched = await self._cached_blocks(keys)
         # A full hit leaves at most a partial block to compute: decode does that itself.
         direct = matched == len(keys)
-        sampling = req.sampling
         detok = IncrementalDetokenizer(self.tokenizer) if self.tokenizer else None
-        stops = StopStringMatcher(sampling.stop)
+        stops = StopStringMatcher(req.sampling.stop)
         generated: list[int] = []
         first_token: int | None = None
         cached = 0
@@ -192,7 +165,7 @@ class Conductor:
         finish = ""
         fallback = False
         if not direct:
-            result = await self._prefill(req, prompt, matched, max_tokens)
+            result = await self._prefill(req, prompt, matched, params)
             if result is None:
                 # No prefill engine could take it: decode computes the prompt itself, in chunks
                 # between its decode steps. Slower first token, same answer.
@@ -201,7 +174,7 @@ class Conductor:
                 first_token = result.first_token
                 cached = result.pool_tokens
         dst = self.scheduler.choose_decode(
-            self.fleet.decodes, len(prompt) + max_tokens  # type: ignore[arg-type]
+            self.fleet.decodes, len(prompt) + params.max_tokens  # type: ignore[arg-type]
         )
         if dst is None:
             raise Unavailable("no decode engine is up")
@@ -218,8 +191,7 @@ class Conductor:
                 if stops.stopped:
                     finish = "stop"  # done already: decode is never called
             chunks = (
-                decoder.decode(req.request_id, prompt, req.tenant, sampling, max_tokens,
-                               first_token)
+                decoder.decode(req.request_id, prompt, req.tenant, params, first_token)
                 if not finish else _no_chunks()
             )
             async for chunk in chunks:
@@ -262,7 +234,8 @@ class Conductor:
         yield GenerationFinished(finish or "stop", stops.flush(), usage)
 
     async def _prefill(
-        self, req: GenerationRequest, prompt: tuple[int, ...], matched: int, max_tokens: int
+        self, req: GenerationRequest, prompt: tuple[int, ...], matched: int,
+        params: SamplingParams,
     ) -> PrefillResult | None:
         """Runs the prompt on the prefill engine with the lowest predicted TTFT; None when no
         prefill engine is up or the chosen one failed."""
@@ -286,8 +259,7 @@ class Conductor:
         st.inflight_requests += 1
         t0 = time.perf_counter()
         try:
-            result = await client.prefill(req.request_id, prompt, req.tenant, req.sampling,
-                                          max_tokens)
+            result = await client.prefill(req.request_id, prompt, req.tenant, params)
         except Unavailable as exc:
             st.up = False  # until the next poll says otherwise
             log.warning("%s: %s; decode computes the prompt", req.request_id, exc)

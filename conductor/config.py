@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-
-class ConductorConfigError(ValueError):
-    """A conductor setting is invalid; the message names the setting."""
+from pantry.common.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -28,22 +26,22 @@ class ConductorConfig:
 
     def __post_init__(self) -> None:
         if not self.model:
-            raise ConductorConfigError("model: name the model (for its tokenizer)")
+            raise ConfigError("model: name the model (for its tokenizer)")
         if not self.kv_master:
-            raise ConductorConfigError("kv_master: give the kvstore master as HOST:PORT")
+            raise ConfigError("kv_master: give the kvstore master as HOST:PORT")
         if not self.prefill:
-            raise ConductorConfigError("prefill: give at least one prefill engine address")
+            raise ConfigError("prefill: give at least one prefill engine address")
         if not self.decode:
-            raise ConductorConfigError("decode: give at least one decode engine address")
+            raise ConfigError("decode: give at least one decode engine address")
         for name in ("grpc_port", "http_port"):
             port = getattr(self, name)
             if not 0 <= port < 65536:
-                raise ConductorConfigError(f"{name}: {port} is not a TCP port (0 = any free)")
+                raise ConfigError(f"{name}: {port} is not a TCP port (0 = any free)")
         if self.default_max_tokens < 1:
-            raise ConductorConfigError("default_max_tokens: must be at least 1")
+            raise ConfigError("default_max_tokens: must be at least 1")
         if self.max_request_bytes < 1024:
-            raise ConductorConfigError("max_request_bytes: must be at least 1024")
+            raise ConfigError("max_request_bytes: must be at least 1024")
         if self.max_concurrent_requests < 1:
-            raise ConductorConfigError("max_concurrent_requests: must be at least 1")
+            raise ConfigError("max_concurrent_requests: must be at least 1")
         if self.ttft_slo_s < 0:
-            raise ConductorConfigError("ttft_slo_s: must be 0 (off) or positive")
+            raise ConfigError("ttft_slo_s: must be 0 (off) or positive")

@@ -8,24 +8,12 @@ from typing import Any
 
 import grpc
 
-from engine.role_core import EngineDescription
-from engine.wire import info_from_proto
-from pantry.serving import grpc_options
-from proto.pantry.v1 import common_pb2, engine_pb2, engine_pb2_grpc
-
-from .requests import InvalidRequest, Overloaded, Sampling, Unavailable
-
-
-@dataclass(frozen=True)
-class EngineLoad:
-    waiting: int
-    running: int
-    free_blocks: int
-    total_blocks: int
-    requests_total: int
-    computed_tokens_total: int
-    pool_tokens_total: int
-    busy_seconds_total: float
+from pantry.common.engine_info import EngineDescription, EngineLoad
+from pantry.common.errors import InvalidRequest, Overloaded, Unavailable
+from pantry.common.sampling import SamplingParams
+from pantry.common.serving import grpc_options
+from pantry.common.wire import info_from_proto, load_from_proto, sampling_to_proto
+from pantry.v1 import engine_pb2, engine_pb2_grpc
 
 
 @dataclass(frozen=True)
@@ -41,20 +29,6 @@ class DecodeChunk:
     finish_reason: str
     pool_tokens: int
     computed_tokens: int
-
-
-def sampling_to_proto(s: Sampling, max_tokens: int) -> common_pb2.SamplingParams:
-    msg = common_pb2.SamplingParams(
-        temperature=s.temperature,
-        top_k=s.top_k,
-        top_p=s.top_p,
-        max_tokens=max_tokens,
-        ignore_eos=s.ignore_eos,
-        stop_token_ids=list(s.stop_token_ids),
-    )
-    if s.seed is not None:
-        msg.seed = s.seed
-    return msg
 
 
 def _translate(exc: grpc.aio.AioRpcError, address: str) -> Exception:
@@ -87,16 +61,7 @@ class EngineClient:
 
     async def load(self, timeout: float = 2.0) -> EngineLoad:
         msg = await self._stub.Load(engine_pb2.EngineLoadRequest(), timeout=timeout)
-        return EngineLoad(
-            waiting=msg.waiting,
-            running=msg.running,
-            free_blocks=msg.free_blocks,
-            total_blocks=msg.total_blocks,
-            requests_total=msg.requests_total,
-            computed_tokens_total=msg.computed_tokens_total,
-            pool_tokens_total=msg.pool_tokens_total,
-            busy_seconds_total=msg.busy_seconds_total,
-        )
+        return load_from_proto(msg)
 
 
 class PrefillClient(EngineClient):
@@ -105,14 +70,13 @@ class PrefillClient(EngineClient):
         self._stub = engine_pb2_grpc.PrefillEngineStub(self._channel)
 
     async def prefill(
-        self, request_id: str, tokens: tuple[int, ...], tenant: str, sampling: Sampling,
-        max_tokens: int,
+        self, request_id: str, tokens: tuple[int, ...], tenant: str, sampling: SamplingParams
     ) -> PrefillResult:
         req = engine_pb2.PrefillRequest(
             request_id=request_id,
             token_ids=list(tokens),
             tenant=tenant,
-            sampling=sampling_to_proto(sampling, max_tokens),
+            sampling=sampling_to_proto(sampling),
         )
         try:
             msg = await self._stub.Prefill(req, timeout=self.timeout_s)
@@ -127,14 +91,14 @@ class DecodeClient(EngineClient):
         self._stub = engine_pb2_grpc.DecodeEngineStub(self._channel)
 
     async def decode(
-        self, request_id: str, tokens: tuple[int, ...], tenant: str, sampling: Sampling,
-        max_tokens: int, first_token: int | None,
+        self, request_id: str, tokens: tuple[int, ...], tenant: str, sampling: SamplingParams,
+        first_token: int | None,
     ) -> AsyncIterator[DecodeChunk]:
         req = engine_pb2.DecodeRequest(
             request_id=request_id,
             token_ids=list(tokens),
             tenant=tenant,
-            sampling=sampling_to_proto(sampling, max_tokens),
+            sampling=sampling_to_proto(sampling),
         )
         if first_token is not None:
             req.first_token = first_token

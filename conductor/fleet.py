@@ -5,13 +5,13 @@ from __future__ import annotations
 import asyncio
 import time
 
-from engine.role_core import EngineDescription
 from kvstore.client import KVStoreClient
 from kvstore.metadata import PoolStatus
+from pantry.common.engine_info import EngineDescription
+from pantry.common.errors import Unavailable
 
 from .config import ConductorConfig
 from .engines import DecodeClient, PrefillClient
-from .requests import Unavailable
 from .scheduler import EngineState
 
 LOAD_POLL_S = 1.0

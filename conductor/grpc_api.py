@@ -10,19 +10,17 @@ from dataclasses import dataclass
 import grpc
 from google.protobuf.message import DecodeError
 
-from proto.pantry.v1 import generation_pb2, generation_pb2_grpc
+from pantry.common.errors import InvalidRequest, Overloaded, Unavailable
+from pantry.v1 import generation_pb2, generation_pb2_grpc
 
 from .conductor import Conductor
 from .requests import (
     ChatMessage,
     GenerationEvent,
     GenerationRequest,
-    InvalidRequest,
-    Overloaded,
     PromptAccepted,
     Sampling,
     TokensGenerated,
-    Unavailable,
 )
 
 SERVICE_NAME = "pantry.v1.Generation"

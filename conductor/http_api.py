@@ -10,16 +10,15 @@ from typing import Any
 
 from aiohttp import web
 
+from pantry.common.errors import InvalidRequest, Overloaded, Unavailable
+
 from .conductor import Conductor
 from .openai_protocol import error_json, now, parse_chat, parse_completion, usage_json
 from .requests import (
     GenerationFinished,
     GenerationRequest,
-    InvalidRequest,
-    Overloaded,
     PromptAccepted,
     TokensGenerated,
-    Unavailable,
 )
 
 log = logging.getLogger(__name__)

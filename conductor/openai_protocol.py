@@ -7,7 +7,9 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-from .requests import ChatMessage, GenerationRequest, InvalidRequest, Sampling, Usage
+from pantry.common.errors import InvalidRequest
+
+from .requests import ChatMessage, GenerationRequest, Sampling, Usage
 
 MAX_STOP_STRINGS = 16
 # OpenAI's documented default for /v1/completions; chat has none, so the server's applies.

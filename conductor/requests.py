@@ -4,22 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-
-class InvalidRequest(ValueError):
-    """The caller must change `field`; maps to INVALID_ARGUMENT / HTTP 400."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
-
-
-class Overloaded(RuntimeError):
-    """Admission refused the request; maps to RESOURCE_EXHAUSTED / HTTP 429."""
-
-
-class Unavailable(RuntimeError):
-    """An engine or the pool is down; maps to UNAVAILABLE / HTTP 503."""
+from pantry.common.sampling import SamplingParams
 
 
 @dataclass(frozen=True)
@@ -38,6 +23,18 @@ class Sampling:
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
     stop_token_ids: tuple[int, ...] = ()
+
+    def resolve(self, max_tokens: int) -> SamplingParams:
+        """What the engines get, with the limit decided; raises InvalidRequest naming a field."""
+        return SamplingParams(
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            seed=self.seed,
+            max_tokens=max_tokens,
+            ignore_eos=self.ignore_eos,
+            stop_token_ids=self.stop_token_ids,
+        )
 
 
 @dataclass(frozen=True)

@@ -7,9 +7,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from engine.role_core import EngineDescription
-
-from .engines import EngineLoad
+from pantry.common.engine_info import EngineDescription, EngineLoad
 
 C = TypeVar("C")
 

@@ -9,7 +9,7 @@ import signal
 import grpc
 from aiohttp import web
 
-from pantry.serving import add_health_and_reflection, grpc_options, write_ready_file
+from pantry.common.serving import add_health_and_reflection, grpc_options, write_ready_file
 
 from .conductor import Conductor
 from .config import ConductorConfig

@@ -13,20 +13,22 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.role_core import EngineCore, RequestRejected
+from engine.role_core import EngineCore
 from engine.runner import SeqStep
 from engine.sampling import Sampler, make_generator
+from engine.stopping import StopChecker
+from pantry.common.errors import InvalidRequest, Overloaded, Unavailable
 
 from .sequence import DecodeEvent, DecodeJob, SeqStatus, Sequence
 
 log = logging.getLogger(__name__)
 
 
-class EngineStopped(RuntimeError):
+class EngineStopped(Unavailable):
     """The engine is shutting down and takes no new sequences."""
 
 
-class QueueFull(RuntimeError):
+class QueueFull(Overloaded):
     """The engine already holds `max_waiting` queued requests."""
 
 
@@ -70,6 +72,7 @@ class DecodeEngine:
         self.core = core
         self.limits = limits or DecodeLimits()
         self._sampler = Sampler()
+        self._stops = StopChecker(core.description.eos_token_ids)
         self._cv = threading.Condition()
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._active: list[Sequence] = []
@@ -90,9 +93,9 @@ class DecodeEngine:
     # ---- called from server threads -------------------------------------------------------
     def submit(self, job: DecodeJob) -> SequenceHandle:
         core = self.core
-        core.validate_prompt(job.token_ids, job.sampling.max_tokens)
+        core.check_prompt(job.token_ids, job.sampling.max_tokens)
         if job.first_token is not None and not 0 <= job.first_token < core.description.vocab_size:
-            raise RequestRejected("first_token", f"{job.first_token} is outside the vocabulary")
+            raise InvalidRequest("first_token", f"{job.first_token} is outside the vocabulary")
         seq = Sequence(job=job, generator=make_generator(job.sampling.seed))
         with self._cv:
             if self._stopped:
@@ -249,23 +252,13 @@ class DecodeEngine:
             computed = len(seq.prompt) - seq.pool_tokens
             self.core.record(computed=computed, pooled=seq.pool_tokens)
             event = DecodeEvent((token,), pool_tokens=seq.pool_tokens, computed_tokens=computed)
-        reason = self._finish_reason(seq, token)
+        reason = self._stops.check(token, len(seq.output), seq.job.sampling)
         if reason:
             event = DecodeEvent(
                 event.token_ids, reason, event.pool_tokens, event.computed_tokens
             )
             seq.status = SeqStatus.FINISHED
         seq.events.put(event)
-
-    def _finish_reason(self, seq: Sequence, token: int) -> str:
-        params = seq.job.sampling
-        if not params.ignore_eos and token in self.core.description.eos_token_ids:
-            return "stop"
-        if token in params.stop_token_ids:
-            return "stop"
-        if len(seq.output) >= params.max_tokens:
-            return "length"
-        return ""
 
     def _store_full_blocks(self, seq: Sequence) -> None:
         core = self.core

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.sampling import SamplingParams
+from pantry.common.sampling import SamplingParams
 
 
 class SeqStatus(enum.Enum):

@@ -9,10 +9,10 @@ import grpc
 
 from engine.errors import EngineError
 from engine.role_config import EngineRoleConfig
-from engine.role_core import RequestRejected
 from engine.role_server import build_core, create_server, serve_on_main_thread
-from engine.wire import info_to_proto, load_to_proto, sampling_from_proto
-from proto.pantry.v1 import engine_pb2, engine_pb2_grpc
+from pantry.common.errors import InvalidRequest
+from pantry.common.wire import info_to_proto, load_to_proto, sampling_from_proto
+from pantry.v1 import engine_pb2, engine_pb2_grpc
 
 from .engine import DecodeEngine, DecodeLimits, EngineStopped, QueueFull
 from .sequence import DecodeJob
@@ -28,15 +28,8 @@ class DecodeServicer(engine_pb2_grpc.DecodeEngineServicer):
         return info_to_proto(self.engine.core.description)
 
     def Load(self, request: engine_pb2.EngineLoadRequest, context: grpc.ServicerContext) -> engine_pb2.EngineLoad:  # noqa: N802,E501
-        core = self.engine.core
         waiting, running = self.engine.load()
-        return load_to_proto(
-            core.counters(),
-            waiting=waiting,
-            running=running,
-            free_blocks=core.runner.allocator.num_free,
-            total_blocks=core.runner.kv.k.shape[1],
-        )
+        return load_to_proto(self.engine.core.load(waiting=waiting, running=running))
 
     def Decode(self, request: engine_pb2.DecodeRequest, context: grpc.ServicerContext) -> Iterator[engine_pb2.DecodeChunk]:  # noqa: N802,E501
         try:
@@ -52,7 +45,7 @@ class DecodeServicer(engine_pb2_grpc.DecodeEngineServicer):
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         except EngineStopped as exc:
             context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-        except (RequestRejected, EngineError, ValueError) as exc:
+        except (InvalidRequest, EngineError) as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         # A client that goes away frees the sequence's blocks at the next step.
         context.add_callback(handle.cancel)

@@ -17,10 +17,6 @@ class InvalidModelConfig(EngineError, ValueError):
     """A model config value is missing or out of range; the message names the setting."""
 
 
-class InvalidSamplingParams(EngineError, ValueError):
-    """A sampling parameter is out of range; the message names the field."""
-
-
 class OutOfBlocks(EngineError):
     """The block allocator cannot satisfy an allocation."""
 

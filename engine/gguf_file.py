@@ -1,4 +1,7 @@
-"""Reading a GGUF file: model config from metadata and dequantized, HF-named float32 tensors."""
+"""Reading a GGUF file: model config from metadata and dequantized, HF-named float32 arrays.
+
+Torch-free on purpose: the conductor reads the tokenizer from the same file and never loads torch.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from gguf import GGUFReader
 from gguf.quants import dequantize
 
@@ -109,8 +111,8 @@ class GGUFFile:
             eos_token_ids=() if eos is None else (int(eos),),
         )
 
-    def tensors(self, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
-        """(hf_name, float32 tensor) for every tensor, Q/K rows back in HF order."""
+    def tensors(self, config: ModelConfig) -> Iterator[tuple[str, np.ndarray]]:
+        """(hf_name, C-contiguous float32 array) for every tensor, Q/K rows back in HF order."""
         permute = self.architecture in _PERMUTED_ARCHS
         for t in self.reader.tensors:
             name = _hf_name(t.name)
@@ -124,7 +126,7 @@ class GGUFFile:
             elif permute and ".k_proj." in name:
                 array = _unpermute(array, config.num_kv_heads)
             # Copy: unquantized tensors are read-only views of the memory-mapped file.
-            yield name, torch.from_numpy(np.array(array, dtype=np.float32, order="C", copy=True))
+            yield name, np.array(array, dtype=np.float32, order="C", copy=True)
 
 
 @lru_cache(maxsize=2)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import grpc
 import torch
@@ -19,7 +18,6 @@ import xxhash
 from kvstore.block_object import decode_block, encode_block
 from kvstore.client import KVStoreClient
 from kvstore.errors import KVStoreError
-from kvstore.hashing import BlockHasher, make_namespace
 
 from .kv_cache import PagedKVCache
 
@@ -46,23 +44,6 @@ def layout_fingerprint(
         f"tp={tp_rank}/{tp_size}",
     ]
     return xxhash.xxh3_128_hexdigest("|".join(parts).encode())
-
-
-@dataclass(frozen=True)
-class PoolAddressing:
-    """How this deployment names blocks: the layout fingerprint, hash seed and salt."""
-
-    fingerprint: str
-    block_size: int
-    hash_seed: int = 0
-    salt: str = ""
-
-    def hasher(self, tenant: str) -> BlockHasher:
-        namespace = make_namespace(self.fingerprint, tenant=tenant, salt=self.salt)
-        return BlockHasher(namespace, block_size=self.block_size, seed=self.hash_seed)
-
-    def block_keys(self, tokens: Sequence[int], tenant: str) -> list[str]:
-        return self.hasher(tenant).block_keys(tokens)
 
 
 class PoolTransfer:

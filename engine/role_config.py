@@ -4,11 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pantry.common.errors import ConfigError
+
 DEFAULT_KV_CACHE_BYTES = 1 << 30
-
-
-class ConfigError(ValueError):
-    """A role setting is invalid; the message names the setting."""
 
 
 @dataclass(frozen=True)

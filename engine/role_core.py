@@ -12,32 +12,14 @@ from dataclasses import dataclass
 import torch
 
 from kvstore.client import KVStoreClient
+from kvstore.hashing import PoolAddressing
+from pantry.common.contract import check_prompt
+from pantry.common.engine_info import EngineDescription, EngineLoad
 
 from .loader import LoadedModel
-from .pool_transfer import PoolAddressing, PoolTransfer, layout_fingerprint
+from .pool_transfer import PoolTransfer, layout_fingerprint
 from .role_config import EngineRoleConfig
 from .runner import ModelRunner
-
-
-class RequestRejected(ValueError):
-    """The request cannot be served as given; `field` names what the caller must change."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-
-
-@dataclass(frozen=True)
-class EngineDescription:
-    role: str
-    engine_id: str
-    model_id: str
-    fingerprint: str
-    block_size: int
-    vocab_size: int
-    max_model_len: int
-    eos_token_ids: tuple[int, ...]
-    hash_seed: int
 
 
 @dataclass(frozen=True)
@@ -95,26 +77,11 @@ class EngineCore:
     def block_size(self) -> int:
         return self.config.block_size
 
-    def validate_prompt(self, tokens: Sequence[int], max_tokens: int) -> None:
-        if not tokens:
-            raise RequestRejected("prompt", "is empty; send at least one token")
-        vocab = self.description.vocab_size
-        bad = next((t for t in tokens if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise RequestRejected(
-                "prompt", f"token id {bad} is outside the vocabulary [0, {vocab})"
-            )
-        if len(tokens) >= self.max_model_len:
-            raise RequestRejected(
-                "prompt",
-                f"{len(tokens)} tokens do not fit the context of {self.max_model_len} tokens",
-            )
-        if max_tokens < 1 or len(tokens) + max_tokens > self.max_model_len:
-            raise RequestRejected(
-                "max_tokens",
-                f"{max_tokens} with a {len(tokens)}-token prompt must be between 1 and "
-                f"{self.max_model_len - len(tokens)} (context {self.max_model_len})",
-            )
+    def check_prompt(self, tokens: Sequence[int], max_tokens: int) -> None:
+        """The conductor checked this already; an engine still refuses what its model cannot
+        run, whoever sent it."""
+        check_prompt(tokens, max_tokens, vocab_size=self.description.vocab_size,
+                     max_model_len=self.max_model_len)
 
     def blocks_for(self, num_tokens: int) -> int:
         return math.ceil(num_tokens / self.block_size)
@@ -143,3 +110,16 @@ class EngineCore:
     def counters(self) -> EngineCounters:
         with self._lock:
             return EngineCounters(self._requests, self._computed, self._pooled, self._busy)
+
+    def load(self, *, waiting: int, running: int) -> EngineLoad:
+        c = self.counters()
+        return EngineLoad(
+            waiting=waiting,
+            running=running,
+            free_blocks=self.runner.allocator.num_free,
+            total_blocks=self.runner.kv.num_blocks,
+            requests_total=c.requests_total,
+            computed_tokens_total=c.computed_tokens_total,
+            pool_tokens_total=c.pool_tokens_total,
+            busy_seconds_total=c.busy_seconds_total,
+        )

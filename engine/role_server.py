@@ -6,18 +6,12 @@ import logging
 import os
 import signal
 from collections.abc import Callable
-from concurrent import futures
 
 import grpc
 import torch
 
 from kvstore.client import KVStoreClient
-from pantry.serving import (
-    add_health_and_reflection,
-    grpc_options,
-    wait_for_signal,
-    write_ready_file,
-)
+from pantry.common.serving import create_grpc_server, wait_for_signal, write_ready_file
 
 from .loader import load_model
 from .role_config import EngineRoleConfig
@@ -46,19 +40,9 @@ def build_core(config: EngineRoleConfig, role: str) -> EngineCore:
 
 
 def create_server(
-    config: EngineRoleConfig,
-    register: Callable[[grpc.Server], None],
-    service_names: list[str],
-    max_workers: int = 32,
+    config: EngineRoleConfig, register: Callable[[grpc.Server], None], service_names: list[str]
 ) -> tuple[grpc.Server, int]:
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max_workers), options=grpc_options()
-    )
-    register(server)
-    add_health_and_reflection(server, service_names)
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
-    if port == 0:
-        raise RuntimeError(f"port: cannot listen on {config.host}:{config.port}")
+    server, port, _ = create_grpc_server(config.host, config.port, register, service_names)
     return server, port
 
 

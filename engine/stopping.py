@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Literal
 
-from engine.sampling import SamplingParams
+from pantry.common.sampling import SamplingParams
 
 FinishReason = Literal["stop", "length"]
 

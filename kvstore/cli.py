@@ -11,9 +11,11 @@ from pathlib import Path
 import grpc
 
 from kvstore.client import KVStoreClient
-from kvstore.config import ClientConfig, MasterConfig, NodeConfig, parse_size
+from kvstore.config import ClientConfig, MasterConfig, NodeConfig
 from kvstore.errors import KVStoreError
-from pantry.serving import configure_logging, format_table, wait_for_signal, write_ready_file
+from pantry.common.config_flags import parse_size
+from pantry.common.errors import ConfigError
+from pantry.common.serving import configure_logging, format_table, wait_for_signal, write_ready_file
 
 log = logging.getLogger("kvstore")
 
@@ -182,7 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(role, "DEBUG" if ns.verbose else "INFO")
     try:
         return int(ns.fn(ns))
-    except KVStoreError as e:
+    except (KVStoreError, ConfigError) as e:
         print(f"kvstore: error: {e}", file=sys.stderr)
         return 2
     except grpc.RpcError as e:

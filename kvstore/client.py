@@ -26,8 +26,8 @@ from kvstore.transports import Transport, TransportError
 from kvstore.transports.grpc import GrpcTransport
 from kvstore.transports.shm import ShmTransport
 from kvstore.transports.tcp import TcpTransport
-from proto.pantry.v1 import kvstore_pb2 as pb
-from proto.pantry.v1 import kvstore_pb2_grpc as pb_grpc
+from pantry.v1 import kvstore_pb2 as pb
+from pantry.v1 import kvstore_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 

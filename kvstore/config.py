@@ -5,28 +5,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from kvstore.errors import ConfigError
-
-KIB = 1024
-MIB = 1024 * KIB
-GIB = 1024 * MIB
-_UNITS = {"": 1, "B": 1, "K": KIB, "KB": KIB, "KIB": KIB, "M": MIB, "MB": MIB, "MIB": MIB,
-          "G": GIB, "GB": GIB, "GIB": GIB}
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*$")
+from pantry.common.config_flags import KIB, MIB
+from pantry.common.errors import ConfigError
 
 DEFAULT_MAX_OBJECT_BYTES = 64 * MIB
 # gRPC frames carry a little more than the payload; the slack keeps a max-size object sendable.
 MESSAGE_SLACK_BYTES = 1 * MIB
-
-
-def parse_size(text: str | int) -> int:
-    """'256MiB' -> 268435456. Binary units; KB/MB/GB are treated as KiB/MiB/GiB too."""
-    if isinstance(text, int):
-        return text
-    m = _SIZE_RE.match(text)
-    if not m or m.group(2).upper() not in _UNITS:
-        raise ConfigError(f"not a size: {text!r} (use e.g. 4096, 64KiB, 256MiB, 1GiB)")
-    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
 
 
 def _positive(name: str, value: float) -> None:

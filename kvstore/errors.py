@@ -7,16 +7,8 @@ class KVStoreError(Exception):
     """Base class of every expected kvstore failure."""
 
 
-class ConfigError(KVStoreError, ValueError):
-    """A role configuration has an invalid setting; the message names the setting."""
-
-
 class ObjectTooLargeError(KVStoreError, ValueError):
     """An object exceeds `max_object_bytes` (or the largest slot a node can hold)."""
-
-
-class NoSpaceError(KVStoreError):
-    """No node has room for an allocation, even after eviction."""
 
 
 class UnknownNodeError(KVStoreError):

@@ -9,10 +9,12 @@ from __future__ import annotations
 import hashlib
 import struct
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import xxhash
 
-from kvstore.errors import ConfigError, InvalidTokenError
+from kvstore.errors import InvalidTokenError
+from pantry.common.errors import ConfigError
 
 _ROOT_TAG = b"pantry-kv-v1\x00"
 _MAX_TOKEN = 2**32
@@ -79,3 +81,20 @@ class BlockHasher:
             prev = self._digest(prev + packed)
             keys.append(prev.hex())
         return keys
+
+
+@dataclass(frozen=True)
+class PoolAddressing:
+    """How this deployment names blocks: the layout fingerprint, hash seed and salt."""
+
+    fingerprint: str
+    block_size: int
+    hash_seed: int = 0
+    salt: str = ""
+
+    def hasher(self, tenant: str) -> BlockHasher:
+        namespace = make_namespace(self.fingerprint, tenant=tenant, salt=self.salt)
+        return BlockHasher(namespace, block_size=self.block_size, seed=self.hash_seed)
+
+    def block_keys(self, tokens: Sequence[int], tenant: str) -> list[str]:
+        return self.hasher(tenant).block_keys(tokens)

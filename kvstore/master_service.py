@@ -14,8 +14,8 @@ from kvstore.config import MasterConfig
 from kvstore.errors import UnknownNodeError
 from kvstore.master import Master, PutOutcome
 from kvstore.metadata import NodeInfo, ObjectMeta, PoolStatus
-from proto.pantry.v1 import kvstore_pb2 as pb
-from proto.pantry.v1 import kvstore_pb2_grpc as pb_grpc
+from pantry.v1 import kvstore_pb2 as pb
+from pantry.v1 import kvstore_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 

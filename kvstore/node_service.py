@@ -12,8 +12,8 @@ from kvstore.config import NodeConfig
 from kvstore.errors import SegmentError
 from kvstore.node import StorageNode
 from kvstore.transports.tcp import TcpServer
-from proto.pantry.v1 import kvstore_pb2 as pb
-from proto.pantry.v1 import kvstore_pb2_grpc as pb_grpc
+from pantry.v1 import kvstore_pb2 as pb
+from pantry.v1 import kvstore_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 

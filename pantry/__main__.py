@@ -1,5 +1,5 @@
 import sys
 
-from pantry.cli import main
+from pantry.cli.main import main
 
 sys.exit(main())

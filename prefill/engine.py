@@ -9,7 +9,8 @@ from dataclasses import dataclass
 
 from engine.role_core import EngineCore
 from engine.runner import SeqStep
-from engine.sampling import Sampler, SamplingParams, make_generator
+from engine.sampling import Sampler, make_generator
+from pantry.common.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ class PrefillEngine:
 
     def prefill(self, job: PrefillJob) -> PrefillOutcome:
         core = self.core
-        core.validate_prompt(job.token_ids, job.sampling.max_tokens)
+        core.check_prompt(job.token_ids, job.sampling.max_tokens)
         with self._state:
             self._waiting += 1
         try:

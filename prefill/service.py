@@ -8,10 +8,10 @@ import grpc
 
 from engine.errors import EngineError
 from engine.role_config import EngineRoleConfig
-from engine.role_core import RequestRejected
 from engine.role_server import build_core, create_server, serve_forever
-from engine.wire import info_to_proto, load_to_proto, sampling_from_proto
-from proto.pantry.v1 import engine_pb2, engine_pb2_grpc
+from pantry.common.errors import InvalidRequest
+from pantry.common.wire import info_to_proto, load_to_proto, sampling_from_proto
+from pantry.v1 import engine_pb2, engine_pb2_grpc
 
 from .engine import PrefillEngine, PrefillJob
 
@@ -26,15 +26,9 @@ class PrefillServicer(engine_pb2_grpc.PrefillEngineServicer):
         return info_to_proto(self.engine.core.description)
 
     def Load(self, request: engine_pb2.EngineLoadRequest, context: grpc.ServicerContext) -> engine_pb2.EngineLoad:  # noqa: N802,E501
-        core = self.engine.core
-        alloc = core.runner.allocator
         waiting = self.engine.waiting
         return load_to_proto(
-            core.counters(),
-            waiting=max(waiting - 1, 0),
-            running=min(waiting, 1),
-            free_blocks=alloc.num_free,
-            total_blocks=core.runner.kv.k.shape[1],
+            self.engine.core.load(waiting=max(waiting - 1, 0), running=min(waiting, 1))
         )
 
     def Prefill(self, request: engine_pb2.PrefillRequest, context: grpc.ServicerContext) -> engine_pb2.PrefillResult:  # noqa: N802,E501
@@ -46,7 +40,7 @@ class PrefillServicer(engine_pb2_grpc.PrefillEngineServicer):
                 sampling=sampling_from_proto(request.sampling),
             )
             outcome = self.engine.prefill(job)
-        except (RequestRejected, EngineError, ValueError) as exc:
+        except (InvalidRequest, EngineError) as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         return engine_pb2.PrefillResult(
             first_token=outcome.first_token,

@@ -1,4 +1,4 @@
-"""Regenerate the Python modules for proto/pantry/v1/*.proto (run: make proto).
+"""Regenerate pantry/v1/*_pb2*.py from proto/pantry/v1/*.proto (run: make proto).
 
 With --check it regenerates into a temporary folder and exits 1 when the committed modules differ,
 so CI catches a .proto edited without regenerating.
@@ -15,7 +15,10 @@ from pathlib import Path
 from grpc_tools import protoc
 
 ROOT = Path(__file__).resolve().parent.parent
-PROTO_DIR = ROOT / "proto" / "pantry" / "v1"
+PROTO_ROOT = ROOT / "proto"
+PROTO_DIR = PROTO_ROOT / "pantry" / "v1"
+# The generated modules take the proto package's own path, pantry.v1, a package name of ours.
+OUT_DIR = ROOT / "pantry" / "v1"
 
 
 def generate(out_root: Path) -> list[Path]:
@@ -23,16 +26,16 @@ def generate(out_root: Path) -> list[Path]:
     include = str(Path(protoc.__file__).parent / "_proto")
     args = [
         "protoc",
-        f"-I{ROOT}",
+        f"-I{PROTO_ROOT}",
         f"-I{include}",
         f"--python_out={out_root}",
         f"--pyi_out={out_root}",
         f"--grpc_python_out={out_root}",
-        *[str(p.relative_to(ROOT)) for p in protos],
+        *[str(p.relative_to(PROTO_ROOT)) for p in protos],
     ]
     if protoc.main(args) != 0:
         raise SystemExit("protoc failed")
-    return sorted((out_root / "proto" / "pantry" / "v1").glob("*_pb2*.py*"))
+    return sorted((out_root / "pantry" / "v1").glob("*_pb2*.py*"))
 
 
 def main() -> int:
@@ -47,10 +50,10 @@ def main() -> int:
         fresh = generate(Path(tmp))
         stale = []
         for path in fresh:
-            committed = PROTO_DIR / path.name
+            committed = OUT_DIR / path.name
             if not committed.exists() or not filecmp.cmp(path, committed, shallow=False):
                 stale.append(path.name)
-        extra = {p.name for p in PROTO_DIR.glob("*_pb2*.py*")} - {p.name for p in fresh}
+        extra = {p.name for p in OUT_DIR.glob("*_pb2*.py*")} - {p.name for p in fresh}
         stale += sorted(extra)
         if stale:
             print("stale generated protobuf modules (run `make proto`): " + ", ".join(stale))

@@ -8,8 +8,8 @@ from typing import TypeVar
 import grpc
 
 from kvstore.transports import TransportError
-from proto.pantry.v1 import kvstore_pb2 as pb
-from proto.pantry.v1 import kvstore_pb2_grpc as pb_grpc
+from pantry.v1 import kvstore_pb2 as pb
+from pantry.v1 import kvstore_pb2_grpc as pb_grpc
 
 T = TypeVar("T")
 

@@ -7,7 +7,8 @@ from typing import Any
 import pytest
 
 from conductor.openai_protocol import MAX_STOP_STRINGS, parse_chat, parse_completion
-from conductor.requests import ChatMessage, InvalidRequest
+from conductor.requests import ChatMessage
+from pantry.common.errors import InvalidRequest
 
 
 def refused_field(parse: Any, body: dict[str, Any]) -> str:

@@ -19,9 +19,10 @@ from engine.loader import load_model
 from engine.role_config import EngineRoleConfig
 from engine.role_core import EngineCore
 from kvstore.client import KVStoreClient
-from kvstore.config import MIB, ClientConfig, MasterConfig, NodeConfig
+from kvstore.config import ClientConfig, MasterConfig, NodeConfig
 from kvstore.master_service import start_master
 from kvstore.node_service import start_node
+from pantry.common.config_flags import MIB
 from tests.kvstore.kv_helpers import wait_for
 
 BLOCK = 16

@@ -12,8 +12,9 @@ import pytest
 
 from decode.engine import DecodeEngine, DecodeLimits, EngineStopped, QueueFull, SequenceHandle
 from decode.sequence import DecodeEvent, DecodeJob
-from engine.role_core import EngineCore, RequestRejected
-from engine.sampling import SamplingParams
+from engine.role_core import EngineCore
+from pantry.common.errors import InvalidRequest
+from pantry.common.sampling import SamplingParams
 from prefill.engine import PrefillEngine, PrefillJob
 from tests.decode.engine_rig import (
     BLOCK,
@@ -306,7 +307,7 @@ def test_invalid_requests_are_rejected_naming_the_field(
     make_engine: EngineFactory, tokens: tuple[int, ...], max_tokens: int, field: str
 ) -> None:
     engine = make_engine()
-    with pytest.raises(RequestRejected) as info:
+    with pytest.raises(InvalidRequest) as info:
         engine.submit(decode_job(tokens, max_tokens))
     assert info.value.field == field
     assert engine.load() == (0, 0)
@@ -315,10 +316,10 @@ def test_invalid_requests_are_rejected_naming_the_field(
 def test_configured_max_model_len_limits_requests(make_engine: EngineFactory) -> None:
     engine = make_engine(max_model_len=64)
     assert engine.core.max_model_len == 64
-    with pytest.raises(RequestRejected) as info:
+    with pytest.raises(InvalidRequest) as info:
         engine.submit(decode_job(prompt(64, seed=33), 1))
     assert info.value.field == "prompt"
-    with pytest.raises(RequestRejected) as info:
+    with pytest.raises(InvalidRequest) as info:
         engine.submit(decode_job(prompt(60, seed=33), 5))
     assert info.value.field == "max_tokens"
     assert len(tokens_of(collect(engine.submit(decode_job(prompt(60, seed=33), 4))))) == 4
@@ -328,7 +329,7 @@ def test_configured_max_model_len_limits_requests(make_engine: EngineFactory) ->
 def test_first_token_outside_vocabulary_is_rejected(make_engine: EngineFactory,
                                                     first_token: int) -> None:
     engine = make_engine()
-    with pytest.raises(RequestRejected) as info:
+    with pytest.raises(InvalidRequest) as info:
         engine.submit(decode_job(prompt(5, seed=23), 3, first_token=first_token))
     assert info.value.field == "first_token"
     assert engine.load() == (0, 0)

@@ -15,7 +15,7 @@ from typing import Any
 import grpc
 import httpx
 
-from proto.pantry.v1 import engine_pb2, engine_pb2_grpc
+from pantry.v1 import engine_pb2, engine_pb2_grpc
 
 START_TIMEOUT_S = 240.0
 

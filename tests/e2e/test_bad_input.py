@@ -6,7 +6,7 @@ import grpc
 import httpx
 import pytest
 
-from proto.pantry.v1 import common_pb2, generation_pb2, generation_pb2_grpc
+from pantry.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 from tests.e2e.local_system import LocalSystem
 
 GOOD = [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22]

@@ -180,7 +180,7 @@ def test_client_hanging_up_frees_the_sequence(smollm2_system: LocalSystem) -> No
     import grpc
     import httpx
 
-    from proto.pantry.v1 import engine_pb2, engine_pb2_grpc
+    from pantry.v1 import engine_pb2, engine_pb2_grpc
 
     body = {"messages": _conv("Tell me a very long story about the pantry."),
             "max_tokens": 400, "temperature": 0, "ignore_eos": True, "stream": True}

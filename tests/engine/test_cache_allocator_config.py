@@ -15,7 +15,8 @@ from engine.errors import (
     UnsupportedModel,
 )
 from engine.kv_cache import PagedKVCache
-from engine.loader import load_model, load_model_config, resolve_model_path
+from engine.loader import load_model
+from engine.model_files import load_model_config, resolve_model_path
 from engine.runner import ModelRunner, SeqStep
 from tests.helpers.tiny_models import smollm2_gguf_path
 

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from engine.kv_cache import PagedKVCache
-from engine.pool_transfer import PoolAddressing, PoolTransfer
+from engine.pool_transfer import PoolTransfer
 from kvstore.client import KVStoreClient
 from kvstore.config import ClientConfig
+from kvstore.hashing import PoolAddressing
 from tests.decode.engine_rig import pool_client, running_pool
 
 

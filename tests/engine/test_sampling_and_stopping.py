@@ -3,9 +3,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.errors import InvalidSamplingParams
-from engine.sampling import Sampler, SamplingParams, make_generator
+from engine.sampling import Sampler, make_generator
 from engine.stopping import StopChecker
+from pantry.common.errors import InvalidRequest
+from pantry.common.sampling import SamplingParams
 
 
 def random_logits(rows: int = 4, vocab: int = 300, seed: int = 0) -> torch.Tensor:
@@ -59,7 +60,7 @@ def test_top_k_only_draws_from_top_k() -> None:
     ("max_tokens", {"max_tokens": 0}),
 ])
 def test_invalid_params_name_the_field(field: str, kwargs: dict) -> None:
-    with pytest.raises(InvalidSamplingParams, match=field):
+    with pytest.raises(InvalidRequest, match=field):
         SamplingParams(**kwargs)
 
 

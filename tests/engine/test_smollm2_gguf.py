@@ -8,7 +8,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from engine.loader import LoadedModel, load_model, load_model_config, load_tokenizer
+from engine.loader import LoadedModel, load_model
+from engine.model_files import load_model_config, load_tokenizer
 from engine.runner import ModelRunner, SeqStep
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from tests.helpers.tiny_models import smollm2_gguf_path

@@ -9,9 +9,10 @@ import pytest
 from kv_helpers import wait_for
 
 from kvstore.client import KVStoreClient
-from kvstore.config import MIB, ClientConfig, MasterConfig, NodeConfig
+from kvstore.config import ClientConfig, MasterConfig, NodeConfig
 from kvstore.master_service import MasterServer, start_master
 from kvstore.node_service import NodeServer, start_node
+from pantry.common.config_flags import MIB
 
 
 @pytest.fixture

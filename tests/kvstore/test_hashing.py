@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from kvstore.errors import ConfigError, InvalidTokenError
+from kvstore.errors import InvalidTokenError
 from kvstore.hashing import BlockHasher, make_namespace
+from pantry.common.errors import ConfigError
 
 
 def test_namespace_format() -> None:

@@ -12,12 +12,12 @@ from kv_helpers import wait_for
 
 from kvstore.block_object import decode_block, encode_block
 from kvstore.client import KVStoreClient, PrefixMatch
-from kvstore.config import MIB
 from kvstore.errors import ObjectTooLargeError
 from kvstore.hashing import BlockHasher, make_namespace
 from kvstore.node_service import NodeServer
-from proto.pantry.v1 import kvstore_pb2 as pb
-from proto.pantry.v1 import kvstore_pb2_grpc as pb_grpc
+from pantry.common.config_flags import MIB
+from pantry.v1 import kvstore_pb2 as pb
+from pantry.v1 import kvstore_pb2_grpc as pb_grpc
 
 NodeFactory = Callable[..., NodeServer]
 ClientFactory = Callable[..., KVStoreClient]

@@ -6,9 +6,9 @@ import pytest
 
 from kvstore.allocator import BuddyAllocator, slot_size
 from kvstore.config import KIB, MasterConfig
-from kvstore.errors import ConfigError
 from kvstore.master import Master, PutOutcome
 from kvstore.metadata import NodeInfo
+from pantry.common.errors import ConfigError
 
 
 class Clock:

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from engine.role_core import EngineCore, RequestRejected
-from engine.sampling import SamplingParams
+from engine.role_core import EngineCore
+from pantry.common.errors import InvalidRequest
+from pantry.common.sampling import SamplingParams
 from prefill.engine import PrefillEngine, PrefillJob
 from tests.decode.engine_rig import BLOCK, MAX_MODEL_LEN, hf_greedy, make_core, pool_client, prompt
 
@@ -133,7 +134,7 @@ def test_invalid_prompts_are_rejected_without_touching_state(
 ) -> None:
     engine = PrefillEngine(core)
     free = core.runner.allocator.num_free
-    with pytest.raises(RequestRejected) as info:
+    with pytest.raises(InvalidRequest) as info:
         engine.prefill(job(tokens, sampling=SamplingParams(max_tokens=max_tokens)))
     assert info.value.field == field
     assert core.runner.allocator.num_free == free

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pantry.client_stream import stream_request
+from pantry.cli.client_stream import stream_request
 
 SYSTEM_PROMPT = (
     "You are the pantry assistant of a busy restaurant kitchen. The pantry holds flour, rice, "

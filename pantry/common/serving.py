@@ -1,4 +1,5 @@
-"""What every Pantry server process does the same way: grpc options, readiness, signals."""
+"""What every Pantry server process does the same way: gRPC options and server, health and
+reflection, readiness, signals, logging, tables."""
 
 from __future__ import annotations
 
@@ -9,12 +10,19 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
+from concurrent import futures
 from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
 def grpc_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
+    """Every channel and server Pantry opens: large messages (KV blocks over the gRPC fallback),
+    and no SO_REUSEPORT, so two servers can never silently share a port."""
     return [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
@@ -69,12 +77,11 @@ def configure_logging(role: str, level: str = "INFO") -> None:
     )
 
 
-def add_health_and_reflection(server: object, service_names: list[str]) -> object:
+def add_health_and_reflection(
+    server: grpc.Server | grpc.aio.Server, service_names: Sequence[str]
+) -> health.HealthServicer:
     """Registers grpc.health.v1 (every service SERVING) and reflection; returns the health
     servicer so the caller can flip it to NOT_SERVING on shutdown."""
-    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-    from grpc_reflection.v1alpha import reflection
-
     servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
     for name in ["", *service_names]:
@@ -83,3 +90,27 @@ def add_health_and_reflection(server: object, service_names: list[str]) -> objec
         [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
     )
     return servicer
+
+
+def create_grpc_server(
+    host: str,
+    port: int,
+    register: Callable[[grpc.Server], None],
+    service_names: Sequence[str],
+    *,
+    max_workers: int = 32,
+    thread_name_prefix: str = "",
+    max_message_bytes: int = MAX_MESSAGE_BYTES,
+) -> tuple[grpc.Server, int, health.HealthServicer]:
+    """A bound, not yet started, threaded gRPC server with health and reflection, its port and
+    its health servicer. Port 0 picks a free port; a port that cannot be bound raises OSError."""
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=thread_name_prefix),
+        options=grpc_options(max_message_bytes),
+    )
+    register(server)
+    servicer = add_health_and_reflection(server, service_names)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"port: cannot listen on {host}:{port}")
+    return server, bound, servicer

@@ -6,8 +6,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from kvstore.config import parse_size
-from pantry.serving import configure_logging
+from pantry.common.config_flags import parse_size
+from pantry.common.serving import configure_logging
 
 DEFAULT_MODEL = "smollm2"
 
@@ -92,8 +92,8 @@ def cmd_conductor(ns: argparse.Namespace) -> int:
 
 
 def cmd_local(ns: argparse.Namespace) -> int:
-    from engine.loader import resolve_model_path
-    from pantry.local import LocalOptions, run_local
+    from engine.model_files import resolve_model_path
+    from pantry.cli.local import LocalOptions, run_local
 
     resolve_model_path(ns.model)  # a wrong --model fails here, before any role starts
 

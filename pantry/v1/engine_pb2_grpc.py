@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from proto.pantry.v1 import engine_pb2 as proto_dot_pantry_dot_v1_dot_engine__pb2
+from pantry.v1 import engine_pb2 as pantry_dot_v1_dot_engine__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in proto/pantry/v1/engine_pb2_grpc.py depends on'
+        + ' but the generated code in pantry/v1/engine_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,18 +36,18 @@ class PrefillEngineStub:
         """
         self.Info = channel.unary_unary(
                 '/pantry.v1.PrefillEngine/Info',
-                request_serializer=proto_dot_pantry_dot_v1_dot_engine__pb2.EngineInfoRequest.SerializeToString,
-                response_deserializer=proto_dot_pantry_dot_v1_dot_engine__pb2.EngineInfo.FromString,
+                request_serializer=pantry_dot_v1_dot_engine__pb2.EngineInfoRequest.SerializeToString,
+                response_deserializer=pantry_dot_v1_dot_engine__pb2.EngineInfo.FromString,
                 _registered_method=True)
         self.Load = channel.unary_unary(
                 '/pantry.v1.PrefillEngine/Load',
-                request_serializer=proto_dot_pantry_dot_v1_dot_engine__pb2.EngineLoadRequest.SerializeToString,
-                response_deserializer=proto_dot_pantry_dot_v1_dot_engine__pb2.EngineLoad.FromString,
+                request_serializer=pantry_dot_v1_dot_engine__pb2.EngineLoadRequest.SerializeToString,
+                response_deserializer=pantry_dot_v1_dot_engine__pb2.EngineLoad.FromString,
                 _registered_method=True)
         self.Prefill = channel.unary_unary(
                 '/pantry.v1.PrefillEngine/Prefill',
-                request_serializer=proto_dot_pantry_dot_v1_dot_engine__pb2.PrefillRequest.SerializeToString,
-                response_deserializer=proto_dot_pantry_dot_v1_dot_engine__pb2.PrefillResult.FromString,
+                request_serializer=pantry_dot_v1_dot_engine__pb2.PrefillRequest.SerializeToString,
+                response_deserializer=pantry_dot_v1_dot_engine__pb2.PrefillResult.FromString,
                 _registered_method=True)
 
 
@@ -77,18 +77,18 @@ def add_PrefillEngineServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Info': grpc.unary_unary_rpc_method_handler(
                     servicer.Info,
-                    request_deserializer=proto_dot_pantry_dot_v1_dot_engine__pb2.EngineInfoRequest.FromString,
-                    response_serializer=proto_dot_pantry_dot_v1_dot_engine__pb2.EngineInfo.SerializeToString,
+                    request_deserializer=pantry_dot_v1_dot_engine__pb2.EngineInfoRequest.FromString,
+                    response_serializer=pantry_dot_v1_dot_engine__pb2.EngineInfo.SerializeToString,
             ),
             'Load': grpc.unary_unary_rpc_method_handler(
                     servicer.Load,
-                    request_deserializer=proto_dot_pantry_dot_v1_dot_engine__pb2.EngineLoadRequest.FromString,
-                    response_serializer=proto_dot_pantry_dot_v1_dot_engine__pb2.EngineLoad.SerializeToString,
+                    request_deserializer=pantry_dot_v1_dot_engine__pb2.EngineLoadRequest.FromString,
+                    response_serializer=pantry_dot_v1_dot_engine__pb2.EngineLoad.SerializeToString,
             ),
             'Prefill': grpc.unary_unary_rpc_method_handler(
                     servicer.Prefill,
-                    request_deserializer=proto_dot_pantry_dot_v1_dot_engine__pb2.PrefillRequest.FromString,
-                    response_serializer=proto_dot_pantry_dot_v1_dot_engine__pb2.PrefillResult.SerializeToString,
+                    request_deserializer=pantry_dot_v1_dot_engine__pb2.PrefillRequest.FromString,
+                    response_serializer=pantry_dot_v1_dot_engine__pb2.PrefillResult.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -116,8 +116,8 @@ class PrefillEngine:
             request,
             target,
             '/pantry.v1.PrefillEngine/Info',
-            proto_dot_pantry_dot_v1_dot_engine__pb2.EngineInfoRequest.SerializeToString,
-            proto_dot_pantry_dot_v1_dot_engine__pb2.EngineInfo.FromString,
+            pantry_dot_v1_dot_engine__pb2.EngineInfoRequest.SerializeToString,
+            pantry_dot_v1_dot_engine__pb2.EngineInfo.FromString,
             options,
             channel_credentials,
             insecure,
@@ -143,8 +143,8 @@ class PrefillEngine:
             request,
             target,
             '/pantry.v1.PrefillEngine/Load',
-            proto_dot_pantry_dot_v1_dot_engine__pb2.EngineLoadRequest.SerializeToString,
-            proto_dot_pantry_dot_v1_dot_engine__pb2.EngineLoad.FromString,
+            pantry_dot_v1_dot_engine__pb2.EngineLoadRequest.SerializeToString,
+            pantry_dot_v1_dot_engine__pb2.EngineLoad.FromString,
             options,
             channel_credentials,
             insecure,
@@ -170,8 +170,8 @@ class PrefillEngine:
             request,
             target,
             '/pantry.v1.PrefillEngine/Prefill',
-            proto_dot_pantry_dot_v1_dot_engine__pb2.PrefillRequest.SerializeToString,
-            proto_dot_pantry_dot_v1_dot_engine__pb2.PrefillResult.FromString,
+            pantry_dot_v1_dot_engine__pb2.PrefillRequest.SerializeToString,
+            pantry_dot_v1_dot_engine__pb2.PrefillResult.FromString,
             options,
             channel_credentials,
             insecure,
@@ -194,18 +194,18 @@ class DecodeEngineStub:
         """
         self.Info = channel.unary_unary(
                 '/pantry.v1.DecodeEngine/Info',
-                request_serializer=proto_dot_pantry_dot_v1_dot_engine__pb2.EngineInfoRequest.SerializeToString,
-                response_deserializer=proto_dot_pantry_dot_v1_dot_engine__pb2.EngineInfo.FromString,
+                request_serializer=pantry_dot_v1_dot_engine__pb2.EngineInfoRequest.SerializeToString,
+                response_deserializer=pantry_dot_v1_dot_engine__pb2.EngineInfo.FromString,
                 _registered_method=True)
         self.Load = channel.unary_unary(
                 '/pantry.v1.DecodeEngine/Load',
-                request_serializer=proto_dot_pantry_dot_v1_dot_engine__pb2.EngineLoadRequest.SerializeToString,
-                response_deserializer=proto_dot_pantry_dot_v1_dot_engine__pb2.EngineLoad.FromString,
+                request_serializer=pantry_dot_v1_dot_engine__pb2.EngineLoadRequest.SerializeToString,
+                response_deserializer=pantry_dot_v1_dot_engine__pb2.EngineLoad.FromString,
                 _registered_method=True)
         self.Decode = channel.unary_stream(
                 '/pantry.v1.DecodeEngine/Decode',
-                request_serializer=proto_dot_pantry_dot_v1_dot_engine__pb2.DecodeRequest.SerializeToString,
-                response_deserializer=proto_dot_pantry_dot_v1_dot_engine__pb2.DecodeChunk.FromString,
+                request_serializer=pantry_dot_v1_dot_engine__pb2.DecodeRequest.SerializeToString,
+                response_deserializer=pantry_dot_v1_dot_engine__pb2.DecodeChunk.FromString,
                 _registered_method=True)
 
 
@@ -235,18 +235,18 @@ def add_DecodeEngineServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Info': grpc.unary_unary_rpc_method_handler(
                     servicer.Info,
-                    request_deserializer=proto_dot_pantry_dot_v1_dot_engine__pb2.EngineInfoRequest.FromString,
-                    response_serializer=proto_dot_pantry_dot_v1_dot_engine__pb2.EngineInfo.SerializeToString,
+                    request_deserializer=pantry_dot_v1_dot_engine__pb2.EngineInfoRequest.FromString,
+                    response_serializer=pantry_dot_v1_dot_engine__pb2.EngineInfo.SerializeToString,
             ),
             'Load': grpc.unary_unary_rpc_method_handler(
                     servicer.Load,
-                    request_deserializer=proto_dot_pantry_dot_v1_dot_engine__pb2.EngineLoadRequest.FromString,
-                    response_serializer=proto_dot_pantry_dot_v1_dot_engine__pb2.EngineLoad.SerializeToString,
+                    request_deserializer=pantry_dot_v1_dot_engine__pb2.EngineLoadRequest.FromString,
+                    response_serializer=pantry_dot_v1_dot_engine__pb2.EngineLoad.SerializeToString,
             ),
             'Decode': grpc.unary_stream_rpc_method_handler(
                     servicer.Decode,
-                    request_deserializer=proto_dot_pantry_dot_v1_dot_engine__pb2.DecodeRequest.FromString,
-                    response_serializer=proto_dot_pantry_dot_v1_dot_engine__pb2.DecodeChunk.SerializeToString,
+                    request_deserializer=pantry_dot_v1_dot_engine__pb2.DecodeRequest.FromString,
+                    response_serializer=pantry_dot_v1_dot_engine__pb2.DecodeChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -274,8 +274,8 @@ class DecodeEngine:
             request,
             target,
             '/pantry.v1.DecodeEngine/Info',
-            proto_dot_pantry_dot_v1_dot_engine__pb2.EngineInfoRequest.SerializeToString,
-            proto_dot_pantry_dot_v1_dot_engine__pb2.EngineInfo.FromString,
+            pantry_dot_v1_dot_engine__pb2.EngineInfoRequest.SerializeToString,
+            pantry_dot_v1_dot_engine__pb2.EngineInfo.FromString,
             options,
             channel_credentials,
             insecure,
@@ -301,8 +301,8 @@ class DecodeEngine:
             request,
             target,
             '/pantry.v1.DecodeEngine/Load',
-            proto_dot_pantry_dot_v1_dot_engine__pb2.EngineLoadRequest.SerializeToString,
-            proto_dot_pantry_dot_v1_dot_engine__pb2.EngineLoad.FromString,
+            pantry_dot_v1_dot_engine__pb2.EngineLoadRequest.SerializeToString,
+            pantry_dot_v1_dot_engine__pb2.EngineLoad.FromString,
             options,
             channel_credentials,
             insecure,
@@ -328,8 +328,8 @@ class DecodeEngine:
             request,
             target,
             '/pantry.v1.DecodeEngine/Decode',
-            proto_dot_pantry_dot_v1_dot_engine__pb2.DecodeRequest.SerializeToString,
-            proto_dot_pantry_dot_v1_dot_engine__pb2.DecodeChunk.FromString,
+            pantry_dot_v1_dot_engine__pb2.DecodeRequest.SerializeToString,
+            pantry_dot_v1_dot_engine__pb2.DecodeChunk.FromString,
             options,
             channel_credentials,
             insecure,

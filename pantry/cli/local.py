@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from pantry.serving import format_table, write_ready_file
+from pantry.common.serving import format_table, write_ready_file
 
 log = logging.getLogger("pantry.local")
 

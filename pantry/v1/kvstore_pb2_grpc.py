@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from proto.pantry.v1 import kvstore_pb2 as proto_dot_pantry_dot_v1_dot_kvstore__pb2
+from pantry.v1 import kvstore_pb2 as pantry_dot_v1_dot_kvstore__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in proto/pantry/v1/kvstore_pb2_grpc.py depends on'
+        + ' but the generated code in pantry/v1/kvstore_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,58 +36,58 @@ class KVMasterStub:
         """
         self.RegisterNode = channel.unary_unary(
                 '/pantry.v1.KVMaster/RegisterNode',
-                request_serializer=proto_dot_pantry_dot_v1_dot_kvstore__pb2.RegisterNodeRequest.SerializeToString,
-                response_deserializer=proto_dot_pantry_dot_v1_dot_kvstore__pb2.RegisterNodeResponse.FromString,
+                request_serializer=pantry_dot_v1_dot_kvstore__pb2.RegisterNodeRequest.SerializeToString,
+                response_deserializer=pantry_dot_v1_dot_kvstore__pb2.RegisterNodeResponse.FromString,
                 _registered_method=True)
         self.Heartbeat = channel.unary_unary(
                 '/pantry.v1.KVMaster/Heartbeat',
-                request_serializer=proto_dot_pantry_dot_v1_dot_kvstore__pb2.HeartbeatRequest.SerializeToString,
-                response_deserializer=proto_dot_pantry_dot_v1_dot_kvstore__pb2.HeartbeatResponse.FromString,
+                request_serializer=pantry_dot_v1_dot_kvstore__pb2.HeartbeatRequest.SerializeToString,
+                response_deserializer=pantry_dot_v1_dot_kvstore__pb2.HeartbeatResponse.FromString,
                 _registered_method=True)
         self.PutStart = channel.unary_unary(
                 '/pantry.v1.KVMaster/PutStart',
-                request_serializer=proto_dot_pantry_dot_v1_dot_kvstore__pb2.PutStartRequest.SerializeToString,
-                response_deserializer=proto_dot_pantry_dot_v1_dot_kvstore__pb2.PutStartResponse.FromString,
+                request_serializer=pantry_dot_v1_dot_kvstore__pb2.PutStartRequest.SerializeToString,
+                response_deserializer=pantry_dot_v1_dot_kvstore__pb2.PutStartResponse.FromString,
                 _registered_method=True)
         self.PutEnd = channel.unary_unary(
                 '/pantry.v1.KVMaster/PutEnd',
-                request_serializer=proto_dot_pantry_dot_v1_dot_kvstore__pb2.KeysRequest.SerializeToString,
-                response_deserializer=proto_dot_pantry_dot_v1_dot_kvstore__pb2.PutEndResponse.FromString,
+                request_serializer=pantry_dot_v1_dot_kvstore__pb2.KeysRequest.SerializeToString,
+                response_deserializer=pantry_dot_v1_dot_kvstore__pb2.PutEndResponse.FromString,
                 _registered_method=True)
         self.PutAbort = channel.unary_unary(
                 '/pantry.v1.KVMaster/PutAbort',
-                request_serializer=proto_dot_pantry_dot_v1_dot_kvstore__pb2.KeysRequest.SerializeToString,
-                response_deserializer=proto_dot_pantry_dot_v1_dot_kvstore__pb2.PutAbortResponse.FromString,
+                request_serializer=pantry_dot_v1_dot_kvstore__pb2.KeysRequest.SerializeToString,
+                response_deserializer=pantry_dot_v1_dot_kvstore__pb2.PutAbortResponse.FromString,
                 _registered_method=True)
         self.GetReplicas = channel.unary_unary(
                 '/pantry.v1.KVMaster/GetReplicas',
-                request_serializer=proto_dot_pantry_dot_v1_dot_kvstore__pb2.KeysRequest.SerializeToString,
-                response_deserializer=proto_dot_pantry_dot_v1_dot_kvstore__pb2.GetReplicasResponse.FromString,
+                request_serializer=pantry_dot_v1_dot_kvstore__pb2.KeysRequest.SerializeToString,
+                response_deserializer=pantry_dot_v1_dot_kvstore__pb2.GetReplicasResponse.FromString,
                 _registered_method=True)
         self.MatchPrefix = channel.unary_unary(
                 '/pantry.v1.KVMaster/MatchPrefix',
-                request_serializer=proto_dot_pantry_dot_v1_dot_kvstore__pb2.KeysRequest.SerializeToString,
-                response_deserializer=proto_dot_pantry_dot_v1_dot_kvstore__pb2.MatchPrefixResponse.FromString,
+                request_serializer=pantry_dot_v1_dot_kvstore__pb2.KeysRequest.SerializeToString,
+                response_deserializer=pantry_dot_v1_dot_kvstore__pb2.MatchPrefixResponse.FromString,
                 _registered_method=True)
         self.Exists = channel.unary_unary(
                 '/pantry.v1.KVMaster/Exists',
-                request_serializer=proto_dot_pantry_dot_v1_dot_kvstore__pb2.KeysRequest.SerializeToString,
-                response_deserializer=proto_dot_pantry_dot_v1_dot_kvstore__pb2.ExistsResponse.FromString,
+                request_serializer=pantry_dot_v1_dot_kvstore__pb2.KeysRequest.SerializeToString,
+                response_deserializer=pantry_dot_v1_dot_kvstore__pb2.ExistsResponse.FromString,
                 _registered_method=True)
         self.Remove = channel.unary_unary(
                 '/pantry.v1.KVMaster/Remove',
-                request_serializer=proto_dot_pantry_dot_v1_dot_kvstore__pb2.KeysRequest.SerializeToString,
-                response_deserializer=proto_dot_pantry_dot_v1_dot_kvstore__pb2.RemoveResponse.FromString,
+                request_serializer=pantry_dot_v1_dot_kvstore__pb2.KeysRequest.SerializeToString,
+                response_deserializer=pantry_dot_v1_dot_kvstore__pb2.RemoveResponse.FromString,
                 _registered_method=True)
         self.Status = channel.unary_unary(
                 '/pantry.v1.KVMaster/Status',
-                request_serializer=proto_dot_pantry_dot_v1_dot_kvstore__pb2.StatusRequest.SerializeToString,
-                response_deserializer=proto_dot_pantry_dot_v1_dot_kvstore__pb2.StatusResponse.FromString,
+                request_serializer=pantry_dot_v1_dot_kvstore__pb2.StatusRequest.SerializeToString,
+                response_deserializer=pantry_dot_v1_dot_kvstore__pb2.StatusResponse.FromString,
                 _registered_method=True)
         self.List = channel.unary_unary(
                 '/pantry.v1.KVMaster/List',
-                request_serializer=proto_dot_pantry_dot_v1_dot_kvstore__pb2.ListRequest.SerializeToString,
-                response_deserializer=proto_dot_pantry_dot_v1_dot_kvstore__pb2.ListResponse.FromString,
+                request_serializer=pantry_dot_v1_dot_kvstore__pb2.ListRequest.SerializeToString,
+                response_deserializer=pantry_dot_v1_dot_kvstore__pb2.ListResponse.FromString,
                 _registered_method=True)
 
 
@@ -165,58 +165,58 @@ def add_KVMasterServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'RegisterNode': grpc.unary_unary_rpc_method_handler(
                     servicer.RegisterNode,
-                    request_deserializer=proto_dot_pantry_dot_v1_dot_kvstore__pb2.RegisterNodeRequest.FromString,
-                    response_serializer=proto_dot_pantry_dot_v1_dot_kvstore__pb2.RegisterNodeResponse.SerializeToString,
+                    request_deserializer=pantry_dot_v1_dot_kvstore__pb2.RegisterNodeRequest.FromString,
+                    response_serializer=pantry_dot_v1_dot_kvstore__pb2.RegisterNodeResponse.SerializeToString,
             ),
             'Heartbeat': grpc.unary_unary_rpc_method_handler(
                     servicer.Heartbeat,
-                    request_deserializer=proto_dot_pantry_dot_v1_dot_kvstore__pb2.HeartbeatRequest.FromString,
-                    response_serializer=proto_dot_pantry_dot_v1_dot_kvstore__pb2.HeartbeatResponse.SerializeToString,
+                    request_deserializer=pantry_dot_v1_dot_kvstore__pb2.HeartbeatRequest.FromString,
+                    response_serializer=pantry_dot_v1_dot_kvstore__pb2.HeartbeatResponse.SerializeToString,
             ),
             'PutStart': grpc.unary_unary_rpc_method_handler(
                     servicer.PutStart,
-                    request_deserializer=proto_dot_pantry_dot_v1_dot_kvstore__pb2.PutStartRequest.FromString,
-                    response_serializer=proto_dot_pantry_dot_v1_dot_kvstore__pb2.PutStartResponse.SerializeToString,
+                    request_deserializer=pantry_dot_v1_dot_kvstore__pb2.PutStartRequest.FromString,
+                    response_serializer=pantry_dot_v1_dot_kvstore__pb2.PutStartResponse.SerializeToString,
             ),
             'PutEnd': grpc.unary_unary_rpc_method_handler(
                     servicer.PutEnd,
-                    request_deserializer=proto_dot_pantry_dot_v1_dot_kvstore__pb2.KeysRequest.FromString,
-                    response_serializer=proto_dot_pantry_dot_v1_dot_kvstore__pb2.PutEndResponse.SerializeToString,
+                    request_deserializer=pantry_dot_v1_dot_kvstore__pb2.KeysRequest.FromString,
+                    response_serializer=pantry_dot_v1_dot_kvstore__pb2.PutEndResponse.SerializeToString,
             ),
             'PutAbort': grpc.unary_unary_rpc_method_handler(
                     servicer.PutAbort,
-                    request_deserializer=proto_dot_pantry_dot_v1_dot_kvstore__pb2.KeysRequest.FromString,
-                    response_serializer=proto_dot_pantry_dot_v1_dot_kvstore__pb2.PutAbortResponse.SerializeToString,
+                    request_deserializer=pantry_dot_v1_dot_kvstore__pb2.KeysRequest.FromString,
+                    response_serializer=pantry_dot_v1_dot_kvstore__pb2.PutAbortResponse.SerializeToString,
             ),
             'GetReplicas': grpc.unary_unary_rpc_method_handler(
                     servicer.GetReplicas,
-                    request_deserializer=proto_dot_pantry_dot_v1_dot_kvstore__pb2.KeysRequest.FromString,
-                    response_serializer=proto_dot_pantry_dot_v1_dot_kvstore__pb2.GetReplicasResponse.SerializeToString,
+                    request_deserializer=pantry_dot_v1_dot_kvstore__pb2.KeysRequest.FromString,
+                    response_serializer=pantry_dot_v1_dot_kvstore__pb2.GetReplicasResponse.SerializeToString,
             ),
             'MatchPrefix': grpc.unary_unary_rpc_method_handler(
                     servicer.MatchPrefix,
-                    request_deserializer=proto_dot_pantry_dot_v1_dot_kvstore__pb2.KeysRequest.FromString,
-                    response_serializer=proto_dot_pantry_dot_v1_dot_kvstore__pb2.MatchPrefixResponse.SerializeToString,
+                    request_deserializer=pantry_dot_v1_dot_kvstore__pb2.KeysRequest.FromString,
+                    response_serializer=pantry_dot_v1_dot_kvstore__pb2.MatchPrefixResponse.SerializeToString,
             ),
             'Exists': grpc.unary_unary_rpc_method_handler(
                     servicer.Exists,
-                    request_deserializer=proto_dot_pantry_dot_v1_dot_kvstore__pb2.KeysRequest.FromString,
-                    response_serializer=proto_dot_pantry_dot_v1_dot_kvstore__pb2.ExistsResponse.SerializeToString,
+                    request_deserializer=pantry_dot_v1_dot_kvstore__pb2.KeysRequest.FromString,
+                    response_serializer=pantry_dot_v1_dot_kvstore__pb2.ExistsResponse.SerializeToString,
             ),
             'Remove': grpc.unary_unary_rpc_method_handler(
                     servicer.Remove,
-                    request_deserializer=proto_dot_pantry_dot_v1_dot_kvstore__pb2.KeysRequest.FromString,
-                    response_serializer=proto_dot_pantry_dot_v1_dot_kvstore__pb2.RemoveResponse.SerializeToString,
+                    request_deserializer=pantry_dot_v1_dot_kvstore__pb2.KeysRequest.FromString,
+                    response_serializer=pantry_dot_v1_dot_kvstore__pb2.RemoveResponse.SerializeToString,
             ),
             'Status': grpc.unary_unary_rpc_method_handler(
                     servicer.Status,
-                    request_deserializer=proto_dot_pantry_dot_v1_dot_kvstore__pb2.StatusRequest.FromString,
-                    response_serializer=proto_dot_pantry_dot_v1_dot_kvstore__pb2.StatusResponse.SerializeToString,
+                    request_deserializer=pantry_dot_v1_dot_kvstore__pb2.StatusRequest.FromString,
+                    response_serializer=pantry_dot_v1_dot_kvstore__pb2.StatusResponse.SerializeToString,
             ),
             'List': grpc.unary_unary_rpc_method_handler(
                     servicer.List,
-                    request_deserializer=proto_dot_pantry_dot_v1_dot_kvstore__pb2.ListRequest.FromString,
-                    response_serializer=proto_dot_pantry_dot_v1_dot_kvstore__pb2.ListResponse.SerializeToString,
+                    request_deserializer=pantry_dot_v1_dot_kvstore__pb2.ListRequest.FromString,
+                    response_serializer=pantry_dot_v1_dot_kvstore__pb2.ListResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -244,8 +244,8 @@ class KVMaster:
             request,
             target,
             '/pantry.v1.KVMaster/RegisterNode',
-            proto_dot_pantry_dot_v1_dot_kvstore__pb2.RegisterNodeRequest.SerializeToString,
-            proto_dot_pantry_dot_v1_dot_kvstore__pb2.RegisterNodeResponse.FromString,
+            pantry_dot_v1_dot_kvstore__pb2.RegisterNodeRequest.SerializeToString,
+            pantry_dot_v1_dot_kvstore__pb2.RegisterNodeResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -271,8 +271,8 @@ class KVMaster:
             request,
             target,
             '/pantry.v1.KVMaster/Heartbeat',
-            proto_dot_pantry_dot_v1_dot_kvstore__pb2.HeartbeatRequest.SerializeToString,
-            proto_dot_pantry_dot_v1_dot_kvstore__pb2.HeartbeatResponse.FromString,
+            pantry_dot_v1_dot_kvstore__pb2.HeartbeatRequest.SerializeToString,
+            pantry_dot_v1_dot_kvstore__pb2.HeartbeatResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -298,8 +298,8 @@ class KVMaster:
             request,
             target,
             '/pantry.v1.KVMaster/PutStart',
-            proto_dot_pantry_dot_v1_dot_kvstore__pb2.PutStartRequest.SerializeToString,
-            proto_dot_pantry_dot_v1_dot_kvstore__pb2.PutStartResponse.FromString,
+            pantry_dot_v1_dot_kvstore__pb2.PutStartRequest.SerializeToString,
+            pantry_dot_v1_dot_kvstore__pb2.PutStartResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -325,8 +325,8 @@ class KVMaster:
             request,
             target,
             '/pantry.v1.KVMaster/PutEnd',
-            proto_dot_pantry_dot_v1_dot_kvstore__pb2.KeysRequest.SerializeToString,
-            proto_dot_pantry_dot_v1_dot_kvstore__pb2.PutEndResponse.FromString,
+            pantry_dot_v1_dot_kvstore__pb2.KeysRequest.SerializeToString,
+            pantry_dot_v1_dot_kvstore__pb2.PutEndResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -352,8 +352,8 @@ class KVMaster:
             request,
             target,
             '/pantry.v1.KVMaster/PutAbort',
-            proto_dot_pantry_dot_v1_dot_kvstore__pb2.KeysRequest.SerializeToString,
-            proto_dot_pantry_dot_v1_dot_kvstore__pb2.PutAbortResponse.FromString,
+            pantry_dot_v1_dot_kvstore__pb2.KeysRequest.SerializeToString,
+            pantry_dot_v1_dot_kvstore__pb2.PutAbortResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -379,8 +379,8 @@ class KVMaster:
             request,
             target,
             '/pantry.v1.KVMaster/GetReplicas',
-            proto_dot_pantry_dot_v1_dot_kvstore__pb2.KeysRequest.SerializeToString,
-            proto_dot_pantry_dot_v1_dot_kvstore__pb2.GetReplicasResponse.FromString,
+            pantry_dot_v1_dot_kvstore__pb2.KeysRequest.SerializeToString,
+            pantry_dot_v1_dot_kvstore__pb2.GetReplicasResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -406,8 +406,8 @@ class KVMaster:
             request,
             target,
             '/pantry.v1.KVMaster/MatchPrefix',
-            proto_dot_pantry_dot_v1_dot_kvstore__pb2.KeysRequest.SerializeToString,
-            proto_dot_pantry_dot_v1_dot_kvstore__pb2.MatchPrefixResponse.FromString,
+            pantry_dot_v1_dot_kvstore__pb2.KeysRequest.SerializeToString,
+            pantry_dot_v1_dot_kvstore__pb2.MatchPrefixResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -433,8 +433,8 @@ class KVMaster:
             request,
             target,
             '/pantry.v1.KVMaster/Exists',
-            proto_dot_pantry_dot_v1_dot_kvstore__pb2.KeysRequest.SerializeToString,
-            proto_dot_pantry_dot_v1_dot_kvstore__pb2.ExistsResponse.FromString,
+            pantry_dot_v1_dot_kvstore__pb2.KeysRequest.SerializeToString,
+            pantry_dot_v1_dot_kvstore__pb2.ExistsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -460,8 +460,8 @@ class KVMaster:
             request,
             target,
             '/pantry.v1.KVMaster/Remove',
-            proto_dot_pantry_dot_v1_dot_kvstore__pb2.KeysRequest.SerializeToString,
-            proto_dot_pantry_dot_v1_dot_kvstore__pb2.RemoveResponse.FromString,
+            pantry_dot_v1_dot_kvstore__pb2.KeysRequest.SerializeToString,
+            pantry_dot_v1_dot_kvstore__pb2.RemoveResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -487,8 +487,8 @@ class KVMaster:
             request,
             target,
             '/pantry.v1.KVMaster/Status',
-            proto_dot_pantry_dot_v1_dot_kvstore__pb2.StatusRequest.SerializeToString,
-            proto_dot_pantry_dot_v1_dot_kvstore__pb2.StatusResponse.FromString,
+            pantry_dot_v1_dot_kvstore__pb2.StatusRequest.SerializeToString,
+            pantry_dot_v1_dot_kvstore__pb2.StatusResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -514,8 +514,8 @@ class KVMaster:
             request,
             target,
             '/pantry.v1.KVMaster/List',
-            proto_dot_pantry_dot_v1_dot_kvstore__pb2.ListRequest.SerializeToString,
-            proto_dot_pantry_dot_v1_dot_kvstore__pb2.ListResponse.FromString,
+            pantry_dot_v1_dot_kvstore__pb2.ListRequest.SerializeToString,
+            pantry_dot_v1_dot_kvstore__pb2.ListResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -538,13 +538,13 @@ class KVNodeStub:
         """
         self.Write = channel.unary_unary(
                 '/pantry.v1.KVNode/Write',
-                request_serializer=proto_dot_pantry_dot_v1_dot_kvstore__pb2.WriteRequest.SerializeToString,
-                response_deserializer=proto_dot_pantry_dot_v1_dot_kvstore__pb2.WriteResponse.FromString,
+                request_serializer=pantry_dot_v1_dot_kvstore__pb2.WriteRequest.SerializeToString,
+                response_deserializer=pantry_dot_v1_dot_kvstore__pb2.WriteResponse.FromString,
                 _registered_method=True)
         self.Read = channel.unary_unary(
                 '/pantry.v1.KVNode/Read',
-                request_serializer=proto_dot_pantry_dot_v1_dot_kvstore__pb2.ReadRequest.SerializeToString,
-                response_deserializer=proto_dot_pantry_dot_v1_dot_kvstore__pb2.ReadResponse.FromString,
+                request_serializer=pantry_dot_v1_dot_kvstore__pb2.ReadRequest.SerializeToString,
+                response_deserializer=pantry_dot_v1_dot_kvstore__pb2.ReadResponse.FromString,
                 _registered_method=True)
 
 
@@ -568,13 +568,13 @@ def add_KVNodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Write': grpc.unary_unary_rpc_method_handler(
                     servicer.Write,
-                    request_deserializer=proto_dot_pantry_dot_v1_dot_kvstore__pb2.WriteRequest.FromString,
-                    response_serializer=proto_dot_pantry_dot_v1_dot_kvstore__pb2.WriteResponse.SerializeToString,
+                    request_deserializer=pantry_dot_v1_dot_kvstore__pb2.WriteRequest.FromString,
+                    response_serializer=pantry_dot_v1_dot_kvstore__pb2.WriteResponse.SerializeToString,
             ),
             'Read': grpc.unary_unary_rpc_method_handler(
                     servicer.Read,
-                    request_deserializer=proto_dot_pantry_dot_v1_dot_kvstore__pb2.ReadRequest.FromString,
-                    response_serializer=proto_dot_pantry_dot_v1_dot_kvstore__pb2.ReadResponse.SerializeToString,
+                    request_deserializer=pantry_dot_v1_dot_kvstore__pb2.ReadRequest.FromString,
+                    response_serializer=pantry_dot_v1_dot_kvstore__pb2.ReadResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -602,8 +602,8 @@ class KVNode:
             request,
             target,
             '/pantry.v1.KVNode/Write',
-            proto_dot_pantry_dot_v1_dot_kvstore__pb2.WriteRequest.SerializeToString,
-            proto_dot_pantry_dot_v1_dot_kvstore__pb2.WriteResponse.FromString,
+            pantry_dot_v1_dot_kvstore__pb2.WriteRequest.SerializeToString,
+            pantry_dot_v1_dot_kvstore__pb2.WriteResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -629,8 +629,8 @@ class KVNode:
             request,
             target,
             '/pantry.v1.KVNode/Read',
-            proto_dot_pantry_dot_v1_dot_kvstore__pb2.ReadRequest.SerializeToString,
-            proto_dot_pantry_dot_v1_dot_kvstore__pb2.ReadResponse.FromString,
+            pantry_dot_v1_dot_kvstore__pb2.ReadRequest.SerializeToString,
+            pantry_dot_v1_dot_kvstore__pb2.ReadResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,39 @@
+"""Prometheus metrics for every role: one registry per component, served on its own port.
+
+Each component owns a `CollectorRegistry` (not the process-global one), so tests can run several
+conductors or engines in one process and each scrape shows exactly one component's series.
+Names follow Prometheus conventions: `pantry_` prefix, `_total` counters, `_seconds` and
+`_bytes` units, histograms for latencies.
+"""
+
+from __future__ import annotations
+
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, start_http_server
+
+# Time to first token: from a pool hit on a small model (~10 ms) to a cold long prompt (~30 s).
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+# Time between tokens: a GPU decode step (~5 ms) to a stalled CPU one (~2 s).
+TBT_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
+# Pool reads and writes of a batch of blocks: shm memcpy (~0.1 ms) to a slow network (~5 s).
+POOL_IO_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0)
+
+
+class MetricsServer:
+    """GET /metrics for one registry, on a daemon thread; port 0 picks a free port."""
+
+    def __init__(self, registry: CollectorRegistry, host: str, port: int) -> None:
+        self._httpd: WSGIServer
+        self._httpd, self._thread = start_http_server(port, addr=host, registry=registry)
+        self.host = host
+        self.port: int = self._httpd.server_port
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}/metrics"
+
+    def close(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(timeout=5)
