@@ -5,4 +5,5 @@ cd "$(dirname "$0")/.."
 .venv/bin/python scripts/gen_proto.py --check
 .venv/bin/ruff check .
 .venv/bin/mypy kvstore engine prefill decode conductor pantry
+.venv/bin/lint-imports
 .venv/bin/python -m pytest -q "$@"
