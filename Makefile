@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.pantry-setup-done
 
-.PHONY: setup demo test proto proto-check lint bench clean
+.PHONY: setup demo test test-fast proto proto-check lint bench clean
 
 setup: $(STAMP)
 
@@ -18,6 +18,10 @@ demo: setup
 test: setup
 	bash scripts/test.sh
 
+# Everything but the end-to-end systems and the real-model tests: about half a minute.
+test-fast: setup
+	$(PY) -m pytest -q -m "not e2e and not slow"
+
 proto: setup
 	$(PY) scripts/gen_proto.py
 
@@ -27,6 +31,7 @@ proto-check: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy kvstore engine prefill decode conductor pantry
+	$(VENV)/bin/lint-imports
 
 bench: setup
 	$(PY) bench/ttft_prefix.py

@@ -141,18 +141,30 @@ class LocalCluster:
             "grpc": by_name["conductor"].address,
             "model": con.get("model", ""),
             "kv_master": by_name["kv-master"].address,
-            "roles": {r.name: {"address": r.address, "pid": r.proc.pid if r.proc else None}
+            "roles": {r.name: {"address": r.address, "pid": r.proc.pid if r.proc else None,
+                               "metrics": self.metrics_url(r)}
                       for r in self.roles},
         }
 
+    @staticmethod
+    def metrics_url(role: Role) -> str:
+        """Where Prometheus scrapes this role: its own metrics port, or for the conductor the
+        /metrics of its HTTP API."""
+        if role.info.get("metrics"):
+            return str(role.info["metrics"])
+        if role.info.get("http"):
+            return f"http://{role.info['http']}/metrics"
+        return ""
+
     def table(self) -> str:
-        rows: list[tuple[str, str, str]] = [
-            (r.name, str(r.proc.pid if r.proc else "-"), r.address) for r in self.roles
+        rows: list[tuple[str, str, str, str]] = [
+            (r.name, str(r.proc.pid if r.proc else "-"), r.address, self.metrics_url(r))
+            for r in self.roles
         ]
         con = next((r for r in self.roles if r.name == "conductor"), None)
         if con and con.info.get("http"):
-            rows.append(("http api", "", f"http://{con.info['http']}/v1"))
-        return format_table(("ROLE", "PID", "ADDRESS"), rows)
+            rows.append(("http api", "", f"http://{con.info['http']}/v1", ""))
+        return format_table(("ROLE", "PID", "ADDRESS", "METRICS"), rows)
 
     def first_exited(self) -> Role | None:
         return next((r for r in self.roles if r.proc and r.proc.poll() is not None), None)

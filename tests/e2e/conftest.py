@@ -11,6 +11,14 @@ from tests.e2e.local_system import LocalSystem, start_local, stop_local
 from tests.helpers.tiny_models import make_tiny_model
 
 os.environ["HF_HUB_OFFLINE"] = "1"
+E2E_DIR = Path(__file__).resolve().parent
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # Every test here starts or talks to real processes: `make test-fast` deselects them all.
+    for item in items:
+        if E2E_DIR in Path(item.fspath).parents:
+            item.add_marker(pytest.mark.e2e)
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,8 @@ from engine.runner import ModelRunner, SeqStep
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from tests.helpers.tiny_models import smollm2_gguf_path
 
+pytestmark = pytest.mark.slow  # loads the real GGUF twice, ours and transformers'
+
 MESSAGES = [{"role": "user", "content": "What is the capital of France? Answer briefly."}]
 TEXTS = [
     "Hello world",
