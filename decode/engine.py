@@ -7,9 +7,10 @@ from __future__ import annotations
 import collections
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -34,9 +35,13 @@ class QueueFull(Overloaded):
 
 @dataclass(frozen=True)
 class DecodeLimits:
-    max_running: int = 32        # sequences in one decode batch
-    max_waiting: int = 256       # queued requests before new ones are refused
-    chunk_tokens: int = 256      # prompt tokens computed per step while others decode
+    max_running: int = field(
+        default=32, metadata={"help": "sequences decoded together in one batch"})
+    max_waiting: int = field(
+        default=256, metadata={"help": "queued requests before new ones are refused"})
+    chunk_tokens: int = field(
+        default=256,
+        metadata={"help": "prompt tokens computed per step while other sequences decode"})
 
     def __post_init__(self) -> None:
         for name in ("max_running", "max_waiting", "chunk_tokens"):
@@ -85,6 +90,7 @@ class DecodeEngine:
             max_workers=1, thread_name_prefix="decode-pull",
             initializer=lambda: torch.set_num_threads(1),
         )
+        core.metrics.watch_load(self.load)
         self._thread: threading.Thread | None = None
         if background:
             self._thread = threading.Thread(target=self.run, name="decode-loop", daemon=True)
@@ -245,13 +251,18 @@ class DecodeEngine:
             self._release(seq)
 
     def _emit(self, seq: Sequence, token: int, first: bool) -> None:
+        now = time.perf_counter()
         seq.output.append(token)
         event = DecodeEvent(token_ids=(token,))
         if first:
             seq.status = SeqStatus.RUNNING
             computed = len(seq.prompt) - seq.pool_tokens
-            self.core.record(computed=computed, pooled=seq.pool_tokens)
+            self.core.record(computed=computed, pooled=seq.pool_tokens,
+                             ttft_seconds=now - seq.submitted_at)
             event = DecodeEvent((token,), pool_tokens=seq.pool_tokens, computed_tokens=computed)
+        else:
+            self.core.metrics.tbt.observe(now - seq.last_token_at)
+        seq.last_token_at = now
         reason = self._stops.check(token, len(seq.output), seq.job.sampling)
         if reason:
             event = DecodeEvent(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import queue
 import threading
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -50,6 +51,8 @@ class Sequence:
     stored_blocks: int = 0      # leading full blocks known to be in the pool
     pool_tokens: int = 0
     pull: Future[int] | None = None    # the background pull of the prompt's cached blocks
+    submitted_at: float = field(default_factory=time.perf_counter)
+    last_token_at: float = 0.0  # perf_counter() at the last token emitted
     events: queue.Queue[DecodeEvent] = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
 

@@ -69,7 +69,7 @@ def run(config: EngineRoleConfig, limits: DecodeLimits) -> int:
         [SERVICE_NAME],
     )
     # The loop runs here, on the main thread, until SIGINT/SIGTERM asks it to stop.
-    serve_on_main_thread(server, port, config, loop=engine.run, request_stop=engine.request_stop)
+    serve_on_main_thread(server, port, core, loop=engine.run, request_stop=engine.request_stop)
     engine.stop()
     core.pool.close()
     return 0

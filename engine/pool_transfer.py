@@ -8,6 +8,7 @@ before it touches the cache, so a bad or evicted object is a miss and the engine
 from __future__ import annotations
 
 import logging
+import time
 import warnings
 from collections.abc import Sequence
 
@@ -19,6 +20,7 @@ from kvstore.block_object import decode_block, encode_block
 from kvstore.client import KVStoreClient
 from kvstore.errors import KVStoreError
 
+from .engine_metrics import PoolClientMetrics
 from .kv_cache import PagedKVCache
 
 log = logging.getLogger(__name__)
@@ -47,8 +49,12 @@ def layout_fingerprint(
 
 
 class PoolTransfer:
-    def __init__(self, client: KVStoreClient, cache: PagedKVCache, fingerprint: str) -> None:
+    def __init__(
+        self, client: KVStoreClient, cache: PagedKVCache, fingerprint: str,
+        metrics: PoolClientMetrics,
+    ) -> None:
         self._client = client
+        self._metrics = metrics
         self._cache = cache
         self._fingerprint = fingerprint
         self._dtype_name = str(cache.k.dtype).removeprefix("torch.")
@@ -69,23 +75,40 @@ class PoolTransfer:
         assert len(block_ids) >= len(keys)
         if not keys:
             return 0
+        start = time.perf_counter()
+        loaded = rejected = 0
+        try:
+            loaded, rejected = self._load(keys, block_ids)
+            return loaded
+        finally:
+            m = self._metrics
+            m.read_seconds.observe(time.perf_counter() - start)
+            m.blocks_hit.inc(loaded)
+            m.blocks_rejected.inc(rejected)
+            m.blocks_missed.inc(len(keys) - loaded - rejected)
+
+    def _load(self, keys: Sequence[str], block_ids: Sequence[int]) -> tuple[int, int]:
+        """(blocks loaded, objects rejected)."""
         try:
             match = self._client.match_prefix(list(keys))
             if match.matched == 0:
-                return 0
+                return 0, 0
             blobs = self._client.get_many(list(keys[: match.matched]))
         except (grpc.RpcError, KVStoreError) as exc:
             # The pool being unreachable costs speed, never an answer: compute instead.
             log.warning("pool read failed, computing the prefix instead: %s", _reason(exc))
-            return 0
+            return 0, 0
+        self._metrics.read_bytes.inc(sum(len(b) for b in blobs if b is not None))
         loaded = 0
         for blob, block_id in zip(blobs, block_ids, strict=False):
+            if blob is None:
+                break
             tensor = self._to_tensor(blob)
             if tensor is None:
-                break
+                return loaded, 1
             self._cache.write_block(block_id, tensor)
             loaded += 1
-        return loaded
+        return loaded, 0
 
     def store(self, keys: Sequence[str], block_ids: Sequence[int]) -> int:
         """Writes the given cache blocks under `keys`; returns how many are now in the pool."""
@@ -98,16 +121,21 @@ class PoolTransfer:
             payload = data.numpy().tobytes()
             blob = encode_block(self._fingerprint, self._dtype_name, self._shape, payload)
             items.append((key, blob))
+        start = time.perf_counter()
         try:
             stored = self._client.put_many(items)
         except (grpc.RpcError, KVStoreError) as exc:
             log.warning("pool write failed, %d blocks not stored: %s", len(items), _reason(exc))
-            return 0
+            stored = [False] * len(items)
+        finally:
+            self._metrics.write_seconds.observe(time.perf_counter() - start)
+        self._metrics.blocks_stored.inc(sum(stored))
+        self._metrics.written_bytes.inc(
+            sum(len(blob) for (_, blob), ok in zip(items, stored, strict=True) if ok)
+        )
         return sum(stored)
 
-    def _to_tensor(self, blob: bytes | None) -> torch.Tensor | None:
-        if blob is None:
-            return None
+    def _to_tensor(self, blob: bytes) -> torch.Tensor | None:
         obj = decode_block(blob, expected_fingerprint=self._fingerprint)
         if obj is None or tuple(obj.shape) != self._shape or obj.dtype != self._dtype_name:
             log.warning("pool returned an unusable block object; treating it as a miss")

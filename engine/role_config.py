@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pantry.common.errors import ConfigError
 
@@ -11,19 +11,34 @@ DEFAULT_KV_CACHE_BYTES = 1 << 30
 
 @dataclass(frozen=True)
 class EngineRoleConfig:
-    model: str
-    kv_master: str
-    engine_id: str
-    host: str = "127.0.0.1"
-    port: int = 0
-    block_size: int = 16
-    kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES
-    max_model_len: int = 0  # 0 = the model's own context length
-    hash_seed: int = 0
-    salt: str = ""
-    threads: int = 0  # 0 = torch's default, or one per pinned CPU
-    cpus: tuple[int, ...] = ()  # pin the engine to these CPUs; () = no pinning
-    ready_file: str | None = None
+    model: str = field(metadata={"help": "HF model directory, .gguf file or 'smollm2'"})
+    kv_master: str = field(metadata={"help": "kvstore master HOST:PORT"})
+    engine_id: str = field(metadata={"help": "this engine's name in Load reports and metrics"})
+    host: str = field(
+        default="127.0.0.1", metadata={"help": "address to serve gRPC and /metrics on"})
+    port: int = field(default=0, metadata={"help": "gRPC port; 0 picks a free one"})
+    block_size: int = field(
+        default=16,
+        metadata={"help": "tokens per KV block, a power of two; engines sharing blocks agree"})
+    kv_cache_bytes: int = field(
+        default=DEFAULT_KV_CACHE_BYTES,
+        metadata={"help": "paged KV cache size, e.g. 512MiB", "size": True})
+    max_model_len: int = field(
+        default=0, metadata={"help": "prompt + output limit in tokens; 0 = the model's context"})
+    hash_seed: int = field(
+        default=0, metadata={"help": "seed of the block-key hash; engines sharing blocks agree"})
+    salt: str = field(
+        default="",
+        metadata={"help": "mixed into every block key: keeps deployments sharing a pool apart"})
+    threads: int = field(
+        default=0, metadata={"help": "torch threads; 0 = one per pinned CPU, or torch's default"})
+    cpus: tuple[int, ...] = field(
+        default=(), metadata={"help": "pin the engine to these CPUs, e.g. 0,1", "cpus": True})
+    ready_file: str | None = field(
+        default=None,
+        metadata={"help": "once serving, write the gRPC and metrics addresses here as JSON"})
+    metrics_port: int = field(
+        default=0, metadata={"help": "port of the Prometheus /metrics endpoint; 0 = any free"})
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -32,6 +47,9 @@ class EngineRoleConfig:
             raise ConfigError("kv_master: give the kvstore master address as HOST:PORT")
         if not 0 <= self.port < 65536:
             raise ConfigError(f"port: {self.port} is not a TCP port (0 picks a free one)")
+        if not 0 <= self.metrics_port < 65536:
+            raise ConfigError(
+                f"metrics_port: {self.metrics_port} is not a TCP port (0 picks a free one)")
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
             raise ConfigError(f"block_size: {self.block_size} must be a positive power of two")
         if self.kv_cache_bytes <= 0:

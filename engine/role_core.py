@@ -1,13 +1,11 @@
-"""The parts of a serving engine that prefill and decode share: model, cache, pool, counters."""
+"""The parts of a serving engine that prefill and decode share: model, cache, pool, metrics."""
 
 from __future__ import annotations
 
 import math
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 
@@ -16,18 +14,11 @@ from kvstore.hashing import PoolAddressing
 from pantry.common.contract import check_prompt
 from pantry.common.engine_info import EngineDescription, EngineLoad
 
+from .engine_metrics import EngineCounters, EngineMetrics
 from .loader import LoadedModel
 from .pool_transfer import PoolTransfer, layout_fingerprint
 from .role_config import EngineRoleConfig
 from .runner import ModelRunner
-
-
-@dataclass(frozen=True)
-class EngineCounters:
-    requests_total: int
-    computed_tokens_total: int
-    pool_tokens_total: int
-    busy_seconds_total: float
 
 
 class EngineCore:
@@ -55,7 +46,10 @@ class EngineCore:
             fingerprint, config.block_size, hash_seed=config.hash_seed, salt=config.salt
         )
         self.pool = pool
-        self.transfer = PoolTransfer(pool, self.runner.kv, fingerprint)
+        self.metrics = EngineMetrics(role, config.engine_id)
+        self.metrics.watch_cache(lambda: self.runner.allocator.num_free,
+                                 lambda: self.runner.kv.num_blocks)
+        self.transfer = PoolTransfer(pool, self.runner.kv, fingerprint, self.metrics.pool)
         self.description = EngineDescription(
             role=role,
             engine_id=config.engine_id,
@@ -67,11 +61,6 @@ class EngineCore:
             eos_token_ids=tuple(model_cfg.eos_token_ids),
             hash_seed=config.hash_seed,
         )
-        self._lock = threading.Lock()
-        self._requests = 0
-        self._computed = 0
-        self._pooled = 0
-        self._busy = 0.0
 
     @property
     def block_size(self) -> int:
@@ -92,11 +81,9 @@ class EngineCore:
         token; rewriting its KV slot stores the same values."""
         return min(loaded_blocks * self.block_size, num_tokens - 1)
 
-    def record(self, computed: int, pooled: int) -> None:
-        with self._lock:
-            self._requests += 1
-            self._computed += computed
-            self._pooled += pooled
+    def record(self, computed: int, pooled: int, ttft_seconds: float) -> None:
+        """One request reached its first token: `computed` + `pooled` prompt tokens."""
+        self.metrics.record_request(computed, pooled, ttft_seconds)
 
     @contextmanager
     def busy(self) -> Iterator[None]:
@@ -104,12 +91,10 @@ class EngineCore:
         try:
             yield
         finally:
-            with self._lock:
-                self._busy += time.perf_counter() - start
+            self.metrics.add_busy(time.perf_counter() - start)
 
     def counters(self) -> EngineCounters:
-        with self._lock:
-            return EngineCounters(self._requests, self._computed, self._pooled, self._busy)
+        return self.metrics.counters()
 
     def load(self, *, waiting: int, running: int) -> EngineLoad:
         c = self.counters()

@@ -1,4 +1,5 @@
-"""Start-up shared by the engine roles: model, pool client, core, grpc server, shutdown."""
+"""Start-up shared by the engine roles: model, pool client, core, grpc and metrics servers,
+shutdown."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import grpc
 import torch
 
 from kvstore.client import KVStoreClient
+from pantry.common.metrics import MetricsServer
 from pantry.common.serving import create_grpc_server, wait_for_signal, write_ready_file
 
 from .loader import load_model
@@ -46,28 +48,39 @@ def create_server(
     return server, port
 
 
+def start_metrics(core: EngineCore) -> MetricsServer:
+    metrics = MetricsServer(core.metrics.registry, core.config.host, core.config.metrics_port)
+    log.info("metrics on %s", metrics.url)
+    return metrics
+
+
 def serve_forever(
-    server: grpc.Server, port: int, config: EngineRoleConfig, on_stop: Callable[[], None]
+    server: grpc.Server, port: int, core: EngineCore, on_stop: Callable[[], None]
 ) -> int:
+    config = core.config
     server.start()
+    metrics = start_metrics(core)
     address = f"{config.host}:{port}"
     log.info("serving on %s", address)
-    write_ready_file(config.ready_file, address)
+    write_ready_file(config.ready_file, address, metrics=metrics.url)
 
     def stop() -> None:
         server.stop(grace=2).wait()
+        metrics.close()
         on_stop()
 
     return wait_for_signal(stop)
 
 
 def serve_on_main_thread(
-    server: grpc.Server, port: int, config: EngineRoleConfig,
+    server: grpc.Server, port: int, core: EngineCore,
     loop: Callable[[], None], request_stop: Callable[[], None],
 ) -> None:
     """Serves while `loop` runs on this (the main) thread; SIGINT/SIGTERM call `request_stop`,
     `loop` returns, and the server stops with a grace period."""
+    config = core.config
     server.start()
+    metrics = start_metrics(core)
     address = f"{config.host}:{port}"
     log.info("serving on %s", address)
 
@@ -77,6 +90,9 @@ def serve_on_main_thread(
 
     signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)
-    write_ready_file(config.ready_file, address)
-    loop()
-    server.stop(grace=2).wait()
+    write_ready_file(config.ready_file, address, metrics=metrics.url)
+    try:
+        loop()
+    finally:
+        server.stop(grace=2).wait()
+        metrics.close()

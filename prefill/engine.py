@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass
 
 from engine.role_core import EngineCore
@@ -41,25 +42,33 @@ class PrefillEngine:
         self._compute = threading.Lock()
         self._state = threading.Lock()
         self._waiting = 0
+        core.metrics.watch_load(self.load)
 
     @property
     def waiting(self) -> int:
+        """Prompts in the engine, the one computing included."""
         with self._state:
             return self._waiting
+
+    def load(self) -> tuple[int, int]:
+        """(waiting, running): at most one prompt computes, the rest queue behind it."""
+        waiting = self.waiting
+        return max(waiting - 1, 0), min(waiting, 1)
 
     def prefill(self, job: PrefillJob) -> PrefillOutcome:
         core = self.core
         core.check_prompt(job.token_ids, job.sampling.max_tokens)
+        arrived = time.perf_counter()
         with self._state:
             self._waiting += 1
         try:
             with self._compute, core.busy():
-                return self._run(job)
+                return self._run(job, arrived)
         finally:
             with self._state:
                 self._waiting -= 1
 
-    def _run(self, job: PrefillJob) -> PrefillOutcome:
+    def _run(self, job: PrefillJob, arrived: float) -> PrefillOutcome:
         core = self.core
         runner = core.runner
         tokens = job.token_ids
@@ -78,8 +87,9 @@ class PrefillEngine:
             first = self._sampler.sample(
                 logits, [job.sampling], [make_generator(job.sampling.seed)]
             )[0]
+            ttft = time.perf_counter() - arrived
             stored = core.transfer.store(keys[loaded:], block_ids[loaded : len(keys)])
-            core.record(computed=n - start, pooled=start)
+            core.record(computed=n - start, pooled=start, ttft_seconds=ttft)
             log.info(
                 "prefill %s: %d tokens, %d from pool, %d computed, %d/%d new blocks stored",
                 job.request_id, n, start, n - start, stored, len(keys) - loaded,

@@ -26,10 +26,8 @@ class PrefillServicer(engine_pb2_grpc.PrefillEngineServicer):
         return info_to_proto(self.engine.core.description)
 
     def Load(self, request: engine_pb2.EngineLoadRequest, context: grpc.ServicerContext) -> engine_pb2.EngineLoad:  # noqa: N802,E501
-        waiting = self.engine.waiting
-        return load_to_proto(
-            self.engine.core.load(waiting=max(waiting - 1, 0), running=min(waiting, 1))
-        )
+        waiting, running = self.engine.load()
+        return load_to_proto(self.engine.core.load(waiting=waiting, running=running))
 
     def Prefill(self, request: engine_pb2.PrefillRequest, context: grpc.ServicerContext) -> engine_pb2.PrefillResult:  # noqa: N802,E501
         try:
@@ -58,4 +56,4 @@ def run(config: EngineRoleConfig, chunk_tokens: int = 512) -> int:
         lambda s: engine_pb2_grpc.add_PrefillEngineServicer_to_server(PrefillServicer(engine), s),
         [SERVICE_NAME],
     )
-    return serve_forever(server, port, config, on_stop=core.pool.close)
+    return serve_forever(server, port, core, on_stop=core.pool.close)

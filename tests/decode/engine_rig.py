@@ -18,6 +18,7 @@ import torch
 from engine.loader import load_model
 from engine.role_config import EngineRoleConfig
 from engine.role_core import EngineCore
+from kvstore.block_object import encoded_size
 from kvstore.client import KVStoreClient
 from kvstore.config import ClientConfig, MasterConfig, NodeConfig
 from kvstore.master_service import start_master
@@ -65,6 +66,20 @@ def make_core(model_dir: Path, address: str, role: str, engine_id: str,
     config = EngineRoleConfig(model=str(model_dir), kv_master=address, engine_id=engine_id,
                               **settings)  # type: ignore[arg-type]
     return EngineCore(config, role, load_model(config.model), pool_client(address))
+
+
+def metric(core: EngineCore, name: str) -> float | None:
+    """One series of the core's registry, e.g. "pantry_engine_requests_total"."""
+    labels = {"role": core.description.role, "engine_id": core.config.engine_id}
+    return core.metrics.registry.get_sample_value(name, labels)
+
+
+def block_object_bytes(core: EngineCore) -> int:
+    """Size of one block as stored in the pool: header + the KV of every layer."""
+    kv = core.runner.kv
+    shape = (kv.num_layers, 2, kv.block_size, kv.num_kv_heads, kv.head_dim)
+    return encoded_size(core.description.fingerprint, str(kv.dtype).removeprefix("torch."),
+                        shape, kv.block_nbytes)
 
 
 def prompt(length: int, seed: int) -> tuple[int, ...]:

@@ -20,8 +20,10 @@ from tests.decode.engine_rig import (
     BLOCK,
     MAX_MODEL_LEN,
     VOCAB,
+    block_object_bytes,
     hf_greedy,
     make_core,
+    metric,
     pool_client,
     prompt,
 )
@@ -69,6 +71,12 @@ def tokens_of(events: list[DecodeEvent]) -> tuple[int, ...]:
     return tuple(t for e in events for t in e.token_ids)
 
 
+def pool_blocks(core: EngineCore) -> list[float | None]:
+    """pantry_pool_client_blocks_{hit,missed,rejected,stored}_total."""
+    return [metric(core, f"pantry_pool_client_blocks_{kind}_total")
+            for kind in ("hit", "missed", "rejected", "stored")]
+
+
 def wait_idle(engine: DecodeEngine, free: int) -> None:
     alloc = engine.core.runner.allocator
     wait_for(lambda: engine.load() == (0, 0) and alloc.num_free == free, timeout=10,
@@ -93,6 +101,31 @@ def test_single_sequence_matches_transformers(make_engine: EngineFactory,
     assert engine.core.counters().requests_total == 1
 
 
+def test_metrics_of_one_sequence(make_engine: EngineFactory) -> None:
+    engine = make_engine()
+    core = engine.core
+    free = core.runner.allocator.num_free
+    collect(engine.submit(decode_job(prompt(23, seed=11), 10)))
+    wait_idle(engine, free)
+    counters = core.counters()
+    assert metric(core, "pantry_engine_requests_total") == counters.requests_total == 1
+    assert metric(core, "pantry_engine_computed_tokens_total") == 23
+    assert metric(core, "pantry_engine_pool_tokens_total") == 0
+    assert metric(core, "pantry_engine_busy_seconds_total") == counters.busy_seconds_total
+    assert metric(core, "pantry_engine_time_to_first_token_seconds_count") == 1
+    # Ten tokens: the first is timed from submit, the nine after it from the token before.
+    assert metric(core, "pantry_engine_time_between_tokens_seconds_count") == 9
+    # The prompt's only full block was missed; KV for 32 tokens (23 + 9) completes two blocks,
+    # each written back as it filled.
+    assert pool_blocks(core) == [0, 1, 0, 2]
+    assert metric(core, "pantry_pool_client_read_seconds_count") == 1
+    assert metric(core, "pantry_pool_client_write_seconds_count") == 2
+    assert metric(core, "pantry_pool_client_read_bytes_total") == 0
+    assert metric(core, "pantry_pool_client_written_bytes_total") == 2 * block_object_bytes(core)
+    assert metric(core, "pantry_engine_kv_free_blocks") == free == core.runner.kv.num_blocks
+    assert metric(core, "pantry_engine_kv_blocks") == core.runner.kv.num_blocks
+
+
 def test_first_token_from_prefill_is_used(make_engine: EngineFactory, tiny_llama: Path,
                                           pool_address: str) -> None:
     ids = prompt(40, seed=12)
@@ -104,11 +137,23 @@ def test_first_token_from_prefill_is_used(make_engine: EngineFactory, tiny_llama
         pcore.pool.close()
     assert pre.first_token == expected[0]
 
+    assert pool_blocks(pcore) == [0, 2, 0, 2]
+    assert metric(pcore, "pantry_engine_time_to_first_token_seconds_count") == 1
+
     engine = make_engine()
+    free = engine.core.runner.allocator.num_free
     events = collect(engine.submit(decode_job(ids, 10, first_token=pre.first_token)))
     assert tokens_of(events) == expected
     # The prefill engine stored both full blocks; decode pulls them and computes the tail.
     assert (events[0].pool_tokens, events[0].computed_tokens) == (32, 8)
+    wait_idle(engine, free)
+    core = engine.core
+    assert metric(core, "pantry_engine_pool_tokens_total") == 32
+    assert metric(core, "pantry_engine_computed_tokens_total") == 8
+    # KV for 49 tokens: the third block (filled by output) is the only one written back.
+    assert pool_blocks(core) == [2, 0, 0, 1]
+    assert metric(core, "pantry_pool_client_read_bytes_total") == 2 * block_object_bytes(core)
+    assert metric(core, "pantry_engine_time_between_tokens_seconds_count") == 9
 
 
 def test_given_first_token_overrides_the_sampled_one(make_engine: EngineFactory,
@@ -253,6 +298,7 @@ def test_cancel_running_sequence_frees_its_blocks(make_engine: EngineFactory) ->
     first = next(events)
     assert first.token_ids and not first.finish_reason
     assert alloc.num_free == free - engine.core.blocks_for(MAX_MODEL_LEN)
+    assert metric(engine.core, "pantry_engine_kv_free_blocks") == alloc.num_free
     handle.cancel()
     rest = list(events)
     assert rest[-1].finish_reason == "cancelled"
@@ -284,6 +330,8 @@ def test_queue_full_when_max_waiting_reached(make_engine: EngineFactory) -> None
     queued = [engine.submit(decode_job(prompt(10, seed=22 + i), 3, rid=f"w{i}"))
               for i in range(2)]
     assert engine.load() == (2, 1)
+    assert metric(engine.core, "pantry_engine_waiting_requests") == 2
+    assert metric(engine.core, "pantry_engine_running_requests") == 1
     with pytest.raises(QueueFull):
         engine.submit(decode_job(prompt(10, seed=30), 3, rid="refused"))
     assert engine.load() == (2, 1)

@@ -1,5 +1,6 @@
 """Blocks between a paged cache and a real pool: exact round trip, and every kind of bad or
-missing object is a miss (the engine computes it), never wrong KV and never an exception."""
+missing object is a miss (the engine computes it), never wrong KV and never an exception; the
+pool-client metrics count every block and byte of it."""
 
 from __future__ import annotations
 
@@ -7,9 +8,12 @@ import socket
 
 import pytest
 import torch
+from prometheus_client import CollectorRegistry
 
+from engine.engine_metrics import PoolClientMetrics
 from engine.kv_cache import PagedKVCache
 from engine.pool_transfer import PoolTransfer
+from kvstore.block_object import encoded_size
 from kvstore.client import KVStoreClient
 from kvstore.config import ClientConfig
 from kvstore.hashing import PoolAddressing
@@ -26,6 +30,32 @@ def _cache(seed: int) -> PagedKVCache:
 
 
 KEYS = PoolAddressing("fp-test", 16).block_keys(list(range(48)), tenant="t")
+# One block of _cache(): 2 layers x (k, v) x 16 tokens x 2 heads x 8 dims of float32.
+PAYLOAD_BYTES = 2 * 2 * 16 * 2 * 8 * 4
+OBJECT_BYTES = encoded_size("fp-test", "float32", (2, 2, 16, 2, 8), PAYLOAD_BYTES)
+LABELS = {"role": "test", "engine_id": "xfer-0"}
+
+
+class Xfer:
+    """A PoolTransfer with metrics of its own, and their values by short name."""
+
+    def __init__(self, client: KVStoreClient, cache: PagedKVCache, fingerprint: str) -> None:
+        self.registry = CollectorRegistry()
+        metrics = PoolClientMetrics(self.registry, LABELS["role"], LABELS["engine_id"])
+        self.transfer = PoolTransfer(client, cache, fingerprint, metrics)
+
+    def value(self, name: str) -> float | None:
+        return self.registry.get_sample_value(f"pantry_pool_client_{name}", LABELS)
+
+    def blocks(self) -> tuple[float | None, ...]:
+        """(hit, missed, rejected, stored)."""
+        return tuple(self.value(f"blocks_{kind}_total")
+                     for kind in ("hit", "missed", "rejected", "stored"))
+
+    def io(self) -> tuple[float | None, ...]:
+        """(reads, bytes read, writes, bytes written)."""
+        return (self.value("read_seconds_count"), self.value("read_bytes_total"),
+                self.value("write_seconds_count"), self.value("written_bytes_total"))
 
 
 @pytest.fixture(scope="module")
@@ -37,10 +67,24 @@ def pool_address() -> str:  # type: ignore[misc]
 def test_round_trip_is_exact(pool_address: str) -> None:
     src, dst = _cache(1), _cache(2)
     with pool_client(pool_address) as client:
-        assert PoolTransfer(client, src, "fp-test").store(KEYS, [0, 1, 2]) == 3
-        assert PoolTransfer(client, dst, "fp-test").load(KEYS, [5, 6, 7]) == 3
+        writer, reader = Xfer(client, src, "fp-test"), Xfer(client, dst, "fp-test")
+        assert writer.transfer.store(KEYS, [0, 1, 2]) == 3
+        assert reader.transfer.load(KEYS, [5, 6, 7]) == 3
     for s, d in ((0, 5), (1, 6), (2, 7)):
         assert torch.equal(src.read_block(s), dst.read_block(d))
+    assert writer.blocks() == (0, 0, 0, 3)
+    assert writer.io() == (0, 0, 1, 3 * OBJECT_BYTES)
+    assert reader.blocks() == (3, 0, 0, 0)
+    assert reader.io() == (1, 3 * OBJECT_BYTES, 0, 0)
+
+
+def test_nothing_asked_for_is_no_pool_call(pool_address: str) -> None:
+    with pool_client(pool_address) as client:
+        xfer = Xfer(client, _cache(1), "fp-test")
+        assert xfer.transfer.load([], [0]) == 0
+        assert xfer.transfer.store([], []) == 0
+    assert xfer.blocks() == (0, 0, 0, 0)
+    assert xfer.io() == (0, 0, 0, 0)
 
 
 def test_corrupt_object_ends_the_prefix(pool_address: str) -> None:
@@ -48,18 +92,35 @@ def test_corrupt_object_ends_the_prefix(pool_address: str) -> None:
     src, dst = _cache(3), _cache(4)
     with pool_client(pool_address) as client:
         client.put_many([(keys[1], b"\x00" * 4096)])  # someone else's bytes under block 1
-        PoolTransfer(client, src, "fp-test").store(keys, [0, 1, 2])
+        Xfer(client, src, "fp-test").transfer.store(keys, [0, 1, 2])
         before = dst.read_block(4).clone()
-        assert PoolTransfer(client, dst, "fp-test").load(keys, [3, 4, 5]) == 1
+        reader = Xfer(client, dst, "fp-test")
+        assert reader.transfer.load(keys, [3, 4, 5]) == 1
     assert torch.equal(dst.read_block(3), src.read_block(0))
     assert torch.equal(dst.read_block(4), before)  # untouched: the engine computes it
+    # All three objects were fetched; the second failed its checks, so the third goes unused.
+    assert reader.blocks() == (1, 1, 1, 0)
+    assert reader.io() == (1, 2 * OBJECT_BYTES + 4096, 0, 0)
 
 
 def test_other_layout_fingerprint_is_a_miss(pool_address: str) -> None:
     keys = PoolAddressing("fp-test", 16).block_keys(list(range(200, 232)), tenant="t")
     with pool_client(pool_address) as client:
-        PoolTransfer(client, _cache(5), "fp-test").store(keys, [0, 1])
-        assert PoolTransfer(client, _cache(6), "fp-other").load(keys, [0, 1]) == 0
+        Xfer(client, _cache(5), "fp-test").transfer.store(keys, [0, 1])
+        reader = Xfer(client, _cache(6), "fp-other")
+        assert reader.transfer.load(keys, [0, 1]) == 0
+    assert reader.blocks() == (0, 1, 1, 0)
+    assert reader.io() == (1, 2 * OBJECT_BYTES, 0, 0)
+
+
+def test_absent_blocks_are_misses(pool_address: str) -> None:
+    keys = PoolAddressing("fp-test", 16).block_keys(list(range(300, 348)), tenant="t")
+    with pool_client(pool_address) as client:
+        Xfer(client, _cache(8), "fp-test").transfer.store(keys[:1], [0])
+        reader = Xfer(client, _cache(9), "fp-test")
+        assert reader.transfer.load(keys, [0, 1, 2]) == 1
+    assert reader.blocks() == (1, 2, 0, 0)
+    assert reader.io() == (1, OBJECT_BYTES, 0, 0)
 
 
 def test_unreachable_pool_is_a_miss_not_an_error() -> None:
@@ -68,8 +129,11 @@ def test_unreachable_pool_is_a_miss_not_an_error() -> None:
         dead = f"127.0.0.1:{s.getsockname()[1]}"
     client = KVStoreClient(dead, host_id="host-a", config=ClientConfig(rpc_timeout_s=2.0))
     try:
-        xfer = PoolTransfer(client, _cache(7), "fp-test")
-        assert xfer.load(KEYS, [0, 1, 2]) == 0
-        assert xfer.store(KEYS, [0, 1, 2]) == 0
+        xfer = Xfer(client, _cache(7), "fp-test")
+        assert xfer.transfer.load(KEYS, [0, 1, 2]) == 0
+        assert xfer.transfer.store(KEYS, [0, 1, 2]) == 0
     finally:
         client.close()
+    # Both calls were tried (and timed); nothing moved.
+    assert xfer.blocks() == (0, 3, 0, 0)
+    assert xfer.io() == (1, 0, 1, 0)

@@ -12,7 +12,16 @@ from engine.role_core import EngineCore
 from pantry.common.errors import InvalidRequest
 from pantry.common.sampling import SamplingParams
 from prefill.engine import PrefillEngine, PrefillJob
-from tests.decode.engine_rig import BLOCK, MAX_MODEL_LEN, hf_greedy, make_core, pool_client, prompt
+from tests.decode.engine_rig import (
+    BLOCK,
+    MAX_MODEL_LEN,
+    block_object_bytes,
+    hf_greedy,
+    make_core,
+    metric,
+    pool_client,
+    prompt,
+)
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8)
 
@@ -57,6 +66,35 @@ def test_miss_then_hit(core: EngineCore, tiny_llama: Path) -> None:
             counters.pool_tokens_total) == (2, 48, 32)
     assert counters.busy_seconds_total > 0
     assert engine.waiting == 0
+
+
+def test_metrics_count_a_miss_then_a_hit(core: EngineCore) -> None:
+    engine = PrefillEngine(core)
+    ids = prompt(40, seed=1)
+    engine.prefill(job(ids))
+    engine.prefill(job(ids, rid="r2"))
+
+    def m(name: str) -> float | None:
+        return metric(core, name)
+
+    # The Load RPC's counters are these series, read back.
+    counters = core.counters()
+    assert m("pantry_engine_requests_total") == counters.requests_total == 2
+    assert m("pantry_engine_computed_tokens_total") == counters.computed_tokens_total == 48
+    assert m("pantry_engine_pool_tokens_total") == counters.pool_tokens_total == 32
+    assert m("pantry_engine_busy_seconds_total") == counters.busy_seconds_total
+    assert m("pantry_engine_time_to_first_token_seconds_count") == 2
+    assert m("pantry_engine_time_between_tokens_seconds_count") == 0
+    assert (m("pantry_engine_waiting_requests"), m("pantry_engine_running_requests")) == (0, 0)
+    assert core.runner.kv.num_blocks == 128
+    assert (m("pantry_engine_kv_free_blocks"), m("pantry_engine_kv_blocks")) == (128, 128)
+    # First prefill: both blocks missed, computed and stored. Second: both hit, none stored.
+    pool = "pantry_pool_client_"
+    assert [m(f"{pool}blocks_{kind}_total") for kind in ("hit", "missed", "rejected", "stored")
+            ] == [2, 2, 0, 2]
+    assert (m(f"{pool}read_seconds_count"), m(f"{pool}write_seconds_count")) == (2, 1)
+    obj = block_object_bytes(core)
+    assert (m(f"{pool}read_bytes_total"), m(f"{pool}written_bytes_total")) == (2 * obj, 2 * obj)
 
 
 def test_partial_hit_resumes_after_the_shared_prefix(core: EngineCore, tiny_llama: Path) -> None:
@@ -140,6 +178,8 @@ def test_invalid_prompts_are_rejected_without_touching_state(
     assert core.runner.allocator.num_free == free
     assert engine.waiting == 0
     assert core.counters().requests_total == 0
+    assert metric(core, "pantry_engine_time_to_first_token_seconds_count") == 0
+    assert metric(core, "pantry_pool_client_read_seconds_count") == 0
 
 
 def test_longest_prompt_that_fits_is_served(core: EngineCore, tiny_llama: Path) -> None:
