@@ -40,9 +40,6 @@ class BuddyAllocator:
     def free_bytes(self) -> int:
         return self.capacity - self.used
 
-    def largest_free(self) -> int:
-        return max((s for s, blocks in self._free.items() if blocks), default=0)
-
     def _push(self, size: int, offset: int) -> None:
         self._free.setdefault(size, set()).add(offset)
         heapq.heappush(self._heap.setdefault(size, []), offset)

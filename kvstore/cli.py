@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any, NoReturn
 
 import grpc
 
 from kvstore.client import KVStoreClient
 from kvstore.config import ClientConfig, MasterConfig, NodeConfig
 from kvstore.errors import KVStoreError
-from pantry.common.config_flags import parse_size
+from pantry.common.config_flags import add_config_flags, config_from_args
 from pantry.common.errors import ConfigError
 from pantry.common.serving import configure_logging, format_table, wait_for_signal, write_ready_file
 
@@ -28,17 +30,24 @@ def _human(n: float) -> str:
     raise AssertionError("unreachable")
 
 
+def master_config(ns: argparse.Namespace) -> MasterConfig:
+    return config_from_args(MasterConfig, ns)
+
+
+def node_config(ns: argparse.Namespace) -> NodeConfig:
+    return config_from_args(NodeConfig, ns, **({"tcp_port": None} if ns.no_tcp else {}))
+
+
 def cmd_master(ns: argparse.Namespace) -> int:
     from kvstore.master_service import start_master
 
-    cfg = MasterConfig(host=ns.host, port=ns.port, node_timeout_s=ns.node_timeout,
-                       put_timeout_s=ns.put_timeout, lease_ms=ns.lease_ms,
-                       max_object_bytes=parse_size(ns.max_object_bytes))
+    cfg = master_config(ns)
     srv = start_master(cfg)
-    if ns.ready_file:
-        write_ready_file(ns.ready_file, f"{ns.host}:{srv.port}")
-    wait_for_signal()
-    srv.stop(grace=ns.grace)
+    try:
+        write_ready_file(ns.ready_file, f"{cfg.host}:{srv.port}", metrics=srv.metrics.url)
+        wait_for_signal()
+    finally:
+        srv.stop(grace=ns.grace)
     log.info("master stopped")
     return 0
 
@@ -46,15 +55,9 @@ def cmd_master(ns: argparse.Namespace) -> int:
 def cmd_node(ns: argparse.Namespace) -> int:
     from kvstore.node_service import start_node
 
-    cfg = NodeConfig(master_address=ns.master, node_id=ns.node_id,
-                     dram_bytes=parse_size(ns.dram_bytes), host=ns.host, port=ns.port,
-                     heartbeat_s=ns.heartbeat, host_id=ns.host_id,
-                     max_object_bytes=parse_size(ns.max_object_bytes),
-                     tcp_port=None if ns.no_tcp else ns.tcp_port)
-    srv = start_node(cfg)
+    srv = start_node(node_config(ns))
     try:
-        if ns.ready_file:
-            write_ready_file(ns.ready_file, srv.address)
+        write_ready_file(ns.ready_file, srv.address, metrics=srv.metrics.url)
         wait_for_signal()
     finally:
         srv.stop(grace=ns.grace)
@@ -122,35 +125,51 @@ def cmd_rm(ns: argparse.Namespace) -> int:
     return 0 if n == len(ns.keys) else 1
 
 
+def _reporting(convert: Callable[[str], Any]) -> Callable[[str], Any]:
+    """A flag's ConfigError (e.g. "not a size: 'lots'") becomes argparse's message for it."""
+
+    @functools.wraps(convert)
+    def wrapped(text: str) -> Any:
+        try:
+            return convert(text)
+        except ConfigError as e:
+            raise argparse.ArgumentTypeError(str(e)) from e
+
+    return wrapped
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors are one line, exit status 2, like every other kvstore error."""
+
+    def add_argument(self, *args: Any, **kwargs: Any) -> argparse.Action:
+        if callable(kwargs.get("type")):
+            kwargs["type"] = _reporting(kwargs["type"])
+        return super().add_argument(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _server_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ready-file", help="write {address, pid, metrics} as JSON here once serving")
+    p.add_argument("--grace", type=float, default=1.0,
+                   help="seconds in-flight RPCs get to finish on SIGTERM (default: 1.0)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="kvstore", description="Pantry KV-cache pool")
+    p = _Parser(prog="kvstore", description="Pantry KV-cache pool")
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     m = sub.add_parser("master", help="run the metadata master")
-    m.add_argument("--host", default="127.0.0.1")
-    m.add_argument("--port", type=int, default=0)
-    m.add_argument("--ready-file")
-    m.add_argument("--node-timeout", type=float, default=10.0)
-    m.add_argument("--put-timeout", type=float, default=30.0)
-    m.add_argument("--lease-ms", type=int, default=5000)
-    m.add_argument("--max-object-bytes", default="64MiB")
-    m.add_argument("--grace", type=float, default=1.0)
+    add_config_flags(m, MasterConfig)
+    _server_flags(m)
     m.set_defaults(fn=cmd_master)
 
     n = sub.add_parser("node", help="run a storage node")
-    n.add_argument("--master", required=True)
-    n.add_argument("--node-id", required=True)
-    n.add_argument("--host", default="127.0.0.1")
-    n.add_argument("--port", type=int, default=0)
-    n.add_argument("--dram-bytes", default="256MiB")
-    n.add_argument("--heartbeat", type=float, default=2.0)
-    n.add_argument("--host-id")
-    n.add_argument("--max-object-bytes", default="64MiB")
-    n.add_argument("--tcp-port", type=int, default=0, help="bulk TCP transport port (0: any)")
+    add_config_flags(n, NodeConfig)
     n.add_argument("--no-tcp", action="store_true", help="serve data over gRPC only")
-    n.add_argument("--ready-file")
-    n.add_argument("--grace", type=float, default=1.0)
+    _server_flags(n)
     n.set_defaults(fn=cmd_node)
 
     def client_cmd(name: str, help_: str) -> argparse.ArgumentParser:
@@ -184,7 +203,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(role, "DEBUG" if ns.verbose else "INFO")
     try:
         return int(ns.fn(ns))
-    except (KVStoreError, ConfigError) as e:
+    except (KVStoreError, ConfigError, OSError) as e:
+        # OSError: a port that cannot be bound, a segment that cannot be created.
         print(f"kvstore: error: {e}", file=sys.stderr)
         return 2
     except grpc.RpcError as e:

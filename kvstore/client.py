@@ -21,40 +21,24 @@ import grpc
 from kvstore.config import ClientConfig
 from kvstore.errors import ObjectTooLargeError
 from kvstore.hostid import default_host_id
-from kvstore.metadata import NodeInfo, NodeStatus, PoolStatus
+from kvstore.metadata import BlockLocation, NodeInfo, ObjectEntry, PoolStatus
 from kvstore.transports import Transport, TransportError
 from kvstore.transports.grpc import GrpcTransport
 from kvstore.transports.shm import ShmTransport
 from kvstore.transports.tcp import TcpTransport
+from kvstore.wire import location_from_proto, node_from_proto, object_from_proto, status_from_proto
 from pantry.v1 import kvstore_pb2 as pb
 from pantry.v1 import kvstore_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BlockLocation", "KVStoreClient", "NodeStatus", "PoolStatus", "PrefixMatch"]
-
-
-@dataclass(frozen=True)
-class BlockLocation:
-    key: str
-    node_id: str
-    offset: int
-    length: int
+__all__ = ["BlockLocation", "KVStoreClient", "ObjectEntry", "PoolStatus", "PrefixMatch"]
 
 
 @dataclass(frozen=True)
 class PrefixMatch:
     matched: int
     locations: tuple[BlockLocation, ...]
-
-
-def _node(n: pb.NodeInfo) -> NodeInfo:
-    return NodeInfo(n.node_id, n.host_id, n.address, n.segment_path, n.segment_size,
-                    n.tcp_address)
-
-
-def _location(loc: pb.Location) -> BlockLocation:
-    return BlockLocation(loc.key, loc.node_id, loc.offset, loc.length)
 
 
 class KVStoreClient:
@@ -104,7 +88,7 @@ class KVStoreClient:
 
     def match_prefix(self, keys: Sequence[str]) -> PrefixMatch:
         resp = self._master.MatchPrefix(self._keys(keys), timeout=self.config.rpc_timeout_s)
-        return PrefixMatch(resp.matched, tuple(_location(x) for x in resp.locations))
+        return PrefixMatch(resp.matched, tuple(location_from_proto(x) for x in resp.locations))
 
     def exists(self, keys: Sequence[str]) -> list[bool]:
         resp = self._master.Exists(self._keys(keys), timeout=self.config.rpc_timeout_s)
@@ -115,17 +99,14 @@ class KVStoreClient:
                                        timeout=self.config.rpc_timeout_s).removed)
 
     def status(self) -> PoolStatus:
-        r = self._master.Status(pb.StatusRequest(), timeout=self.config.rpc_timeout_s)
-        nodes = tuple(NodeStatus(_node(n.node), n.capacity_bytes, n.used_bytes, n.objects,
-                                 n.heartbeat_age_s) for n in r.nodes)
-        return PoolStatus(nodes, r.capacity_bytes, r.used_bytes, r.objects, r.hits, r.misses,
-                          r.evictions, r.puts)
+        return status_from_proto(self._master.Status(pb.StatusRequest(),
+                                                     timeout=self.config.rpc_timeout_s))
 
-    def list_objects(self, prefix: str = "", limit: int = 100) -> tuple[list[pb.ObjectInfo],
-                                                                         bool]:
+    def list_objects(self, prefix: str = "", limit: int = 100) -> tuple[list[ObjectEntry], bool]:
+        """Objects in key order (at most `limit`), and whether more were left out."""
         r = self._master.List(pb.ListRequest(prefix=prefix, limit=limit),
                               timeout=self.config.rpc_timeout_s)
-        return list(r.objects), r.truncated
+        return [object_from_proto(o) for o in r.objects], r.truncated
 
     # ---- data -------------------------------------------------------------------------------
 
@@ -147,7 +128,7 @@ class KVStoreClient:
         resp = self._master.PutStart(
             pb.PutStartRequest(keys=keys, sizes=sizes, client_host_id=self.host_id),
             timeout=self.config.rpc_timeout_s)
-        nodes = {n.node_id: _node(n) for n in resp.nodes}
+        nodes = {n.node_id: node_from_proto(n) for n in resp.nodes}
         by_node: dict[str, list[int]] = defaultdict(list)
         stored: set[str] = set()
         too_large: list[str] = []
@@ -191,7 +172,7 @@ class KVStoreClient:
         if not keys:
             return out
         resp = self._master.GetReplicas(self._keys(keys), timeout=self.config.rpc_timeout_s)
-        nodes = {n.node_id: _node(n) for n in resp.nodes}
+        nodes = {n.node_id: node_from_proto(n) for n in resp.nodes}
         by_node: dict[str, list[int]] = defaultdict(list)
         for i, rep in enumerate(resp.replicas):
             if rep.found and rep.location.node_id in nodes:

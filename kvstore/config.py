@@ -1,9 +1,14 @@
-"""One typed, validated configuration per role. Errors name the offending setting."""
+"""One typed, validated configuration per role. Errors name the offending setting.
+
+The `kvstore master` and `kvstore node` flags are built from these fields (their metadata holds
+the help text and, where it differs from the field name, the flag name), so every default is
+written here only.
+"""
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pantry.common.config_flags import KIB, MIB
 from pantry.common.errors import ConfigError
@@ -25,21 +30,37 @@ def _port(name: str, value: int) -> None:
 
 @dataclass(frozen=True)
 class MasterConfig:
-    host: str = "127.0.0.1"
-    port: int = 0
-    node_timeout_s: float = 10.0
-    put_timeout_s: float = 30.0
-    lease_ms: int = 5000
-    high_watermark: float = 0.9
-    low_watermark: float = 0.8
-    min_slot_bytes: int = 4 * KIB
-    max_object_bytes: int = DEFAULT_MAX_OBJECT_BYTES
-    reap_interval_s: float = 1.0
-    metadata_backend: str = "memory"
-    max_workers: int = 16
+    host: str = field(default="127.0.0.1",
+                      metadata={"help": "address to serve gRPC and /metrics on"})
+    port: int = field(default=0, metadata={"help": "gRPC port (0: any free port)"})
+    metrics_port: int = field(
+        default=0, metadata={"help": "Prometheus /metrics port (0: any free port)"})
+    node_timeout_s: float = field(default=10.0, metadata={
+        "flag": "node_timeout",
+        "help": "seconds without a heartbeat before a node and its objects are dropped"})
+    put_timeout_s: float = field(default=30.0, metadata={
+        "flag": "put_timeout",
+        "help": "seconds a started put may stay unsealed before its slot is reclaimed"})
+    lease_ms: int = field(default=5000, metadata={
+        "help": "milliseconds a location handed to a reader stays safe from eviction and reuse"})
+    high_watermark: float = field(default=0.9, metadata={
+        "help": "fraction of a node's segment in use above which LRU eviction starts"})
+    low_watermark: float = field(default=0.8, metadata={
+        "help": "fraction of a node's segment in use that watermark eviction brings it down to"})
+    min_slot_bytes: int = field(default=4 * KIB, metadata={
+        "size": True, "help": "smallest slot the allocator hands out (a power of two)"})
+    max_object_bytes: int = field(default=DEFAULT_MAX_OBJECT_BYTES, metadata={
+        "size": True, "help": "largest object a put may store"})
+    reap_interval_s: float = field(default=1.0, metadata={
+        "flag": "reap_interval",
+        "help": "seconds between sweeps for silent nodes, abandoned puts and expired leases"})
+    metadata_backend: str = field(default="memory", metadata={
+        "help": "where object records live (only 'memory' for now)"})
+    max_workers: int = field(default=16, metadata={"help": "gRPC server threads"})
 
     def __post_init__(self) -> None:
         _port("port", self.port)
+        _port("metrics_port", self.metrics_port)
         _positive("node_timeout_s", self.node_timeout_s)
         _positive("put_timeout_s", self.put_timeout_s)
         _positive("lease_ms", self.lease_ms)
@@ -62,19 +83,31 @@ class MasterConfig:
 
 @dataclass(frozen=True)
 class NodeConfig:
-    master_address: str
-    node_id: str
-    dram_bytes: int = 256 * MIB
-    host: str = "127.0.0.1"
-    port: int = 0
-    host_id: str | None = None
-    heartbeat_s: float = 2.0
-    shm_dir: str = "/dev/shm"
-    max_object_bytes: int = DEFAULT_MAX_OBJECT_BYTES
-    prefault: bool = True
-    max_workers: int = 16
-    # Port of the bulk TCP transport; 0 picks a free port, None turns the transport off.
-    tcp_port: int | None = 0
+    master_address: str = field(metadata={"flag": "master",
+                                          "help": "the kvstore master, HOST:PORT"})
+    node_id: str = field(metadata={"help": "this node's name in the pool ([A-Za-z0-9_.-]+)"})
+    dram_bytes: int = field(default=256 * MIB, metadata={
+        "size": True, "help": "size of the shared-memory segment objects are stored in"})
+    host: str = field(default="127.0.0.1", metadata={
+        "help": "address to serve gRPC, bulk TCP and /metrics on"})
+    port: int = field(default=0, metadata={"help": "gRPC port (0: any free port)"})
+    host_id: str | None = field(default=None, metadata={
+        "help": "which machine this is: clients with the same id map the segment directly; "
+                "unset, it is derived from the hostname and boot id"})
+    heartbeat_s: float = field(default=2.0, metadata={
+        "flag": "heartbeat", "help": "seconds between heartbeats to the master"})
+    shm_dir: str = field(default="/dev/shm", metadata={
+        "help": "directory of the segment file (a tmpfs)"})
+    max_object_bytes: int = field(default=DEFAULT_MAX_OBJECT_BYTES, metadata={
+        "size": True, "help": "largest object a write may carry"})
+    prefault: bool = field(default=True, metadata={
+        "help": "touch every page of the segment at start"})
+    max_workers: int = field(default=16, metadata={"help": "gRPC server threads"})
+    # None turns the bulk TCP transport off (the CLI's --no-tcp).
+    tcp_port: int | None = field(default=0, metadata={
+        "help": "bulk TCP transport port (0: any free port)"})
+    metrics_port: int = field(
+        default=0, metadata={"help": "Prometheus /metrics port (0: any free port)"})
 
     def __post_init__(self) -> None:
         if not self.master_address:
@@ -84,6 +117,7 @@ class NodeConfig:
         _port("port", self.port)
         if self.tcp_port is not None:
             _port("tcp_port", self.tcp_port)
+        _port("metrics_port", self.metrics_port)
         _positive("dram_bytes", self.dram_bytes)
         _positive("heartbeat_s", self.heartbeat_s)
         _positive("max_object_bytes", self.max_object_bytes)

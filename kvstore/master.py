@@ -45,6 +45,18 @@ class PutGrant:
     location: ObjectMeta | None = None
 
 
+@dataclass(frozen=True)
+class MasterStats:
+    """What the master has done since it started, beyond `PoolStatus` (for /metrics)."""
+
+    puts_started: int
+    puts_aborted: int
+    puts_expired: int
+    match_prefix_calls: int
+    blocks_matched: int
+    active_leases: int
+
+
 @dataclass
 class _Node:
     info: NodeInfo
@@ -72,7 +84,11 @@ class Master:
         # reader mid-copy never sees the slot reused under it.
         self._zombies: list[tuple[str, int, float]] = []
         self._pending: set[str] = set()
+        # `puts` counts sealed puts; every started put ends sealed, aborted, expired, or
+        # dropped with its node.
         self.hits = self.misses = self.evictions = self.puts = 0
+        self.puts_started = self.puts_aborted = self.puts_expired = 0
+        self.match_prefix_calls = self.blocks_matched = 0
 
     # ---- membership -------------------------------------------------------------------------
 
@@ -84,7 +100,6 @@ class Master:
                 self._drop_node(info.node_id, reason="re-registered")
             alloc = BuddyAllocator(info.segment_size, self.config.min_slot_bytes)
             self._nodes[info.node_id] = _Node(info, alloc, self._clock())
-            self._backend.put_node(info)
             log.info("node %s registered (host %s, %s, %d bytes)", info.node_id, info.host_id,
                      info.address, info.segment_size)
 
@@ -109,7 +124,6 @@ class Master:
             self._leases.pop(key, None)
             self._pending.discard(key)
         self._zombies = [z for z in self._zombies if z[0] != node_id]
-        self._backend.delete_node(node_id)
         log.warning("node %s dropped (%s) with %d objects", node_id, reason, len(node.keys))
 
     # ---- two-phase put ----------------------------------------------------------------------
@@ -141,6 +155,7 @@ class Master:
                                   ObjectState.PENDING, now + self.config.put_timeout_s)
                 self._backend.put(meta)
                 self._pending.add(key)
+                self.puts_started += 1
                 node.keys.add(key)
                 touched.add(node.info.node_id)
                 grants.append(PutGrant(key, PutOutcome.ALLOCATED, meta))
@@ -223,6 +238,7 @@ class Master:
                 if meta is not None and meta.state is ObjectState.PENDING:
                     self._delete(meta)
                     n += 1
+            self.puts_aborted += n
         return n
 
     def _delete(self, meta: ObjectMeta) -> None:
@@ -276,6 +292,8 @@ class Master:
                     break
                 self._lease_and_touch(meta, now)
                 out.append(meta)
+            self.match_prefix_calls += 1
+            self.blocks_matched += len(out)
         return out
 
     def exists(self, keys: Sequence[str]) -> list[bool]:
@@ -308,6 +326,7 @@ class Master:
                 if meta.deadline <= now:
                     log.warning("put of %s on %s abandoned; reclaiming", meta.key, meta.node_id)
                     self._delete(meta)
+                    self.puts_expired += 1
             still: list[tuple[str, int, float]] = []
             for node_id, offset, until in self._zombies:
                 if until <= now:
@@ -333,6 +352,16 @@ class Master:
                 used_bytes=sum(n.used_bytes for n in nodes),
                 objects=self._backend.count(),
                 hits=self.hits, misses=self.misses, evictions=self.evictions, puts=self.puts,
+            )
+
+    def stats(self) -> MasterStats:
+        with self._lock:
+            now = self._clock()
+            return MasterStats(
+                puts_started=self.puts_started, puts_aborted=self.puts_aborted,
+                puts_expired=self.puts_expired, match_prefix_calls=self.match_prefix_calls,
+                blocks_matched=self.blocks_matched,
+                active_leases=sum(1 for until in self._leases.values() if until > now),
             )
 
     def list_objects(self, prefix: str = "", limit: int = 100) -> tuple[list[tuple[ObjectMeta,

@@ -1,8 +1,8 @@
-"""Master metadata: the domain records and the backend that stores them.
+"""Pool metadata: the domain records and the backend that stores the master's objects.
 
-The master keeps allocator state and LRU order in memory and rebuilds them from the backend, so
-a backend only has to store records by key. That is what lets a durable `redis` backend slot in
-later behind the same `MetadataBackend` protocol.
+The master keeps allocator state, LRU order and membership in memory, so a backend only has to
+store object records by key. That is what lets a durable `redis` backend slot in later behind
+the same `MetadataBackend` protocol.
 """
 
 from __future__ import annotations
@@ -40,17 +40,33 @@ class ObjectMeta:
     deadline: float = 0.0
 
 
+@dataclass(frozen=True)
+class BlockLocation:
+    """Where a client finds an object: the bytes at [offset, offset + length) of a node."""
+
+    key: str
+    node_id: str
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True)
+class ObjectEntry:
+    """One object as the master lists it (`kvstore ls`)."""
+
+    location: BlockLocation
+    sealed: bool
+    leased: bool
+
+
 class MetadataBackend(Protocol):
-    """Key -> ObjectMeta and node_id -> NodeInfo storage. Not thread-safe: the master locks."""
+    """Key -> ObjectMeta storage. Not thread-safe: the master locks."""
 
     def get(self, key: str) -> ObjectMeta | None: ...
     def put(self, meta: ObjectMeta) -> None: ...
     def delete(self, key: str) -> ObjectMeta | None: ...
     def scan(self, prefix: str = "") -> Iterator[ObjectMeta]: ...
     def count(self) -> int: ...
-    def put_node(self, node: NodeInfo) -> None: ...
-    def delete_node(self, node_id: str) -> None: ...
-    def nodes(self) -> list[NodeInfo]: ...
 
 
 class MemoryBackend:
@@ -58,7 +74,6 @@ class MemoryBackend:
 
     def __init__(self) -> None:
         self._objects: dict[str, ObjectMeta] = {}
-        self._nodes: dict[str, NodeInfo] = {}
 
     def get(self, key: str) -> ObjectMeta | None:
         return self._objects.get(key)
@@ -76,15 +91,6 @@ class MemoryBackend:
 
     def count(self) -> int:
         return len(self._objects)
-
-    def put_node(self, node: NodeInfo) -> None:
-        self._nodes[node.node_id] = node
-
-    def delete_node(self, node_id: str) -> None:
-        self._nodes.pop(node_id, None)
-
-    def nodes(self) -> list[NodeInfo]:
-        return list(self._nodes.values())
 
 
 def create_backend(name: str) -> MetadataBackend:

@@ -12,6 +12,7 @@ from kvstore.config import NodeConfig
 from kvstore.hostid import default_host_id
 from kvstore.metadata import NodeInfo
 from kvstore.segment import Segment
+from kvstore.wire import node_to_proto
 from pantry.v1 import kvstore_pb2 as pb
 from pantry.v1 import kvstore_pb2_grpc as pb_grpc
 
@@ -52,18 +53,15 @@ class StorageNode:
         self._thread.start()
 
     def _register(self, stub: pb_grpc.KVMasterStub) -> bool:
-        i = self.info()
-        req = pb.RegisterNodeRequest(node=pb.NodeInfo(
-            node_id=i.node_id, host_id=i.host_id, address=i.address,
-            segment_path=i.segment_path, segment_size=i.segment_size,
-            tcp_address=i.tcp_address))
+        req = pb.RegisterNodeRequest(node=node_to_proto(self.info()))
         try:
             stub.RegisterNode(req, timeout=self.config.heartbeat_s)
         except grpc.RpcError as e:
             log.info("master %s not answering yet (%s); retrying", self.config.master_address,
                      e.code())
             return False
-        log.info("registered with master %s as %s", self.config.master_address, i.node_id)
+        log.info("registered with master %s as %s", self.config.master_address,
+                 self.config.node_id)
         return True
 
     def _run(self, stub: pb_grpc.KVMasterStub) -> None:

@@ -2,28 +2,35 @@
 
 from __future__ import annotations
 
+import functools
 import logging
-from concurrent import futures
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from kvstore.config import NodeConfig
 from kvstore.errors import SegmentError
+from kvstore.metrics import NodeMetrics
 from kvstore.node import StorageNode
+from kvstore.transports import READ, WRITE
 from kvstore.transports.tcp import TcpServer
+from pantry.common.metrics import MetricsServer
+from pantry.common.serving import create_grpc_server
 from pantry.v1 import kvstore_pb2 as pb
 from pantry.v1 import kvstore_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["KVNode"].full_name
+
 
 class NodeServicer(pb_grpc.KVNodeServicer):
-    def __init__(self, node: StorageNode) -> None:
+    def __init__(self, node: StorageNode, metrics: NodeMetrics) -> None:
         self.node = node
+        self.metrics = metrics
 
     def Write(self, request: pb.WriteRequest, context: grpc.ServicerContext) -> pb.WriteResponse:
         limit = self.node.config.max_object_bytes
+        written = 0
         try:
             for op in request.ops:
                 if len(op.data) > limit:
@@ -31,28 +38,35 @@ class NodeServicer(pb_grpc.KVNodeServicer):
                                   f"object of {len(op.data)} bytes exceeds max_object_bytes "
                                   f"{limit}")
                 self.node.segment.write(op.offset, op.data)
+                written += len(op.data)
         except SegmentError as e:
             context.abort(grpc.StatusCode.OUT_OF_RANGE, str(e))
+        finally:
+            self.metrics.record("grpc", WRITE, written)
         return pb.WriteResponse()
 
     def Read(self, request: pb.ReadRequest, context: grpc.ServicerContext) -> pb.ReadResponse:
+        data: list[bytes] = []
         try:
-            return pb.ReadResponse(data=[self.node.segment.read(op.offset, op.length)
-                                         for op in request.ops])
+            data = [self.node.segment.read(op.offset, op.length) for op in request.ops]
         except SegmentError as e:
             context.abort(grpc.StatusCode.OUT_OF_RANGE, str(e))
-            raise AssertionError("unreachable") from e
+        finally:
+            self.metrics.record("grpc", READ, sum(len(d) for d in data))
+        return pb.ReadResponse(data=data)
 
 
 class NodeServer:
-    """A running storage node: gRPC server (+ optional TCP server) + segment + membership."""
+    """A running storage node: gRPC server (+ optional TCP server) + segment + membership,
+    and its /metrics."""
 
     def __init__(self, server: grpc.Server, port: int, node: StorageNode,
-                 tcp: TcpServer | None) -> None:
+                 tcp: TcpServer | None, metrics: MetricsServer) -> None:
         self.server = server
         self.port = port
         self.node = node
         self.tcp = tcp
+        self.metrics = metrics
 
     @property
     def address(self) -> str:
@@ -62,41 +76,39 @@ class NodeServer:
         self.server.stop(grace).wait()
         if self.tcp is not None:
             self.tcp.close()
+        self.metrics.close()
         self.node.close()
 
 
-def create_server(config: NodeConfig) -> tuple[grpc.Server, int]:
-    """A started node server (segment created, registering with the master) and its port."""
-    srv = start_node(config)
-    return srv.server, srv.port
-
-
 def start_node(config: NodeConfig) -> NodeServer:
+    """A serving node: segment created, gRPC (with health and reflection), bulk TCP unless
+    `tcp_port` is None, /metrics, and registering with the master in the background."""
     node = StorageNode(config)
+    server: grpc.Server | None = None
+    tcp: TcpServer | None = None
     try:
-        opts = [("grpc.max_send_message_length", config.max_message_bytes),
-                ("grpc.max_receive_message_length", config.max_message_bytes)]
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.max_workers,
-                                                        thread_name_prefix="kv-node"),
-                             options=opts)
-        pb_grpc.add_KVNodeServicer_to_server(NodeServicer(node), server)
-        health_servicer = health.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        port = server.add_insecure_port(f"{config.host}:{config.port}")
-        if port == 0:
-            raise OSError(f"cannot bind node to {config.host}:{config.port}")
+        metrics = NodeMetrics(node.segment.size,
+                              ["grpc"] if config.tcp_port is None else ["grpc", "tcp"])
+        servicer = NodeServicer(node, metrics)
+        server, port, _ = create_grpc_server(
+            config.host, config.port, lambda s: pb_grpc.add_KVNodeServicer_to_server(servicer, s),
+            [SERVICE_NAME], max_workers=config.max_workers, thread_name_prefix="kv-node",
+            max_message_bytes=config.max_message_bytes)
         server.start()
-        tcp = None
         if config.tcp_port is not None:
             tcp = TcpServer(config.host, config.tcp_port, node.segment.view,
-                            config.max_object_bytes)
+                            config.max_object_bytes, functools.partial(metrics.record, "tcp"))
             node.tcp_address = tcp.address
+        metrics_server = MetricsServer(metrics.registry, config.host, config.metrics_port)
     except BaseException:
+        if tcp is not None:
+            tcp.close()
+        if server is not None:
+            server.stop(0)
         node.close()
         raise
-    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    health_servicer.set("pantry.v1.KVNode", health_pb2.HealthCheckResponse.SERVING)
     node.start_membership(f"{config.host}:{port}")
-    log.info("kvstore node %s serving on %s:%d (tcp %s), segment %s (%d bytes)", config.node_id,
-             config.host, port, node.tcp_address or "off", node.segment.path, node.segment.size)
-    return NodeServer(server, port, node, tcp)
+    log.info("kvstore node %s serving on %s:%d (tcp %s), segment %s (%d bytes), metrics at %s",
+             config.node_id, config.host, port, node.tcp_address or "off", node.segment.path,
+             node.segment.size, metrics_server.url)
+    return NodeServer(server, port, node, tcp, metrics_server)

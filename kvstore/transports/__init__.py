@@ -12,6 +12,9 @@ from typing import Protocol
 
 from kvstore.errors import KVStoreError
 
+# The two operations every transport carries, as the node's metrics label them.
+READ, WRITE = "read", "write"
+
 
 class TransportError(KVStoreError):
     """A read or write to a node failed (node gone, timeout, out of range)."""

@@ -8,6 +8,7 @@ from typing import TypeVar
 import grpc
 
 from kvstore.transports import TransportError
+from pantry.common.serving import grpc_options
 from pantry.v1 import kvstore_pb2 as pb
 from pantry.v1 import kvstore_pb2_grpc as pb_grpc
 
@@ -33,10 +34,7 @@ class GrpcTransport:
 
     def __init__(self, address: str, max_message_bytes: int, batch_bytes: int,
                  timeout_s: float) -> None:
-        self._channel = grpc.insecure_channel(address, options=[
-            ("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.max_receive_message_length", max_message_bytes),
-        ])
+        self._channel = grpc.insecure_channel(address, options=grpc_options(max_message_bytes))
         self._stub = pb_grpc.KVNodeStub(self._channel)
         self._batch_bytes = batch_bytes
         self._timeout = timeout_s

@@ -17,9 +17,9 @@ import queue
 import socket
 import struct
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
-from kvstore.transports import TransportError
+from kvstore.transports import READ, WRITE, TransportError
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +47,17 @@ def _recv_exact(sock: socket.socket, n: int) -> bytearray:
 
 
 class TcpServer:
-    """Serves one segment (a writable memoryview) to TCP clients, a thread per connection."""
+    """Serves one segment (a writable memoryview) to TCP clients, a thread per connection.
 
-    def __init__(self, host: str, port: int, segment: memoryview, max_object_bytes: int) -> None:
+    `record(op, nbytes)` is told of every answered request (READ or WRITE) and the bytes it
+    moved, 0 for a refused one.
+    """
+
+    def __init__(self, host: str, port: int, segment: memoryview, max_object_bytes: int,
+                 record: Callable[[str, int], None]) -> None:
         self._segment = segment
         self._max = max_object_bytes
+        self._record = record
         self._sock = socket.create_server((host, port), reuse_port=False)
         self.address = f"{host}:{self._sock.getsockname()[1]}"
         self._stop = threading.Event()
@@ -92,14 +98,18 @@ class TcpServer:
                 raw = _recv_exact(conn, count * _OP.size)
                 ops = [_OP.unpack_from(raw, i * _OP.size) for i in range(count)]
                 err = self._check(ops)
+                moved = 0 if err else sum(n for _, n in ops)
                 if op == OP_WRITE:
                     for off, n in ops:
                         # On error the bytes must still be drained to keep the stream framed.
                         target = (memoryview(bytearray(n)) if err
                                   else self._segment[off : off + n])
                         _recv_into(conn, target)
+                    # Counted before the reply, so a client that has its answer sees the count.
+                    self._record(WRITE, moved)
                     self._reply(conn, err, [])
                 else:
+                    self._record(READ, moved)
                     self._reply(conn, err, [] if err else
                                 [self._segment[o : o + n] for o, n in ops])
         except OSError:

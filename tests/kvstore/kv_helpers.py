@@ -18,3 +18,22 @@ def wait_for(cond: Callable[[], bool], timeout: float = 10.0, what: str = "condi
 
 def shm_files(node_id: str) -> list[str]:
     return glob.glob(f"/dev/shm/pantry-kv-{node_id}-*")
+
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def scrape(url: str) -> Samples:
+    """Every sample of a real GET /metrics, keyed by (sample name, sorted labels)."""
+    from urllib.request import urlopen
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urlopen(url, timeout=5) as resp:
+        text = resp.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def sample(samples: Samples, name: str, **labels: str) -> float:
+    return samples[(name, tuple(sorted(labels.items())))]

@@ -11,7 +11,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from kv_helpers import shm_files, wait_for
+from kv_helpers import sample, scrape, shm_files, wait_for
+
+from kvstore.cli import build_parser, master_config, node_config
+from kvstore.config import MasterConfig, NodeConfig
+from pantry.common.config_flags import KIB, MIB
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -39,15 +43,20 @@ def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> str:
     return out.decode()
 
 
+Cluster = tuple[str, str, subprocess.Popen[bytes], dict[str, object], dict[str, object]]
+
+
 @pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[tuple[str, str, subprocess.Popen[bytes]]]:
-    master, minfo = spawn(tmp_path, "master", "master", "--host", "127.0.0.1", "--port", "0")
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    master, minfo = spawn(tmp_path, "master", "master", "--host", "127.0.0.1", "--port", "0",
+                          "--metrics-port", "0", "--max-object-bytes", "1MiB")
     addr = str(minfo["address"])
     node_id = f"cli-{os.getpid()}"
-    node, _ = spawn(tmp_path, "node", "node", "--master", addr, "--port", "0",
-                    "--dram-bytes", "16MiB", "--node-id", node_id, "--heartbeat", "0.2")
+    node, ninfo = spawn(tmp_path, "node", "node", "--master", addr, "--port", "0",
+                        "--dram-bytes", "16MiB", "--node-id", node_id, "--heartbeat", "0.2",
+                        "--max-object-bytes", "1MiB")
     try:
-        yield addr, node_id, node
+        yield addr, node_id, node, minfo, ninfo
     finally:
         for p in (node, master):
             if p.poll() is None:
@@ -55,10 +64,8 @@ def cluster(tmp_path: Path) -> Iterator[tuple[str, str, subprocess.Popen[bytes]]
                 p.wait()
 
 
-def test_cli_roundtrip_and_sigterm_cleanup(
-    cluster: tuple[str, str, subprocess.Popen[bytes]], tmp_path: Path
-) -> None:
-    addr, node_id, node = cluster
+def test_cli_roundtrip_and_sigterm_cleanup(cluster: Cluster, tmp_path: Path) -> None:
+    addr, node_id, node, minfo, ninfo = cluster
     assert len(shm_files(node_id)) == 1
     wait_for(lambda: node_id in kv("status", "--master", addr).stdout.decode(),
              what="node in status")
@@ -77,6 +84,19 @@ def test_cli_roundtrip_and_sigterm_cleanup(
     assert "16.0 MiB" in status and "objects 1" in status, status
     listing = kv("ls", "--master", addr).stdout.decode()
     assert "k1" in listing and "10000" in listing and "sealed" in listing, listing
+    big = tmp_path / "big.bin"
+    big.write_bytes(b"x" * (1 * MIB + 1))
+    r = kv("put", "--master", addr, "big", str(big))
+    assert (r.returncode, r.stderr) == (2, b"kvstore: error: master rejected big as larger "
+                                           b"than its max_object_bytes 1048576\n")
+
+    m = scrape(str(minfo["metrics"]))
+    assert sample(m, "pantry_kv_master_puts_sealed_total") == 1
+    assert sample(m, "pantry_kv_master_hits_total") == 1
+    assert sample(m, "pantry_kv_master_misses_total") == 1
+    assert sample(m, "pantry_kv_master_used_bytes") == 16 * KIB
+    assert sample(scrape(str(ninfo["metrics"])),
+                  "pantry_kv_node_segment_capacity_bytes") == 16 * MIB
 
     assert kv("rm", "--master", addr, "k1").returncode == 0
     assert kv("get", "--master", addr, "k1").returncode == 1
@@ -86,11 +106,47 @@ def test_cli_roundtrip_and_sigterm_cleanup(
     assert shm_files(node_id) == []
 
 
-def test_cli_sigint_and_errors(cluster: tuple[str, str, subprocess.Popen[bytes]]) -> None:
-    addr, node_id, node = cluster
+def test_cli_sigint_and_errors(cluster: Cluster) -> None:
+    addr, node_id, node, _, _ = cluster
     stop(node, signal.SIGINT)
     assert shm_files(node_id) == []
     r = kv("status", "--master", "127.0.0.1:1", "--timeout", "0.5")
     assert r.returncode == 3 and b"rpc failed" in r.stderr
     r = kv("node", "--master", addr, "--node-id", "x", "--dram-bytes", "lots")
-    assert r.returncode == 2 and b"not a size" in r.stderr
+    assert r.returncode == 2
+    assert r.stderr.decode().splitlines() == [
+        "kvstore node: error: argument --dram-bytes: not a size: 'lots' "
+        "(use e.g. 4096, 64KiB, 256MiB, 1GiB)"]
+    r = kv("master", "--port", "70000")
+    assert (r.returncode, r.stderr) == (2, b"kvstore: error: port must be in [0, 65535], "
+                                           b"got 70000\n")
+    r = kv("node", "--node-id", "x")
+    assert r.returncode == 2
+    assert r.stderr.decode().splitlines() == [
+        "kvstore node: error: the following arguments are required: --master"]
+
+
+def test_role_flags_build_the_config() -> None:
+    ns = build_parser().parse_args([
+        "node", "--master", "10.0.0.1:7000", "--node-id", "node-0", "--dram-bytes", "1GiB",
+        "--host", "0.0.0.0", "--port", "7001", "--host-id", "h1", "--heartbeat", "0.5",
+        "--max-object-bytes", "64KiB", "--no-prefault", "--no-tcp", "--metrics-port", "9101",
+        "--ready-file", "r.json", "--grace", "3"])
+    assert node_config(ns) == NodeConfig(
+        master_address="10.0.0.1:7000", node_id="node-0", dram_bytes=1024 * MIB,
+        host="0.0.0.0", port=7001, host_id="h1", heartbeat_s=0.5, max_object_bytes=64 * KIB,
+        prefault=False, tcp_port=None, metrics_port=9101)
+    assert (ns.ready_file, ns.grace) == ("r.json", 3.0)
+    ns = build_parser().parse_args(["node", "--master", "m:1", "--node-id", "n",
+                                    "--tcp-port", "7100"])
+    assert node_config(ns) == NodeConfig(master_address="m:1", node_id="n", tcp_port=7100)
+    ns = build_parser().parse_args([
+        "master", "--host", "0.0.0.0", "--port", "7000", "--node-timeout", "4",
+        "--put-timeout", "8", "--lease-ms", "250", "--max-object-bytes", "1GiB",
+        "--min-slot-bytes", "64KiB", "--high-watermark", "0.7", "--low-watermark", "0.6",
+        "--reap-interval", "0.5", "--metrics-port", "9100"])
+    assert master_config(ns) == MasterConfig(
+        host="0.0.0.0", port=7000, node_timeout_s=4.0, put_timeout_s=8.0, lease_ms=250,
+        max_object_bytes=1024 * MIB, min_slot_bytes=64 * KIB, high_watermark=0.7,
+        low_watermark=0.6, reap_interval_s=0.5, metrics_port=9100)
+    assert master_config(build_parser().parse_args(["master"])) == MasterConfig()

@@ -56,8 +56,10 @@ def test_buddy_allocator_exact_offsets_split_and_merge() -> None:
     a.free(0)
     a.free(32 * KIB)
     a.free(40 * KIB)
-    assert a.used == 0 and a.largest_free() == 32 * KIB
+    assert a.used == 0 and a.free_bytes == 48 * KIB
     assert a.allocate(16 * KIB) == (32 * KIB, 16 * KIB)
+    assert a.allocate(32 * KIB) == (0, 32 * KIB)  # the freed halves merged back whole
+    assert a.free_bytes == 0
 
 
 def test_two_phase_put_visibility_and_duplicates() -> None:
@@ -157,3 +159,22 @@ def test_config_validation_names_setting() -> None:
         MasterConfig(put_timeout_s=0)
     with pytest.raises(ConfigError, match="min_slot_bytes"):
         MasterConfig(min_slot_bytes=3000)
+
+
+def test_stats_count_every_put_outcome_prefix_match_and_lease() -> None:
+    m, clock = make_master()
+    put(m, "a")
+    put(m, "b")
+    m.put_start(["c", "d"], [10, 10], "h1")
+    assert m.put_abort(["c", "a"]) == 1  # a is sealed: not abortable
+    assert [x.key for x in m.match_prefix(["a", "b", "zz", "a"])] == ["a", "b"]
+    assert m.match_prefix(["zz"]) == []
+    s = m.stats()
+    assert (s.puts_started, s.puts_aborted, s.puts_expired) == (4, 1, 0)
+    assert (s.match_prefix_calls, s.blocks_matched, s.active_leases) == (2, 2, 2)
+    assert m.status().puts == 2
+    clock.t += 6  # d's put_timeout (5 s) and both leases (1 s) ran out
+    m.heartbeat("n1")
+    m.reap()
+    s = m.stats()
+    assert (s.puts_started, s.puts_aborted, s.puts_expired, s.active_leases) == (4, 1, 1, 0)
