@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 
 from engine.detokenizer import IncrementalDetokenizer
 from engine.model_files import load_tokenizer
@@ -18,9 +18,9 @@ from pantry.common.errors import InvalidRequest, Overloaded, Unavailable
 from pantry.common.sampling import SamplingParams
 
 from .config import ConductorConfig
-from .engines import DecodeChunk, DecodeClient, PrefillClient, PrefillResult
+from .engines import DecodeClient, PrefillClient, PrefillResult
 from .fleet import Fleet
-from .metrics import TTFT_BUCKETS, Metrics
+from .metrics import DECODE_DIRECT, DECODE_FALLBACK, PREFILL_THEN_DECODE, ConductorMetrics
 from .requests import (
     GenerationEvent,
     GenerationFinished,
@@ -34,9 +34,49 @@ from .stop_strings import StopStringMatcher
 
 log = logging.getLogger(__name__)
 
-async def _no_chunks() -> AsyncIterator[DecodeChunk]:
-    return
-    yield
+
+class SloMiss(Overloaded):
+    """Refused before any work: the predicted time to first token already misses the SLO."""
+
+
+def _error_kind(exc: InvalidRequest | Overloaded | Unavailable) -> str:
+    if isinstance(exc, SloMiss):
+        return "slo"
+    if isinstance(exc, Overloaded):
+        return "overloaded"
+    return "invalid" if isinstance(exc, InvalidRequest) else "unavailable"
+
+
+class _Output:
+    """One request's output so far: token ids, text past the stop strings, token timings."""
+
+    def __init__(self, tokenizer: Tokenizer | None, stop: tuple[str, ...], start: float,
+                 metrics: ConductorMetrics) -> None:
+        self._detok = IncrementalDetokenizer(tokenizer) if tokenizer else None
+        self._stops = StopStringMatcher(stop)
+        self._start = self._last = start
+        self._metrics = metrics
+        self.token_ids: list[int] = []
+        self.ttft_s = 0.0
+
+    @property
+    def stopped(self) -> bool:
+        return self._stops.stopped
+
+    def add(self, ids: tuple[int, ...]) -> TokensGenerated:
+        now = time.perf_counter()
+        if self.token_ids:
+            self._metrics.tbt.observe(now - self._last)
+        else:
+            self.ttft_s = now - self._start
+        self._last = now
+        self.token_ids.extend(ids)
+        text = "".join(self._detok.push(t) for t in ids) if self._detok else ""
+        return TokensGenerated(ids, self._stops.push(text) if text else "")
+
+    def flush(self) -> str:
+        """Text held back for a stop string that never came."""
+        return self._stops.flush()
 
 
 class Conductor:
@@ -51,14 +91,7 @@ class Conductor:
         self.scheduler: Scheduler[object] = Scheduler(config.ttft_slo_s)
         self._inflight = 0
         self._poller: asyncio.Task[None] | None = None
-        self.metrics = Metrics()
-        m = self.metrics
-        m.counter("pantry_requests_total", "Requests finished, by route and outcome.")
-        m.counter("pantry_prompt_tokens_total", "Prompt tokens received.")
-        m.counter("pantry_cached_tokens_total", "Prompt tokens served from the KV pool.")
-        m.counter("pantry_generated_tokens_total", "Tokens generated.")
-        m.counter("pantry_request_errors_total", "Requests refused or failed, by kind.")
-        m.histogram("pantry_ttft_seconds", "Time to first token.", TTFT_BUCKETS)
+        self.metrics = ConductorMetrics(fleet, lambda: self._inflight)
 
     # ---- life cycle ---------------------------------------------------------------------
     @classmethod
@@ -119,23 +152,24 @@ class Conductor:
 
     async def generate(self, req: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]:
         """Yields PromptAccepted, then TokensGenerated events, then GenerationFinished.
-        Raises InvalidRequest / Overloaded / Unavailable before or while streaming."""
+        Raises InvalidRequest / Overloaded / Unavailable before or while streaming. Closing
+        the generator early (aclose) ends the engine's decode stream at once."""
         try:
             prompt, params = self.admit(req)
-        except InvalidRequest:
-            self.metrics.inc("pantry_request_errors_total", kind="invalid")
+            if self._inflight >= self.config.max_concurrent_requests:
+                raise Overloaded(
+                    f"{self._inflight} requests in flight (max_concurrent_requests); retry later"
+                )
+            self._inflight += 1
+            try:
+                async with contextlib.aclosing(self._serve(req, prompt, params)) as events:
+                    async for event in events:
+                        yield event
+            finally:
+                self._inflight -= 1
+        except (InvalidRequest, Overloaded, Unavailable) as exc:
+            self.metrics.request_errors.labels(kind=_error_kind(exc)).inc()
             raise
-        if self._inflight >= self.config.max_concurrent_requests:
-            self.metrics.inc("pantry_request_errors_total", kind="overloaded")
-            raise Overloaded(
-                f"{self._inflight} requests in flight (max_concurrent_requests); retry later"
-            )
-        self._inflight += 1
-        try:
-            async for event in self._serve(req, prompt, params):
-                yield event
-        finally:
-            self._inflight -= 1
 
     async def _cached_blocks(self, keys: list[str]) -> int:
         if not keys:
@@ -149,89 +183,79 @@ class Conductor:
 
     async def _serve(
         self, req: GenerationRequest, prompt: tuple[int, ...], params: SamplingParams
-    ) -> AsyncIterator[GenerationEvent]:
+    ) -> AsyncGenerator[GenerationEvent, None]:
         start = time.perf_counter()
         yield PromptAccepted(prompt)
         keys = self.addressing.block_keys(prompt, req.tenant)
         matched = await self._cached_blocks(keys)
         # A full hit leaves at most a partial block to compute: decode does that itself.
-        direct = matched == len(keys)
-        detok = IncrementalDetokenizer(self.tokenizer) if self.tokenizer else None
-        stops = StopStringMatcher(req.sampling.stop)
-        generated: list[int] = []
-        first_token: int | None = None
-        cached = 0
-        ttft = 0.0
-        finish = ""
-        fallback = False
-        if not direct:
-            result = await self._prefill(req, prompt, matched, params)
-            if result is None:
+        route = DECODE_DIRECT if matched == len(keys) else PREFILL_THEN_DECODE
+        prefilled: PrefillResult | None = None
+        if route == PREFILL_THEN_DECODE:
+            prefilled = await self._prefill(req, prompt, matched, params)
+            if prefilled is None:
                 # No prefill engine could take it: decode computes the prompt itself, in chunks
                 # between its decode steps. Slower first token, same answer.
-                direct = fallback = True
-            else:
-                first_token = result.first_token
-                cached = result.pool_tokens
+                route = DECODE_FALLBACK
         dst = self.scheduler.choose_decode(
             self.fleet.decodes, len(prompt) + params.max_tokens  # type: ignore[arg-type]
         )
         if dst is None:
             raise Unavailable("no decode engine is up")
         decoder: DecodeClient = dst.client  # type: ignore[assignment]
+        out = _Output(self.tokenizer, req.sampling.stop, start, self.metrics)
+        cached = prefilled.pool_tokens if prefilled else 0
+        finish = ""
         dst.inflight_requests += 1
         try:
-            skip_first = first_token is not None
-            # The prefill's first token goes out before decode has even pulled the blocks.
-            if first_token is not None:
-                ttft = time.perf_counter() - start
-                generated.append(first_token)
-                text = stops.push(detok.push(first_token)) if detok else ""
-                yield TokensGenerated((first_token,), text)
-                if stops.stopped:
-                    finish = "stop"  # done already: decode is never called
-            chunks = (
-                decoder.decode(req.request_id, prompt, req.tenant, params, first_token)
-                if not finish else _no_chunks()
-            )
-            async for chunk in chunks:
-                if direct and chunk.pool_tokens:
-                    cached = chunk.pool_tokens
-                new = list(chunk.token_ids)
-                if skip_first and new:
-                    new = new[1:]
-                    skip_first = False
-                if new:
-                    if not generated:
-                        ttft = time.perf_counter() - start
-                    generated.extend(new)
-                    text = "".join(detok.push(t) for t in new) if detok else ""
-                    text = stops.push(text) if text else ""
-                    yield TokensGenerated(tuple(new), text)
-                    if stops.stopped:
-                        finish = "stop"
-                        break
-                if chunk.finish_reason:
-                    finish = chunk.finish_reason
-                    break
+            first_token = None
+            if prefilled is not None:
+                # The prefill's first token goes out before decode has even pulled the blocks.
+                first_token = prefilled.first_token
+                yield out.add((first_token,))
+            if not out.stopped:  # else done already: decode is never called
+                chunks = decoder.decode(req.request_id, prompt, req.tenant, params, first_token)
+                async with contextlib.aclosing(chunks):
+                    skip_first = first_token is not None  # decode repeats it
+                    async for chunk in chunks:
+                        if prefilled is None and chunk.pool_tokens:
+                            cached = chunk.pool_tokens
+                        new = chunk.token_ids
+                        if skip_first and new:
+                            new, skip_first = new[1:], False
+                        if new:
+                            yield out.add(new)
+                            if out.stopped:
+                                break
+                        if chunk.finish_reason:
+                            finish = chunk.finish_reason
+                            break
+            if out.stopped:
+                finish = "stop"
+        except (GeneratorExit, asyncio.CancelledError):
+            self._count(route, "cancelled", len(prompt), cached, out)
+            raise
         finally:
             dst.inflight_requests -= 1
+        self._count(route, finish or "unknown", len(prompt), cached, out)
         usage = Usage(
             prompt_tokens=len(prompt),
-            completion_tokens=len(generated),
+            completion_tokens=len(out.token_ids),
             cached_tokens=cached,
-            ttft_s=ttft,
-            prefill_skipped=direct,
+            ttft_s=out.ttft_s,
+            prefill_skipped=route != PREFILL_THEN_DECODE,
         )
-        route = "decode_fallback" if fallback else (
-            "decode_direct" if direct else "prefill_then_decode")
+        yield GenerationFinished(finish or "stop", out.flush(), usage)
+
+    def _count(self, route: str, finish: str, prompt_tokens: int, cached: int,
+               out: _Output) -> None:
         m = self.metrics
-        m.inc("pantry_requests_total", route=route, finish=finish or "unknown")
-        m.inc("pantry_prompt_tokens_total", len(prompt))
-        m.inc("pantry_cached_tokens_total", cached)
-        m.inc("pantry_generated_tokens_total", len(generated))
-        m.observe("pantry_ttft_seconds", ttft, route=route)
-        yield GenerationFinished(finish or "stop", stops.flush(), usage)
+        m.requests.labels(route=route, finish=finish).inc()
+        m.prompt_tokens.inc(prompt_tokens)
+        m.cached_tokens.inc(cached)
+        m.generated_tokens.inc(len(out.token_ids))
+        if out.token_ids:
+            m.ttft.labels(route=route).observe(out.ttft_s)
 
     async def _prefill(
         self, req: GenerationRequest, prompt: tuple[int, ...], matched: int,
@@ -248,8 +272,7 @@ class Conductor:
             log.warning("%s: no prefill engine is up; decode computes the prompt", req.request_id)
             return None
         if self.scheduler.misses_slo(placement):
-            self.metrics.inc("pantry_request_errors_total", kind="slo")
-            raise Overloaded(
+            raise SloMiss(
                 f"predicted TTFT {placement.predicted_ttft_s:.2f}s exceeds the SLO "
                 f"{self.config.ttft_slo_s:.2f}s; retry later"
             )
@@ -269,11 +292,3 @@ class Conductor:
             st.inflight_requests -= 1
         self.scheduler.observe_prefill(st, result.computed_tokens, time.perf_counter() - t0)
         return result
-
-    def metrics_text(self) -> str:
-        """The conductor's own series plus what it last polled from every role, so one scrape
-        shows the whole system."""
-        gauges = self.fleet.gauges()
-        gauges["pantry_inflight_requests"] = ("Requests being served.",
-                                              {(): float(self._inflight)})
-        return self.metrics.render(gauges)

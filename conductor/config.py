@@ -2,27 +2,48 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pantry.common.errors import ConfigError
 
 
 @dataclass(frozen=True)
 class ConductorConfig:
-    model: str                              # where the tokenizer and chat template come from
-    kv_master: str
-    prefill: tuple[str, ...]
-    decode: tuple[str, ...]
-    host: str = "127.0.0.1"
-    grpc_port: int = 0
-    http_port: int = 8000
-    served_model_name: str = ""             # "" = the engines' model id
-    default_max_tokens: int = 256           # chat requests that name no limit
-    max_request_bytes: int = 8 * 1024 * 1024
-    max_concurrent_requests: int = 256
-    ttft_slo_s: float = 0.0                 # 0 = admit everything; else reject predicted misses
-    engine_timeout_s: float = 600.0
-    ready_file: str | None = None
+    """The conductor's settings. Its Prometheus metrics (its own request series and every
+    role's state as last polled) are served at /metrics on the HTTP port: it has no
+    metrics_port of its own."""
+
+    model: str = field(metadata={
+        "help": "where the tokenizer and chat template come from: an HF model directory, "
+                "a .gguf file or 'smollm2'"})
+    kv_master: str = field(metadata={"help": "the kvstore master, HOST:PORT"})
+    prefill: tuple[str, ...] = field(metadata={
+        "help": "a prefill engine, HOST:PORT; repeat for several", "repeat": True})
+    decode: tuple[str, ...] = field(metadata={
+        "help": "a decode engine, HOST:PORT; repeat for several", "repeat": True})
+    host: str = field(default="127.0.0.1", metadata={
+        "help": "address the gRPC and HTTP servers listen on"})
+    grpc_port: int = field(default=0, metadata={
+        "help": "port of the gRPC Generation API (0 = any free)"})
+    http_port: int = field(default=8000, metadata={
+        "help": "port of the OpenAI-compatible HTTP API, /health and the Prometheus "
+                "/metrics (0 = any free)"})
+    served_model_name: str = field(default="", metadata={
+        "help": "model id clients use; none = the engines' model id"})
+    default_max_tokens: int = field(default=256, metadata={
+        "help": "max_tokens of requests that name none and whose API has no default of its "
+                "own (chat), cut to what the context leaves"})
+    max_request_bytes: int = field(default=8 * 1024 * 1024, metadata={
+        "help": "largest HTTP request body accepted", "size": True})
+    max_concurrent_requests: int = field(default=256, metadata={
+        "help": "requests served at once; more are refused as overloaded (HTTP 429)"})
+    ttft_slo_s: float = field(default=0.0, metadata={
+        "help": "time-to-first-token SLO in seconds: refuse requests predicted to miss it "
+                "(0 = admit everything)", "flag": "ttft_slo"})
+    engine_timeout_s: float = field(default=600.0, metadata={
+        "help": "deadline of one prefill or decode call to an engine, in seconds"})
+    ready_file: str | None = field(default=None, metadata={
+        "help": "write the addresses here as JSON once serving"})
 
     def __post_init__(self) -> None:
         if not self.model:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +31,7 @@ class DecodeChunk:
     computed_tokens: int
 
 
-def _translate(exc: grpc.aio.AioRpcError, address: str) -> Exception:
+def error_from_rpc(exc: grpc.aio.AioRpcError, address: str) -> Exception:
     code = exc.code()
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         detail = exc.details() or "invalid request"
@@ -81,7 +81,7 @@ class PrefillClient(EngineClient):
         try:
             msg = await self._stub.Prefill(req, timeout=self.timeout_s)
         except grpc.aio.AioRpcError as exc:
-            raise _translate(exc, self.address) from exc
+            raise error_from_rpc(exc, self.address) from exc
         return PrefillResult(msg.first_token, msg.pool_tokens, msg.computed_tokens)
 
 
@@ -93,7 +93,7 @@ class DecodeClient(EngineClient):
     async def decode(
         self, request_id: str, tokens: tuple[int, ...], tenant: str, sampling: SamplingParams,
         first_token: int | None,
-    ) -> AsyncIterator[DecodeChunk]:
+    ) -> AsyncGenerator[DecodeChunk, None]:
         req = engine_pb2.DecodeRequest(
             request_id=request_id,
             token_ids=list(tokens),
@@ -109,6 +109,6 @@ class DecodeClient(EngineClient):
                     tuple(msg.token_ids), msg.finish_reason, msg.pool_tokens, msg.computed_tokens
                 )
         except grpc.aio.AioRpcError as exc:
-            raise _translate(exc, self.address) from exc
+            raise error_from_rpc(exc, self.address) from exc
         finally:
             call.cancel()

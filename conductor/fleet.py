@@ -15,18 +15,6 @@ from .engines import DecodeClient, PrefillClient
 from .scheduler import EngineState
 
 LOAD_POLL_S = 1.0
-ENGINE_GAUGES = (
-    ("pantry_engine_waiting", "waiting"),
-    ("pantry_engine_running", "running"),
-    ("pantry_engine_free_blocks", "free_blocks"),
-    ("pantry_engine_total_blocks", "total_blocks"),
-    ("pantry_engine_requests", "requests_total"),
-    ("pantry_engine_computed_tokens", "computed_tokens_total"),
-    ("pantry_engine_pool_tokens", "pool_tokens_total"),
-    ("pantry_engine_busy_seconds", "busy_seconds_total"),
-)
-
-Series = dict[tuple[tuple[str, str], ...], float]
 
 
 class Fleet:
@@ -115,33 +103,3 @@ class Fleet:
             self.pool_up = False
         up["kvstore"] = self.pool_up
         return up
-
-    def gauges(self) -> dict[str, tuple[str, Series]]:
-        up: Series = {}
-        engine_series: dict[str, Series] = {name: {} for name, _ in ENGINE_GAUGES}
-        engines: list[EngineState[PrefillClient] | EngineState[DecodeClient]] = [
-            *self.prefills, *self.decodes
-        ]
-        for st in engines:
-            labels = (("engine", st.info.engine_id), ("role", st.info.role))
-            up[labels] = float(st.up)
-            if st.load is not None:
-                for name, field in ENGINE_GAUGES:
-                    engine_series[name][labels] = float(getattr(st.load, field))
-        up[(("engine", "kvstore"), ("role", "kvstore"))] = float(self.pool_up)
-        gauges: dict[str, tuple[str, Series]] = {
-            "pantry_role_up": ("1 when the role answered the last poll.", up),
-        }
-        for name, field in ENGINE_GAUGES:
-            gauges[name] = (f"Engine {field.replace('_', ' ')}, as last polled.",
-                            engine_series[name])
-        pool = self.pool_status
-        if pool is not None:
-            for name, value in (("pantry_pool_capacity_bytes", pool.capacity_bytes),
-                                ("pantry_pool_used_bytes", pool.used_bytes),
-                                ("pantry_pool_objects", pool.objects),
-                                ("pantry_pool_hits", pool.hits),
-                                ("pantry_pool_misses", pool.misses),
-                                ("pantry_pool_evictions", pool.evictions)):
-                gauges[name] = ("KV pool, from the master's last status.", {(): float(value)})
-        return gauges

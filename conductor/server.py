@@ -33,10 +33,11 @@ async def serve(config: ConductorConfig) -> None:
     http_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     grpc_address = f"{config.host}:{grpc_port}"
     http_address = f"{config.host}:{http_port}"
-    log.info("serving gRPC on %s, HTTP on http://%s (model %s)",
-             grpc_address, http_address, conductor.model_id)
+    metrics_url = f"http://{http_address}/metrics"
+    log.info("serving gRPC on %s, HTTP on http://%s (model %s), metrics at %s",
+             grpc_address, http_address, conductor.model_id, metrics_url)
     write_ready_file(config.ready_file, grpc_address, http=http_address,
-                     model=conductor.model_id)
+                     model=conductor.model_id, metrics=metrics_url)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

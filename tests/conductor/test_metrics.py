@@ -1,115 +1,143 @@
-"""Prometheus text rendering of counters, histograms and gauges, line by line."""
+"""The conductor's registry: its own series at zero from the start, and the fleet's last
+polled view (role up, engine load, pool status) read at scrape time."""
 
 from __future__ import annotations
 
-import threading
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
-import pytest
-
-from conductor.metrics import Metrics
-
-
-def test_counter_lines_with_and_without_labels() -> None:
-    m = Metrics()
-    m.counter("reqs_total", "Requests.")
-    m.counter("tokens_total", "Tokens.")
-    m.inc("reqs_total", route="chat", finish="stop")
-    m.inc("reqs_total", route="chat", finish="stop")
-    m.inc("reqs_total", route="completions", finish="length")
-    m.inc("tokens_total", 40)
-    m.inc("tokens_total", 2.5)
-    assert m.render() == (
-        "# HELP reqs_total Requests.\n"
-        "# TYPE reqs_total counter\n"
-        'reqs_total{finish="length",route="completions"} 1\n'
-        'reqs_total{finish="stop",route="chat"} 2\n'
-        "# HELP tokens_total Tokens.\n"
-        "# TYPE tokens_total counter\n"
-        "tokens_total 42.5\n"
-    )
-    assert m.value("reqs_total", finish="stop", route="chat") == 2
-    assert m.value("reqs_total", route="chat", finish="stop") == 2   # label order irrelevant
-    assert m.value("reqs_total", route="nope") == 0
+from conductor.metrics import ERROR_KINDS, ROUTES
+from kvstore.metadata import PoolStatus
+from pantry.common.config_flags import MIB
+from pantry.common.errors import Unavailable
+from tests.conductor.fakes import Rig, engine_load, fake_decode, fake_prefill
 
 
-def test_declared_counter_without_series_renders_only_help_and_type() -> None:
-    m = Metrics()
-    m.counter("errors_total", "Errors.")
-    assert m.render() == "# HELP errors_total Errors.\n# TYPE errors_total counter\n"
+def scrape(rig: Rig) -> dict[str, tuple[str, dict[tuple[tuple[str, str], ...], float]]]:
+    """Family name -> (type, {sorted labels: value}) from the registry's text exposition."""
+    text = generate_latest(rig.conductor.metrics.registry).decode()
+    out: dict[str, tuple[str, dict[tuple[tuple[str, str], ...], float]]] = {}
+    for family in text_string_to_metric_families(text):
+        samples = {(s.name, *sorted(s.labels.items())): s.value for s in family.samples}
+        out[family.name] = (family.type, samples)  # type: ignore[assignment]
+    return out
 
 
-def test_histogram_lines_are_cumulative_with_inf_count_and_sum() -> None:
-    m = Metrics()
-    m.histogram("ttft_seconds", "TTFT.", (0.1, 0.5, 1.0))
-    for v in (0.05, 0.1, 0.3, 2.0):
-        m.observe("ttft_seconds", v, route="chat")
-    m.observe("ttft_seconds", 0.7, route="api")
-    assert m.render() == (
-        "# HELP ttft_seconds TTFT.\n"
-        "# TYPE ttft_seconds histogram\n"
-        'ttft_seconds_bucket{route="api",le="0.1"} 0\n'
-        'ttft_seconds_bucket{route="api",le="0.5"} 0\n'
-        'ttft_seconds_bucket{route="api",le="1"} 1\n'
-        'ttft_seconds_bucket{route="api",le="+Inf"} 1\n'
-        'ttft_seconds_count{route="api"} 1\n'
-        'ttft_seconds_sum{route="api"} 0.7\n'
-        'ttft_seconds_bucket{route="chat",le="0.1"} 2\n'
-        'ttft_seconds_bucket{route="chat",le="0.5"} 3\n'
-        'ttft_seconds_bucket{route="chat",le="1"} 3\n'
-        'ttft_seconds_bucket{route="chat",le="+Inf"} 4\n'
-        'ttft_seconds_count{route="chat"} 4\n'
-        'ttft_seconds_sum{route="chat"} 2.45\n'
-    )
+def test_own_series_exist_at_zero_before_any_request(pool_address: str) -> None:
+    with Rig(pool_address, [fake_prefill("p0")], [fake_decode("d0")]) as rig:
+        for kind in ERROR_KINDS:
+            assert rig.sample("pantry_conductor_request_errors_total", kind=kind) == 0
+        for route in ROUTES:
+            assert rig.sample("pantry_conductor_time_to_first_token_seconds_count",
+                              route=route) == 0
+        for name in ("pantry_conductor_prompt_tokens_total",
+                     "pantry_conductor_cached_tokens_total",
+                     "pantry_conductor_generated_tokens_total",
+                     "pantry_conductor_time_between_tokens_seconds_count",
+                     "pantry_conductor_inflight_requests"):
+            assert rig.sample(name) == 0, name
+        families = scrape(rig)
+        # (prometheus_client adds a `_created` gauge per counter and histogram series)
+        assert {name: kind for name, (kind, _) in families.items()
+                if not name.endswith("_created") and "engine" not in name
+                and "pool" not in name} == {
+            "pantry_conductor_requests": "counter",
+            "pantry_conductor_prompt_tokens": "counter",
+            "pantry_conductor_cached_tokens": "counter",
+            "pantry_conductor_generated_tokens": "counter",
+            "pantry_conductor_request_errors": "counter",
+            "pantry_conductor_time_to_first_token_seconds": "histogram",
+            "pantry_conductor_time_between_tokens_seconds": "histogram",
+            "pantry_conductor_inflight_requests": "gauge",
+            "pantry_conductor_role_up": "gauge",
+        }
 
 
-def test_unlabelled_histogram() -> None:
-    m = Metrics()
-    m.histogram("h", "H.", (1.0,))
-    m.observe("h", 3.0)
-    assert m.render().splitlines()[2:] == [
-        'h_bucket{le="1"} 0', 'h_bucket{le="+Inf"} 1', "h_count 1", "h_sum 3",
-    ]
+def test_before_the_first_poll_only_role_up_is_shown(pool_address: str) -> None:
+    with Rig(pool_address, [fake_prefill("p0")], [fake_decode("d0")]) as rig:
+        families = scrape(rig)
+        assert families["pantry_conductor_role_up"][1] == {
+            ("pantry_conductor_role_up", ("engine", "p0"), ("role", "prefill")): 1.0,
+            ("pantry_conductor_role_up", ("engine", "d0"), ("role", "decode")): 1.0,
+            ("pantry_conductor_role_up", ("engine", "kvstore"), ("role", "kvstore")): 1.0,
+        }
+        assert families["pantry_conductor_engine_kv_free_blocks"][1] == {}
+        assert "pantry_conductor_pool_objects" not in families
 
 
-def test_observe_into_undeclared_histogram_raises() -> None:
-    with pytest.raises(KeyError):
-        Metrics().observe("nope", 1.0)
+def test_polled_engine_load_and_pool_status(pool_address: str) -> None:
+    pre = fake_prefill("p0", load_value=engine_load(
+        free_blocks=90, waiting=1, running=2, total_blocks=100, requests_total=12,
+        computed_tokens_total=3000, pool_tokens_total=640, busy_seconds_total=4.5))
+    dec = fake_decode("d0", load_value=engine_load(free_blocks=7, total_blocks=50))
+    with Rig(pool_address, [pre], [dec]) as rig:
+        rig.cache(range(3, 3 + 48))  # three blocks
+        assert rig.run(rig.conductor.fleet.refresh()) == {
+            "prefill:p0": True, "decode:d0": True, "kvstore": True}
+        families = scrape(rig)
+        p0 = (("engine", "p0"), ("role", "prefill"))
+        d0 = (("engine", "d0"), ("role", "decode"))
+        expected = {
+            "pantry_conductor_engine_waiting_requests": ("gauge", 1, 0),
+            "pantry_conductor_engine_running_requests": ("gauge", 2, 0),
+            "pantry_conductor_engine_kv_free_blocks": ("gauge", 90, 7),
+            "pantry_conductor_engine_kv_blocks": ("gauge", 100, 50),
+            "pantry_conductor_engine_requests": ("counter", 12, 0),
+            "pantry_conductor_engine_computed_tokens": ("counter", 3000, 0),
+            "pantry_conductor_engine_pool_tokens": ("counter", 640, 0),
+            "pantry_conductor_engine_busy_seconds": ("counter", 4.5, 0),
+        }
+        for name, (kind, p_value, d_value) in expected.items():
+            sample = name + ("_total" if kind == "counter" else "")
+            assert families[name] == (kind, {(sample, *p0): p_value, (sample, *d0): d_value})
+        status = rig.conductor.fleet.pool_status
+        assert isinstance(status, PoolStatus)
+        pool = {name: family for name, family in families.items()
+                if name.startswith("pantry_conductor_pool_")}
+        assert pool == {
+            "pantry_conductor_pool_capacity_bytes":
+                ("gauge", {("pantry_conductor_pool_capacity_bytes",): 32 * MIB}),
+            "pantry_conductor_pool_used_bytes":
+                ("gauge", {("pantry_conductor_pool_used_bytes",): status.used_bytes}),
+            "pantry_conductor_pool_objects":
+                ("gauge", {("pantry_conductor_pool_objects",): 3}),
+            "pantry_conductor_pool_nodes_alive":
+                ("gauge", {("pantry_conductor_pool_nodes_alive",): 1}),
+            "pantry_conductor_pool_hits": ("counter", {("pantry_conductor_pool_hits_total",): 0}),
+            "pantry_conductor_pool_misses":
+                ("counter", {("pantry_conductor_pool_misses_total",): 0}),
+            "pantry_conductor_pool_evictions":
+                ("counter", {("pantry_conductor_pool_evictions_total",): 0}),
+            "pantry_conductor_pool_puts_sealed":
+                ("counter", {("pantry_conductor_pool_puts_sealed_total",): 3}),
+        }
+        assert status.used_bytes == 3 * 4096  # one 4 KiB slot per block
 
 
-def test_metrics_sorted_by_name_then_gauges() -> None:
-    m = Metrics()
-    m.counter("b_total", "B.")
-    m.histogram("a_seconds", "A.", (1.0,))
-    m.inc("b_total")
-    gauges = {"z_free_blocks": ("Free blocks.", {(("engine", "d0"),): 12.0, (): 3.0})}
-    lines = m.render(gauges).splitlines()
-    assert [ln for ln in lines if ln.startswith("# TYPE")] == [
-        "# TYPE a_seconds histogram", "# TYPE b_total counter", "# TYPE z_free_blocks gauge",
-    ]
-    assert lines[-4:] == [
-        "# HELP z_free_blocks Free blocks.", "# TYPE z_free_blocks gauge",
-        "z_free_blocks 3", 'z_free_blocks{engine="d0"} 12',
-    ]
+def test_a_role_that_stops_answering_is_down_and_its_numbers_go(pool_address: str) -> None:
+    pre = fake_prefill("p0")
+    with Rig(pool_address, [pre], [fake_decode("d0")]) as rig:
+        fleet = rig.conductor.fleet
+        rig.run(fleet.refresh())
+        assert rig.sample("pantry_conductor_engine_kv_free_blocks",
+                          role="prefill", engine="p0") == 100
+        pre.load_error = Unavailable("engine fake-p0:0: UNAVAILABLE")
+        rig.pool.close()
+        assert rig.run(fleet.refresh()) == {
+            "prefill:p0": False, "decode:d0": True, "kvstore": False}
+        assert rig.sample("pantry_conductor_role_up", role="prefill", engine="p0") == 0
+        assert rig.sample("pantry_conductor_role_up", role="decode", engine="d0") == 1
+        assert rig.sample("pantry_conductor_role_up", role="kvstore", engine="kvstore") == 0
+        assert rig.sample("pantry_conductor_engine_kv_free_blocks",
+                          role="prefill", engine="p0") is None
+        assert rig.sample("pantry_conductor_pool_objects") is None
 
 
-def test_concurrent_increments_are_not_lost() -> None:
-    m = Metrics()
-    m.counter("c_total", "C.")
-
-    def work() -> None:
-        for _ in range(2000):
-            m.inc("c_total", kind="x")
-
-    threads = [threading.Thread(target=work) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert m.value("c_total", kind="x") == 8000
-
-
-def test_large_counter_renders_exactly() -> None:
-    m = Metrics()
-    m.counter("pantry_prompt_tokens_total", "Prompt tokens received.")
-    m.inc("pantry_prompt_tokens_total", 1234567)
-    assert "pantry_prompt_tokens_total 1234567\n" in m.render()
+def test_each_conductor_has_its_own_registry(pool_address: str) -> None:
+    with Rig(pool_address, [fake_prefill("p0")], [fake_decode("d0")]) as one, \
+            Rig(pool_address, [fake_prefill("p1")], [fake_decode("d1")]) as two:
+        one.conductor.metrics.request_errors.labels(kind="invalid").inc()
+        assert one.sample("pantry_conductor_request_errors_total", kind="invalid") == 1
+        assert two.sample("pantry_conductor_request_errors_total", kind="invalid") == 0
+        assert two.sample("pantry_conductor_role_up", role="prefill", engine="p1") == 1
+        assert two.sample("pantry_conductor_role_up", role="prefill", engine="p0") is None

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from conductor.engines import EngineLoad
 from conductor.scheduler import (
     EWMA_WEIGHT,
     INITIAL_SECONDS_PER_TOKEN,
@@ -13,7 +12,7 @@ from conductor.scheduler import (
     Placement,
     Scheduler,
 )
-from engine.role_core import EngineDescription
+from pantry.common.engine_info import EngineDescription, EngineLoad
 
 
 def info(name: str, role: str = "prefill", block_size: int = 16) -> EngineDescription:
