@@ -23,7 +23,7 @@ class ConductorConfig:
         "help": "a decode engine, HOST:PORT; repeat for several", "repeat": True})
     host: str = field(default="127.0.0.1", metadata={
         "help": "address the gRPC and HTTP servers listen on"})
-    grpc_port: int = field(default=0, metadata={
+    grpc_port: int = field(default=50051, metadata={
         "help": "port of the gRPC Generation API (0 = any free)"})
     http_port: int = field(default=8000, metadata={
         "help": "port of the OpenAI-compatible HTTP API, /health and the Prometheus "

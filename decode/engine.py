@@ -10,7 +10,6 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
 
 import torch
 
@@ -20,6 +19,7 @@ from engine.sampling import Sampler, make_generator
 from engine.stopping import StopChecker
 from pantry.common.errors import InvalidRequest, Overloaded, Unavailable
 
+from .config import DecodeLimits
 from .sequence import DecodeEvent, DecodeJob, SeqStatus, Sequence
 
 log = logging.getLogger(__name__)
@@ -31,22 +31,6 @@ class EngineStopped(Unavailable):
 
 class QueueFull(Overloaded):
     """The engine already holds `max_waiting` queued requests."""
-
-
-@dataclass(frozen=True)
-class DecodeLimits:
-    max_running: int = field(
-        default=32, metadata={"help": "sequences decoded together in one batch"})
-    max_waiting: int = field(
-        default=256, metadata={"help": "queued requests before new ones are refused"})
-    chunk_tokens: int = field(
-        default=256,
-        metadata={"help": "prompt tokens computed per step while other sequences decode"})
-
-    def __post_init__(self) -> None:
-        for name in ("max_running", "max_waiting", "chunk_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: must be at least 1")
 
 
 class SequenceHandle:

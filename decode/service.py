@@ -14,7 +14,8 @@ from pantry.common.errors import InvalidRequest
 from pantry.common.wire import info_to_proto, load_to_proto, sampling_from_proto
 from pantry.v1 import engine_pb2, engine_pb2_grpc
 
-from .engine import DecodeEngine, DecodeLimits, EngineStopped, QueueFull
+from .config import DecodeLimits
+from .engine import DecodeEngine, EngineStopped, QueueFull
 from .sequence import DecodeJob
 
 SERVICE_NAME = "pantry.v1.DecodeEngine"

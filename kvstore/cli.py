@@ -17,6 +17,7 @@ from kvstore.config import ClientConfig, MasterConfig, NodeConfig
 from kvstore.errors import KVStoreError
 from pantry.common.config_flags import add_config_flags, config_from_args
 from pantry.common.errors import ConfigError
+from pantry.common.metrics import configure_metrics
 from pantry.common.serving import configure_logging, format_table, wait_for_signal, write_ready_file
 
 log = logging.getLogger("kvstore")
@@ -201,6 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     role = {"master": "kv-master", "node": "kv-node"}.get(ns.cmd, "kvstore")
     configure_logging(role, "DEBUG" if ns.verbose else "INFO")
+    configure_metrics()
     try:
         return int(ns.fn(ns))
     except (KVStoreError, ConfigError, OSError) as e:

@@ -13,6 +13,8 @@ from engine.runner import SeqStep
 from engine.sampling import Sampler, make_generator
 from pantry.common.sampling import SamplingParams
 
+from .config import PrefillLimits
+
 log = logging.getLogger(__name__)
 
 
@@ -33,8 +35,8 @@ class PrefillOutcome:
 
 
 class PrefillEngine:
-    def __init__(self, core: EngineCore, chunk_tokens: int = 512) -> None:
-        assert chunk_tokens > 0
+    def __init__(self, core: EngineCore, limits: PrefillLimits | None = None) -> None:
+        chunk_tokens = (limits or PrefillLimits()).chunk_tokens
         self.core = core
         self.chunk_tokens = chunk_tokens
         self._sampler = Sampler()

@@ -13,6 +13,7 @@ from pantry.common.errors import InvalidRequest
 from pantry.common.wire import info_to_proto, load_to_proto, sampling_from_proto
 from pantry.v1 import engine_pb2, engine_pb2_grpc
 
+from .config import PrefillLimits
 from .engine import PrefillEngine, PrefillJob
 
 SERVICE_NAME = "pantry.v1.PrefillEngine"
@@ -48,9 +49,9 @@ class PrefillServicer(engine_pb2_grpc.PrefillEngineServicer):
         )
 
 
-def run(config: EngineRoleConfig, chunk_tokens: int = 512) -> int:
+def run(config: EngineRoleConfig, limits: PrefillLimits) -> int:
     core = build_core(config, "prefill")
-    engine = PrefillEngine(core, chunk_tokens=chunk_tokens)
+    engine = PrefillEngine(core, limits)
     server, port = create_server(
         config,
         lambda s: engine_pb2_grpc.add_PrefillEngineServicer_to_server(PrefillServicer(engine), s),

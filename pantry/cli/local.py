@@ -14,6 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from conductor.config import ConductorConfig
+from engine.model_files import DEFAULT_MODEL_SPEC
+from engine.role_config import EngineRoleConfig
+from pantry.common.config_flags import default_of
 from pantry.common.serving import format_table, write_ready_file
 
 log = logging.getLogger("pantry.local")
@@ -25,20 +29,36 @@ NODE_ID = "node-0"
 
 @dataclass(frozen=True)
 class LocalOptions:
-    model: str = "smollm2"
-    host: str = "127.0.0.1"
-    http_port: int = 8000
-    grpc_port: int = 50051
-    block_size: int = 16
-    pool_bytes: int = 1 << 30
-    kv_cache_bytes: int = 512 << 20
-    max_model_len: int = 0
-    served_model_name: str = ""
-    max_concurrent_requests: int = 256
-    threads: int = 0
-    pin: bool = True        # split the CPUs between prefill and decode
-    ready_file: str | None = None
-    log_dir: str | None = None
+    model: str = field(default=DEFAULT_MODEL_SPEC, metadata={
+        "help": "HF model directory, .gguf file or 'smollm2'"})
+    host: str = field(default=default_of(ConductorConfig, "host"), metadata={
+        "help": "address every role listens on"})
+    http_port: int = field(default=default_of(ConductorConfig, "http_port"), metadata={
+        "help": "the conductor's OpenAI HTTP API, /health and /metrics (0 = any free)"})
+    grpc_port: int = field(default=default_of(ConductorConfig, "grpc_port"), metadata={
+        "help": "the conductor's gRPC Generation API (0 = any free)"})
+    block_size: int = field(default=default_of(EngineRoleConfig, "block_size"), metadata={
+        "help": "tokens per KV block"})
+    # One machine holds the pool and both engines: smaller than each role's own default.
+    pool_bytes: int = field(default=1 << 30, metadata={
+        "help": "DRAM of the storage node", "size": True})
+    kv_cache_bytes: int = field(default=512 << 20, metadata={
+        "help": "paged KV cache of each engine", "size": True})
+    max_model_len: int = field(default=default_of(EngineRoleConfig, "max_model_len"), metadata={
+        "help": "prompt + output limit in tokens; 0 = the model's context"})
+    served_model_name: str = field(default=default_of(ConductorConfig, "served_model_name"),
+                                   metadata={"help": "model id clients use"})
+    max_concurrent_requests: int = field(
+        default=default_of(ConductorConfig, "max_concurrent_requests"),
+        metadata={"help": "requests served at once; more get HTTP 429"})
+    threads: int = field(default=default_of(EngineRoleConfig, "threads"), metadata={
+        "help": "torch threads per engine; 0 = one per pinned CPU"})
+    pin: bool = field(default=True, metadata={
+        "help": "split the CPUs between prefill and decode (--no-pin: both use every CPU)"})
+    ready_file: str | None = field(default=None, metadata={
+        "help": "write the addresses here as JSON when serving"})
+    log_dir: str | None = field(default=None, metadata={
+        "help": "one log file per role instead of this terminal"})
 
 
 def split_cpus() -> tuple[str, str]:

@@ -13,7 +13,7 @@ import argparse
 import dataclasses
 import re
 import typing
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any, TypeVar
 
 from pantry.common.errors import ConfigError
@@ -79,9 +79,9 @@ def add_config_flags(
         if f.metadata.get("repeat"):
             kwargs.update(action="append", type=str)
         elif f.metadata.get("size"):
-            kwargs.update(type=parse_size)
+            kwargs.update(type=_argument_type(parse_size))
         elif f.metadata.get("cpus"):
-            kwargs.update(type=parse_cpus)
+            kwargs.update(type=_argument_type(parse_cpus))
         elif hint is bool:
             kwargs.update(action=argparse.BooleanOptionalAction)
         else:
@@ -91,8 +91,17 @@ def add_config_flags(
         else:
             kwargs["default"] = default
             shown = format_size(default) if f.metadata.get("size") else _shown(default)
-            kwargs["help"] = f"{kwargs['help'] or ''} (default: {shown})".lstrip()
+            if "default" not in (kwargs["help"] or ""):  # the help may say it better
+                kwargs["help"] = f"{kwargs['help'] or ''} (default: {shown})".lstrip()
         parser.add_argument(f"--{flag_name(f)}", **kwargs)
+
+
+def default_of(cls: type[Any], name: str) -> Any:
+    """Another config's default for the same setting, so it is written once."""
+    field = next(f for f in dataclasses.fields(cls) if f.name == name)
+    default = _default(field)
+    assert default is not dataclasses.MISSING, f"{cls.__name__}.{name} has no default"
+    return default
 
 
 def config_from_args(cls: type[T], ns: argparse.Namespace, **overrides: Any) -> T:
@@ -105,6 +114,20 @@ def config_from_args(cls: type[T], ns: argparse.Namespace, **overrides: Any) -> 
             value = getattr(ns, f.name)
             values[f.name] = tuple(value) if isinstance(value, list) else value
     return cls(**values)
+
+
+def _argument_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """argparse shows an ArgumentTypeError's own message ("not a size: 'lots' (use e.g. ...)")
+    instead of "invalid parse_size value"."""
+
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except ConfigError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from exc
+
+    convert.__name__ = parse.__name__
+    return convert
 
 
 def _default(f: dataclasses.Field[Any]) -> Any:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client import CollectorRegistry, disable_created_metrics, make_wsgi_app
 from prometheus_client.exposition import ThreadingWSGIServer
 
 # Time to first token: from a pool hit on a small model (~10 ms) to a cold long prompt (~30 s).
@@ -20,6 +20,12 @@ TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 TBT_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
 # Pool reads and writes of a batch of blocks: shm memcpy (~0.1 ms) to a slow network (~5 s).
 POOL_IO_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0)
+
+
+def configure_metrics() -> None:
+    """Called once by each role's command line: Prometheus derives rates from the counters
+    themselves, so the extra `*_created` series per counter and histogram are only noise."""
+    disable_created_metrics()
 
 
 class _QuietHandler(WSGIRequestHandler):

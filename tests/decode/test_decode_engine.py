@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from decode.engine import DecodeEngine, DecodeLimits, EngineStopped, QueueFull, SequenceHandle
+from decode.config import DecodeLimits
+from decode.engine import DecodeEngine, EngineStopped, QueueFull, SequenceHandle
 from decode.sequence import DecodeEvent, DecodeJob
 from engine.role_core import EngineCore
 from pantry.common.errors import InvalidRequest

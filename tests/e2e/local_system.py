@@ -14,6 +14,7 @@ from typing import Any
 
 import grpc
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from pantry.v1 import engine_pb2, engine_pb2_grpc
 
@@ -56,9 +57,25 @@ class LocalSystem:
             stub = engine_pb2_grpc.PrefillEngineStub(ch)
             return stub.Load(engine_pb2.EngineLoadRequest(), timeout=5)
 
+    def metrics(self, role: str) -> dict[str, float]:
+        """One scrape of a role's own /metrics URL (from pantry local's ready file), as
+        {'name{label="v",...}': value} with labels sorted by name."""
+        resp = httpx.get(self.role(role)["metrics"], timeout=10)
+        assert resp.status_code == 200, resp.text
+        return parse_metrics(resp.text)
+
     def logs(self) -> str:
         return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}"
                          for p in sorted(self.log_dir.glob("*.log")))
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    samples: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
+            samples[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+    return samples
 
 
 def start_local(model: str, workdir: Path, *extra: str) -> LocalSystem:

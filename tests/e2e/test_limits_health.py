@@ -43,7 +43,9 @@ def test_concurrency_limit_is_429_and_harms_nobody(limited_system: LocalSystem) 
                 break
         second = limited_system.post("/v1/completions", body)
         assert second.status_code == 429, second.text
-        assert "max_concurrent_requests" in second.json()["error"]["message"]
+        assert second.json()["error"] == {
+            "message": "1 requests in flight (max_concurrent_requests); retry later",
+            "type": "rate_limit_error", "param": None, "code": 429}
         for line in lines:
             if line.startswith("data: {") and json.loads(line[6:])["choices"]:
                 tokens += json.loads(line[6:])["choices"][0].get("token_ids", [])
@@ -72,6 +74,8 @@ def test_prefill_down_decode_computes_the_prompt(limited_system: LocalSystem) ->
             "ignore_eos": True, "return_token_ids": True}
     expected = limited_system.post("/v1/completions", {**body, "user": "a"}).json()
     assert expected["usage"]["prefill_skipped"] is False
+    fallback = 'pantry_conductor_requests_total{finish="length",route="decode_fallback"}'
+    before = limited_system.metrics("conductor").get(fallback, 0.0)
     prefill_pid = limited_system.role("prefill")["pid"]
     os.kill(prefill_pid, signal.SIGSTOP)
     try:
@@ -83,17 +87,27 @@ def test_prefill_down_decode_computes_the_prompt(limited_system: LocalSystem) ->
     assert got["choices"][0]["token_ids"] == expected["choices"][0]["token_ids"]
     assert got["usage"]["prefill_skipped"] is True
     assert got["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
-    metrics = httpx.get(limited_system.http + "/metrics", timeout=10).text
-    assert 'route="decode_fallback"' in metrics
+    assert limited_system.metrics("conductor")[fallback] == before + 1
 
 
 def test_metrics_show_every_role(limited_system: LocalSystem) -> None:
+    """Every role serves its own /metrics, and the conductor's one scrape of the whole system
+    agrees with what each role says of itself."""
     limited_system.post("/v1/completions", {"prompt": PROMPT, "max_tokens": 2})
     httpx.get(limited_system.http + "/health", timeout=30)  # a fresh poll of every role
-    metrics = httpx.get(limited_system.http + "/metrics", timeout=10).text
-    lines = dict(line.rsplit(" ", 1) for line in metrics.splitlines()
-                 if line and not line.startswith("#"))
-    assert float(lines['pantry_engine_total_blocks{engine="decode-0",role="decode"}']) > 0
-    assert float(lines['pantry_engine_requests{engine="prefill-0",role="prefill"}']) >= 1
-    assert float(lines["pantry_pool_objects"]) >= 2
-    assert float(lines["pantry_pool_capacity_bytes"]) == 64 * 2**20
+    own = {role: limited_system.metrics(role)
+           for role in ("kv-master", "kv-node", "prefill", "decode", "conductor")}
+    seen = own["conductor"]
+    for role, engine_id in (("prefill", "prefill-0"), ("decode", "decode-0")):
+        mine = f'{{engine_id="{engine_id}",role="{role}"}}'
+        theirs = f'{{engine="{engine_id}",role="{role}"}}'
+        for name in ("requests_total", "computed_tokens_total", "pool_tokens_total",
+                     "kv_blocks", "kv_free_blocks"):
+            assert seen[f"pantry_conductor_engine_{name}{theirs}"] == \
+                own[role][f"pantry_engine_{name}{mine}"], (role, name)
+        assert seen[f"pantry_conductor_role_up{theirs}"] == 1.0
+    master = own["kv-master"]
+    for name in ("objects", "used_bytes", "capacity_bytes"):
+        assert seen[f"pantry_conductor_pool_{name}"] == master[f"pantry_kv_master_{name}"], name
+    assert master["pantry_kv_master_capacity_bytes"] == 64 * 2**20
+    assert own["kv-node"]["pantry_kv_node_segment_capacity_bytes"] == 64 * 2**20

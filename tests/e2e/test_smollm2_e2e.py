@@ -44,6 +44,12 @@ def hf_chat(messages: list[dict[str, str]], n: int) -> tuple[list[int], list[int
     return ids, out[0, len(ids):].tolist()
 
 
+def pool_tokens(prompt_len: int) -> int:
+    """Prompt tokens a repeat serves from the pool: every full block, but never the last token
+    (its logits give the next token, so it is always computed)."""
+    return min(prompt_len // 16 * 16, prompt_len - 1)
+
+
 def chat(system: LocalSystem, messages: list[dict[str, str]], n: int) -> dict[str, Any]:
     resp = system.post("/v1/chat/completions", {
         "model": system.model, "messages": messages, "max_tokens": n, "temperature": 0,
@@ -72,19 +78,22 @@ def test_chat_miss_hit_match_transformers(smollm2_system: LocalSystem, context: 
     hit = chat(smollm2_system, messages, NEW_TOKENS)
     after = smollm2_system.prefill_load()
     assert hit["choices"][0]["token_ids"] == expected
-    assert hit["usage"]["prompt_tokens_details"]["cached_tokens"] >= len(ids) // 16 * 16 - 1
+    assert hit["usage"]["prompt_tokens_details"]["cached_tokens"] == pool_tokens(len(ids))
     assert hit["usage"]["prefill_skipped"] is True
     assert after.computed_tokens_total == before.computed_tokens_total
 
 
 def test_chat_partial_prefix(smollm2_system: LocalSystem) -> None:
-    chat(smollm2_system, _conv("List three breakfasts.", LONG_CONTEXT), 4)
+    first = chat(smollm2_system, _conv("List three breakfasts.", LONG_CONTEXT), 4)
     messages = _conv("Which shelf has the honey?", LONG_CONTEXT)
     ids, expected = hf_chat(messages, NEW_TOKENS)
     got = chat(smollm2_system, messages, NEW_TOKENS)
     assert got["choices"][0]["token_ids"] == expected
-    cached = got["usage"]["prompt_tokens_details"]["cached_tokens"]
-    assert 0 < cached < len(ids)
+    # Both prompts share the system prompt and context: exactly its full blocks come back.
+    shared = next(i for i, (a, b) in enumerate(zip(first["choices"][0]["prompt_token_ids"], ids,
+                                                   strict=False)) if a != b)
+    assert got["usage"]["prompt_tokens_details"]["cached_tokens"] == shared // 16 * 16
+    assert shared // 16 * 16 > 16 * 10  # the context spans many blocks, so this is a real hit
     assert got["usage"]["prefill_skipped"] is False
 
 
@@ -107,7 +116,8 @@ def test_openai_client_streaming(smollm2_system: LocalSystem) -> None:
             usage = chunk.usage
     assert "".join(parts) == whole.choices[0].message.content
     assert usage is not None and usage.completion_tokens == whole.usage.completion_tokens
-    assert usage.prompt_tokens_details.cached_tokens > 0  # the same prompt, just served
+    # The same prompt was just served: every full block of it comes from the pool.
+    assert usage.prompt_tokens_details.cached_tokens == pool_tokens(usage.prompt_tokens)
 
     text = client.completions.create(model=smollm2_system.model, prompt="The capital of France is",
                                      max_tokens=5, temperature=0)
@@ -134,10 +144,16 @@ def test_health_and_metrics(smollm2_system: LocalSystem) -> None:
 
     health = httpx.get(smollm2_system.http + "/health", timeout=10)
     assert health.status_code == 200
-    assert all(health.json()["roles"].values())
-    metrics = httpx.get(smollm2_system.http + "/metrics", timeout=10).text
-    assert 'pantry_role_up{engine="kvstore",role="kvstore"} 1' in metrics
-    assert "pantry_ttft_seconds_bucket" in metrics
+    assert health.json()["roles"] == {"prefill:prefill-0": True, "decode:decode-0": True,
+                                      "kvstore": True}
+    ttft = 'pantry_conductor_time_to_first_token_seconds_count{route="decode_direct"}'
+    before = smollm2_system.metrics("conductor")
+    assert before['pantry_conductor_role_up{engine="kvstore",role="kvstore"}'] == 1.0
+    body = {"prompt": list(range(300, 340)), "max_tokens": 2, "temperature": 0}
+    assert smollm2_system.post("/v1/completions", body).status_code == 200
+    assert smollm2_system.post("/v1/completions", body).status_code == 200  # a full hit
+    after = smollm2_system.metrics("conductor")
+    assert after[ttft] == before.get(ttft, 0.0) + 1
 
 
 @pytest.mark.parametrize("length", [5, 16, 17, 200])

@@ -20,7 +20,7 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from decode.engine import DecodeLimits
+from decode.config import DecodeLimits
 from engine.role_config import EngineRoleConfig
 from engine.role_core import EngineCore
 from engine.role_server import start_metrics
@@ -98,9 +98,10 @@ role, model, master, ready = sys.argv[1:5]
 config = EngineRoleConfig(model=model, kv_master=master, engine_id=role + "-p", block_size=16,
                           kv_cache_bytes=int(sys.argv[5]), threads=1, ready_file=ready)
 if role == "prefill":
+    from prefill.config import PrefillLimits
     from prefill.service import run
-    sys.exit(run(config))
-from decode.engine import DecodeLimits
+    sys.exit(run(config, PrefillLimits()))
+from decode.config import DecodeLimits
 from decode.service import run
 sys.exit(run(config, DecodeLimits()))
 """

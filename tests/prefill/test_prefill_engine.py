@@ -11,6 +11,7 @@ import pytest
 from engine.role_core import EngineCore
 from pantry.common.errors import InvalidRequest
 from pantry.common.sampling import SamplingParams
+from prefill.config import PrefillLimits
 from prefill.engine import PrefillEngine, PrefillJob
 from tests.decode.engine_rig import (
     BLOCK,
@@ -131,7 +132,7 @@ def test_prompt_shorter_than_a_block_stores_nothing(core: EngineCore, tiny_llama
 
 def test_chunked_prefill_gives_the_same_first_token(core: EngineCore, tiny_llama: Path) -> None:
     ids = prompt(70, seed=6)
-    out = PrefillEngine(core, chunk_tokens=16).prefill(job(ids))
+    out = PrefillEngine(core, PrefillLimits(chunk_tokens=16)).prefill(job(ids))
     assert out.first_token == hf_greedy(tiny_llama, ids, 1)[0]
     assert (out.pool_tokens, out.computed_tokens, out.stored_blocks) == (0, 70, 4)
 
@@ -192,7 +193,7 @@ def test_longest_prompt_that_fits_is_served(core: EngineCore, tiny_llama: Path) 
 
 def test_concurrent_prefills_are_serialised_and_correct(core: EngineCore,
                                                         tiny_llama: Path) -> None:
-    engine = PrefillEngine(core, chunk_tokens=8)
+    engine = PrefillEngine(core, PrefillLimits(chunk_tokens=8))
     free = core.runner.allocator.num_free
     prompts = [prompt(20 + 9 * i, seed=40 + i) for i in range(4)]
     with ThreadPoolExecutor(4) as pool:

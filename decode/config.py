@@ -1,0 +1,26 @@
+"""The decode role's own limits (the settings it shares with prefill are EngineRoleConfig).
+
+Torch-free, so the command line can build its flags without loading a model runtime.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pantry.common.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    max_running: int = field(
+        default=32, metadata={"help": "sequences decoded together in one batch"})
+    max_waiting: int = field(
+        default=256, metadata={"help": "queued requests before new ones are refused"})
+    chunk_tokens: int = field(
+        default=256,
+        metadata={"help": "prompt tokens computed per step while other sequences decode"})
+
+    def __post_init__(self) -> None:
+        for name in ("max_running", "max_waiting", "chunk_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be at least 1, got {getattr(self, name)}")
