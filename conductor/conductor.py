@@ -141,7 +141,8 @@ class Conductor:
             room = self.info.max_model_len - len(prompt)
             asked = min(req.default_max_tokens or self.config.default_max_tokens, max(room, 1))
         check_prompt(prompt, asked, vocab_size=self.info.vocab_size,
-                     max_model_len=self.info.max_model_len, field=req.prompt_field)
+                     max_model_len=self.info.max_model_len, field=req.prompt_field,
+                     max_tokens_field=req.max_tokens_field)
         return prompt, req.sampling.resolve(asked)
 
     def check_model(self, req: GenerationRequest) -> None:

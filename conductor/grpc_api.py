@@ -42,6 +42,8 @@ def parse_request(data: bytes) -> generation_pb2.GenerateRequest | MalformedRequ
 
 
 def request_from_proto(msg: generation_pb2.GenerateRequest) -> GenerationRequest:
+    """The message as the conductor's request, values as sent: Conductor.admit checks their
+    ranges (SamplingParams, check_prompt) once for every API, naming the field."""
     s = msg.sampling
     which = msg.WhichOneof("prompt")
     if which is None:
@@ -49,15 +51,13 @@ def request_from_proto(msg: generation_pb2.GenerateRequest) -> GenerationRequest
     sampling = Sampling(
         temperature=s.temperature,
         top_k=s.top_k,
-        top_p=s.top_p if s.top_p > 0 else 1.0,
+        top_p=s.top_p or 1.0,                  # proto3's unset 0 means off; a negative is refused
         seed=s.seed if s.HasField("seed") else None,
-        max_tokens=s.max_tokens or None,
+        max_tokens=s.max_tokens or None,       # 0 = the server's default; a negative is refused
         stop=tuple(s.stop),
         ignore_eos=s.ignore_eos,
         stop_token_ids=tuple(s.stop_token_ids),
     )
-    if s.max_tokens < 0:
-        raise InvalidRequest("max_tokens", f"must be at least 1, got {s.max_tokens}")
     return GenerationRequest(
         request_id=msg.request_id or f"gen-{uuid.uuid4().hex}",
         model=msg.model,

@@ -9,14 +9,21 @@ from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from pantry.common.errors import InvalidRequest, Overloaded, Unavailable
 
 from .conductor import Conductor
-from .openai_protocol import error_json, now, parse_chat, parse_completion, usage_json
+from .openai_protocol import (
+    ParsedRequest,
+    error_json,
+    now,
+    parse_chat,
+    parse_completion,
+    usage_json,
+)
 from .requests import (
     GenerationFinished,
-    GenerationRequest,
     PromptAccepted,
     TokensGenerated,
 )
@@ -59,22 +66,20 @@ def _choice_delta(chat: bool, text: str) -> dict[str, Any]:
 
 
 async def _serve(
-    request: web.Request, parse: Callable[[dict[str, Any]], GenerationRequest], chat: bool
+    request: web.Request, parse: Callable[[dict[str, Any]], ParsedRequest], chat: bool
 ) -> web.StreamResponse:
     conductor = request.app[CONDUCTOR_KEY]
     try:
-        body = await _read_json(request)
-        req = parse(body)
-        stream = body.get("stream", False)
-        if not isinstance(stream, bool):
-            raise InvalidRequest("stream", "must be true or false")
-        opts = body.get("stream_options") or {}
-        include_usage = bool(isinstance(opts, dict) and opts.get("include_usage"))
-        want_ids = bool(body.get("return_token_ids"))
+        parsed = parse(await _read_json(request))  # types and shapes; InvalidRequest names them
+        req = parsed.generation
+        stream, include_usage = parsed.stream, parsed.include_usage
+        want_ids = parsed.return_token_ids
         events = conductor.generate(req)
         first = await anext(events)  # validation errors surface here, before any byte is sent
         assert isinstance(first, PromptAccepted)
-    except (InvalidRequest, Overloaded, Unavailable) as exc:
+    except InvalidRequest as exc:
+        return _error(*_status_of(exc))
+    except (Overloaded, Unavailable) as exc:
         return _error(*_status_of(exc))
     obj = "chat.completion" if chat else "text_completion"
     base = {"id": req.request_id, "created": now(), "model": conductor.model_id}
@@ -188,8 +193,8 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    text = request.app[CONDUCTOR_KEY].metrics_text()
-    return web.Response(text=text, content_type="text/plain", charset="utf-8")
+    body = generate_latest(request.app[CONDUCTOR_KEY].metrics.registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 @web.middleware

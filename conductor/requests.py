@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pantry.common.errors import InvalidRequest
 from pantry.common.sampling import SamplingParams
+
+# Each stop string is matched against the streamed text of every chunk: a bound keeps that cheap.
+MAX_STOP_STRINGS = 16
 
 
 @dataclass(frozen=True)
@@ -23,6 +27,11 @@ class Sampling:
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
     stop_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise InvalidRequest(
+                "stop", f"must have at most {MAX_STOP_STRINGS} items, got {len(self.stop)}")
 
     def resolve(self, max_tokens: int) -> SamplingParams:
         """What the engines get, with the limit decided; raises InvalidRequest naming a field."""
@@ -47,6 +56,7 @@ class GenerationRequest:
     sampling: Sampling = field(default_factory=Sampling)
     tenant: str = ""
     prompt_field: str = "prompt"            # how the API names the prompt, for error messages
+    max_tokens_field: str = "max_tokens"    # and the limit (chat may say max_completion_tokens)
     default_max_tokens: int | None = None   # the API's own default; None = the server's
 
 

@@ -19,6 +19,7 @@ def check_prompt(
     vocab_size: int,
     max_model_len: int,
     field: str = "prompt",
+    max_tokens_field: str = "max_tokens",
 ) -> None:
     if not tokens:
         raise InvalidRequest(field, "is empty; send at least one token")
@@ -33,11 +34,11 @@ def check_prompt(
             "shorten the prompt",
         )
     if max_tokens < 1:
-        raise InvalidRequest("max_tokens", f"must be at least 1, got {max_tokens}")
+        raise InvalidRequest(max_tokens_field, f"must be at least 1, got {max_tokens}")
     room = max_model_len - n
     if max_tokens > room:
         raise InvalidRequest(
-            "max_tokens",
+            max_tokens_field,
             f"{max_tokens} is too large: the {n}-token prompt leaves room for "
             f"{room} tokens in the context of {max_model_len}",
         )

@@ -22,15 +22,15 @@ class SamplingParams:
         t = self.temperature
         if not (isinstance(t, int | float) and math.isfinite(t) and t >= 0):
             raise InvalidRequest("temperature", f"must be >= 0, got {t!r}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
+        if not isinstance(self.top_k, int) or not 0 <= self.top_k < 2**31:
             raise InvalidRequest("top_k", f"must be >= 0 (0 = off), got {self.top_k!r}")
         if not (isinstance(self.top_p, int | float) and 0 < self.top_p <= 1):
             raise InvalidRequest("top_p", f"must be in (0, 1], got {self.top_p!r}")
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+        if not isinstance(self.max_tokens, int) or not 1 <= self.max_tokens < 2**31:
             raise InvalidRequest("max_tokens", f"must be at least 1, got {self.max_tokens!r}")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise InvalidRequest("seed", f"must be an integer, got {self.seed!r}")
-        if not all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids):
+        if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed < 2**64):
+            raise InvalidRequest("seed", f"must be between 0 and 2**64 - 1, got {self.seed!r}")
+        if not all(isinstance(t, int) and 0 <= t < 2**32 for t in self.stop_token_ids):
             raise InvalidRequest(
                 "stop_token_ids", f"must be non-negative integers, got {list(self.stop_token_ids)}"
             )

@@ -1,266 +1,416 @@
-"""OpenAI request bodies -> GenerationRequest; every refusal names the exact field."""
+"""OpenAI request bodies -> GenerationRequest; every refusal names the exact field and says what
+to send instead. Value ranges are left to the conductor: the HTTP tests at the end show them
+refused through Conductor.admit, by a real HTTP server."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
+import httpx
 import pytest
+from aiohttp import web
 
-from conductor.openai_protocol import MAX_STOP_STRINGS, parse_chat, parse_completion
-from conductor.requests import ChatMessage
+from conductor.conductor import Conductor
+from conductor.config import ConductorConfig
+from conductor.engines import DecodeClient, PrefillClient
+from conductor.fleet import Fleet
+from conductor.http_api import create_app
+from conductor.openai_protocol import (
+    ParsedRequest,
+    param_of,
+    parse_chat,
+    parse_completion,
+)
+from conductor.requests import MAX_STOP_STRINGS, ChatMessage, GenerationRequest, Sampling
+from conductor.scheduler import EngineState
+from kvstore.client import KVStoreClient
+from pantry.common.engine_info import EngineDescription
 from pantry.common.errors import InvalidRequest
 
+VOCAB = 100
+CONTEXT = 64
+MODEL = "tiny"
+MSGS = [{"role": "user", "content": "hi"}]
 
-def refused_field(parse: Any, body: dict[str, Any]) -> str:
+
+def refusal(parse: Any, body: dict[str, Any]) -> tuple[str, str]:
     with pytest.raises(InvalidRequest) as info:
         parse(body)
-    return info.value.field
+    return info.value.field, info.value.message
 
 
 # ---- /v1/completions: the prompt ---------------------------------------------------------------
 
 def test_string_prompt() -> None:
-    req = parse_completion({"model": "m", "prompt": "Hello there", "user": "alice"})
-    assert req.text == "Hello there"
-    assert req.token_ids is None
-    assert req.messages is None
-    assert req.model == "m"
-    assert req.tenant == "alice"
-    assert req.prompt_field == "prompt"
+    parsed = parse_completion({"model": "m", "prompt": "Hello there", "user": "alice"})
+    req = parsed.generation
+    assert req == GenerationRequest(
+        request_id=req.request_id, model="m", text="Hello there", tenant="alice",
+        prompt_field="prompt", default_max_tokens=16,
+    )
     assert req.request_id.startswith("cmpl-")
-    assert req.sampling.max_tokens is None     # server default
+    assert len(req.request_id) == len("cmpl-") + 32
+    assert parsed == ParsedRequest(req, stream=False, include_usage=False,
+                                   return_token_ids=False)
 
 
 def test_request_ids_are_unique() -> None:
-    a = parse_completion({"prompt": "x"})
-    b = parse_completion({"prompt": "x"})
+    a = parse_completion({"prompt": "x"}).generation
+    b = parse_completion({"prompt": "x"}).generation
     assert a.request_id != b.request_id
 
 
-def test_token_id_list_prompt() -> None:
-    req = parse_completion({"prompt": [5, 6, 7]})
-    assert req.token_ids == (5, 6, 7)
-    assert req.text is None
+@pytest.mark.parametrize(("prompt", "text", "ids"), [
+    ([5, 6, 7], None, (5, 6, 7)),
+    ([[9, 8, 7, 6]], None, (9, 8, 7, 6)),
+    (["just one"], "just one", None),
+    ("abc", "abc", None),
+    # Emptiness and the vocabulary are check_prompt's to refuse, in the conductor.
+    ([], None, ()),
+    ([[]], None, ()),
+    ([-3, 512], None, (-3, 512)),
+])
+def test_prompt_shapes(prompt: Any, text: str | None, ids: tuple[int, ...] | None) -> None:
+    req = parse_completion({"prompt": prompt}).generation
+    assert (req.text, req.token_ids, req.messages) == (text, ids, None)
 
 
-def test_nested_single_token_id_list_prompt() -> None:
-    req = parse_completion({"prompt": [[9, 8, 7, 6]]})
-    assert req.token_ids == (9, 8, 7, 6)
-    assert req.text is None
+# ---- refusals: exact param and message ---------------------------------------------------------
+
+@pytest.mark.parametrize(("body", "param", "message"), [
+    ({}, "prompt", "is required"),
+    ({"prompt": None}, "prompt", "must be a string or a list of token ids"),
+    ({"prompt": 5}, "prompt", "must be a string or a list of token ids"),
+    ({"prompt": {"text": "x"}}, "prompt", "must be a string or a list of token ids"),
+    ({"prompt": ""}, "prompt", "must not be empty"),
+    ({"prompt": [""]}, "prompt[0]", "must not be empty"),
+    ({"prompt": [[1, 2], [3, 4]]}, "prompt", "batches are not supported; send one prompt"),
+    ({"prompt": ["a", "b"]}, "prompt", "batches are not supported; send one prompt"),
+    ({"prompt": [1, "2"]}, "prompt[1]", 'must be an integer, got "2"'),
+    ({"prompt": [1, 2.0]}, "prompt[1]", "must be an integer, got 2.0"),
+    ({"prompt": [True, 3]}, "prompt[0]", "must be an integer, got true"),
+    ({"prompt": [[1, None]]}, "prompt[0][1]", "must be an integer, got null"),
+    ({"prompt": [1, [2]]}, "prompt[1]", "must be an integer, got a list"),
+    ({"prompt": ["a", [2]]}, "prompt[1]", "must be a string, got a list"),
+    ({"echo": True}, "echo", "is not supported; leave it out or send false"),
+    ({"model": 3}, "model", "must be a string, got 3"),
+    ({"n": 2}, "n", "only n=1 is supported; send one request per completion, got 2"),
+    ({"n": 0}, "n", "only n=1 is supported; send one request per completion, got 0"),
+    ({"n": "1"}, "n", 'must be an integer, got "1"'),
+    ({"n": 1.0}, "n", "must be an integer, got 1.0"),
+    ({"max_tokens": "x"}, "max_tokens", 'must be an integer, got "x"'),
+    ({"max_tokens": 2.5}, "max_tokens", "must be an integer, got 2.5"),
+    ({"max_tokens": True}, "max_tokens", "must be an integer, got true"),
+    ({"stop": 5}, "stop", "must be a string or a list of strings"),
+    ({"stop": {"a": 1}}, "stop", "must be a string or a list of strings"),
+    ({"stop": ["a", 1]}, "stop[1]", "must be a string, got 1"),
+    ({"stop": [None]}, "stop[0]", "must be a string, got null"),
+    ({"stop": ["s"] * (MAX_STOP_STRINGS + 1)}, "stop", "must have at most 16 items, got 17"),
+    ({"seed": "7"}, "seed", 'must be an integer, got "7"'),
+    ({"seed": 1.5}, "seed", "must be an integer, got 1.5"),
+    ({"temperature": "hot"}, "temperature", 'must be a number, got "hot"'),
+    ({"temperature": True}, "temperature", "must be a number, got true"),
+    ({"temperature": "x" * 50}, "temperature", "must be a number, got a string of 50 characters"),
+    ({"top_p": "1"}, "top_p", 'must be a number, got "1"'),
+    ({"top_k": 1.5}, "top_k", "must be an integer, got 1.5"),
+    ({"ignore_eos": "yes"}, "ignore_eos", 'must be true or false, got "yes"'),
+    ({"stop_token_ids": 5}, "stop_token_ids", "must be a list, got 5"),
+    ({"stop_token_ids": [1, "2"]}, "stop_token_ids[1]", 'must be an integer, got "2"'),
+    ({"user": 5}, "user", "must be a string, got 5"),
+    ({"stream": "yes"}, "stream", 'must be true or false, got "yes"'),
+    ({"stream": 1}, "stream", "must be true or false, got 1"),
+    ({"stream_options": 3}, "stream_options",
+     'must be an object like {"include_usage": true}, got 3'),
+    ({"stream_options": {"include_usage": 1}}, "stream_options.include_usage",
+     "must be true or false, got 1"),
+    ({"return_token_ids": "yes"}, "return_token_ids", 'must be true or false, got "yes"'),
+])
+def test_completion_refusals(body: dict[str, Any], param: str, message: str) -> None:
+    full = {"prompt": "x", **body} if "prompt" not in body and body else body
+    assert refusal(parse_completion, full) == (param, message)
 
 
-def test_single_string_in_a_list_is_a_text_prompt() -> None:
-    req = parse_completion({"prompt": ["just one"]})
-    assert req.text == "just one"
+def test_unknown_fields_are_ignored() -> None:
+    req = parse_completion({"prompt": "x", "logprobs": 3, "presence_penalty": 0.5,
+                            "suffix": None, "frequency_penalty": "anything"}).generation
+    assert (req.text, req.sampling) == ("x", Sampling())
 
 
-@pytest.mark.parametrize("prompt", [[[1, 2], [3, 4]], ["a", "b"]])
-def test_batch_of_two_prompts_is_refused_naming_prompt(prompt: Any) -> None:
-    with pytest.raises(InvalidRequest) as info:
-        parse_completion({"prompt": prompt})
-    assert info.value.field == "prompt"
-    assert "batch" in info.value.message
-
-
-@pytest.mark.parametrize("prompt", ["", [], [[]]])
-def test_empty_prompt_is_refused(prompt: Any) -> None:
-    with pytest.raises(InvalidRequest) as info:
-        parse_completion({"prompt": prompt})
-    assert info.value.field == "prompt"
-    assert "empty" in info.value.message
-
-
-@pytest.mark.parametrize("prompt", [[1, "2"], [1, 2.0], [True, 3], [[1, None]], [1, [2]]])
-def test_non_integer_token_ids_are_refused(prompt: Any) -> None:
-    assert refused_field(parse_completion, {"prompt": prompt}) == "prompt"
-
-
-@pytest.mark.parametrize("prompt", [None, 5, {"text": "x"}])
-def test_prompt_of_wrong_type_is_refused(prompt: Any) -> None:
-    assert refused_field(parse_completion, {"prompt": prompt}) == "prompt"
-
-
-def test_missing_prompt_is_refused() -> None:
-    assert refused_field(parse_completion, {"model": "m"}) == "prompt"
-
-
-def test_echo_and_non_string_model_are_refused() -> None:
-    assert refused_field(parse_completion, {"prompt": "x", "echo": True}) == "echo"
-    assert refused_field(parse_completion, {"prompt": "x", "model": 3}) == "model"
-    assert refused_field(parse_chat, {"messages": [{"role": "user"}], "model": ["m"]}) == "model"
+def test_null_means_the_default() -> None:
+    body = {key: None for key in (
+        "model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop",
+        "stop_token_ids", "ignore_eos", "n", "stream", "stream_options", "user",
+        "return_token_ids", "echo")}
+    parsed = parse_completion({"prompt": "x", **body})
+    assert parsed.generation.sampling == Sampling()
+    assert (parsed.generation.model, parsed.generation.tenant) == ("", "")
+    assert (parsed.stream, parsed.include_usage, parsed.return_token_ids) == (False, False, False)
 
 
 # ---- sampling fields ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("n", [2, 0, "1", 1.0])
-def test_n_other_than_one_is_refused(n: Any) -> None:
-    assert refused_field(parse_completion, {"prompt": "x", "n": n}) == "n"
-
-
-def test_n_one_or_null_is_accepted() -> None:
-    parse_completion({"prompt": "x", "n": 1})
-    parse_completion({"prompt": "x", "n": None})
-
-
-@pytest.mark.parametrize("value", [0, -1, "x", 2.5, True])
-def test_bad_max_tokens_is_refused_naming_max_tokens(value: Any) -> None:
-    assert refused_field(parse_completion, {"prompt": "x", "max_tokens": value}) == "max_tokens"
-
-
-def test_max_tokens_accepted() -> None:
-    assert parse_completion({"prompt": "x", "max_tokens": 7}).sampling.max_tokens == 7
-    assert parse_completion({"prompt": "x", "max_tokens": None}).sampling.max_tokens is None
-
-
-def test_completion_ignores_max_completion_tokens() -> None:
-    req = parse_completion({"prompt": "x", "max_completion_tokens": 3})
-    assert req.sampling.max_tokens is None
-
-
-def test_stop_as_string_and_as_list() -> None:
-    assert parse_completion({"prompt": "x", "stop": "\n"}).sampling.stop == ("\n",)
-    assert parse_completion({"prompt": "x", "stop": ["a", "bc"]}).sampling.stop == ("a", "bc")
-    assert parse_completion({"prompt": "x", "stop": None}).sampling.stop == ()
-    assert parse_completion({"prompt": "x"}).sampling.stop == ()
-
-
-@pytest.mark.parametrize("stop", [5, ["a", 1], {"a": 1}, [None]])
-def test_bad_stop_is_refused(stop: Any) -> None:
-    assert refused_field(parse_completion, {"prompt": "x", "stop": stop}) == "stop"
-
-
-def test_too_many_stop_strings_are_refused() -> None:
-    ok = [f"s{i}" for i in range(MAX_STOP_STRINGS)]
-    assert len(parse_completion({"prompt": "x", "stop": ok}).sampling.stop) == MAX_STOP_STRINGS
-    body = {"prompt": "x", "stop": [*ok, "one more"]}
-    assert refused_field(parse_completion, body) == "stop"
-
-
-@pytest.mark.parametrize("seed", [0, 42, 2**64 - 1])
-def test_seed_in_range_is_kept(seed: int) -> None:
-    assert parse_completion({"prompt": "x", "seed": seed}).sampling.seed == seed
-
-
-@pytest.mark.parametrize("seed", [-1, 2**64, "7", 1.5])
-def test_seed_out_of_range_or_wrong_type_is_refused(seed: Any) -> None:
-    assert refused_field(parse_completion, {"prompt": "x", "seed": seed}) == "seed"
-
-
 def test_sampling_fields_are_carried_over() -> None:
     req = parse_completion({
         "prompt": "x", "temperature": 0, "top_p": 0.5, "top_k": 40, "ignore_eos": True,
-        "stop_token_ids": [2, 7], "max_tokens": 4,
-    })
-    s = req.sampling
-    assert (s.temperature, s.top_p, s.top_k, s.ignore_eos, s.stop_token_ids, s.max_tokens) == (
-        0.0, 0.5, 40, True, (2, 7), 4
-    )
+        "stop_token_ids": [2, 7], "max_tokens": 4, "seed": 2**64 - 1, "stop": ["a", "bc"],
+    }).generation
+    assert req.sampling == Sampling(temperature=0.0, top_k=40, top_p=0.5, seed=2**64 - 1,
+                                    max_tokens=4, stop=("a", "bc"), ignore_eos=True,
+                                    stop_token_ids=(2, 7))
 
 
 def test_sampling_defaults() -> None:
-    s = parse_completion({"prompt": "x"}).sampling
-    assert (s.temperature, s.top_p, s.top_k, s.seed, s.ignore_eos, s.stop_token_ids) == (
-        1.0, 1.0, 0, None, False, ()
-    )
+    assert parse_completion({"prompt": "x"}).generation.sampling == Sampling(
+        temperature=1.0, top_k=0, top_p=1.0, seed=None, max_tokens=None, stop=(),
+        ignore_eos=False, stop_token_ids=())
 
 
-def test_top_k_minus_one_means_off() -> None:
-    assert parse_completion({"prompt": "x", "top_k": -1}).sampling.top_k == 0
+def test_one_stop_string_and_the_most_stop_strings() -> None:
+    assert parse_completion({"prompt": "x", "stop": "\n"}).generation.sampling.stop == ("\n",)
+    most = [f"s{i}" for i in range(MAX_STOP_STRINGS)]
+    assert parse_completion({"prompt": "x", "stop": most}).generation.sampling.stop == tuple(most)
 
 
-@pytest.mark.parametrize(("body", "field"), [
-    ({"temperature": "hot"}, "temperature"),
-    ({"temperature": True}, "temperature"),
-    ({"top_p": "1"}, "top_p"),
-    ({"top_k": 1.5}, "top_k"),
-    ({"ignore_eos": "yes"}, "ignore_eos"),
-    ({"stop_token_ids": 5}, "stop_token_ids"),
-    ({"stop_token_ids": [1, "2"]}, "stop_token_ids"),
-])
-def test_other_bad_sampling_fields_name_themselves(body: dict[str, Any], field: str) -> None:
-    assert refused_field(parse_completion, {"prompt": "x", **body}) == field
+def test_top_k_minus_one_means_off_other_negatives_go_to_the_conductor() -> None:
+    assert parse_completion({"prompt": "x", "top_k": -1}).generation.sampling.top_k == 0
+    assert parse_completion({"prompt": "x", "top_k": -5}).generation.sampling.top_k == -5
 
 
-def test_non_string_user_is_no_tenant() -> None:
-    assert parse_completion({"prompt": "x", "user": 5}).tenant == ""
+def test_value_ranges_are_not_checked_by_the_schema() -> None:
+    body = {"prompt": "x", "temperature": -1, "top_p": 0, "max_tokens": 0,
+            "stop_token_ids": [-1]}
+    assert parse_completion(body).generation.sampling == Sampling(
+        temperature=-1.0, top_p=0.0, max_tokens=0, stop_token_ids=(-1,))
+
+
+def test_completion_ignores_max_completion_tokens() -> None:
+    parsed = parse_completion({"prompt": "x", "max_completion_tokens": 3})
+    assert (parsed.generation.sampling.max_tokens, parsed.generation.max_tokens_field) == (
+        None, "max_tokens")
+
+
+def test_stream_options_and_token_ids() -> None:
+    parsed = parse_completion({"prompt": "x", "stream": True,
+                               "stream_options": {"include_usage": True, "other": 1},
+                               "return_token_ids": True})
+    assert (parsed.stream, parsed.include_usage, parsed.return_token_ids) == (True, True, True)
+    no_usage = parse_completion({"prompt": "x", "stream": True, "stream_options": {}})
+    assert (no_usage.stream, no_usage.include_usage) == (True, False)
 
 
 # ---- /v1/chat/completions ----------------------------------------------------------------------
 
 def test_chat_messages_parsed() -> None:
-    req = parse_chat({"model": "m", "messages": [
+    parsed = parse_chat({"model": "m", "user": "t", "messages": [
         {"role": "system", "content": "be brief"},
-        {"role": "user", "content": "hi"},
+        {"role": "user", "content": "hi", "name": "ann"},
     ]})
-    assert req.messages == (ChatMessage("system", "be brief"), ChatMessage("user", "hi"))
-    assert req.prompt_field == "messages"
-    assert req.text is None and req.token_ids is None
+    req = parsed.generation
+    assert req == GenerationRequest(
+        request_id=req.request_id, model="m",
+        messages=(ChatMessage("system", "be brief"), ChatMessage("user", "hi")),
+        tenant="t", prompt_field="messages", default_max_tokens=None,
+    )
     assert req.request_id.startswith("chatcmpl-")
-
-
-@pytest.mark.parametrize("body", [{}, {"messages": []}, {"messages": "hi"},
-                                  {"messages": None}, {"messages": {"role": "user"}}])
-def test_missing_or_empty_messages_are_refused(body: dict[str, Any]) -> None:
-    assert refused_field(parse_chat, body) == "messages"
-
-
-@pytest.mark.parametrize("msg", [{"content": "x"}, {"role": 1, "content": "x"}, "user: x", None])
-def test_message_without_string_role_names_its_index(msg: Any) -> None:
-    body = {"messages": [{"role": "user", "content": "ok"}, msg]}
-    assert refused_field(parse_chat, body) == "messages[1]"
 
 
 def test_content_as_text_parts_is_joined() -> None:
     req = parse_chat({"messages": [{"role": "user", "content": [
         {"type": "text", "text": "Hello, "}, {"type": "text", "text": "world"},
-    ]}]})
+    ]}]}).generation
     assert req.messages == (ChatMessage("user", "Hello, world"),)
 
 
 def test_null_or_missing_content_is_empty_text() -> None:
-    req = parse_chat({"messages": [{"role": "assistant", "content": None}, {"role": "user"}]})
+    req = parse_chat({"messages": [{"role": "assistant", "content": None},
+                                   {"role": "user"}]}).generation
     assert req.messages == (ChatMessage("assistant", ""), ChatMessage("user", ""))
 
 
-@pytest.mark.parametrize("content", [
-    [{"type": "image_url", "image_url": {"url": "http://x"}}],
-    [{"type": "text", "text": "a"}, "b"],
-    5,
-    {"type": "text", "text": "a"},
+def test_empty_messages_are_left_to_the_conductor() -> None:
+    assert parse_chat({"messages": []}).generation.messages == ()
+
+
+@pytest.mark.parametrize(("body", "param", "message"), [
+    ({}, "messages", "is required"),
+    ({"messages": "hi"}, "messages", 'must be a list, got "hi"'),
+    ({"messages": None}, "messages", "must be a list, got null"),
+    ({"messages": {"role": "user"}}, "messages", "must be a list, got an object"),
+    ({"messages": [*MSGS, {"content": "x"}]}, "messages[1].role", "is required"),
+    ({"messages": [*MSGS, {"role": 1}]}, "messages[1].role", "must be a string, got 1"),
+    ({"messages": [*MSGS, "user: x"]}, "messages[1]",
+     'must be an object like {"role": "user", "content": "..."}, got "user: x"'),
+    ({"messages": [*MSGS, None]}, "messages[1]",
+     'must be an object like {"role": "user", "content": "..."}, got null'),
+    ({"messages": [*MSGS, {"role": "user", "content": 5}]}, "messages[1].content",
+     "must be a string or a list of text parts"),
+    ({"messages": [*MSGS, {"role": "user", "content": {"type": "text", "text": "a"}}]},
+     "messages[1].content", "must be a string or a list of text parts"),
+    ({"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "http://x"}}]}]},
+     "messages[0].content[0].type", "must be 'text', got \"image_url\""),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, "b"]}]},
+     "messages[0].content[1]", 'must be a text part like {"type": "text", "text": "..."}, got "b"'),
+    ({"messages": [{"role": "user", "content": [{"type": "text"}]}]},
+     "messages[0].content[0].text", "is required"),
+    ({"messages": MSGS, "model": ["m"]}, "model", "must be a string, got a list"),
+    ({"messages": MSGS, "max_completion_tokens": "5"}, "max_completion_tokens",
+     'must be an integer, got "5"'),
+    ({"messages": MSGS, "n": 2}, "n", "only n=1 is supported; send one request per completion, "
+                                      "got 2"),
+    ({"messages": MSGS, "stop": 1}, "stop", "must be a string or a list of strings"),
 ])
-def test_non_text_content_names_the_message_content(content: Any) -> None:
-    body = {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": content}]}
-    assert refused_field(parse_chat, body) == "messages[1].content"
+def test_chat_refusals(body: dict[str, Any], param: str, message: str) -> None:
+    assert refusal(parse_chat, body) == (param, message)
 
 
 def test_chat_prefers_max_completion_tokens_over_max_tokens() -> None:
-    msgs = [{"role": "user", "content": "hi"}]
-    both = parse_chat({"messages": msgs, "max_completion_tokens": 5, "max_tokens": 9})
-    assert both.sampling.max_tokens == 5
-    legacy = parse_chat({"messages": msgs, "max_tokens": 9})
-    assert legacy.sampling.max_tokens == 9
-    null_new = parse_chat({"messages": msgs, "max_completion_tokens": None, "max_tokens": 3})
-    assert null_new.sampling.max_tokens == 3
-
-
-def test_chat_bad_max_completion_tokens_names_that_field() -> None:
-    msgs = [{"role": "user", "content": "hi"}]
-    body = {"messages": msgs, "max_completion_tokens": 0, "max_tokens": 9}
-    assert refused_field(parse_chat, body) == "max_completion_tokens"
-    assert refused_field(parse_chat, {"messages": msgs, "max_tokens": -1}) == "max_tokens"
-
-
-def test_chat_n_stop_and_seed_are_checked_too() -> None:
-    msgs = [{"role": "user", "content": "hi"}]
-    assert refused_field(parse_chat, {"messages": msgs, "n": 2}) == "n"
-    assert refused_field(parse_chat, {"messages": msgs, "stop": 1}) == "stop"
-    assert refused_field(parse_chat, {"messages": msgs, "seed": -5}) == "seed"
-    req = parse_chat({"messages": msgs, "stop": "x", "seed": 3, "user": "t"})
-    assert (req.sampling.stop, req.sampling.seed, req.tenant) == (("x",), 3, "t")
+    both = parse_chat({"messages": MSGS, "max_completion_tokens": 5, "max_tokens": 9})
+    assert (both.generation.sampling.max_tokens, both.generation.max_tokens_field) == (
+        5, "max_completion_tokens")
+    legacy = parse_chat({"messages": MSGS, "max_tokens": 9})
+    assert (legacy.generation.sampling.max_tokens, legacy.generation.max_tokens_field) == (
+        9, "max_tokens")
+    null_new = parse_chat({"messages": MSGS, "max_completion_tokens": None, "max_tokens": 3})
+    assert (null_new.generation.sampling.max_tokens, null_new.generation.max_tokens_field) == (
+        3, "max_tokens")
 
 
 def test_completions_default_to_openais_16_tokens_chat_to_the_servers() -> None:
-    from conductor.openai_protocol import parse_chat, parse_completion
+    assert parse_completion({"prompt": "hi"}).generation.default_max_tokens == 16
+    assert parse_chat({"messages": MSGS}).generation.default_max_tokens is None
 
-    assert parse_completion({"prompt": "hi"}).default_max_tokens == 16
-    assert parse_chat({"messages": [{"role": "user", "content": "hi"}]}).default_max_tokens is None
+
+@pytest.mark.parametrize(("loc", "param"), [
+    ((), "body"),
+    (("messages", 2, "content"), "messages[2].content"),
+    (("messages", 0, "content", "<list>", 1, "type"), "messages[0].content[1].type"),
+    (("prompt", "<token id lists>", 0, 3), "prompt[0][3]"),
+    (("stream_options", "include_usage"), "stream_options.include_usage"),
+])
+def test_param_of_pydantic_locations(loc: tuple[str | int, ...], param: str) -> None:
+    assert param_of(loc) == param
+
+
+# ---- through a real HTTP server: ranges are the conductor's ------------------------------------
+
+def offline_conductor() -> Conductor:
+    """A real Conductor whose engines and pool are never reached: requests it refuses are
+    refused before it calls them. Call inside a running event loop (grpc.aio channels)."""
+    config = ConductorConfig(model="unused", kv_master="127.0.0.1:9", prefill=("127.0.0.1:9",),
+                             decode=("127.0.0.1:9",))
+    info = EngineDescription(role="prefill", engine_id="p0", model_id=MODEL, fingerprint="f",
+                             block_size=4, vocab_size=VOCAB, max_model_len=CONTEXT,
+                             eos_token_ids=(2,), hash_seed=0)
+    fleet = Fleet([EngineState(PrefillClient("127.0.0.1:9", 1.0), info)],
+                  [EngineState(DecodeClient("127.0.0.1:9", 1.0), info)],
+                  KVStoreClient("127.0.0.1:9"))
+    return Conductor(config, None, fleet)
+
+
+@pytest.mark.parametrize(("field", "asked", "message"), [
+    ("max_completion_tokens", 0, "must be at least 1, got 0"),
+    ("max_tokens", 0, "must be at least 1, got 0"),
+    ("max_completion_tokens", CONTEXT,
+     "64 is too large: the 3-token prompt leaves room for 61 tokens in the context of 64"),
+])
+def test_the_limit_is_refused_under_the_name_the_caller_sent(field: str, asked: int,
+                                                              message: str) -> None:
+    async def run() -> InvalidRequest:
+        conductor = offline_conductor()
+        req = GenerationRequest(request_id="r", token_ids=tuple(GOOD),
+                                sampling=Sampling(max_tokens=asked), max_tokens_field=field)
+        with pytest.raises(InvalidRequest) as info:
+            conductor.admit(req)
+        await conductor.close()
+        return info.value
+    refused = asyncio.run(run())
+    assert (refused.field, refused.message) == (field, message)
+
+
+@contextlib.asynccontextmanager
+async def http_server() -> AsyncIterator[str]:
+    conductor = offline_conductor()
+    runner = web.AppRunner(create_app(conductor), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+        await conductor.close()
+
+
+def post(path: str, body: dict[str, Any] | bytes) -> tuple[int, Any]:
+    async def run() -> tuple[int, Any]:
+        async with http_server() as url, httpx.AsyncClient(base_url=url, timeout=10) as client:
+            if isinstance(body, bytes):
+                resp = await client.post(path, content=body)
+            else:
+                resp = await client.post(path, json=body)
+            return resp.status_code, resp.json()
+    return asyncio.run(run())
+
+
+def bad_request(param: str, message: str) -> tuple[int, Any]:
+    return 400, {"error": {"message": f"{param}: {message}", "type": "invalid_request_error",
+                           "param": param, "code": 400}}
+
+
+GOOD = [5, 6, 7]
+HTTP_CASES: list[tuple[str, dict[str, Any] | bytes, tuple[int, Any]]] = [
+    # Ranges: SamplingParams and check_prompt, in Conductor.admit.
+    ("/v1/completions", {"prompt": GOOD, "temperature": -1},
+     bad_request("temperature", "must be >= 0, got -1.0")),
+    ("/v1/completions", {"prompt": GOOD, "top_p": 0},
+     bad_request("top_p", "must be in (0, 1], got 0.0")),
+    ("/v1/completions", {"prompt": GOOD, "top_p": 1.5},
+     bad_request("top_p", "must be in (0, 1], got 1.5")),
+    ("/v1/completions", {"prompt": GOOD, "top_k": -5},
+     bad_request("top_k", "must be >= 0 (0 = off), got -5")),
+    ("/v1/completions", {"prompt": GOOD, "max_tokens": 0},
+     bad_request("max_tokens", "must be at least 1, got 0")),
+    ("/v1/completions", {"prompt": GOOD, "max_tokens": -5},
+     bad_request("max_tokens", "must be at least 1, got -5")),
+    ("/v1/completions", {"prompt": GOOD, "max_tokens": CONTEXT},
+     bad_request("max_tokens", "64 is too large: the 3-token prompt leaves room for 61 tokens "
+                               "in the context of 64")),
+    ("/v1/completions", {"prompt": GOOD, "seed": -1},
+     bad_request("seed", "must be between 0 and 2**64 - 1, got -1")),
+    ("/v1/completions", {"prompt": GOOD, "seed": 2**64},
+     bad_request("seed", "must be between 0 and 2**64 - 1, got 18446744073709551616")),
+    ("/v1/completions", {"prompt": GOOD, "stop_token_ids": [3, -1]},
+     bad_request("stop_token_ids", "must be non-negative integers, got [3, -1]")),
+    ("/v1/completions", {"prompt": []}, bad_request("prompt", "is empty; send at least one token")),
+    ("/v1/completions", {"prompt": [1, VOCAB]},
+     bad_request("prompt", "token id 100 is outside the vocabulary [0, 100)")),
+    ("/v1/completions", {"prompt": list(range(CONTEXT))},
+     bad_request("prompt", "64 tokens do not fit the model's context of 64 tokens; "
+                           "shorten the prompt")),
+    ("/v1/completions", {"prompt": "hello"},
+     bad_request("prompt", "this model has no tokenizer; send the prompt as token ids")),
+    ("/v1/completions", {"prompt": GOOD, "model": "gpt-4"},
+     bad_request("model", "'gpt-4' is not served here; use 'tiny' (/v1/models)")),
+    # Types and shapes: the schema.
+    ("/v1/completions", {"prompt": GOOD, "stop": ["a", 7]},
+     bad_request("stop[1]", "must be a string, got 7")),
+    ("/v1/completions", {"prompt": GOOD, "stream_options": {"include_usage": "yes"}},
+     bad_request("stream_options.include_usage", 'must be true or false, got "yes"')),
+    ("/v1/chat/completions", {"messages": [*MSGS, {"role": "user", "content": 3}]},
+     bad_request("messages[1].content", "must be a string or a list of text parts")),
+    ("/v1/completions", b"[1, 2]", bad_request("body", "must be a JSON object")),
+    ("/v1/completions", b"{not json",
+     bad_request("body", "is not valid JSON: Expecting property name enclosed in double "
+                         "quotes: line 1 column 2 (char 1)")),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "answer"), HTTP_CASES)
+def test_http_refusals_are_400_naming_the_field(path: str, body: dict[str, Any] | bytes,
+                                                answer: tuple[int, Any]) -> None:
+    assert post(path, body) == answer
