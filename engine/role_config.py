@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from kvstore.hashing import DEFAULT_BLOCK_SIZE
 from pantry.common.errors import ConfigError
 
 DEFAULT_KV_CACHE_BYTES = 1 << 30
@@ -18,7 +19,7 @@ class EngineRoleConfig:
         default="127.0.0.1", metadata={"help": "address to serve gRPC and /metrics on"})
     port: int = field(default=0, metadata={"help": "gRPC port; 0 picks a free one"})
     block_size: int = field(
-        default=16,
+        default=DEFAULT_BLOCK_SIZE,
         metadata={"help": "tokens per KV block, a power of two; engines sharing blocks agree"})
     kv_cache_bytes: int = field(
         default=DEFAULT_KV_CACHE_BYTES,

@@ -14,6 +14,7 @@ from engine.config import ModelConfig
 from engine.errors import InvalidStep
 from engine.kv_cache import PagedKVCache
 from engine.loader import LoadedModel
+from kvstore.hashing import DEFAULT_BLOCK_SIZE
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,9 @@ class SeqStep:
 
 
 class ModelRunner:
-    def __init__(self, loaded: LoadedModel, *, num_blocks: int, block_size: int = 16) -> None:
+    def __init__(
+        self, loaded: LoadedModel, *, num_blocks: int, block_size: int = DEFAULT_BLOCK_SIZE
+    ) -> None:
         if block_size <= 0:
             raise ValueError(f"block_size must be positive, got {block_size}")
         self.loaded = loaded

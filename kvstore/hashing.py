@@ -19,6 +19,8 @@ from pantry.common.errors import ConfigError
 _ROOT_TAG = b"pantry-kv-v1\x00"
 _MAX_TOKEN = 2**32
 ALGORITHMS = ("xxh3_128", "sha256")
+# Tokens per addressed block unless a deployment says otherwise: the one place this is written.
+DEFAULT_BLOCK_SIZE = 16
 
 
 def make_namespace(fingerprint: str, tenant: str = "", salt: str = "") -> str:
@@ -46,7 +48,11 @@ class BlockHasher:
     """
 
     def __init__(
-        self, namespace: str, block_size: int = 16, seed: int = 0, algorithm: str = "xxh3_128"
+        self,
+        namespace: str,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        seed: int = 0,
+        algorithm: str = "xxh3_128",
     ) -> None:
         if block_size <= 0:
             raise ConfigError(f"block_size must be > 0, got {block_size}")

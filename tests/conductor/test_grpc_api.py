@@ -29,7 +29,7 @@ from conductor.requests import (
 )
 from pantry.common.errors import InvalidRequest
 from pantry.v1 import common_pb2, generation_pb2
-from tests.conductor.test_openai_protocol import CONTEXT, MODEL, VOCAB, offline_conductor
+from tests.conductor.offline import CONTEXT, MODEL, VOCAB, offline_conductor
 
 GOOD = [5, 6, 7]
 

@@ -13,10 +13,6 @@ import httpx
 import pytest
 from aiohttp import web
 
-from conductor.conductor import Conductor
-from conductor.config import ConductorConfig
-from conductor.engines import DecodeClient, PrefillClient
-from conductor.fleet import Fleet
 from conductor.http_api import create_app
 from conductor.openai_protocol import (
     ParsedRequest,
@@ -25,14 +21,9 @@ from conductor.openai_protocol import (
     parse_completion,
 )
 from conductor.requests import MAX_STOP_STRINGS, ChatMessage, GenerationRequest, Sampling
-from conductor.scheduler import EngineState
-from kvstore.client import KVStoreClient
-from pantry.common.engine_info import EngineDescription
 from pantry.common.errors import InvalidRequest
+from tests.conductor.offline import CONTEXT, VOCAB, offline_conductor
 
-VOCAB = 100
-CONTEXT = 64
-MODEL = "tiny"
 MSGS = [{"role": "user", "content": "hi"}]
 
 
@@ -296,20 +287,6 @@ def test_param_of_pydantic_locations(loc: tuple[str | int, ...], param: str) -> 
 
 
 # ---- through a real HTTP server: ranges are the conductor's ------------------------------------
-
-def offline_conductor() -> Conductor:
-    """A real Conductor whose engines and pool are never reached: requests it refuses are
-    refused before it calls them. Call inside a running event loop (grpc.aio channels)."""
-    config = ConductorConfig(model="unused", kv_master="127.0.0.1:9", prefill=("127.0.0.1:9",),
-                             decode=("127.0.0.1:9",))
-    info = EngineDescription(role="prefill", engine_id="p0", model_id=MODEL, fingerprint="f",
-                             block_size=4, vocab_size=VOCAB, max_model_len=CONTEXT,
-                             eos_token_ids=(2,), hash_seed=0)
-    fleet = Fleet([EngineState(PrefillClient("127.0.0.1:9", 1.0), info)],
-                  [EngineState(DecodeClient("127.0.0.1:9", 1.0), info)],
-                  KVStoreClient("127.0.0.1:9"))
-    return Conductor(config, None, fleet)
-
 
 @pytest.mark.parametrize(("field", "asked", "message"), [
     ("max_completion_tokens", 0, "must be at least 1, got 0"),
