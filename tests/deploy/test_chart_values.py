@@ -1,0 +1,101 @@
+"""Bad values fail `helm template` with a message naming the value: the schema's checks, and the
+gates on what the code cannot do yet."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.deploy.chart_rig import template
+
+SCHEMA_ERROR = ("Error: values don't meet the specifications of the schema(s) in the following "
+                "chart(s):\npantry:\n")
+BAD_VALUES = {
+    "zero prefill engines": (
+        ["prefill.replicas=0"], "- at '/prefill/replicas': minimum: got 0, want 1"),
+    "zero decode engines": (
+        ["decode.replicas=0"], "- at '/decode/replicas': minimum: got 0, want 1"),
+    "zero storage nodes": (
+        ["kvstore.node.replicas=0"], "- at '/kvstore/node/replicas': minimum: got 0, want 1"),
+    "no model source": (["model.source=null"], "- at '/model': missing property 'source'"),
+    "unknown model source": (
+        ['model.source="s3"'],
+        "- at '/model/source': value must be one of 'embedded', 'pvc', 'hostPath'"),
+    "pvc without a claim": (
+        ['model={"source": "pvc", "path": "m", "pvc": {"claimName": ""}}'],
+        "- at '/model': 'allOf' failed\n"
+        "  - at '/model/pvc/claimName': minLength: got 0, want 1"),
+    "pvc without a path": (
+        ['model={"source": "pvc", "path": "", "pvc": {"claimName": "models"}}'],
+        "- at '/model': 'allOf' failed\n  - at '/model/path': minLength: got 0, want 1"),
+    "relative hostPath": (
+        ['model={"source": "hostPath", "path": "m", "hostPath": {"path": "srv"}}'],
+        "- at '/model': 'allOf' failed\n"
+        "  - at '/model/hostPath/path': 'srv' does not match pattern '^/'"),
+    "negative memory size": (
+        ['kvstore.node.dram="-1Gi"'],
+        "- at '/kvstore/node/dram': '-1Gi' does not match pattern '^[1-9][0-9]*(Ki|Mi|Gi)?$'"),
+    "unparsable memory size": (
+        ['prefill.kvCacheBytes="lots"'],
+        "- at '/prefill/kvCacheBytes': 'lots' does not match pattern "
+        "'^[1-9][0-9]*(Ki|Mi|Gi)?$'"),
+    "fractional memory size": (
+        ['decode.kvCacheBytes="1.5Gi"'],
+        "- at '/decode/kvCacheBytes': '1.5Gi' does not match pattern "
+        "'^[1-9][0-9]*(Ki|Mi|Gi)?$'"),
+    "unknown transport": (
+        ['kvstore.transport="rdma"'],
+        "- at '/kvstore/transport': value must be one of 'tcp', 'grpc', 'shm'"),
+    "misspelt key": (
+        ["prefill.replica=2"], "- at '/prefill': additional properties 'replica' not allowed"),
+}
+GATED = {
+    "redis metadata": (
+        ['kvstore.master.metadata="redis"'],
+        "kvstore.master.metadata: 'redis' needs the Redis metadata backend (pool issue); "
+        "`kvstore master` accepts only 'memory' today"),
+    "external redis": (
+        ['redis.url="redis://redis:6379/0"'],
+        "redis.url: an external Redis needs the Redis metadata backend (pool issue); "
+        "`kvstore master` accepts only 'memory' today"),
+    "standby master": (
+        ["kvstore.master.standby.enabled=true"],
+        "kvstore.master.standby.enabled: a standby master needs the pool issue's leader "
+        "election on Redis; not in `kvstore master` today"),
+    "ssd tier": (
+        ["kvstore.node.ssd.enabled=true"],
+        "kvstore.node.ssd.enabled: the SSD tier needs `kvstore node --ssd-dir` (pool issue); "
+        "not in the CLI today"),
+    "service token": (
+        ["auth.enabled=true"],
+        "auth.enabled: the service token needs `--token-file` on the kvstore and pantry "
+        "commands (pool issue); not in the CLIs today"),
+    "watermarks": (
+        ["kvstore.master.lowWatermark=0.95"],
+        "kvstore.master.lowWatermark: 0.95 is above kvstore.master.highWatermark 0.9; "
+        "eviction brings use down to the low mark"),
+}
+
+
+@pytest.fixture(scope="module")
+def helm_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("helm")
+
+
+@pytest.mark.parametrize("case", list(BAD_VALUES))
+def test_bad_value_fails_with_a_message_naming_it(case: str, helm_home: Path) -> None:
+    set_json, message = BAD_VALUES[case]
+    proc = template(helm_home, set_json=set_json)
+    assert (proc.returncode, proc.stdout) == (1, "")
+    assert proc.stderr.strip() == SCHEMA_ERROR + message
+
+
+@pytest.mark.parametrize("case", list(GATED))
+def test_what_the_code_lacks_fails_naming_the_value(case: str, helm_home: Path) -> None:
+    set_json, message = GATED[case]
+    proc = template(helm_home, set_json=set_json)
+    assert (proc.returncode, proc.stdout) == (1, "")
+    (first, *_rest) = proc.stderr.splitlines()
+    assert first.startswith("Error: execution error at (pantry/templates/gates.yaml:"), first
+    assert first.split("): ", 1)[1] == message
