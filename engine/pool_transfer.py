@@ -16,7 +16,7 @@ import grpc
 import torch
 import xxhash
 
-from kvstore.block_object import decode_block, encode_block
+from kvstore.block_object import BlockLayout, BlockObject, encoded_size
 from kvstore.client import KVStoreClient
 from kvstore.errors import KVStoreError
 
@@ -65,6 +65,7 @@ class PoolTransfer:
             cache.k.shape[3],
             cache.k.shape[4],
         )
+        self._layout = BlockLayout(fingerprint, self._dtype_name, self._shape)
 
     def load(self, keys: Sequence[str], block_ids: Sequence[int]) -> int:
         """Copies the longest run of leading blocks found intact in the pool into `block_ids`.
@@ -93,20 +94,21 @@ class PoolTransfer:
             match = self._client.match_prefix(list(keys))
             if match.matched == 0:
                 return 0, 0
-            blobs = self._client.get_many(list(keys[: match.matched]))
+            # The client checks each object's key, layout, length and checksum.
+            fetched = self._client.get_objects(list(keys[: match.matched]), self._layout)
         except (grpc.RpcError, KVStoreError) as exc:
             # The pool being unreachable costs speed, never an answer: compute instead.
             log.warning("pool read failed, computing the prefix instead: %s", _reason(exc))
             return 0, 0
-        self._metrics.read_bytes.inc(sum(len(b) for b in blobs if b is not None))
+        self._metrics.read_bytes.inc(fetched.nbytes)
         loaded = 0
-        for blob, block_id in zip(blobs, block_ids, strict=False):
-            if blob is None:
-                break
-            tensor = self._to_tensor(blob)
-            if tensor is None:
+        for obj, why, block_id in zip(fetched.objects, fetched.rejected, block_ids,
+                                      strict=False):
+            if why is not None:
                 return loaded, 1
-            self._cache.write_block(block_id, tensor)
+            if obj is None:
+                break
+            self._cache.write_block(block_id, self._to_tensor(obj))
             loaded += 1
         return loaded, 0
 
@@ -118,12 +120,10 @@ class PoolTransfer:
         items = []
         for key, block_id in zip(keys, block_ids, strict=True):
             data = self._cache.read_block(block_id)
-            payload = data.numpy().tobytes()
-            blob = encode_block(self._fingerprint, self._dtype_name, self._shape, payload)
-            items.append((key, blob))
+            items.append((key, data.numpy().tobytes()))
         start = time.perf_counter()
         try:
-            stored = self._client.put_many(items)
+            stored = self._client.put_many(items, self._layout)
         except (grpc.RpcError, KVStoreError) as exc:
             log.warning("pool write failed, %d blocks not stored: %s", len(items), _reason(exc))
             stored = [False] * len(items)
@@ -131,15 +131,13 @@ class PoolTransfer:
             self._metrics.write_seconds.observe(time.perf_counter() - start)
         self._metrics.blocks_stored.inc(sum(stored))
         self._metrics.written_bytes.inc(
-            sum(len(blob) for (_, blob), ok in zip(items, stored, strict=True) if ok)
+            sum(encoded_size(self._fingerprint, self._dtype_name, self._shape, len(payload),
+                             len(key))
+                for (key, payload), ok in zip(items, stored, strict=True) if ok)
         )
         return sum(stored)
 
-    def _to_tensor(self, blob: bytes) -> torch.Tensor | None:
-        obj = decode_block(blob, expected_fingerprint=self._fingerprint)
-        if obj is None or tuple(obj.shape) != self._shape or obj.dtype != self._dtype_name:
-            log.warning("pool returned an unusable block object; treating it as a miss")
-            return None
+    def _to_tensor(self, obj: BlockObject) -> torch.Tensor:
         with warnings.catch_warnings():
             # Read-only is fine: the tensor is only copied into the cache, never written.
             warnings.filterwarnings("ignore", message=".*not writable.*")

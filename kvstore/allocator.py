@@ -4,11 +4,15 @@ Every object gets a slot whose size is the smallest power of two >= max(length, 
 Slots are carved on demand by splitting larger free blocks, and a freed slot merges with its
 free buddy, so space released by one size class is reusable by any other. Allocation takes the
 lowest free offset of the class, which keeps placement deterministic (tests assert offsets).
+
+The free blocks of each size are a sorted list, kept exact on every split and merge, so the
+allocator holds one entry per free block whatever the number of cycles it has been through.
 """
 
 from __future__ import annotations
 
-import heapq
+import bisect
+from collections.abc import Callable
 
 
 def slot_size(length: int, min_slot: int) -> int:
@@ -21,17 +25,16 @@ class BuddyAllocator:
         self.min_slot = min_slot
         self.capacity = capacity - capacity % min_slot
         self.used = 0
-        # Per block size: a set for membership (buddy merge) and a heap for lowest-offset-first;
-        # heap entries no longer in the set are stale and skipped lazily.
-        self._free: dict[int, set[int]] = {}
-        self._heap: dict[int, list[int]] = {}
+        self._free: dict[int, list[int]] = {}
         self._allocated: dict[int, int] = {}
         # A segment that is not a power of two is covered by descending power-of-two blocks,
         # each aligned to its own size, so buddy arithmetic (offset ^ size) stays valid.
+        self._tops: list[tuple[int, int]] = []
         offset = 0
         remaining = self.capacity
         while remaining >= min_slot:
             size = 1 << (remaining.bit_length() - 1)
+            self._tops.append((offset, size))
             self._push(size, offset)
             offset += size
             remaining -= size
@@ -40,34 +43,38 @@ class BuddyAllocator:
     def free_bytes(self) -> int:
         return self.capacity - self.used
 
-    def _push(self, size: int, offset: int) -> None:
-        self._free.setdefault(size, set()).add(offset)
-        heapq.heappush(self._heap.setdefault(size, []), offset)
+    @property
+    def free_blocks(self) -> int:
+        """Entries in the free index: exactly one per free block."""
+        return sum(len(v) for v in self._free.values())
 
-    def _pop(self, size: int) -> int | None:
-        free, heap = self._free.get(size), self._heap.get(size)
-        while heap:
-            off = heapq.heappop(heap)
-            if free is not None and off in free:
-                free.discard(off)
-                return off
-        return None
+    def _push(self, size: int, offset: int) -> None:
+        bisect.insort(self._free.setdefault(size, []), offset)
+
+    def _remove(self, size: int, offset: int) -> bool:
+        blocks = self._free.get(size)
+        if not blocks:
+            return False
+        i = bisect.bisect_left(blocks, offset)
+        if i == len(blocks) or blocks[i] != offset:
+            return False
+        del blocks[i]
+        return True
 
     def allocate(self, length: int) -> tuple[int, int] | None:
         """(offset, slot size) of a fresh slot for `length` bytes, or None when none fits."""
         size = slot_size(length, self.min_slot)
         candidates = sorted(s for s, blocks in self._free.items() if s >= size and blocks)
-        for block in candidates:
-            off = self._pop(block)
-            if off is None:
-                continue
-            while block > size:
-                block //= 2
-                self._push(block, off + block)
-            self._allocated[off] = size
-            self.used += size
-            return off, size
-        return None
+        if not candidates:
+            return None
+        block = candidates[0]
+        off = self._free[block].pop(0)
+        while block > size:
+            block //= 2
+            self._push(block, off + block)
+        self._allocated[off] = size
+        self.used += size
+        return off, size
 
     def free(self, offset: int) -> None:
         size = self._allocated.pop(offset)
@@ -76,12 +83,51 @@ class BuddyAllocator:
         # another size: top-level blocks of a non-power-of-two segment have no buddy.
         while True:
             buddy = offset ^ size
-            free = self._free.get(size)
-            if free is None or buddy not in free or buddy + size > self.capacity:
+            if buddy + size > self.capacity or min(offset, buddy) % (2 * size) != 0:
                 break
-            if min(offset, buddy) % (2 * size) != 0:
+            if not self._remove(size, buddy):
                 break
-            free.discard(buddy)
             offset = min(offset, buddy)
             size *= 2
         self._push(size, offset)
+
+    def slot_at(self, offset: int) -> int | None:
+        """Size of the allocated slot at `offset`, None when no slot starts there."""
+        return self._allocated.get(offset)
+
+    def covering(self, offset: int, length: int) -> bool:
+        """Whether [offset, offset + length) lies inside one allocated slot."""
+        size = self._allocated.get(offset)
+        return size is not None and length <= size
+
+    def eviction_plan(self, length: int, candidates: list[int],
+                      evictable: Callable[[int], bool]) -> list[int] | None:
+        """Slots (offsets) whose freeing makes room for `length` bytes, or None when none does.
+
+        Considers, in the order of `candidates` (allocated offsets, e.g. least recently used
+        first), the aligned block of the needed size around each; the first block whose
+        allocated slots are all `evictable` is the plan. Everything else is left alone: the
+        plan frees exactly one block, so an allocation never evicts objects it cannot use.
+        """
+        size = slot_size(length, self.min_slot)
+        seen: set[int] = set()
+        ordered = sorted(self._allocated)
+        for start in candidates:
+            slot = self._allocated.get(start)
+            if slot is None:
+                continue
+            base = start if slot >= size else start - start % size
+            span = max(slot, size)
+            if base in seen or not self._inside_top(base, span):
+                continue
+            seen.add(base)
+            lo = bisect.bisect_left(ordered, base)
+            hi = bisect.bisect_left(ordered, base + span)
+            victims = ordered[lo:hi]
+            if all(evictable(v) for v in victims):
+                return victims
+        return None
+
+    def _inside_top(self, offset: int, size: int) -> bool:
+        return any(top <= offset and offset + size <= top + tsize and size <= tsize
+                   for top, tsize in self._tops)

@@ -1,10 +1,16 @@
-"""The stored block object: a small self-describing header followed by the KV payload.
+"""The stored object: a self-describing header that names its key and layout, then the payload.
 
-Layout (little-endian):
-    fixed  "<4sHHHHIQQ": magic b"PKV1", format version, fingerprint length, dtype length, ndim,
-           header length (bytes, multiple of 64), payload length, xxh3_64 of the payload
-    then   fingerprint (utf-8), dtype (ascii), shape (ndim x u64), zero padding to header length
+Layout (little-endian), format version 2:
+    fixed  "<4sHHHHHIQQ": magic b"PKV1", format version, fingerprint length, dtype length,
+           key length, ndim, header length (bytes, multiple of 64), payload length,
+           xxh3_64 of the payload
+    then   fingerprint (utf-8), dtype (ascii), key (ascii), shape (ndim x u64),
+           zero padding to header length
     then   payload
+
+The object records the key it was written for, so bytes that reach a reader under another key
+(a slot reused after a lease ran out, a late writer, a node that restarted) are refused, never
+returned; a node could also tell from its segment alone which objects it holds.
 
 The header is padded to 64 bytes so the payload of an object placed at an aligned offset is
 itself aligned, which lets readers view it as a tensor without a copy.
@@ -12,92 +18,149 @@ itself aligned, which lets readers view it as a tensor without a copy.
 
 from __future__ import annotations
 
+import enum
 import struct
 from dataclasses import dataclass
 
 import xxhash
 
 MAGIC = b"PKV1"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 HEADER_ALIGN = 64
-_FIXED = struct.Struct("<4sHHHHIQQ")
+_FIXED = struct.Struct("<4sHHHHHIQQ")
 _MAX_SHORT = 0xFFFF
+# Pool block keys are the hex of a 128-bit xxh3 digest (kvstore.hashing's default algorithm).
+BLOCK_KEY_CHARS = 32
+# The layout of an object stored as plain bytes (`kvstore put`, callers that state none).
+RAW_FINGERPRINT = ""
+RAW_DTYPE = "uint8"
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """What the payload's bytes mean: the producer's layout fingerprint, element type, shape.
+
+    A reader that states the layout it expects gets only objects written with exactly it."""
+
+    fingerprint: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @staticmethod
+    def raw(nbytes: int) -> BlockLayout:
+        return BlockLayout(RAW_FINGERPRINT, RAW_DTYPE, (nbytes,))
 
 
 @dataclass(frozen=True)
 class BlockObject:
+    key: str
     fingerprint: str
     dtype: str
     shape: tuple[int, ...]
     payload: memoryview | bytes
 
+    @property
+    def layout(self) -> BlockLayout:
+        return BlockLayout(self.fingerprint, self.dtype, self.shape)
 
-def _header_len(fp_len: int, dtype_len: int, ndim: int) -> int:
-    raw = _FIXED.size + fp_len + dtype_len + 8 * ndim
+
+class Rejection(enum.Enum):
+    """Why bytes read for a key are not that key's object (the label of the client's metric)."""
+
+    FORMAT = "format"      # not an object of this format: magic, version or header damaged
+    LENGTH = "length"      # the header's lengths do not add up to the bytes read
+    KEY = "key"            # an intact object, written for another key
+    LAYOUT = "layout"      # an intact object of another layout than the reader expects
+    CHECKSUM = "checksum"  # the payload is not what was written
+
+
+def _header_len(fp_len: int, dtype_len: int, key_len: int, ndim: int) -> int:
+    raw = _FIXED.size + fp_len + dtype_len + key_len + 8 * ndim
     return -(-raw // HEADER_ALIGN) * HEADER_ALIGN
 
 
-def _encode_header(fingerprint: str, dtype: str, shape: tuple[int, ...], payload_nbytes: int,
-                   checksum: int) -> bytes:
-    fp = fingerprint.encode("utf-8")
-    dt = dtype.encode("ascii")
-    if len(fp) > _MAX_SHORT or len(dt) > _MAX_SHORT or len(shape) > _MAX_SHORT:
-        raise ValueError("fingerprint, dtype and shape must each be shorter than 65536")
+def _encode_header(key: str, layout: BlockLayout, payload_nbytes: int, checksum: int) -> bytes:
+    fp = layout.fingerprint.encode("utf-8")
+    dt = layout.dtype.encode("ascii")
+    kb = key.encode("ascii")
+    shape = layout.shape
+    if max(len(fp), len(dt), len(kb), len(shape)) > _MAX_SHORT:
+        raise ValueError("key, fingerprint, dtype and shape must each be shorter than 65536")
     if any(d < 0 for d in shape):
         raise ValueError(f"shape dimensions must be >= 0, got {shape}")
-    hlen = _header_len(len(fp), len(dt), len(shape))
+    hlen = _header_len(len(fp), len(dt), len(kb), len(shape))
     head = (
-        _FIXED.pack(MAGIC, FORMAT_VERSION, len(fp), len(dt), len(shape), hlen, payload_nbytes,
-                    checksum)
-        + fp
-        + dt
+        _FIXED.pack(MAGIC, FORMAT_VERSION, len(fp), len(dt), len(kb), len(shape), hlen,
+                    payload_nbytes, checksum)
+        + fp + dt + kb
         + struct.pack(f"<{len(shape)}Q", *shape)
     )
     return head + b"\x00" * (hlen - len(head))
 
 
-def encoded_size(fingerprint: str, dtype: str, shape: tuple[int, ...], payload_nbytes: int) -> int:
+def encoded_size(fingerprint: str, dtype: str, shape: tuple[int, ...], payload_nbytes: int,
+                 key_chars: int = BLOCK_KEY_CHARS) -> int:
     """Size in bytes of the encoded object, without building it (for allocation)."""
     fp_len = len(fingerprint.encode("utf-8"))
-    return _header_len(fp_len, len(dtype.encode("ascii")), len(shape)) + payload_nbytes
+    return (_header_len(fp_len, len(dtype.encode("ascii")), key_chars, len(shape))
+            + payload_nbytes)
 
 
-def encode_block(
-    fingerprint: str, dtype: str, shape: tuple[int, ...], payload: bytes | memoryview
-) -> bytes:
+def encode_object(key: str, layout: BlockLayout, payload: bytes | memoryview) -> bytes:
     view = memoryview(payload).cast("B")
-    header = _encode_header(fingerprint, dtype, tuple(shape), view.nbytes,
-                            xxhash.xxh3_64_intdigest(view))
-    return header + view
+    return _encode_header(key, layout, view.nbytes, xxhash.xxh3_64_intdigest(view)) + view
 
 
-def decode_block(
-    data: bytes | memoryview, expected_fingerprint: str | None = None
-) -> BlockObject | None:
-    """Parse and verify an object; None when it is not exactly a valid, intact object.
+def encode_block(fingerprint: str, dtype: str, shape: tuple[int, ...],
+                 payload: bytes | memoryview, *, key: str) -> bytes:
+    return encode_object(key, BlockLayout(fingerprint, dtype, tuple(shape)), payload)
 
-    The payload of the result is a zero-copy view into `data`.
-    """
+
+def check_object(data: bytes | memoryview, key: str | None,
+                 layout: BlockLayout | None = None) -> BlockObject | Rejection:
+    """The object in `data` when it is exactly an intact object written for `key` (any key when
+    None) with `layout` (any when None); otherwise why not. The payload is a view into `data`.
+
+    The cheap checks come first, so bytes of another key are refused without hashing them."""
     view = memoryview(data).cast("B")
     if view.nbytes < _FIXED.size:
-        return None
-    magic, version, fp_len, dt_len, ndim, hlen, plen, checksum = _FIXED.unpack_from(view, 0)
+        return Rejection.FORMAT
+    magic, version, fp_len, dt_len, key_len, ndim, hlen, plen, checksum = _FIXED.unpack_from(
+        view, 0)
     if magic != MAGIC or version != FORMAT_VERSION:
-        return None
-    if hlen != _header_len(fp_len, dt_len, ndim) or hlen + plen != view.nbytes:
-        return None
+        return Rejection.FORMAT
+    if hlen != _header_len(fp_len, dt_len, key_len, ndim):
+        return Rejection.FORMAT
+    if hlen + plen != view.nbytes:
+        return Rejection.LENGTH
     pos = _FIXED.size
     try:
         fingerprint = bytes(view[pos : pos + fp_len]).decode("utf-8")
         pos += fp_len
         dtype = bytes(view[pos : pos + dt_len]).decode("ascii")
+        pos += dt_len
+        stored_key = bytes(view[pos : pos + key_len]).decode("ascii")
+        pos += key_len
     except UnicodeDecodeError:
-        return None
-    pos += dt_len
-    shape = struct.unpack_from(f"<{ndim}Q", view, pos)
-    if expected_fingerprint is not None and fingerprint != expected_fingerprint:
-        return None
+        return Rejection.FORMAT
+    if key is not None and stored_key != key:
+        return Rejection.KEY
+    shape = tuple(struct.unpack_from(f"<{ndim}Q", view, pos))
+    if layout is not None and (fingerprint, dtype, shape) != (layout.fingerprint, layout.dtype,
+                                                               layout.shape):
+        return Rejection.LAYOUT
     payload = view[hlen:]
     if xxhash.xxh3_64_intdigest(payload) != checksum:
+        return Rejection.CHECKSUM
+    return BlockObject(stored_key, fingerprint, dtype, shape, payload)
+
+
+def decode_block(data: bytes | memoryview, key: str | None,
+                 expected_fingerprint: str | None = None) -> BlockObject | None:
+    """`check_object` for callers that only need yes or no; None for any rejection."""
+    got = check_object(data, key)
+    if isinstance(got, Rejection):
         return None
-    return BlockObject(fingerprint=fingerprint, dtype=dtype, shape=tuple(shape), payload=payload)
+    if expected_fingerprint is not None and got.fingerprint != expected_fingerprint:
+        return None
+    return got

@@ -14,6 +14,8 @@ from pantry.common.config_flags import KIB, MIB
 from pantry.common.errors import ConfigError
 
 DEFAULT_MAX_OBJECT_BYTES = 64 * MIB
+# A 128k-token prompt is 8,192 blocks of 16: room for that, and a bound on one request's work.
+DEFAULT_MAX_KEYS_PER_REQUEST = 16_384
 # gRPC frames carry a little more than the payload; the slack keeps a max-size object sendable.
 MESSAGE_SLACK_BYTES = 1 * MIB
 
@@ -56,11 +58,14 @@ class MasterConfig:
         "help": "seconds between sweeps for silent nodes, abandoned puts and expired leases"})
     metadata_backend: str = field(default="memory", metadata={
         "help": "where object records live (only 'memory' for now)"})
+    max_keys_per_request: int = field(default=DEFAULT_MAX_KEYS_PER_REQUEST, metadata={
+        "help": "most keys one request may name (more: RESOURCE_EXHAUSTED)"})
     max_workers: int = field(default=16, metadata={"help": "gRPC server threads"})
 
     def __post_init__(self) -> None:
         _port("port", self.port)
         _port("metrics_port", self.metrics_port)
+        _positive("max_keys_per_request", self.max_keys_per_request)
         _positive("node_timeout_s", self.node_timeout_s)
         _positive("put_timeout_s", self.put_timeout_s)
         _positive("lease_ms", self.lease_ms)
@@ -102,6 +107,11 @@ class NodeConfig:
         "size": True, "help": "largest object a write may carry"})
     prefault: bool = field(default=True, metadata={
         "help": "touch every page of the segment at start"})
+    max_ops_per_request: int = field(default=DEFAULT_MAX_KEYS_PER_REQUEST, metadata={
+        "help": "most reads or writes one request may carry (more: RESOURCE_EXHAUSTED)"})
+    max_request_bytes: int = field(default=256 * MIB, metadata={
+        "size": True, "help": "most bytes one request may read or write (more: "
+                              "RESOURCE_EXHAUSTED); never below max_object_bytes"})
     max_workers: int = field(default=16, metadata={"help": "gRPC server threads"})
     # None turns the bulk TCP transport off (the CLI's --no-tcp).
     tcp_port: int | None = field(default=0, metadata={
@@ -122,6 +132,13 @@ class NodeConfig:
         _positive("heartbeat_s", self.heartbeat_s)
         _positive("max_object_bytes", self.max_object_bytes)
         _positive("max_workers", self.max_workers)
+        _positive("max_ops_per_request", self.max_ops_per_request)
+        _positive("max_request_bytes", self.max_request_bytes)
+
+    @property
+    def request_bytes_limit(self) -> int:
+        """Bytes one request may move: one largest object always fits."""
+        return max(self.max_request_bytes, self.max_object_bytes)
 
     @property
     def max_message_bytes(self) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pantry.common.errors import InvalidRequest
+
 
 class KVStoreError(Exception):
     """Base class of every expected kvstore failure."""
@@ -21,3 +23,16 @@ class InvalidTokenError(KVStoreError, ValueError):
 
 class SegmentError(KVStoreError):
     """A read or write falls outside a node's shared-memory segment."""
+
+
+class InvalidKeyError(KVStoreError, InvalidRequest):
+    """A key is empty, too long or has characters outside the key syntax (INVALID_ARGUMENT)."""
+
+
+class RequestTooLargeError(KVStoreError):
+    """A request carries more keys, reads or bytes than the pool's limits (RESOURCE_EXHAUSTED);
+    the message names the limit."""
+
+
+class StaleEpochError(KVStoreError):
+    """A request names a node registration (epoch) that is not the node's current one."""

@@ -2,12 +2,17 @@
 
 Metadata only: the master hands out (node, offset, length) and never touches object bytes.
 All methods are thread-safe (one lock; every operation is short and in memory).
+
+Every registration of a node opens a new epoch, carried in each of its locations, with a new
+key for the write grants the node checks; every put gets a token that alone can seal or abort
+it. A put that needs room evicts exactly the objects of one block that makes room, or nothing.
 """
 
 from __future__ import annotations
 
 import enum
 import logging
+import secrets
 import threading
 import time
 from collections import OrderedDict
@@ -17,6 +22,7 @@ from dataclasses import dataclass, field, replace
 from kvstore.allocator import BuddyAllocator
 from kvstore.config import MasterConfig
 from kvstore.errors import UnknownNodeError
+from kvstore.grants import WriteGrant, new_grant_key, sign
 from kvstore.metadata import (
     MetadataBackend,
     NodeInfo,
@@ -43,6 +49,15 @@ class PutGrant:
     key: str
     outcome: PutOutcome
     location: ObjectMeta | None = None
+    grant: WriteGrant | None = None
+
+
+@dataclass(frozen=True)
+class Registration:
+    """What a node gets for registering: its epoch and the key of that epoch's write grants."""
+
+    epoch: int
+    grant_key: bytes
 
 
 @dataclass(frozen=True)
@@ -62,9 +77,12 @@ class _Node:
     info: NodeInfo
     allocator: BuddyAllocator
     last_heartbeat: float
-    # Sealed keys of this node, least recently used first.
-    lru: OrderedDict[str, None] = field(default_factory=OrderedDict)
+    grant_key: bytes
+    # Sealed keys of this node and their offsets, least recently used first.
+    lru: OrderedDict[str, int] = field(default_factory=OrderedDict)
     keys: set[str] = field(default_factory=set)
+    # The key of every live slot (sealed or pending); zombie slots are not in it.
+    by_offset: dict[int, str] = field(default_factory=dict)
 
 
 class Master:
@@ -73,10 +91,16 @@ class Master:
         config: MasterConfig | None = None,
         backend: MetadataBackend | None = None,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config or MasterConfig()
         self._backend = backend or create_backend(self.config.metadata_backend)
         self._clock = clock
+        self._wall = wall_clock
+        # Epochs grow across master restarts too (they start from the time), so a location
+        # from before a restart never names a registration that exists after it.
+        self._last_epoch = 0
+        self.membership = 0
         self._lock = threading.RLock()
         self._nodes: dict[str, _Node] = {}
         self._leases: dict[str, float] = {}
@@ -92,21 +116,27 @@ class Master:
 
     # ---- membership -------------------------------------------------------------------------
 
-    def register_node(self, info: NodeInfo) -> None:
+    def register_node(self, info: NodeInfo) -> Registration:
         with self._lock:
             if info.node_id in self._nodes:
                 # A re-registration means the node restarted or we dropped it: its old slots
                 # are meaningless now.
                 self._drop_node(info.node_id, reason="re-registered")
+            self._last_epoch = max(self._last_epoch + 1, time.time_ns() // 1000)
+            info = replace(info, epoch=self._last_epoch)
             alloc = BuddyAllocator(info.segment_size, self.config.min_slot_bytes)
-            self._nodes[info.node_id] = _Node(info, alloc, self._clock())
-            log.info("node %s registered (host %s, %s, %d bytes)", info.node_id, info.host_id,
-                     info.address, info.segment_size)
+            key = new_grant_key()
+            self._nodes[info.node_id] = _Node(info, alloc, self._clock(), key)
+            self.membership += 1
+            log.info("node %s registered (host %s, %s, %d bytes, epoch %d)", info.node_id,
+                     info.host_id, info.address, info.segment_size, info.epoch)
+            return Registration(info.epoch, key)
 
-    def heartbeat(self, node_id: str) -> bool:
+    def heartbeat(self, node_id: str, epoch: int) -> bool:
+        """False when `epoch` is not the node's current registration: it must register again."""
         with self._lock:
             node = self._nodes.get(node_id)
-            if node is None:
+            if node is None or node.info.epoch != epoch:
                 return False
             node.last_heartbeat = self._clock()
             return True
@@ -124,6 +154,7 @@ class Master:
             self._leases.pop(key, None)
             self._pending.discard(key)
         self._zombies = [z for z in self._zombies if z[0] != node_id]
+        self.membership += 1
         log.warning("node %s dropped (%s) with %d objects", node_id, reason, len(node.keys))
 
     # ---- two-phase put ----------------------------------------------------------------------
@@ -151,14 +182,19 @@ class Master:
                     grants.append(PutGrant(key, PutOutcome.NO_SPACE))
                     continue
                 node, offset, slot = placed
+                token = secrets.randbits(63) + 1
                 meta = ObjectMeta(key, node.info.node_id, offset, size, slot,
-                                  ObjectState.PENDING, now + self.config.put_timeout_s)
+                                  ObjectState.PENDING, now + self.config.put_timeout_s,
+                                  node.info.epoch, token)
                 self._backend.put(meta)
                 self._pending.add(key)
                 self.puts_started += 1
                 node.keys.add(key)
+                node.by_offset[offset] = key
                 touched.add(node.info.node_id)
-                grants.append(PutGrant(key, PutOutcome.ALLOCATED, meta))
+                expires = int((self._wall() + self.config.put_timeout_s) * 1000)
+                grant = sign(node.grant_key, offset, size, node.info.epoch, token, expires)
+                grants.append(PutGrant(key, PutOutcome.ALLOCATED, meta, grant))
             for node_id in touched:
                 self._enforce_watermark(self._nodes[node_id])
         return grants
@@ -181,14 +217,18 @@ class Master:
         return None
 
     def _allocate_evicting(self, node: _Node, size: int) -> tuple[int, int] | None:
-        for key in list(node.lru):
-            if not self._evictable(key):
-                continue
-            self._evict(node, key)
-            got = node.allocator.allocate(size)
-            if got is not None:
-                return got
-        return None
+        def evictable(offset: int) -> bool:
+            key = node.by_offset.get(offset)
+            return key is not None and key in node.lru and self._evictable(key)
+
+        plan = node.allocator.eviction_plan(size, list(node.lru.values()), evictable)
+        if plan is None:
+            return None
+        for offset in plan:
+            self._evict(node, node.by_offset[offset])
+        got = node.allocator.allocate(size)
+        assert got is not None, "an eviction plan frees a whole block of the needed size"
+        return got
 
     def _evictable(self, key: str) -> bool:
         until = self._leases.get(key)
@@ -199,6 +239,7 @@ class Master:
         assert meta is not None and meta.state is ObjectState.SEALED, f"evicting {key}"
         node.lru.pop(key, None)
         node.keys.discard(key)
+        node.by_offset.pop(meta.offset, None)
         self._leases.pop(key, None)
         node.allocator.free(meta.offset)
         self.evictions += 1
@@ -214,28 +255,32 @@ class Master:
             if self._evictable(key):
                 self._evict(node, key)
 
-    def put_end(self, keys: Sequence[str]) -> list[bool]:
+    def put_end(self, tickets: Sequence[tuple[str, int]]) -> list[bool]:
+        """Seal each (key, token) put; True only for the put that token was granted for (again
+        True when that same put is already sealed). A reclaimed put's token seals nothing."""
         out: list[bool] = []
         with self._lock:
-            for key in keys:
+            for key, token in tickets:
                 meta = self._backend.get(key)
-                if meta is None or meta.node_id not in self._nodes:
+                if meta is None or meta.token != token or meta.node_id not in self._nodes:
                     out.append(False)
                     continue
                 if meta.state is ObjectState.PENDING:
                     self._backend.put(replace(meta, state=ObjectState.SEALED, deadline=0.0))
-                    self._nodes[meta.node_id].lru[key] = None
+                    self._nodes[meta.node_id].lru[key] = meta.offset
                     self._pending.discard(key)
                     self.puts += 1
                 out.append(True)
         return out
 
-    def put_abort(self, keys: Sequence[str]) -> int:
+    def put_abort(self, tickets: Sequence[tuple[str, int]]) -> int:
+        """Give up the pending puts of these (key, token) pairs; others are left alone."""
         n = 0
         with self._lock:
-            for key in keys:
+            for key, token in tickets:
                 meta = self._backend.get(key)
-                if meta is not None and meta.state is ObjectState.PENDING:
+                if (meta is not None and meta.state is ObjectState.PENDING
+                        and meta.token == token):
                     self._delete(meta)
                     n += 1
             self.puts_aborted += n
@@ -247,6 +292,7 @@ class Master:
         node = self._nodes[meta.node_id]
         node.lru.pop(meta.key, None)
         node.keys.discard(meta.key)
+        node.by_offset.pop(meta.offset, None)
         until = self._leases.pop(meta.key, None)
         if until is not None and until > self._clock():
             self._zombies.append((meta.node_id, meta.offset, until))
@@ -352,6 +398,7 @@ class Master:
                 used_bytes=sum(n.used_bytes for n in nodes),
                 objects=self._backend.count(),
                 hits=self.hits, misses=self.misses, evictions=self.evictions, puts=self.puts,
+                membership=self.membership,
             )
 
     def stats(self) -> MasterStats:

@@ -12,11 +12,13 @@ from typing import TypeVar
 import grpc
 
 from kvstore.config import MasterConfig
-from kvstore.errors import UnknownNodeError
+from kvstore.errors import InvalidKeyError, RequestTooLargeError, UnknownNodeError
+from kvstore.limits import check_keys
 from kvstore.master import Master, PutOutcome
 from kvstore.metadata import ObjectMeta
 from kvstore.metrics import MasterMetrics
 from kvstore.wire import (
+    grant_to_proto,
     location_to_proto,
     node_from_proto,
     node_to_proto,
@@ -46,13 +48,20 @@ Handler = Callable[["MasterServicer", Req, grpc.ServicerContext], Resp]
 
 
 def _timed(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
-    """Observes the RPC's latency, labelled with its name, whether it answers or aborts."""
+    """Observes the RPC's latency, labelled with its name, whether it answers or aborts; a
+    request over the limits is refused with the status that names it."""
 
     @functools.wraps(method)
     def timed(self: MasterServicer, request: Req, context: grpc.ServicerContext) -> Resp:
         start = time.perf_counter()
         try:
             return method(self, request, context)
+        except InvalidKeyError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            raise  # abort raised already; this line only tells type checkers
+        except RequestTooLargeError as e:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+            raise
         finally:
             self.rpc_seconds.labels(method.__name__).observe(time.perf_counter() - start)
 
@@ -63,6 +72,15 @@ class MasterServicer(pb_grpc.KVMasterServicer):
     def __init__(self, master: Master, metrics: MasterMetrics) -> None:
         self.master = master
         self.rpc_seconds = metrics.rpc_seconds
+
+    def _keys(self, keys: Iterable[str], field: str = "keys") -> list[str]:
+        keys = list(keys)
+        check_keys(keys, self.master.config.max_keys_per_request, field)
+        return keys
+
+    def _tickets(self, request: pb.PutFinishRequest) -> list[tuple[str, int]]:
+        self._keys((p.key for p in request.puts), "puts")
+        return [(p.key, p.token) for p in request.puts]
 
     def _nodes_of(self, metas: Iterable[ObjectMeta | None]) -> list[pb.NodeInfo]:
         out = []
@@ -79,64 +97,72 @@ class MasterServicer(pb_grpc.KVMasterServicer):
                      context: grpc.ServicerContext) -> pb.RegisterNodeResponse:
         if not request.node.node_id or not request.node.address:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "node_id and address are required")
-        self.master.register_node(node_from_proto(request.node))
-        return pb.RegisterNodeResponse(node_timeout_s=self.master.config.node_timeout_s)
+        reg = self.master.register_node(node_from_proto(request.node))
+        return pb.RegisterNodeResponse(node_timeout_s=self.master.config.node_timeout_s,
+                                       epoch=reg.epoch, grant_key=reg.grant_key)
 
     @_timed
     def Heartbeat(self, request: pb.HeartbeatRequest,
                   context: grpc.ServicerContext) -> pb.HeartbeatResponse:
-        return pb.HeartbeatResponse(known=self.master.heartbeat(request.node_id))
+        return pb.HeartbeatResponse(known=self.master.heartbeat(request.node_id, request.epoch))
 
     @_timed
     def PutStart(self, request: pb.PutStartRequest,
                  context: grpc.ServicerContext) -> pb.PutStartResponse:
         if len(request.keys) != len(request.sizes):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "keys and sizes differ in length")
-        grants = self.master.put_start(request.keys, request.sizes, request.client_host_id)
+        keys = self._keys(request.keys)
+        grants = self.master.put_start(keys, request.sizes, request.client_host_id)
         slots = []
         for g in grants:
             slot = pb.PutSlot(state=_OUTCOME[g.outcome])
             if g.location is not None:
                 slot.location.CopyFrom(location_to_proto(g.location))
+            if g.grant is not None:
+                slot.grant.CopyFrom(grant_to_proto(g.grant))
             slots.append(slot)
         nodes = self._nodes_of(g.location for g in grants)
         return pb.PutStartResponse(slots=slots, nodes=nodes,
-                                   max_object_bytes=self.master.config.max_object_bytes)
+                                   max_object_bytes=self.master.config.max_object_bytes,
+                                   membership=self.master.membership)
 
     @_timed
-    def PutEnd(self, request: pb.KeysRequest, context: grpc.ServicerContext) -> pb.PutEndResponse:
-        return pb.PutEndResponse(sealed=self.master.put_end(request.keys))
+    def PutEnd(self, request: pb.PutFinishRequest,
+               context: grpc.ServicerContext) -> pb.PutEndResponse:
+        return pb.PutEndResponse(sealed=self.master.put_end(self._tickets(request)))
 
     @_timed
-    def PutAbort(self, request: pb.KeysRequest,
+    def PutAbort(self, request: pb.PutFinishRequest,
                  context: grpc.ServicerContext) -> pb.PutAbortResponse:
-        return pb.PutAbortResponse(aborted=self.master.put_abort(request.keys))
+        return pb.PutAbortResponse(aborted=self.master.put_abort(self._tickets(request)))
 
     @_timed
     def GetReplicas(self, request: pb.KeysRequest,
                     context: grpc.ServicerContext) -> pb.GetReplicasResponse:
-        metas = self.master.get_replicas(request.keys)
+        metas = self.master.get_replicas(self._keys(request.keys))
         replicas = [pb.Replica(found=False) if m is None
                     else pb.Replica(found=True, location=location_to_proto(m)) for m in metas]
         return pb.GetReplicasResponse(replicas=replicas, nodes=self._nodes_of(metas),
-                                      lease_ms=self.master.config.lease_ms)
+                                      lease_ms=self.master.config.lease_ms,
+                                      membership=self.master.membership)
 
     @_timed
     def MatchPrefix(self, request: pb.KeysRequest,
                     context: grpc.ServicerContext) -> pb.MatchPrefixResponse:
-        metas = self.master.match_prefix(request.keys)
+        metas = self.master.match_prefix(self._keys(request.keys))
         return pb.MatchPrefixResponse(matched=len(metas),
                                       locations=[location_to_proto(m) for m in metas],
                                       nodes=self._nodes_of(metas),
-                                      lease_ms=self.master.config.lease_ms)
+                                      lease_ms=self.master.config.lease_ms,
+                                      membership=self.master.membership)
 
     @_timed
     def Exists(self, request: pb.KeysRequest, context: grpc.ServicerContext) -> pb.ExistsResponse:
-        return pb.ExistsResponse(exists=self.master.exists(request.keys))
+        return pb.ExistsResponse(exists=self.master.exists(self._keys(request.keys)))
 
     @_timed
     def Remove(self, request: pb.KeysRequest, context: grpc.ServicerContext) -> pb.RemoveResponse:
-        return pb.RemoveResponse(removed=self.master.remove(request.keys))
+        return pb.RemoveResponse(removed=self.master.remove(self._keys(request.keys)))
 
     @_timed
     def Status(self, request: pb.StatusRequest,
@@ -145,7 +171,8 @@ class MasterServicer(pb_grpc.KVMasterServicer):
 
     @_timed
     def List(self, request: pb.ListRequest, context: grpc.ServicerContext) -> pb.ListResponse:
-        objs, truncated = self.master.list_objects(request.prefix, request.limit or 100)
+        limit = min(request.limit or 100, self.master.config.max_keys_per_request)
+        objs, truncated = self.master.list_objects(request.prefix, limit)
         return pb.ListResponse(objects=[object_to_proto(m, leased) for m, leased in objs],
                                truncated=truncated)
 

@@ -21,6 +21,8 @@ class NodeInfo:
     segment_path: str
     segment_size: int
     tcp_address: str = ""
+    # Which registration this is; 0 until the master assigns one (every registration a new one).
+    epoch: int = 0
 
 
 class ObjectState(enum.Enum):
@@ -38,6 +40,8 @@ class ObjectMeta:
     state: ObjectState
     # For PENDING: monotonic deadline after which the put is considered abandoned.
     deadline: float = 0.0
+    epoch: int = 0  # the node's registration the slot belongs to
+    token: int = 0  # the put's fencing token: only its holder seals or aborts it
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,7 @@ class BlockLocation:
     node_id: str
     offset: int
     length: int
+    epoch: int = 0
 
 
 @dataclass(frozen=True)
@@ -118,3 +123,4 @@ class PoolStatus:
     misses: int
     evictions: int
     puts: int
+    membership: int = 0  # changes whenever a node registers or is dropped

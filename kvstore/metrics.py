@@ -3,7 +3,8 @@
 The master's state and counters live in `Master` and are read at scrape time, so a scrape shows
 exactly what the master holds; only the RPC latencies are observed as they happen. A node counts
 the requests and bytes its gRPC and TCP servers move; shm clients copy without the node, so their
-traffic shows only in the master's puts and hits.
+traffic shows only in the master's puts and hits. A client counts what it refused to return
+and the transports it let go of, on the registry its owner gives it (an engine's own).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from kvstore.block_object import Rejection
 from kvstore.master import Master
 from kvstore.transports import READ, WRITE
 from pantry.common.metrics import POOL_IO_BUCKETS
@@ -87,3 +89,29 @@ class NodeMetrics:
         """One request served; `nbytes` of it actually moved (0 for a refused request)."""
         self._requests.labels(transport, op).inc()
         self._bytes[op].labels(transport).inc(nbytes)
+
+
+class ClientMetrics:
+    # Why a client let go of a node's transport: the node is in a newer epoch, it is no longer
+    # a member, or a request over it failed.
+    DROP_REASONS = ("epoch", "gone", "error")
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.rejected = Counter(
+            "pantry_kv_client_objects_rejected",
+            "objects read and refused (a miss for the caller), by the check that failed",
+            ["reason"], registry=registry)
+        self.transports_dropped = Counter(
+            "pantry_kv_client_transports_dropped", "node transports closed, by reason",
+            ["reason"], registry=registry)
+        self.transports_open = Gauge(
+            "pantry_kv_client_transports_open", "node transports this client holds",
+            registry=registry)
+        self.read_seconds = Histogram(
+            "pantry_kv_client_read_seconds", "time of one batched read from one node",
+            ["transport"], registry=registry, buckets=POOL_IO_BUCKETS)
+        for r in Rejection:
+            self.rejected.labels(r.value)
+        for reason in self.DROP_REASONS:
+            self.transports_dropped.labels(reason)

@@ -1,4 +1,7 @@
-"""The storage node's runtime: its segment and its membership (register + heartbeat)."""
+"""The storage node's runtime: its segment and its membership (register + heartbeat).
+
+Each registration gives the node an epoch and the key of that epoch's write grants; the node's
+servers accept writes only under a valid grant of the current epoch and reads only for it."""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ import threading
 import grpc
 
 from kvstore.config import NodeConfig
+from kvstore.grants import WriteGrant, refusal
 from kvstore.hostid import default_host_id
 from kvstore.metadata import NodeInfo
 from kvstore.segment import Segment
@@ -38,6 +42,34 @@ class StorageNode:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._channel: grpc.Channel | None = None
+        # (epoch, grant key) of the current registration; (0, b"") while unregistered, which
+        # refuses every write and read.
+        self._registration: tuple[int, bytes] = (0, b"")
+
+    @property
+    def segment_view(self) -> memoryview:
+        return self.segment.view
+
+    @property
+    def limits(self) -> tuple[int, int, int]:
+        """Largest object, most ops and most bytes one request may carry."""
+        c = self.config
+        return c.max_object_bytes, c.max_ops_per_request, c.request_bytes_limit
+
+    @property
+    def epoch(self) -> int:
+        return self._registration[0]
+
+    def write_refusal(self, grant: WriteGrant, nbytes: int) -> str | None:
+        """Why a write of `nbytes` under `grant` is refused; None when it may go ahead."""
+        epoch, key = self._registration
+        return refusal(key, epoch, grant, nbytes)
+
+    def read_refusal(self, epoch: int) -> str | None:
+        if epoch != self.epoch:
+            return (f"read for epoch {epoch}; node {self.config.node_id} is in epoch "
+                    f"{self.epoch}")
+        return None
 
     def info(self) -> NodeInfo:
         assert self.address, "address is known only once the node's server is bound"
@@ -54,14 +86,16 @@ class StorageNode:
 
     def _register(self, stub: pb_grpc.KVMasterStub) -> bool:
         req = pb.RegisterNodeRequest(node=node_to_proto(self.info()))
+        self._registration = (0, b"")
         try:
-            stub.RegisterNode(req, timeout=self.config.heartbeat_s)
+            resp = stub.RegisterNode(req, timeout=self.config.heartbeat_s)
         except grpc.RpcError as e:
             log.info("master %s not answering yet (%s); retrying", self.config.master_address,
                      e.code())
             return False
-        log.info("registered with master %s as %s", self.config.master_address,
-                 self.config.node_id)
+        self._registration = (resp.epoch, resp.grant_key)
+        log.info("registered with master %s as %s, epoch %d", self.config.master_address,
+                 self.config.node_id, resp.epoch)
         return True
 
     def _run(self, stub: pb_grpc.KVMasterStub) -> None:
@@ -76,7 +110,8 @@ class StorageNode:
             if self._stop.wait(self.config.heartbeat_s):
                 break
             try:
-                known = stub.Heartbeat(pb.HeartbeatRequest(node_id=self.config.node_id),
+                known = stub.Heartbeat(pb.HeartbeatRequest(node_id=self.config.node_id,
+                                                           epoch=self.epoch),
                                        timeout=self.config.heartbeat_s).known
             except grpc.RpcError as e:
                 log.warning("heartbeat failed: %s", e.code())

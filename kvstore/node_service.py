@@ -8,11 +8,13 @@ import logging
 import grpc
 
 from kvstore.config import NodeConfig
-from kvstore.errors import SegmentError
+from kvstore.errors import RequestTooLargeError, SegmentError
+from kvstore.limits import check_read_size
 from kvstore.metrics import NodeMetrics
 from kvstore.node import StorageNode
 from kvstore.transports import READ, WRITE
 from kvstore.transports.tcp import TcpServer
+from kvstore.wire import grant_from_proto
 from pantry.common.metrics import MetricsServer
 from pantry.common.serving import create_grpc_server
 from pantry.v1 import kvstore_pb2 as pb
@@ -29,15 +31,24 @@ class NodeServicer(pb_grpc.KVNodeServicer):
         self.metrics = metrics
 
     def Write(self, request: pb.WriteRequest, context: grpc.ServicerContext) -> pb.WriteResponse:
-        limit = self.node.config.max_object_bytes
+        """Every op is checked before any is written: a refused request changes nothing."""
+        cfg = self.node.config
         written = 0
         try:
+            if len(request.ops) > cfg.max_ops_per_request:
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              f"{len(request.ops)} writes in one request; max_ops_per_request "
+                              f"is {cfg.max_ops_per_request}")
             for op in request.ops:
-                if len(op.data) > limit:
+                if len(op.data) > cfg.max_object_bytes:
                     context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                   f"object of {len(op.data)} bytes exceeds max_object_bytes "
-                                  f"{limit}")
-                self.node.segment.write(op.offset, op.data)
+                                  f"{cfg.max_object_bytes}")
+                why = self.node.write_refusal(grant_from_proto(op.grant), len(op.data))
+                if why is not None:
+                    context.abort(grpc.StatusCode.PERMISSION_DENIED, why)
+            for op in request.ops:
+                self.node.segment.write(op.grant.offset, op.data)
                 written += len(op.data)
         except SegmentError as e:
             context.abort(grpc.StatusCode.OUT_OF_RANGE, str(e))
@@ -46,9 +57,17 @@ class NodeServicer(pb_grpc.KVNodeServicer):
         return pb.WriteResponse()
 
     def Read(self, request: pb.ReadRequest, context: grpc.ServicerContext) -> pb.ReadResponse:
+        cfg = self.node.config
         data: list[bytes] = []
         try:
+            check_read_size(len(request.ops), sum(op.length for op in request.ops),
+                            cfg.max_ops_per_request, cfg.max_message_bytes)
+            why = self.node.read_refusal(request.epoch)
+            if why is not None:
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION, why)
             data = [self.node.segment.read(op.offset, op.length) for op in request.ops]
+        except RequestTooLargeError as e:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         except SegmentError as e:
             context.abort(grpc.StatusCode.OUT_OF_RANGE, str(e))
         finally:
@@ -96,8 +115,8 @@ def start_node(config: NodeConfig) -> NodeServer:
             max_message_bytes=config.max_message_bytes)
         server.start()
         if config.tcp_port is not None:
-            tcp = TcpServer(config.host, config.tcp_port, node.segment.view,
-                            config.max_object_bytes, functools.partial(metrics.record, "tcp"))
+            tcp = TcpServer(config.host, config.tcp_port, node,
+                            functools.partial(metrics.record, "tcp"))
             node.tcp_address = tcp.address
         metrics_server = MetricsServer(metrics.registry, config.host, config.metrics_port)
     except BaseException:

@@ -1,4 +1,9 @@
-"""Same-host transport: map the node's segment file and copy with memoryview slicing."""
+"""Same-host transport: map the node's segment file and copy with memoryview slicing.
+
+Nothing stands between a same-host client and the segment, so neither grants nor epochs are
+checked on this path; what the client reads is checked by the object's own header instead
+(key, layout, length, checksum), and the client maps a node's segment again when the node's
+epoch changes."""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import mmap
 import os
 from collections.abc import Sequence
 
+from kvstore.grants import WriteGrant
 from kvstore.transports import TransportError
 
 
@@ -28,11 +34,14 @@ class ShmTransport:
         if offset < 0 or offset + length > self.size:
             raise TransportError(f"range [{offset}, {offset + length}) outside the segment")
 
-    def write(self, ops: Sequence[tuple[int, bytes | memoryview]]) -> None:
-        for offset, data in ops:
+    def write(self, ops: Sequence[tuple[WriteGrant, bytes | memoryview]]) -> None:
+        for grant, data in ops:
             src = memoryview(data).cast("B")
-            self._check(offset, src.nbytes)
-            self._view[offset : offset + src.nbytes] = src
+            if src.nbytes != grant.length:
+                raise TransportError(f"{src.nbytes} bytes to write under a grant of "
+                                     f"{grant.length}")
+            self._check(grant.offset, src.nbytes)
+            self._view[grant.offset : grant.offset + src.nbytes] = src
 
     def read(self, ops: Sequence[tuple[int, int]]) -> list[bytes]:
         out = []

@@ -3,11 +3,16 @@
 gRPC in Python copies every payload several times and tops out well below a plain socket, so
 cross-host bulk data goes over this instead when the node offers it.
 
-Request:  "<4sBxxxI" magic b"PKT1", op (1 read, 2 write), op count; then count x "<QQ"
-          (offset, length); a write then carries the concatenated bytes.
+Request:  "<4sBxxxIQ" magic b"PKT2", op (1 read, 2 write), op count, the node's epoch the
+          reads are for (0 for a write); then per op a read's "<QQ" (offset, length) or a
+          write's grant "<QQQQQ16s" (offset, length, epoch, token, expiry, mac); a write
+          then carries the concatenated bytes.
 Response: "<4sBxxxQ" magic, status (0 ok, 1 error), body length; then the body: the
           concatenated bytes of a read, nothing for a write, a utf-8 message for an error.
-The node receives written bytes straight into its segment, so a write is one copy.
+The node receives written bytes straight into its segment, so a write is one copy. Every
+declared size is checked before the node allocates or receives anything: a refused write's
+bytes are drained through one small buffer, and a request too large to drain closes the
+connection.
 """
 
 from __future__ import annotations
@@ -18,17 +23,22 @@ import socket
 import struct
 import threading
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
-from kvstore.transports import READ, WRITE, TransportError
+from kvstore.grants import MAC_BYTES, WriteGrant
+from kvstore.transports import READ, WRITE, TransportError, batches
 
 log = logging.getLogger(__name__)
 
-MAGIC = b"PKT1"
+MAGIC = b"PKT2"
 OP_READ, OP_WRITE = 1, 2
-_REQ = struct.Struct("<4sBxxxI")
+_REQ = struct.Struct("<4sBxxxIQ")
 _OP = struct.Struct("<QQ")
+_GRANT = struct.Struct(f"<QQQQQ{MAC_BYTES}s")
 _RESP = struct.Struct("<4sBxxxQ")
+# Beyond this many ops a request is not ours to parse at all: the connection is dropped.
 _MAX_OPS = 1 << 16
+_DRAIN_CHUNK = 64 * 1024
 
 
 def _recv_into(sock: socket.socket, view: memoryview) -> None:
@@ -46,17 +56,37 @@ def _recv_exact(sock: socket.socket, n: int) -> bytearray:
     return buf
 
 
+def _drain(sock: socket.socket, n: int) -> None:
+    buf = memoryview(bytearray(min(n, _DRAIN_CHUNK)))
+    while n > 0:
+        step = min(n, buf.nbytes)
+        _recv_into(sock, buf[:step])
+        n -= step
+
+
+class NodeGuard(Protocol):
+    """What the TCP server asks of its node: the segment, the limits, and who may write/read."""
+
+    @property
+    def segment_view(self) -> memoryview: ...
+    @property
+    def limits(self) -> tuple[int, int, int]: ...  # max object, ops and bytes per request
+    def write_refusal(self, grant: WriteGrant, nbytes: int) -> str | None: ...
+    def read_refusal(self, epoch: int) -> str | None: ...
+
+
 class TcpServer:
-    """Serves one segment (a writable memoryview) to TCP clients, a thread per connection.
+    """Serves one node's segment to TCP clients, a thread per connection.
 
     `record(op, nbytes)` is told of every answered request (READ or WRITE) and the bytes it
     moved, 0 for a refused one.
     """
 
-    def __init__(self, host: str, port: int, segment: memoryview, max_object_bytes: int,
+    def __init__(self, host: str, port: int, node: NodeGuard,
                  record: Callable[[str, int], None]) -> None:
-        self._segment = segment
-        self._max = max_object_bytes
+        self._node = node
+        self._segment = node.segment_view
+        self._max, self._max_ops, self._max_bytes = node.limits
         self._record = record
         self._sock = socket.create_server((host, port), reuse_port=False)
         self.address = f"{host}:{self._sock.getsockname()[1]}"
@@ -79,6 +109,11 @@ class TcpServer:
                              daemon=True).start()
 
     def _check(self, ops: Sequence[tuple[int, int]]) -> str | None:
+        if len(ops) > self._max_ops:
+            return f"{len(ops)} ops in one request; max_ops_per_request is {self._max_ops}"
+        total = sum(n for _, n in ops)
+        if total > self._max_bytes:
+            return f"{total} bytes in one request; max_request_bytes is {self._max_bytes}"
         for off, n in ops:
             if n > self._max:
                 return f"object of {n} bytes exceeds max_object_bytes {self._max}"
@@ -88,30 +123,8 @@ class TcpServer:
 
     def _serve(self, conn: socket.socket) -> None:
         try:
-            while True:
-                head = conn.recv(_REQ.size, socket.MSG_WAITALL)
-                if len(head) < _REQ.size:
-                    return
-                magic, op, count = _REQ.unpack(head)
-                if magic != MAGIC or op not in (OP_READ, OP_WRITE) or count > _MAX_OPS:
-                    return  # not our protocol: drop the connection rather than guess
-                raw = _recv_exact(conn, count * _OP.size)
-                ops = [_OP.unpack_from(raw, i * _OP.size) for i in range(count)]
-                err = self._check(ops)
-                moved = 0 if err else sum(n for _, n in ops)
-                if op == OP_WRITE:
-                    for off, n in ops:
-                        # On error the bytes must still be drained to keep the stream framed.
-                        target = (memoryview(bytearray(n)) if err
-                                  else self._segment[off : off + n])
-                        _recv_into(conn, target)
-                    # Counted before the reply, so a client that has its answer sees the count.
-                    self._record(WRITE, moved)
-                    self._reply(conn, err, [])
-                else:
-                    self._record(READ, moved)
-                    self._reply(conn, err, [] if err else
-                                [self._segment[o : o + n] for o, n in ops])
+            while self._serve_one(conn):
+                pass
         except OSError:
             return
         finally:
@@ -119,6 +132,43 @@ class TcpServer:
                 self._conns.discard(conn)
             conn.close()
 
+    def _serve_one(self, conn: socket.socket) -> bool:
+        """One request; False when the connection is to be dropped."""
+        head = conn.recv(_REQ.size, socket.MSG_WAITALL)
+        if len(head) < _REQ.size:
+            return False
+        magic, op, count, epoch = _REQ.unpack(head)
+        if magic != MAGIC or op not in (OP_READ, OP_WRITE) or count > _MAX_OPS:
+            return False  # not our protocol: drop the connection rather than guess
+        if op == OP_READ:
+            raw = _recv_exact(conn, count * _OP.size)
+            ops = [_OP.unpack_from(raw, i * _OP.size) for i in range(count)]
+            err = self._check(ops) or self._node.read_refusal(epoch)
+            self._record(READ, 0 if err else sum(n for _, n in ops))
+            self._reply(conn, err, [] if err else [self._segment[o : o + n] for o, n in ops])
+            return True
+        raw = _recv_exact(conn, count * _GRANT.size)
+        grants = [WriteGrant(*_GRANT.unpack_from(raw, i * _GRANT.size)) for i in range(count)]
+        sizes = [(g.offset, g.length) for g in grants]
+        err = self._check(sizes)
+        for g in grants:
+            err = err or self._node.write_refusal(g, g.length)
+        declared = sum(n for _, n in sizes)
+        if err is not None:
+            if declared > self._max_bytes:
+                # Too much to drain: answer, then drop the connection unread.
+                self._record(WRITE, 0)
+                self._reply(conn, err, [])
+                return False
+            # The refused bytes are drained through one small buffer to keep the stream framed.
+            _drain(conn, declared)
+        else:
+            for off, n in sizes:
+                _recv_into(conn, self._segment[off : off + n])
+        # Counted before the reply, so a client that has its answer sees the count.
+        self._record(WRITE, 0 if err else declared)
+        self._reply(conn, err, [])
+        return True
     @staticmethod
     def _reply(conn: socket.socket, err: str | None, chunks: list[memoryview]) -> None:
         if err:
@@ -152,10 +202,13 @@ class TcpTransport:
 
     name = "tcp"
 
-    def __init__(self, address: str, timeout_s: float) -> None:
+    def __init__(self, address: str, timeout_s: float, epoch: int = 0,
+                 batch_bytes: int = 16 * 1024 * 1024) -> None:
         host, _, port = address.rpartition(":")
         self._addr = (host, int(port))
         self._timeout = timeout_s
+        self._epoch = epoch
+        self._batch_bytes = batch_bytes
         self._pool: queue.SimpleQueue[socket.socket] = queue.SimpleQueue()
         self._closed = False
 
@@ -171,11 +224,10 @@ class TcpTransport:
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return s
 
-    def _call(self, op: int, ops: Sequence[tuple[int, int]],
-              payloads: Sequence[bytes | memoryview] = ()) -> bytearray:
+    def _call(self, op: int, head: bytes, payloads: Sequence[bytes | memoryview] = ()) -> bytearray:
         s = self._conn()
         try:
-            s.sendall(_REQ.pack(MAGIC, op, len(ops)) + b"".join(_OP.pack(o, n) for o, n in ops))
+            s.sendall(head)
             for p in payloads:
                 s.sendall(p)
             magic, status, length = _RESP.unpack(_recv_exact(s, _RESP.size))
@@ -196,17 +248,29 @@ class TcpTransport:
             raise TransportError(f"node refused: {body.decode(errors='replace')}")
         return body
 
-    def write(self, ops: Sequence[tuple[int, bytes | memoryview]]) -> None:
+    def write(self, ops: Sequence[tuple[WriteGrant, bytes | memoryview]]) -> None:
         views = [memoryview(d).cast("B") for _, d in ops]
-        self._call(OP_WRITE, [(o, v.nbytes) for (o, _), v in zip(ops, views, strict=True)],
-                   views)
+        for grant, view in zip((g for g, _ in ops), views, strict=True):
+            if view.nbytes != grant.length:
+                raise TransportError(f"{view.nbytes} bytes to write under a grant of "
+                                     f"{grant.length}")
+        pairs = list(zip([g for g, _ in ops], views, strict=True))
+        for batch in batches(pairs, [v.nbytes for v in views], self._batch_bytes):
+            head = _REQ.pack(MAGIC, OP_WRITE, len(batch), 0) + b"".join(
+                _GRANT.pack(g.offset, g.length, g.epoch, g.token, g.expires_unix_ms, g.mac)
+                for g, _ in batch)
+            self._call(OP_WRITE, head, [v for _, v in batch])
 
     def read(self, ops: Sequence[tuple[int, int]]) -> list[bytes]:
-        body = memoryview(self._call(OP_READ, ops))
-        out, pos = [], 0
-        for _, n in ops:
-            out.append(bytes(body[pos : pos + n]))
-            pos += n
+        out: list[bytes] = []
+        for batch in batches(ops, [n for _, n in ops], self._batch_bytes):
+            head = _REQ.pack(MAGIC, OP_READ, len(batch), self._epoch) + b"".join(
+                _OP.pack(o, n) for o, n in batch)
+            body = memoryview(self._call(OP_READ, head))
+            pos = 0
+            for _, n in batch:
+                out.append(bytes(body[pos : pos + n]))
+                pos += n
         return out
 
     def close(self) -> None:

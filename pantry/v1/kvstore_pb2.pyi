@@ -23,20 +23,22 @@ PUT_STATE_NO_SPACE: PutState
 PUT_STATE_TOO_LARGE: PutState
 
 class NodeInfo(_message.Message):
-    __slots__ = ("node_id", "host_id", "address", "segment_path", "segment_size", "tcp_address")
+    __slots__ = ("node_id", "host_id", "address", "segment_path", "segment_size", "tcp_address", "epoch")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     HOST_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     SEGMENT_PATH_FIELD_NUMBER: _ClassVar[int]
     SEGMENT_SIZE_FIELD_NUMBER: _ClassVar[int]
     TCP_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     host_id: str
     address: str
     segment_path: str
     segment_size: int
     tcp_address: str
-    def __init__(self, node_id: _Optional[str] = ..., host_id: _Optional[str] = ..., address: _Optional[str] = ..., segment_path: _Optional[str] = ..., segment_size: _Optional[int] = ..., tcp_address: _Optional[str] = ...) -> None: ...
+    epoch: int
+    def __init__(self, node_id: _Optional[str] = ..., host_id: _Optional[str] = ..., address: _Optional[str] = ..., segment_path: _Optional[str] = ..., segment_size: _Optional[int] = ..., tcp_address: _Optional[str] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class RegisterNodeRequest(_message.Message):
     __slots__ = ("node",)
@@ -45,16 +47,22 @@ class RegisterNodeRequest(_message.Message):
     def __init__(self, node: _Optional[_Union[NodeInfo, _Mapping]] = ...) -> None: ...
 
 class RegisterNodeResponse(_message.Message):
-    __slots__ = ("node_timeout_s",)
+    __slots__ = ("node_timeout_s", "epoch", "grant_key")
     NODE_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    GRANT_KEY_FIELD_NUMBER: _ClassVar[int]
     node_timeout_s: float
-    def __init__(self, node_timeout_s: _Optional[float] = ...) -> None: ...
+    epoch: int
+    grant_key: bytes
+    def __init__(self, node_timeout_s: _Optional[float] = ..., epoch: _Optional[int] = ..., grant_key: _Optional[bytes] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("node_id",)
+    __slots__ = ("node_id", "epoch")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
     node_id: str
-    def __init__(self, node_id: _Optional[str] = ...) -> None: ...
+    epoch: int
+    def __init__(self, node_id: _Optional[str] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
     __slots__ = ("known",)
@@ -63,16 +71,34 @@ class HeartbeatResponse(_message.Message):
     def __init__(self, known: _Optional[bool] = ...) -> None: ...
 
 class Location(_message.Message):
-    __slots__ = ("key", "node_id", "offset", "length")
+    __slots__ = ("key", "node_id", "offset", "length", "epoch")
     KEY_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     LENGTH_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
     key: str
     node_id: str
     offset: int
     length: int
-    def __init__(self, key: _Optional[str] = ..., node_id: _Optional[str] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
+    epoch: int
+    def __init__(self, key: _Optional[str] = ..., node_id: _Optional[str] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ..., epoch: _Optional[int] = ...) -> None: ...
+
+class WriteGrant(_message.Message):
+    __slots__ = ("offset", "length", "epoch", "token", "expires_unix_ms", "mac")
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    MAC_FIELD_NUMBER: _ClassVar[int]
+    offset: int
+    length: int
+    epoch: int
+    token: int
+    expires_unix_ms: int
+    mac: bytes
+    def __init__(self, offset: _Optional[int] = ..., length: _Optional[int] = ..., epoch: _Optional[int] = ..., token: _Optional[int] = ..., expires_unix_ms: _Optional[int] = ..., mac: _Optional[bytes] = ...) -> None: ...
 
 class KeysRequest(_message.Message):
     __slots__ = ("keys", "client_host_id")
@@ -93,22 +119,40 @@ class PutStartRequest(_message.Message):
     def __init__(self, keys: _Optional[_Iterable[str]] = ..., sizes: _Optional[_Iterable[int]] = ..., client_host_id: _Optional[str] = ...) -> None: ...
 
 class PutSlot(_message.Message):
-    __slots__ = ("state", "location")
+    __slots__ = ("state", "location", "grant")
     STATE_FIELD_NUMBER: _ClassVar[int]
     LOCATION_FIELD_NUMBER: _ClassVar[int]
+    GRANT_FIELD_NUMBER: _ClassVar[int]
     state: PutState
     location: Location
-    def __init__(self, state: _Optional[_Union[PutState, str]] = ..., location: _Optional[_Union[Location, _Mapping]] = ...) -> None: ...
+    grant: WriteGrant
+    def __init__(self, state: _Optional[_Union[PutState, str]] = ..., location: _Optional[_Union[Location, _Mapping]] = ..., grant: _Optional[_Union[WriteGrant, _Mapping]] = ...) -> None: ...
 
 class PutStartResponse(_message.Message):
-    __slots__ = ("slots", "nodes", "max_object_bytes")
+    __slots__ = ("slots", "nodes", "max_object_bytes", "membership")
     SLOTS_FIELD_NUMBER: _ClassVar[int]
     NODES_FIELD_NUMBER: _ClassVar[int]
     MAX_OBJECT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEMBERSHIP_FIELD_NUMBER: _ClassVar[int]
     slots: _containers.RepeatedCompositeFieldContainer[PutSlot]
     nodes: _containers.RepeatedCompositeFieldContainer[NodeInfo]
     max_object_bytes: int
-    def __init__(self, slots: _Optional[_Iterable[_Union[PutSlot, _Mapping]]] = ..., nodes: _Optional[_Iterable[_Union[NodeInfo, _Mapping]]] = ..., max_object_bytes: _Optional[int] = ...) -> None: ...
+    membership: int
+    def __init__(self, slots: _Optional[_Iterable[_Union[PutSlot, _Mapping]]] = ..., nodes: _Optional[_Iterable[_Union[NodeInfo, _Mapping]]] = ..., max_object_bytes: _Optional[int] = ..., membership: _Optional[int] = ...) -> None: ...
+
+class PutTicket(_message.Message):
+    __slots__ = ("key", "token")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    token: int
+    def __init__(self, key: _Optional[str] = ..., token: _Optional[int] = ...) -> None: ...
+
+class PutFinishRequest(_message.Message):
+    __slots__ = ("puts",)
+    PUTS_FIELD_NUMBER: _ClassVar[int]
+    puts: _containers.RepeatedCompositeFieldContainer[PutTicket]
+    def __init__(self, puts: _Optional[_Iterable[_Union[PutTicket, _Mapping]]] = ...) -> None: ...
 
 class PutEndResponse(_message.Message):
     __slots__ = ("sealed",)
@@ -131,26 +175,30 @@ class Replica(_message.Message):
     def __init__(self, found: _Optional[bool] = ..., location: _Optional[_Union[Location, _Mapping]] = ...) -> None: ...
 
 class GetReplicasResponse(_message.Message):
-    __slots__ = ("replicas", "nodes", "lease_ms")
+    __slots__ = ("replicas", "nodes", "lease_ms", "membership")
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
     NODES_FIELD_NUMBER: _ClassVar[int]
     LEASE_MS_FIELD_NUMBER: _ClassVar[int]
+    MEMBERSHIP_FIELD_NUMBER: _ClassVar[int]
     replicas: _containers.RepeatedCompositeFieldContainer[Replica]
     nodes: _containers.RepeatedCompositeFieldContainer[NodeInfo]
     lease_ms: int
-    def __init__(self, replicas: _Optional[_Iterable[_Union[Replica, _Mapping]]] = ..., nodes: _Optional[_Iterable[_Union[NodeInfo, _Mapping]]] = ..., lease_ms: _Optional[int] = ...) -> None: ...
+    membership: int
+    def __init__(self, replicas: _Optional[_Iterable[_Union[Replica, _Mapping]]] = ..., nodes: _Optional[_Iterable[_Union[NodeInfo, _Mapping]]] = ..., lease_ms: _Optional[int] = ..., membership: _Optional[int] = ...) -> None: ...
 
 class MatchPrefixResponse(_message.Message):
-    __slots__ = ("matched", "locations", "nodes", "lease_ms")
+    __slots__ = ("matched", "locations", "nodes", "lease_ms", "membership")
     MATCHED_FIELD_NUMBER: _ClassVar[int]
     LOCATIONS_FIELD_NUMBER: _ClassVar[int]
     NODES_FIELD_NUMBER: _ClassVar[int]
     LEASE_MS_FIELD_NUMBER: _ClassVar[int]
+    MEMBERSHIP_FIELD_NUMBER: _ClassVar[int]
     matched: int
     locations: _containers.RepeatedCompositeFieldContainer[Location]
     nodes: _containers.RepeatedCompositeFieldContainer[NodeInfo]
     lease_ms: int
-    def __init__(self, matched: _Optional[int] = ..., locations: _Optional[_Iterable[_Union[Location, _Mapping]]] = ..., nodes: _Optional[_Iterable[_Union[NodeInfo, _Mapping]]] = ..., lease_ms: _Optional[int] = ...) -> None: ...
+    membership: int
+    def __init__(self, matched: _Optional[int] = ..., locations: _Optional[_Iterable[_Union[Location, _Mapping]]] = ..., nodes: _Optional[_Iterable[_Union[NodeInfo, _Mapping]]] = ..., lease_ms: _Optional[int] = ..., membership: _Optional[int] = ...) -> None: ...
 
 class ExistsResponse(_message.Message):
     __slots__ = ("exists",)
@@ -183,7 +231,7 @@ class NodeStatus(_message.Message):
     def __init__(self, node: _Optional[_Union[NodeInfo, _Mapping]] = ..., capacity_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., objects: _Optional[int] = ..., heartbeat_age_s: _Optional[float] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("nodes", "capacity_bytes", "used_bytes", "objects", "hits", "misses", "evictions", "puts")
+    __slots__ = ("nodes", "capacity_bytes", "used_bytes", "objects", "hits", "misses", "evictions", "puts", "membership")
     NODES_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
     USED_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -192,6 +240,7 @@ class StatusResponse(_message.Message):
     MISSES_FIELD_NUMBER: _ClassVar[int]
     EVICTIONS_FIELD_NUMBER: _ClassVar[int]
     PUTS_FIELD_NUMBER: _ClassVar[int]
+    MEMBERSHIP_FIELD_NUMBER: _ClassVar[int]
     nodes: _containers.RepeatedCompositeFieldContainer[NodeStatus]
     capacity_bytes: int
     used_bytes: int
@@ -200,7 +249,8 @@ class StatusResponse(_message.Message):
     misses: int
     evictions: int
     puts: int
-    def __init__(self, nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ..., capacity_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., objects: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., evictions: _Optional[int] = ..., puts: _Optional[int] = ...) -> None: ...
+    membership: int
+    def __init__(self, nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ..., capacity_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., objects: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., evictions: _Optional[int] = ..., puts: _Optional[int] = ..., membership: _Optional[int] = ...) -> None: ...
 
 class ListRequest(_message.Message):
     __slots__ = ("prefix", "limit")
@@ -229,12 +279,12 @@ class ListResponse(_message.Message):
     def __init__(self, objects: _Optional[_Iterable[_Union[ObjectInfo, _Mapping]]] = ..., truncated: _Optional[bool] = ...) -> None: ...
 
 class WriteOp(_message.Message):
-    __slots__ = ("offset", "data")
-    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("data", "grant")
     DATA_FIELD_NUMBER: _ClassVar[int]
-    offset: int
+    GRANT_FIELD_NUMBER: _ClassVar[int]
     data: bytes
-    def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+    grant: WriteGrant
+    def __init__(self, data: _Optional[bytes] = ..., grant: _Optional[_Union[WriteGrant, _Mapping]] = ...) -> None: ...
 
 class WriteRequest(_message.Message):
     __slots__ = ("ops",)
@@ -255,10 +305,12 @@ class ReadOp(_message.Message):
     def __init__(self, offset: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
 
 class ReadRequest(_message.Message):
-    __slots__ = ("ops",)
+    __slots__ = ("ops", "epoch")
     OPS_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
     ops: _containers.RepeatedCompositeFieldContainer[ReadOp]
-    def __init__(self, ops: _Optional[_Iterable[_Union[ReadOp, _Mapping]]] = ...) -> None: ...
+    epoch: int
+    def __init__(self, ops: _Optional[_Iterable[_Union[ReadOp, _Mapping]]] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class ReadResponse(_message.Message):
     __slots__ = ("data",)

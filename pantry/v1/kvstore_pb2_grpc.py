@@ -51,12 +51,12 @@ class KVMasterStub:
                 _registered_method=True)
         self.PutEnd = channel.unary_unary(
                 '/pantry.v1.KVMaster/PutEnd',
-                request_serializer=pantry_dot_v1_dot_kvstore__pb2.KeysRequest.SerializeToString,
+                request_serializer=pantry_dot_v1_dot_kvstore__pb2.PutFinishRequest.SerializeToString,
                 response_deserializer=pantry_dot_v1_dot_kvstore__pb2.PutEndResponse.FromString,
                 _registered_method=True)
         self.PutAbort = channel.unary_unary(
                 '/pantry.v1.KVMaster/PutAbort',
-                request_serializer=pantry_dot_v1_dot_kvstore__pb2.KeysRequest.SerializeToString,
+                request_serializer=pantry_dot_v1_dot_kvstore__pb2.PutFinishRequest.SerializeToString,
                 response_deserializer=pantry_dot_v1_dot_kvstore__pb2.PutAbortResponse.FromString,
                 _registered_method=True)
         self.GetReplicas = channel.unary_unary(
@@ -180,12 +180,12 @@ def add_KVMasterServicer_to_server(servicer, server):
             ),
             'PutEnd': grpc.unary_unary_rpc_method_handler(
                     servicer.PutEnd,
-                    request_deserializer=pantry_dot_v1_dot_kvstore__pb2.KeysRequest.FromString,
+                    request_deserializer=pantry_dot_v1_dot_kvstore__pb2.PutFinishRequest.FromString,
                     response_serializer=pantry_dot_v1_dot_kvstore__pb2.PutEndResponse.SerializeToString,
             ),
             'PutAbort': grpc.unary_unary_rpc_method_handler(
                     servicer.PutAbort,
-                    request_deserializer=pantry_dot_v1_dot_kvstore__pb2.KeysRequest.FromString,
+                    request_deserializer=pantry_dot_v1_dot_kvstore__pb2.PutFinishRequest.FromString,
                     response_serializer=pantry_dot_v1_dot_kvstore__pb2.PutAbortResponse.SerializeToString,
             ),
             'GetReplicas': grpc.unary_unary_rpc_method_handler(
@@ -325,7 +325,7 @@ class KVMaster:
             request,
             target,
             '/pantry.v1.KVMaster/PutEnd',
-            pantry_dot_v1_dot_kvstore__pb2.KeysRequest.SerializeToString,
+            pantry_dot_v1_dot_kvstore__pb2.PutFinishRequest.SerializeToString,
             pantry_dot_v1_dot_kvstore__pb2.PutEndResponse.FromString,
             options,
             channel_credentials,
@@ -352,7 +352,7 @@ class KVMaster:
             request,
             target,
             '/pantry.v1.KVMaster/PutAbort',
-            pantry_dot_v1_dot_kvstore__pb2.KeysRequest.SerializeToString,
+            pantry_dot_v1_dot_kvstore__pb2.PutFinishRequest.SerializeToString,
             pantry_dot_v1_dot_kvstore__pb2.PutAbortResponse.FromString,
             options,
             channel_credentials,

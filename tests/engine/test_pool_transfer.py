@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry
 from engine.engine_metrics import PoolClientMetrics
 from engine.kv_cache import PagedKVCache
 from engine.pool_transfer import PoolTransfer
-from kvstore.block_object import encoded_size
+from kvstore.block_object import RAW_DTYPE, RAW_FINGERPRINT, encoded_size
 from kvstore.client import KVStoreClient
 from kvstore.config import ClientConfig
 from kvstore.hashing import PoolAddressing
@@ -91,7 +91,7 @@ def test_corrupt_object_ends_the_prefix(pool_address: str) -> None:
     keys = PoolAddressing("fp-test", 16).block_keys(list(range(100, 148)), tenant="t")
     src, dst = _cache(3), _cache(4)
     with pool_client(pool_address) as client:
-        client.put_many([(keys[1], b"\x00" * 4096)])  # someone else's bytes under block 1
+        client.put_many([(keys[1], b"\x00" * 4096)])  # plain bytes, not a block, under block 1
         Xfer(client, src, "fp-test").transfer.store(keys, [0, 1, 2])
         before = dst.read_block(4).clone()
         reader = Xfer(client, dst, "fp-test")
@@ -100,7 +100,8 @@ def test_corrupt_object_ends_the_prefix(pool_address: str) -> None:
     assert torch.equal(dst.read_block(4), before)  # untouched: the engine computes it
     # All three objects were fetched; the second failed its checks, so the third goes unused.
     assert reader.blocks() == (1, 1, 1, 0)
-    assert reader.io() == (1, 2 * OBJECT_BYTES + 4096, 0, 0)
+    raw_bytes = encoded_size(RAW_FINGERPRINT, RAW_DTYPE, (4096,), 4096)
+    assert reader.io() == (1, 2 * OBJECT_BYTES + raw_bytes, 0, 0)
 
 
 def test_other_layout_fingerprint_is_a_miss(pool_address: str) -> None:

@@ -16,6 +16,13 @@ def wait_for(cond: Callable[[], bool], timeout: float = 10.0, what: str = "condi
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def raw_size(nbytes: int, key: str) -> int:
+    """Bytes the pool stores for `nbytes` put as plain bytes under `key` (header + payload)."""
+    from kvstore.block_object import RAW_DTYPE, RAW_FINGERPRINT, encoded_size
+
+    return encoded_size(RAW_FINGERPRINT, RAW_DTYPE, (nbytes,), nbytes, key_chars=len(key))
+
+
 def shm_files(node_id: str) -> list[str]:
     return glob.glob(f"/dev/shm/pantry-kv-{node_id}-*")
 

@@ -83,7 +83,8 @@ def test_cli_roundtrip_and_sigterm_cleanup(cluster: Cluster, tmp_path: Path) -> 
     status = kv("status", "--master", addr).stdout.decode()
     assert "16.0 MiB" in status and "objects 1" in status, status
     listing = kv("ls", "--master", addr).stdout.decode()
-    assert "k1" in listing and "10000" in listing and "sealed" in listing, listing
+    # The stored object is the file behind a 64-byte header that names its key and layout.
+    assert "k1" in listing and "10064" in listing and "sealed" in listing, listing
     big = tmp_path / "big.bin"
     big.write_bytes(b"x" * (1 * MIB + 1))
     r = kv("put", "--master", addr, "big", str(big))

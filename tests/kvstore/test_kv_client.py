@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable
+from dataclasses import replace
 
 import grpc
 import pytest
 from kv_helpers import wait_for
 
-from kvstore.block_object import decode_block, encode_block
+from kvstore.block_object import BlockLayout, Rejection, encoded_size
 from kvstore.client import KVStoreClient, PrefixMatch
 from kvstore.errors import ObjectTooLargeError
 from kvstore.hashing import BlockHasher, make_namespace
@@ -23,9 +24,13 @@ NodeFactory = Callable[..., NodeServer]
 ClientFactory = Callable[..., KVStoreClient]
 
 
+LAYOUT = BlockLayout("fp", "uint8", (3000,))
+OBJECT_BYTES = encoded_size("fp", "uint8", (3000,), 3000)
+
+
 def blocks(n: int, size: int = 3000, fp: str = "fp") -> list[tuple[str, bytes]]:
     keys = BlockHasher(make_namespace(fp), block_size=4).block_keys(list(range(4 * n)))
-    return [(k, encode_block(fp, "uint8", (size,), os.urandom(size))) for k in keys]
+    return [(k, os.urandom(size)) for k in keys]
 
 
 @pytest.mark.parametrize(("client_host", "enable_tcp", "transport"),
@@ -39,23 +44,31 @@ def test_put_get_match_exists_remove(
     c = client_factory(host_id=client_host, enable_tcp=enable_tcp)
     items = blocks(4)
     keys = [k for k, _ in items]
-    assert c.put_many(items[:3]) == [True] * 3
-    assert c.transport_name(node.node.info()) == transport
+    assert c.put_many(items[:3], LAYOUT) == [True] * 3
+    (node_info,) = c.status().nodes
+    assert c.transport_name(node_info.node) == transport
     assert c.get_many(keys) == [items[0][1], items[1][1], items[2][1], None]
+    assert c.get_many(keys, LAYOUT) == [items[0][1], items[1][1], items[2][1], None]
     assert c.exists(keys) == [True, True, True, False]
     m = c.match_prefix(keys)
     assert isinstance(m, PrefixMatch) and m.matched == 3
     assert [loc.key for loc in m.locations] == keys[:3]
     assert all(loc.node_id == node.node.config.node_id for loc in m.locations)
-    assert [loc.length for loc in m.locations] == [len(items[0][1])] * 3
+    assert [loc.length for loc in m.locations] == [OBJECT_BYTES] * 3
     assert c.match_prefix([keys[1], keys[0]]).matched == 2
     assert c.match_prefix(["00" * 16, keys[0]]).matched == 0
     assert c.remove([keys[1], "missing"]) == 1
     assert c.match_prefix(keys).matched == 1
     assert c.get_many([keys[1]]) == [None]
     assert c.get_many([]) == [] and c.put_many([]) == []
-    obj = decode_block(c.get_many([keys[0]])[0] or b"", expected_fingerprint="fp")
-    assert obj is not None and obj.shape == (3000,)
+    (obj,) = c.get_objects([keys[0]], LAYOUT).objects
+    assert obj is not None and obj.key == keys[0] and obj.layout == LAYOUT
+    assert bytes(obj.payload) == items[0][1]
+    # Another layout than the one written is refused, not returned.
+    other = BlockLayout("fp", "uint8", (2999,))
+    fetched = c.get_objects([keys[0]], other)
+    assert (fetched.objects, fetched.rejected, fetched.nbytes) == ((None,), (Rejection.LAYOUT,),
+                                                                   OBJECT_BYTES)
 
 
 def test_shm_and_grpc_clients_see_the_same_bytes(
@@ -89,7 +102,11 @@ def test_duplicate_put_and_unsealed_invisible(
         assert c.get_many(["pending"]) == [None]
         assert c.match_prefix(["pending"]).matched == 0
         assert c.put_many([("pending", b"y" * 10)]) == [False]  # in progress elsewhere
-        stub.PutEnd(pb.KeysRequest(keys=["pending"]))
+        token = r.slots[0].grant.token
+        assert stub.PutEnd(pb.PutFinishRequest(
+            puts=[pb.PutTicket(key="pending", token=token + 1)])).sealed == [False]
+        assert stub.PutEnd(pb.PutFinishRequest(
+            puts=[pb.PutTicket(key="pending", token=token)])).sealed == [True]
         assert c.exists(["pending"]) == [True]
 
 
@@ -181,40 +198,48 @@ def test_health_and_node_edge_limits(node_factory: NodeFactory, master_address: 
     with grpc.insecure_channel(node.address, options=opts) as ch:
         stub = pb_grpc.KVNodeStub(ch)
         with pytest.raises(grpc.RpcError) as err:
-            stub.Write(pb.WriteRequest(ops=[pb.WriteOp(offset=0, data=b"x" * (4 * MIB + 1))]))
+            stub.Write(pb.WriteRequest(ops=[pb.WriteOp(data=b"x" * (4 * MIB + 1))]))
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "max_object_bytes" in (err.value.details() or "")
         with pytest.raises(grpc.RpcError) as err:
-            stub.Read(pb.ReadRequest(ops=[pb.ReadOp(offset=8 * MIB - 1, length=2)]))
+            stub.Read(pb.ReadRequest(ops=[pb.ReadOp(offset=8 * MIB - 1, length=2)],
+                                     epoch=node.node.epoch))
         assert err.value.code() == grpc.StatusCode.OUT_OF_RANGE
 
 
-def test_overwritten_slot_is_detected_by_decode_block(
+def test_overwritten_slot_is_a_counted_miss(
     node_factory: NodeFactory, client_factory: ClientFactory
 ) -> None:
     node = node_factory("n")
     c = client_factory()
     (k, v), = blocks(1)
-    assert c.put_many([(k, v)]) == [True]
+    assert c.put_many([(k, v)], LAYOUT) == [True]
     (loc,) = c.match_prefix([k]).locations
     # Simulate a reader racing a slot reuse (lease ran out): other bytes land in the slot.
-    node.node.segment.write(loc.offset + len(v) - 10, b"\xff" * 10)
-    raw = c.get_many([k])[0]
-    assert raw is not None and len(raw) == len(v)
-    assert decode_block(raw, expected_fingerprint="fp") is None
+    node.node.segment.write(loc.offset + loc.length - 10, b"\xff" * 10)
+    assert c.get_many([k]) == [None]
+    assert c.metrics.registry.get_sample_value("pantry_kv_client_objects_rejected_total",
+                                               {"reason": "checksum"}) == 1
 
 
-def test_tcp_transport_errors_keep_the_stream_framed(node_factory: NodeFactory) -> None:
+def test_tcp_transport_errors_keep_the_stream_framed(node_factory: NodeFactory,
+                                                     master_address: str) -> None:
     from kvstore.transports import TransportError
     from kvstore.transports.tcp import TcpTransport
+    from kvstore.wire import grant_from_proto
 
     node = node_factory("n")
     assert node.node.tcp_address
-    t = TcpTransport(node.node.tcp_address, timeout_s=5)
+    t = TcpTransport(node.node.tcp_address, timeout_s=5, epoch=node.node.epoch)
+    with grpc.insecure_channel(master_address) as ch:
+        r = pb_grpc.KVMasterStub(ch).PutStart(
+            pb.PutStartRequest(keys=["a", "b"], sizes=[3, 5000], client_host_id="x"))
+    a, b = (grant_from_proto(s.grant) for s in r.slots)
+    assert (a.offset, b.offset) == (0, 8192)
     try:
-        t.write([(0, b"abc"), (8192, b"\x01" * 5000)])
+        t.write([(a, b"abc"), (b, b"\x01" * 5000)])
         with pytest.raises(TransportError, match="max_object_bytes"):
-            t.write([(0, b"x" * (4 * MIB + 1))])
+            t.write([(replace(a, length=4 * MIB + 1), b"x" * (4 * MIB + 1))])
         with pytest.raises(TransportError, match="outside segment"):
             t.read([(8 * MIB - 1, 2)])
         # The same pooled connection still speaks the protocol after both refusals.

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import grpc
 import pytest
-from kv_helpers import sample, scrape, wait_for
+from kv_helpers import raw_size, sample, scrape, wait_for
 
 from kvstore.client import KVStoreClient
 from kvstore.config import MasterConfig
@@ -44,8 +44,9 @@ def test_master_metrics_after_puts_hit_miss_match_and_abort(
     assert c.match_prefix(["k0", "k1", "nope", "k2"]).matched == 2
     with grpc.insecure_channel(master_address) as ch:
         stub = pb_grpc.KVMasterStub(ch)
-        stub.PutStart(pb.PutStartRequest(keys=["dropped"], sizes=[10], client_host_id="x"))
-        assert stub.PutAbort(pb.KeysRequest(keys=["dropped"])).aborted == 1
+        r = stub.PutStart(pb.PutStartRequest(keys=["dropped"], sizes=[10], client_host_id="x"))
+        ticket = pb.PutTicket(key="dropped", token=r.slots[0].grant.token)
+        assert stub.PutAbort(pb.PutFinishRequest(puts=[ticket])).aborted == 1
 
     m = scrape(master.metrics.url)
     gauges = {"objects": 3, "used_bytes": 3 * 16 * KIB, "capacity_bytes": 8 * MIB,
@@ -73,7 +74,8 @@ def test_node_metrics_count_bytes_and_requests_per_transport(
     assert over_grpc.get_many(["g0"]) == [b"g" * 5000]
     # A refused read is a request that moved nothing.
     with grpc.insecure_channel(node.address) as ch, pytest.raises(grpc.RpcError):
-        pb_grpc.KVNodeStub(ch).Read(pb.ReadRequest(ops=[pb.ReadOp(offset=8 * MIB, length=1)]))
+        pb_grpc.KVNodeStub(ch).Read(pb.ReadRequest(ops=[pb.ReadOp(offset=8 * MIB, length=1)],
+                                                   epoch=node.node.epoch))
     # Same host: the client copies through shared memory and the node sees nothing.
     assert client_factory(host_id="host-a").put_many([("s0", b"s" * 5000)]) == [True]
 
@@ -81,8 +83,10 @@ def test_node_metrics_count_bytes_and_requests_per_transport(
     assert sample(m, "pantry_kv_node_segment_capacity_bytes") == 8 * MIB
     moved = {(t, op): sample(m, f"pantry_kv_node_{op}_bytes_total", transport=t)
              for t in ("grpc", "tcp") for op in ("read", "written")}
-    assert moved == {("grpc", "read"): 5000, ("grpc", "written"): 10_000,
-                     ("tcp", "read"): SIZE, ("tcp", "written"): 3 * SIZE}
+    # Each object is its payload behind a header of 64 bytes (short keys, plain bytes).
+    assert raw_size(SIZE, "t0") == SIZE + 64 and raw_size(5000, "g0") == 5064
+    assert moved == {("grpc", "read"): 5064, ("grpc", "written"): 2 * 5064,
+                     ("tcp", "read"): SIZE + 64, ("tcp", "written"): 3 * (SIZE + 64)}
     requests = {(t, op): sample(m, "pantry_kv_node_requests_total", transport=t, op=op)
                 for t in ("grpc", "tcp") for op in ("read", "write")}
     assert requests == {("grpc", "read"): 2, ("grpc", "write"): 1,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from kvstore.allocator import BuddyAllocator, slot_size
-from kvstore.config import KIB, MasterConfig
+from kvstore.config import KIB, MIB, MasterConfig
 from kvstore.master import Master, PutOutcome
 from kvstore.metadata import NodeInfo
 from pantry.common.errors import ConfigError
@@ -21,8 +21,9 @@ class Clock:
 
 def make_master(capacity: int = 64 * KIB, **cfg: float) -> tuple[Master, Clock]:
     clock = Clock()
-    conf = MasterConfig(lease_ms=1000, put_timeout_s=5, node_timeout_s=3,
-                        max_object_bytes=32 * KIB, **cfg)  # type: ignore[arg-type]
+    settings: dict[str, float] = {"lease_ms": 1000, "put_timeout_s": 5, "node_timeout_s": 3,
+                                  "max_object_bytes": 32 * KIB, **cfg}
+    conf = MasterConfig(**settings)  # type: ignore[arg-type]
     m = Master(conf, clock=clock)
     m.register_node(NodeInfo("n1", "h1", "127.0.0.1:1", "/dev/shm/x", capacity))
     return m, clock
@@ -32,7 +33,7 @@ def put(m: Master, key: str, size: int = 4 * KIB, host: str = "h1") -> int:
     (grant,) = m.put_start([key], [size], host)
     assert grant.outcome is PutOutcome.ALLOCATED, grant
     assert grant.location is not None
-    assert m.put_end([key]) == [True]
+    assert m.put_end([(key, grant.location.token)]) == [True]
     return grant.location.offset
 
 
@@ -71,11 +72,11 @@ def test_two_phase_put_visibility_and_duplicates() -> None:
     assert m.get_replicas(["a"]) == [None]
     assert m.match_prefix(["a"]) == []
     assert m.put_start(["a"], [100], "h1")[0].outcome is PutOutcome.IN_PROGRESS
-    assert m.put_end(["a"]) == [True]
+    assert m.put_end([("a", g.location.token)]) == [True]
     assert m.exists(["a"]) == [True]
     assert m.put_start(["a"], [100], "h1")[0].outcome is PutOutcome.EXISTS
     assert m.put_start(["big"], [32 * KIB + 1], "h1")[0].outcome is PutOutcome.TOO_LARGE
-    assert m.put_end(["never"]) == [False]
+    assert m.put_end([("never", 1)]) == [False]
 
 
 def test_lru_eviction_order_and_leases_on_allocation_failure() -> None:
@@ -114,20 +115,22 @@ def test_watermark_eviction_down_to_low() -> None:
 
 def test_abandoned_put_reclaimed_and_node_timeout() -> None:
     m, clock = make_master()
-    m.put_start(["p"], [10], "h1")
+    (p,) = m.put_start(["p"], [10], "h1")
+    assert p.location is not None
+    epoch = m.node("n1").epoch
     put(m, "s")
     clock.t += 2
-    assert m.heartbeat("n1")
+    assert m.heartbeat("n1", epoch)
     m.reap()
     assert m.status().objects == 2
     clock.t += 4  # put_timeout 5 s passed; heartbeat 4 s ago > node_timeout 3 s
-    m.heartbeat("n1")
+    m.heartbeat("n1", epoch)
     m.reap()
-    assert m.status().objects == 1 and m.put_end(["p"]) == [False]
+    assert m.status().objects == 1 and m.put_end([("p", p.location.token)]) == [False]
     clock.t += 4
     m.reap()
     assert m.status().nodes == () and m.exists(["s"]) == [False]
-    assert not m.heartbeat("n1")
+    assert not m.heartbeat("n1", epoch)
 
 
 def test_remove_of_leased_object_defers_slot_reuse() -> None:
@@ -165,8 +168,10 @@ def test_stats_count_every_put_outcome_prefix_match_and_lease() -> None:
     m, clock = make_master()
     put(m, "a")
     put(m, "b")
-    m.put_start(["c", "d"], [10, 10], "h1")
-    assert m.put_abort(["c", "a"]) == 1  # a is sealed: not abortable
+    c, _ = m.put_start(["c", "d"], [10, 10], "h1")
+    assert c.location is not None
+    assert m.put_abort([("c", c.location.token + 1)]) == 0  # not c's token
+    assert m.put_abort([("c", c.location.token), ("a", 1)]) == 1  # a is sealed: not abortable
     assert [x.key for x in m.match_prefix(["a", "b", "zz", "a"])] == ["a", "b"]
     assert m.match_prefix(["zz"]) == []
     s = m.stats()
@@ -174,7 +179,83 @@ def test_stats_count_every_put_outcome_prefix_match_and_lease() -> None:
     assert (s.match_prefix_calls, s.blocks_matched, s.active_leases) == (2, 2, 2)
     assert m.status().puts == 2
     clock.t += 6  # d's put_timeout (5 s) and both leases (1 s) ran out
-    m.heartbeat("n1")
+    m.heartbeat("n1", m.node("n1").epoch)
     m.reap()
     s = m.stats()
     assert (s.puts_started, s.puts_aborted, s.puts_expired, s.active_leases) == (4, 1, 1, 0)
+
+
+def test_finding2_a_put_is_sealed_only_with_its_own_token() -> None:
+    m, clock = make_master()
+    (first,) = m.put_start(["k"], [100], "h1")
+    assert first.location is not None and first.grant is not None
+    assert first.grant.token == first.location.token
+    clock.t += 6  # the first writer stalls past put_timeout: its put is reclaimed
+    m.heartbeat("n1", m.node("n1").epoch)
+    m.reap()
+    (second,) = m.put_start(["k"], [100], "h1")
+    assert second.location is not None
+    assert second.location.offset == first.location.offset  # the same slot, reassigned
+    # The stale writer cannot seal (or abort) the second writer's pending put...
+    assert m.put_end([("k", first.location.token)]) == [False]
+    assert m.put_abort([("k", first.location.token)]) == 0
+    assert m.exists(["k"]) == [False]
+    # ...only its holder can; sealing again with the same token is a harmless repeat.
+    assert m.put_end([("k", second.location.token)]) == [True]
+    assert m.put_end([("k", second.location.token)]) == [True]
+    assert m.put_end([("k", first.location.token)]) == [False]
+    assert m.stats().puts_expired == 1 and m.status().puts == 1
+
+
+def test_every_registration_is_a_new_epoch() -> None:
+    m, _ = make_master()
+    e1 = m.node("n1").epoch
+    put(m, "a")
+    (loc,) = m.match_prefix(["a"])
+    assert loc.epoch == e1
+    reg = m.register_node(NodeInfo("n1", "h1", "127.0.0.1:1", "/dev/shm/x", 64 * KIB))
+    assert reg.epoch > e1 and m.node("n1").epoch == reg.epoch and len(reg.grant_key) == 32
+    assert not m.heartbeat("n1", e1)  # the old registration is told to register again
+    assert m.heartbeat("n1", reg.epoch)
+    assert m.exists(["a"]) == [False]
+    (g,) = m.put_start(["b"], [100], "h1")
+    assert g.location is not None and g.grant is not None
+    assert (g.location.offset, g.location.epoch, g.grant.epoch) == (0, reg.epoch, reg.epoch)
+
+
+def test_finding3_a_put_evicts_only_the_block_it_needs() -> None:
+    # 8 MiB of 4 KiB objects, one leased in every MiB: no 1 MiB block can be freed.
+    m, clock = make_master(capacity=8 * MIB, high_watermark=1.0, low_watermark=1.0,
+                           max_object_bytes=1 * MIB)
+    keys = [f"o{i}" for i in range(2048)]
+    assert [put(m, k) for k in keys[:3]] == [0, 4 * KIB, 8 * KIB]
+    for k in keys[3:]:
+        put(m, k)
+    leased = [keys[256 * i + 7] for i in range(8)]
+    assert len(m.get_replicas(leased)) == 8
+    assert m.put_start(["big"], [1 * MIB], "h1")[0].outcome is PutOutcome.NO_SPACE
+    assert m.evictions == 0 and m.status().objects == 2048  # nothing evicted in vain
+    # Once one MiB's lease is over, the put evicts exactly that MiB's 256 objects.
+    clock.t += 1.5
+    assert len(m.get_replicas(leased[:3] + leased[4:])) == 7
+    assert put(m, "big", 1 * MIB) == 3 * MIB
+    assert m.evictions == 256 and m.status().objects == 2048 - 256 + 1
+    assert m.exists(keys[3 * 256 : 4 * 256]) == [False] * 256
+    assert all(m.exists(keys[: 3 * 256] + keys[4 * 256 :]))
+
+
+def test_finding4_the_allocator_holds_one_entry_per_free_block() -> None:
+    a = BuddyAllocator(256 * MIB, 4 * KIB)
+    for _ in range(100_000):
+        off, _size = a.allocate(4 * KIB) or (0, 0)
+        a.free(off)
+    # Before: 1.6 million stale heap entries. Now the index is exactly the one free block.
+    assert a.free_blocks == 1 and a.used == 0
+    # Fragmented: every other 4 KiB slot held; the index has exactly the free blocks.
+    held = [a.allocate(4 * KIB) for _ in range(1024)]
+    for i, got in enumerate(held):
+        assert got is not None
+        if i % 2:
+            a.free(got[0])
+    assert a.free_blocks == 512 + 6  # 512 single slots, one block each of 4 MiB .. 128 MiB
+    assert a.free_bytes == 256 * MIB - 512 * 4 * KIB
