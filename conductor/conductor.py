@@ -88,7 +88,7 @@ class Conductor:
         self.info: EngineDescription = ref
         self.model_id = config.served_model_name or ref.model_id
         self.addressing = PoolAddressing(ref.fingerprint, ref.block_size, hash_seed=ref.hash_seed)
-        self.scheduler: Scheduler[object] = Scheduler(config.ttft_slo_s)
+        self.scheduler: Scheduler[object] = Scheduler(config.ttft_slo_s, config.placement_policy)
         self._inflight = 0
         self._poller: asyncio.Task[None] | None = None
         self.metrics = ConductorMetrics(fleet, lambda: self._inflight)
@@ -199,7 +199,8 @@ class Conductor:
                 # between its decode steps. Slower first token, same answer.
                 route = DECODE_FALLBACK
         dst = self.scheduler.choose_decode(
-            self.fleet.decodes, len(prompt) + params.max_tokens  # type: ignore[arg-type]
+            self.fleet.decodes, len(prompt) + params.max_tokens,  # type: ignore[arg-type]
+            len(prompt),
         )
         if dst is None:
             raise Unavailable("no decode engine is up")
@@ -266,8 +267,7 @@ class Conductor:
         prefill engine is up or the chosen one failed."""
         placement = self.scheduler.choose_prefill(
             self.fleet.prefills,  # type: ignore[arg-type]
-            uncached=len(prompt) - matched * self.info.block_size,
-            cached_blocks=matched,
+            len(prompt), matched, time.monotonic(),
         )
         if placement is None:
             log.warning("%s: no prefill engine is up; decode computes the prompt", req.request_id)
@@ -281,7 +281,8 @@ class Conductor:
         client: PrefillClient = st.client  # type: ignore[assignment]
         st.inflight_tokens += len(prompt)
         st.inflight_requests += 1
-        t0 = time.perf_counter()
+        self.scheduler.dispatched(st, placement, time.monotonic())
+        result: PrefillResult | None = None
         try:
             result = await client.prefill(req.request_id, prompt, req.tenant, params)
         except Unavailable as exc:
@@ -291,5 +292,7 @@ class Conductor:
         finally:
             st.inflight_tokens -= len(prompt)
             st.inflight_requests -= 1
-        self.scheduler.observe_prefill(st, result.computed_tokens, time.perf_counter() - t0)
+            # Fitted on service time only (the ledger knows what it queued behind).
+            self.scheduler.completed(st, result.computed_tokens if result else 0,
+                                     result.pool_tokens if result else 0, time.monotonic())
         return result

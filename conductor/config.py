@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 from pantry.common.errors import ConfigError
 
+from .placement import POLICY_NAMES
+
 
 @dataclass(frozen=True)
 class ConductorConfig:
@@ -40,6 +42,10 @@ class ConductorConfig:
     ttft_slo_s: float = field(default=0.0, metadata={
         "help": "time-to-first-token SLO in seconds: refuse requests predicted to miss it "
                 "(0 = admit everything)", "flag": "ttft_slo"})
+    placement_policy: str = field(default="pantry", metadata={
+        "help": "how engines are chosen: random, round_robin, load (shortest predicted "
+                "queue), cache (longest prefix on the engine's host), pantry (lowest predicted "
+                "TTFT: queue + compute of what is not cached + moving what is)"})
     engine_timeout_s: float = field(default=600.0, metadata={
         "help": "deadline of one prefill or decode call to an engine, in seconds"})
     ready_file: str | None = field(default=None, metadata={
@@ -66,3 +72,6 @@ class ConductorConfig:
             raise ConfigError("max_concurrent_requests: must be at least 1")
         if self.ttft_slo_s < 0:
             raise ConfigError("ttft_slo_s: must be 0 (off) or positive")
+        if self.placement_policy not in POLICY_NAMES:
+            raise ConfigError(f"placement_policy: unknown {self.placement_policy!r}; use "
+                              f"{', '.join(POLICY_NAMES)}")

@@ -1,21 +1,27 @@
-"""KV-centric placement: the prefill engine with the lowest predicted TTFT, the decode engine with
-the most headroom, and early rejection when the prediction already misses the SLO."""
+"""The live driver of the placement code: engine states as the conductor knows them (polled
+load, what it sent and has not seen back, fitted models, predicted queues), turned into the
+views `conductor.placement` decides on. The clock is passed in by the caller."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 from pantry.common.engine_info import EngineDescription, EngineLoad
 
-C = TypeVar("C")
+from .perf_model import DecodeModel, PrefillModel, QueueLedger, TransferModel
+from .placement import (
+    Choice,
+    DecodeView,
+    PrefillView,
+    PrefixMatch,
+    RequestShape,
+    Slo,
+    make_policy,
+    rejection,
+)
 
-# Before any prefill has been observed: a CPU-class guess, replaced by measurements.
-INITIAL_SECONDS_PER_TOKEN = 2e-3
-# Pulling one cached block costs far less than computing it; refined later per transport.
-SECONDS_PER_CACHED_BLOCK = 2e-4
-EWMA_WEIGHT = 0.3
+C = TypeVar("C")
 
 
 @dataclass
@@ -26,8 +32,9 @@ class EngineState(Generic[C]):
     up: bool = True
     inflight_tokens: int = 0            # prompt tokens this conductor has sent and not seen back
     inflight_requests: int = 0
-    seconds_per_token: float = INITIAL_SECONDS_PER_TOKEN
-    observed: int = field(default=0)
+    prefill_model: PrefillModel = field(default_factory=PrefillModel)
+    decode_model: DecodeModel = field(default_factory=DecodeModel)
+    ledger: QueueLedger = field(default_factory=QueueLedger)
 
 
 @dataclass(frozen=True)
@@ -37,53 +44,60 @@ class Placement(Generic[C]):
 
 
 class Scheduler(Generic[C]):
-    def __init__(self, ttft_slo_s: float = 0.0) -> None:
+    def __init__(self, ttft_slo_s: float = 0.0, policy: str = "pantry",
+                 tbt_slo_s: float = 0.0, seed: int = 0) -> None:
         self.ttft_slo_s = ttft_slo_s
-
-    def predict_ttft(self, st: EngineState[C], uncached: int, cached_blocks: int) -> float:
-        queue = st.inflight_tokens * st.seconds_per_token
-        return queue + uncached * st.seconds_per_token + cached_blocks * SECONDS_PER_CACHED_BLOCK
-
-    def choose_prefill(
-        self, engines: list[EngineState[C]], uncached: int, cached_blocks: int
-    ) -> Placement[C] | None:
-        """None when no engine is up."""
-        best: Placement[C] | None = None
-        for st in engines:
-            if not st.up:
-                continue
-            ttft = self.predict_ttft(st, uncached, cached_blocks)
-            if best is None or ttft < best.predicted_ttft_s:
-                best = Placement(st, ttft)
-        return best
-
-    def choose_decode(
-        self, engines: list[EngineState[C]], tokens_reserved: int
-    ) -> EngineState[C] | None:
-        best: EngineState[C] | None = None
-        best_key: tuple[int, float] | None = None
-        for st in engines:
-            if not st.up:
-                continue
-            load = st.load
-            need = math.ceil(tokens_reserved / max(st.info.block_size, 1))
-            fits = load is None or load.free_blocks >= need
-            busy = st.inflight_requests + (load.waiting if load else 0)
-            key = (0 if fits else 1, float(busy))
-            if best_key is None or key < best_key:
-                best, best_key = st, key
-        return best
-
-    def misses_slo(self, placement: Placement[C]) -> bool:
-        return self.ttft_slo_s > 0 and placement.predicted_ttft_s > self.ttft_slo_s
+        self.slo = Slo(ttft_slo_s, tbt_slo_s)
+        self.policy = make_policy(policy, seed)
+        self.transfer = TransferModel()
 
     @staticmethod
-    def observe_prefill(st: EngineState[C], computed_tokens: int, seconds: float) -> None:
-        if computed_tokens <= 0 or seconds <= 0:
-            return
-        sample = seconds / computed_tokens
-        st.seconds_per_token = (
-            sample if st.observed == 0
-            else (1 - EWMA_WEIGHT) * st.seconds_per_token + EWMA_WEIGHT * sample
-        )
-        st.observed += 1
+    def _shape(engines: list[EngineState[C]], prompt_tokens: int,
+               max_tokens: int = 0) -> RequestShape:
+        block = engines[0].info.block_size if engines else 1
+        return RequestShape(prompt_tokens, max_tokens, block)
+
+    def choose_prefill(self, engines: list[EngineState[C]], prompt_tokens: int,
+                       cached_blocks: int, now: float) -> Placement[C] | None:
+        """None when no engine is up."""
+        if not engines:
+            return None
+        views = [PrefillView(str(i), st.ledger.queue_s(now), st.prefill_model, st.up)
+                 for i, st in enumerate(engines)]
+        choice = self.policy.prefill(self._shape(engines, prompt_tokens),
+                                     PrefixMatch(("pool",) * cached_blocks), views,
+                                     self.transfer)
+        return None if choice is None else Placement(engines[int(choice.engine_id)],
+                                                     choice.predicted_s)
+
+    def choose_decode(self, engines: list[EngineState[C]], tokens_reserved: int,
+                      prompt_tokens: int = 0) -> EngineState[C] | None:
+        if not engines:
+            return None
+        views = []
+        for i, st in enumerate(engines):
+            load = st.load
+            views.append(DecodeView(
+                str(i), running=st.inflight_requests + (load.waiting if load else 0),
+                context_tokens=0, free_blocks=load.free_blocks if load else None,
+                block_size=st.info.block_size, model=st.decode_model, up=st.up))
+        req = RequestShape(prompt_tokens, tokens_reserved - prompt_tokens, 1)
+        # Fit is judged on each engine's own block size: reserve in tokens, not blocks.
+        choice = self.policy.decode(req, views)
+        return None if choice is None else engines[int(choice.engine_id)]
+
+    def misses_slo(self, placement: Placement[C]) -> bool:
+        return rejection(self.slo, Choice("", placement.predicted_ttft_s), None) == "ttft"
+
+    @staticmethod
+    def dispatched(st: EngineState[C], placement: Placement[C], now: float) -> None:
+        st.ledger.dispatch(now, placement.predicted_ttft_s - st.ledger.queue_s(now))
+
+    @staticmethod
+    def completed(st: EngineState[C], computed_tokens: int, prefix_tokens: int,
+                  now: float) -> None:
+        """Fits the engine's model on the service time alone: the time it waited behind
+        requests sent before it is the ledger's, not the model's."""
+        service = st.ledger.complete(now)
+        st.prefill_model.observe(computed_tokens, prefix_tokens, service)
+

@@ -12,6 +12,7 @@ from engine.errors import EngineError
 from engine.model_files import DEFAULT_MODEL_SPEC
 from engine.role_config import EngineRoleConfig
 from pantry.cli.local import LocalOptions
+from pantry.cli.replay import add_replay_flags
 from pantry.common.config_flags import add_config_flags, config_from_args
 from pantry.common.errors import ConfigError
 from pantry.common.metrics import configure_metrics
@@ -46,6 +47,12 @@ def cmd_local(ns: argparse.Namespace) -> int:
     return run_local(options)
 
 
+def cmd_replay(ns: argparse.Namespace) -> int:
+    from pantry.cli.replay import run_replay
+
+    return run_replay(ns)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Every flag comes from a field of the role's config dataclass, default and help included."""
     parser = argparse.ArgumentParser(prog="pantry", description=__doc__)
@@ -70,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     con = sub.add_parser("conductor", help="run the front door (gRPC + OpenAI HTTP)")
     add_config_flags(con, ConductorConfig, defaults=model)
     con.set_defaults(fn=cmd_conductor)
+
+    rep = sub.add_parser("replay", help="replay a Mooncake-format trace (--simulate: against "
+                                        "a cost model of a GPU cluster)")
+    add_replay_flags(rep)
+    rep.set_defaults(fn=cmd_replay)
     return parser
 
 

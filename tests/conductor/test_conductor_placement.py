@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
+from conductor.perf_model import PrefillModel, TransferModel
 from conductor.requests import GenerationFinished, PromptAccepted, TokensGenerated, Usage
-from conductor.scheduler import INITIAL_SECONDS_PER_TOKEN, SECONDS_PER_CACHED_BLOCK
 from pantry.common.sampling import SamplingParams
 from tests.conductor.fakes import (
     BLOCK,
@@ -30,6 +30,7 @@ def test_prefill_goes_to_the_engine_with_the_lowest_predicted_ttft(pool_address:
     decode = fake_decode("d0", chunk(7, 8), chunk(9, 10, finish="length"))
     with Rig(pool_address, [busy, idle], [decode]) as rig:
         rig.prefill_states[0].inflight_tokens = 100  # another request's prompt is queued there
+        rig.prefill_states[0].ledger.busy_until = 1e12
         req = request(prompt(40))
         events = rig.generate(req)
         assert busy.calls == []
@@ -46,8 +47,8 @@ def test_prefill_goes_to_the_engine_with_the_lowest_predicted_ttft(pool_address:
 def test_prefill_prefers_the_engine_measured_faster(pool_address: str) -> None:
     slow, fast = fake_prefill("slow"), fake_prefill("fast")
     with Rig(pool_address, [slow, fast], [fake_decode("d0", chunk(7, finish="length"))]) as rig:
-        rig.prefill_states[0].seconds_per_token = 4e-3
-        rig.prefill_states[1].seconds_per_token = 1e-3
+        rig.prefill_states[0].prefill_model = PrefillModel(per_token_s=4e-3)
+        rig.prefill_states[1].prefill_model = PrefillModel(per_token_s=1e-3)
         rig.generate(request(prompt(20), max_tokens=1))
         assert (len(slow.calls), len(fast.calls)) == (0, 1)
 
@@ -69,9 +70,8 @@ def test_partial_pool_hit_is_prefilled_and_the_cached_part_predicted_cheap(
     decode = fake_decode("d0", chunk(7, 8, pool_tokens=2 * BLOCK), chunk(9, 10, finish="length"))
     with Rig(pool_address, [pre], [decode], ttft_slo_s=0.05) as rig:
         rig.cache(prompt(40), blocks=1)
-        predicted = rig.conductor.scheduler.predict_ttft(rig.prefill_states[0], 24, 1)
-        assert predicted == pytest.approx(24 * INITIAL_SECONDS_PER_TOKEN
-                                          + SECONDS_PER_CACHED_BLOCK)
+        assert PrefillModel().predict(24, 16) + TransferModel().seconds("pool") == (
+            pytest.approx(24 * 2e-3 + 2e-4))
         events = rig.generate(request(prompt(40)))
         assert len(pre.calls) == 1
         finished = events[-1]

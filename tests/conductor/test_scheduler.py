@@ -1,164 +1,172 @@
-"""Placement: lowest predicted TTFT for prefill, most headroom for decode, SLO rejection."""
+"""Placement and admission, pure: exact choices on hand-made engines, prefixes and queues."""
 
 from __future__ import annotations
 
 import pytest
 
-from conductor.scheduler import (
-    EWMA_WEIGHT,
-    INITIAL_SECONDS_PER_TOKEN,
-    SECONDS_PER_CACHED_BLOCK,
-    EngineState,
-    Placement,
-    Scheduler,
+from conductor.perf_model import PrefillModel, QueueLedger, TransferModel
+from conductor.placement import (
+    CachePolicy,
+    Choice,
+    DecodeView,
+    LoadPolicy,
+    PantryPolicy,
+    PrefillView,
+    PrefixMatch,
+    RandomPolicy,
+    RequestShape,
+    RoundRobinPolicy,
+    Slo,
+    make_policy,
+    predict_ttft,
+    rejection,
 )
+from conductor.scheduler import EngineState, Placement, Scheduler
 from pantry.common.engine_info import EngineDescription, EngineLoad
 
+MODEL = PrefillModel(per_token_s=0.01)
+XFER = TransferModel({"local": 0.001, "remote": 0.01, "pool": 0.01})
+REQ = RequestShape(prompt_tokens=100, max_tokens=10, block_size=10)
+
+
+def pv(name: str, queue: float = 0.0, up: bool = True) -> PrefillView:
+    return PrefillView(name, queue, MODEL, up)
+
+
+def test_predicted_ttft_is_queue_compute_and_transfer_by_tier() -> None:
+    match = PrefixMatch(("remote",) * 6, {"a": 4})
+    # a: 4 local blocks (0.004) + 2 remote (0.02) + 40 computed tokens (0.4) + queue 1.0
+    assert predict_ttft(REQ, match, pv("a", 1.0), XFER) == pytest.approx(1.424)
+    # b: 6 remote blocks + 40 tokens
+    assert predict_ttft(REQ, match, pv("b"), XFER) == pytest.approx(0.46)
+    # a fully cached prompt still computes its last token
+    full = PrefixMatch(("remote",) * 10)
+    assert predict_ttft(REQ, full, pv("b"), XFER) == pytest.approx(0.1 + 0.01)
+
+
+def test_pantry_spreads_a_hot_prefix_when_its_holder_is_busy() -> None:
+    match = PrefixMatch(("remote",) * 8, {"hot": 8})
+    # Idle holder: the local prefix wins (0.008 + 0.2 vs 0.08 + 0.2).
+    assert PantryPolicy().prefill(REQ, match, [pv("cold"), pv("hot")], XFER) == Choice(
+        "hot", pytest.approx(0.208))
+    # Holder queued 0.5 s: pulling the prefix from the pool elsewhere is sooner.
+    assert PantryPolicy().prefill(REQ, match, [pv("cold"), pv("hot", 0.5)], XFER) == Choice(
+        "cold", pytest.approx(0.28))
+
+
+def test_cache_policy_follows_local_prefix_load_policy_follows_queue() -> None:
+    match = PrefixMatch(("remote",) * 8, {"hot": 8})
+    engines = [pv("cold", 0.1), pv("hot", 0.5)]
+    # cache: cold = 0.1 + 1.0 (no local prefix), hot = 0.5 + 0.008 + 0.2
+    assert CachePolicy().prefill(REQ, match, engines, XFER) == Choice("hot", pytest.approx(0.708))
+    assert LoadPolicy().prefill(REQ, match, engines, XFER) == Choice("cold", pytest.approx(0.38))
+
+
+def test_round_robin_and_random_skip_engines_that_are_down() -> None:
+    engines = [pv("a"), pv("b", up=False), pv("c")]
+    rr = RoundRobinPolicy()
+    picks = [rr.prefill(REQ, PrefixMatch(), engines, XFER) for _ in range(4)]
+    assert [p.engine_id for p in picks if p] == ["a", "c", "a", "c"]
+    rnd = RandomPolicy(seed=0)
+    assert [rnd.prefill(REQ, PrefixMatch(), engines, XFER).engine_id  # type: ignore[union-attr]
+            for _ in range(6)] == ["c", "c", "a", "c", "c", "c"]
+    assert LoadPolicy().prefill(REQ, PrefixMatch(), [pv("x", up=False)], XFER) is None
+
+
+def dv(name: str, running: int, free: int | None = 100) -> DecodeView:
+    from conductor.perf_model import DecodeModel
+    return DecodeView(name, running, 0, free, 16, DecodeModel(fixed_s=0.02, per_seq_s=0.001))
+
+
+def test_decode_goes_where_it_fits_then_to_the_lowest_predicted_tbt() -> None:
+    req = RequestShape(40, 4, 16)  # 44 tokens: 3 blocks of 16
+    engines = [dv("tight", 0, free=2), dv("busy", 5), dv("calm", 1)]
+    assert PantryPolicy().decode(req, engines) == Choice("calm", pytest.approx(0.022))
+    assert LoadPolicy().decode(req, engines) == Choice("calm", pytest.approx(0.022))
+    # nothing fits: the least loaded of all
+    assert PantryPolicy().decode(req, [dv("a", 3, 1), dv("b", 2, 1)]) == Choice(
+        "b", pytest.approx(0.023))
+
+
+def test_admission_refuses_on_either_slo() -> None:
+    slo = Slo(ttft_s=1.0, tbt_s=0.05)
+    assert rejection(slo, Choice("p", 1.0), Choice("d", 0.05)) == ""
+    assert rejection(slo, Choice("p", 1.01), Choice("d", 0.01)) == "ttft"
+    assert rejection(slo, Choice("p", 0.5), Choice("d", 0.06)) == "tbt"
+    assert rejection(Slo(), Choice("p", 1e9), Choice("d", 1e9)) == ""
+
+
+def test_policies_by_name() -> None:
+    assert [make_policy(n).name for n in ("random", "round_robin", "load", "cache", "pantry")
+            ] == ["random", "round_robin", "load", "cache", "pantry"]
+    with pytest.raises(ValueError, match="unknown placement policy 'best'"):
+        make_policy("best")
+
+
+def test_ledger_counts_the_queue_once() -> None:
+    """Three requests sent at t=0 to an idle FIFO engine, each really taking 1 s: the ledger
+    measures each service as 1 s, not 1, 2 and 3 s as latency would."""
+    led = QueueLedger()
+    assert [led.dispatch(0.0, 1.0) for _ in range(3)] == [0.0, 1.0, 2.0]
+    assert led.queue_s(0.5) == 2.5
+    assert [led.complete(t) for t in (1.0, 2.0, 3.0)] == [1.0, 1.0, 1.0]
+    assert led.queue_s(3.0) == 0.0
+
+
+def test_prefill_model_first_observation_replaces_then_ewma() -> None:
+    m = PrefillModel(per_token_s=1e-3)
+    m.observe(100, 0, 0.5)       # base 0.1 s: scale 5
+    assert m.scale == 5.0
+    m.observe(100, 0, 0.1)       # sample 1: 0.7 * 5 + 0.3 * 1
+    assert m.scale == pytest.approx(3.8)
+    m.observe(0, 0, 1.0)         # nothing computed: ignored
+    assert (m.scale, m.observed) == (pytest.approx(3.8), 2)
+
+
+# ---- the live driver ---------------------------------------------------------------------
 
 def info(name: str, role: str = "prefill", block_size: int = 16) -> EngineDescription:
-    return EngineDescription(role=role, engine_id=name, model_id="tiny",
-                      fingerprint="fp", block_size=block_size, vocab_size=512,
-                      max_model_len=256, eos_token_ids=(2,), hash_seed=0)
+    return EngineDescription(role=role, engine_id=name, model_id="tiny", fingerprint="fp",
+                             block_size=block_size, vocab_size=512, max_model_len=256,
+                             eos_token_ids=(2,), hash_seed=0)
 
 
-def load(free: int, waiting: int = 0, total: int = 100) -> EngineLoad:
-    return EngineLoad(waiting=waiting, running=0, free_blocks=free, total_blocks=total,
+def load(free: int, waiting: int = 0) -> EngineLoad:
+    return EngineLoad(waiting=waiting, running=0, free_blocks=free, total_blocks=100,
                       requests_total=0, computed_tokens_total=0, pool_tokens_total=0,
                       busy_seconds_total=0.0)
 
 
-def engine(name: str, role: str = "prefill", **kw: object) -> EngineState[str]:
-    return EngineState(client=name, info=info(name, role), **kw)  # type: ignore[arg-type]
-
-
-# ---- prefill ------------------------------------------------------------------------------
-
-def test_predicted_ttft_formula() -> None:
-    st = engine("a", inflight_tokens=100, seconds_per_token=0.01)
-    got = Scheduler().predict_ttft(st, uncached=50, cached_blocks=3)
-    assert got == pytest.approx(100 * 0.01 + 50 * 0.01 + 3 * SECONDS_PER_CACHED_BLOCK)
-
-
-def test_choose_prefill_prefers_fewer_inflight_tokens() -> None:
-    busy = engine("busy", inflight_tokens=500)
-    idle = engine("idle", inflight_tokens=10)
-    for order in ([busy, idle], [idle, busy]):
-        placement = Scheduler().choose_prefill(order, uncached=64, cached_blocks=0)
-        assert placement is not None
-        assert placement.engine.client == "idle"
-        assert placement.predicted_ttft_s == pytest.approx(74 * INITIAL_SECONDS_PER_TOKEN)
-
-
-def test_choose_prefill_prefers_faster_engine() -> None:
-    slow = engine("slow", seconds_per_token=4e-3)
-    fast = engine("fast", seconds_per_token=1e-3)
-    for order in ([slow, fast], [fast, slow]):
-        placement = Scheduler().choose_prefill(order, uncached=100, cached_blocks=2)
-        assert placement is not None
-        assert placement.engine.client == "fast"
-        assert placement.predicted_ttft_s == pytest.approx(0.1 + 2 * SECONDS_PER_CACHED_BLOCK)
-
-
-def test_fast_but_loaded_engine_loses_to_slow_idle_one() -> None:
-    fast_loaded = engine("fast", seconds_per_token=1e-3, inflight_tokens=1000)  # 1.0 + 0.1
-    slow_idle = engine("slow", seconds_per_token=5e-3)                          # 0.5
-    placement = Scheduler().choose_prefill([fast_loaded, slow_idle], uncached=100,
-                                           cached_blocks=0)
-    assert placement is not None and placement.engine.client == "slow"
-
-
-def test_choose_prefill_skips_engines_that_are_down() -> None:
-    down = engine("down", up=False, seconds_per_token=1e-6)
-    up = engine("up", inflight_tokens=10_000)
-    placement = Scheduler().choose_prefill([down, up], uncached=10, cached_blocks=0)
-    assert placement is not None and placement.engine.client == "up"
-
-
-def test_choose_prefill_none_when_nothing_is_up() -> None:
+def test_scheduler_places_by_predicted_queue_and_learns_service_time() -> None:
+    a = EngineState(client="a", info=info("a"))
+    b = EngineState(client="b", info=info("b"))
     sched: Scheduler[str] = Scheduler()
-    assert sched.choose_prefill([], uncached=10, cached_blocks=0) is None
-    assert sched.choose_prefill([engine("a", up=False), engine("b", up=False)], 10, 0) is None
+    first = sched.choose_prefill([a, b], 64, 0, now=0.0)
+    assert first == Placement(a, pytest.approx(64 * 2e-3))
+    sched.dispatched(a, first, now=0.0)  # type: ignore[arg-type]
+    second = sched.choose_prefill([a, b], 64, 0, now=0.0)
+    assert second is not None and second.engine is b
+    sched.completed(a, computed_tokens=64, prefix_tokens=0, now=0.256)
+    assert a.prefill_model.scale == pytest.approx(2.0)
+    assert a.ledger.queue_s(0.256) == 0.0
 
 
-def test_misses_slo() -> None:
-    st = engine("a")
+def test_scheduler_ttft_slo_and_engines_down() -> None:
+    st = EngineState(client="a", info=info("a"))
     strict: Scheduler[str] = Scheduler(ttft_slo_s=0.5)
     assert strict.misses_slo(Placement(st, 0.51))
     assert not strict.misses_slo(Placement(st, 0.5))
-    assert not strict.misses_slo(Placement(st, 0.1))
-    no_slo: Scheduler[str] = Scheduler(ttft_slo_s=0.0)
-    assert not no_slo.misses_slo(Placement(st, 1e9))
+    assert not Scheduler[str]().misses_slo(Placement(st, 1e9))
+    down = EngineState(client="d", info=info("d"), up=False)
+    assert Scheduler[str]().choose_prefill([down], 10, 0, now=0.0) is None
+    assert Scheduler[str]().choose_prefill([], 10, 0, now=0.0) is None
 
 
-def test_observe_prefill_first_sample_replaces_the_guess_then_ewma() -> None:
-    st = engine("a")
-    assert st.seconds_per_token == INITIAL_SECONDS_PER_TOKEN
-    Scheduler.observe_prefill(st, computed_tokens=100, seconds=0.5)      # 5e-3
-    assert st.seconds_per_token == pytest.approx(5e-3, abs=0, rel=1e-12)
-    assert st.observed == 1
-    Scheduler.observe_prefill(st, computed_tokens=200, seconds=0.2)      # 1e-3
-    assert EWMA_WEIGHT == 0.3
-    assert st.seconds_per_token == pytest.approx(0.7 * 5e-3 + 0.3 * 1e-3, rel=1e-12)  # 3.8e-3
-    assert st.observed == 2
-    Scheduler.observe_prefill(st, computed_tokens=10, seconds=0.1)       # 1e-2
-    assert st.seconds_per_token == pytest.approx(0.7 * 3.8e-3 + 0.3 * 1e-2, rel=1e-12)
-    assert st.observed == 3
-
-
-@pytest.mark.parametrize(("tokens", "seconds"), [(0, 1.0), (-5, 1.0), (10, 0.0), (10, -1.0)])
-def test_observe_prefill_ignores_empty_samples(tokens: int, seconds: float) -> None:
-    st = engine("a")
-    Scheduler.observe_prefill(st, computed_tokens=tokens, seconds=seconds)
-    assert st.seconds_per_token == INITIAL_SECONDS_PER_TOKEN
-    assert st.observed == 0
-
-
-# ---- decode -------------------------------------------------------------------------------
-
-def test_choose_decode_prefers_engine_whose_free_blocks_fit() -> None:
-    # 40 tokens on 16-token blocks need 3 blocks.
-    tight = engine("tight", "decode", load=load(free=2))
-    roomy = engine("roomy", "decode", load=load(free=3, waiting=7), inflight_requests=4)
-    for order in ([tight, roomy], [roomy, tight]):
-        assert Scheduler().choose_decode(order, tokens_reserved=40) is roomy
-
-
-def test_choose_decode_least_busy_among_those_that_fit() -> None:
-    a = engine("a", "decode", load=load(free=50, waiting=3), inflight_requests=1)   # busy 4
-    b = engine("b", "decode", load=load(free=50, waiting=0), inflight_requests=2)   # busy 2
-    c = engine("c", "decode", load=load(free=50, waiting=1), inflight_requests=2)   # busy 3
-    assert Scheduler().choose_decode([a, b, c], tokens_reserved=16) is b
-
-
-def test_choose_decode_unknown_load_counts_as_fitting() -> None:
-    unknown = engine("unknown", "decode", inflight_requests=1)
-    full = engine("full", "decode", load=load(free=0))
-    assert Scheduler().choose_decode([full, unknown], tokens_reserved=16) is unknown
-
-
-def test_choose_decode_falls_back_to_least_busy_when_nothing_fits() -> None:
-    a = engine("a", "decode", load=load(free=1, waiting=5))
-    b = engine("b", "decode", load=load(free=1, waiting=2))
-    assert Scheduler().choose_decode([a, b], tokens_reserved=100) is b
-
-
-def test_choose_decode_uses_each_engines_block_size() -> None:
-    small = EngineState(client="small", info=info("small", "decode", block_size=8),
-                        load=load(free=4))   # 40 tokens need 5 blocks of 8: does not fit
-    big = EngineState(client="big", info=info("big", "decode", block_size=32),
-                      load=load(free=2, waiting=9))  # 40 tokens need 2 blocks of 32: fits
-    assert Scheduler().choose_decode([small, big], tokens_reserved=40) is big
-
-
-def test_choose_decode_exact_fit_counts() -> None:
-    exact = engine("exact", "decode", load=load(free=2, waiting=3))
-    short = engine("short", "decode", load=load(free=1))
-    assert Scheduler().choose_decode([short, exact], tokens_reserved=32) is exact
-
-
-def test_choose_decode_skips_down_engines_and_none_when_all_down() -> None:
-    down = engine("down", "decode", up=False, load=load(free=100))
-    up = engine("up", "decode", load=load(free=0, waiting=10))
-    assert Scheduler().choose_decode([down, up], tokens_reserved=16) is up
-    assert Scheduler().choose_decode([down], tokens_reserved=16) is None
-    assert Scheduler().choose_decode([], tokens_reserved=16) is None
+def test_scheduler_decode_fit_uses_each_engines_block_size() -> None:
+    small = EngineState(client="small", info=info("small", "decode", 8), load=load(free=4))
+    big = EngineState(client="big", info=info("big", "decode", 32), load=load(free=2, waiting=9))
+    assert Scheduler[str]().choose_decode([small, big], 40, 30) is big
+    calm = EngineState(client="calm", info=info("calm", "decode"), load=load(50, waiting=1))
+    busy = EngineState(client="busy", info=info("busy", "decode"), load=load(50, waiting=3))
+    assert Scheduler[str]().choose_decode([busy, calm], 16, 10) is calm
+    assert Scheduler[str]().choose_decode([], 16, 10) is None
