@@ -7,6 +7,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncGenerator
+from dataclasses import dataclass
 
 from engine.detokenizer import IncrementalDetokenizer
 from engine.model_files import load_tokenizer
@@ -29,14 +30,26 @@ from .requests import (
     TokensGenerated,
     Usage,
 )
-from .scheduler import Scheduler
+from .scheduler import EngineState, Placement, Scheduler
 from .stop_strings import StopStringMatcher
 
 log = logging.getLogger(__name__)
 
 
 class SloMiss(Overloaded):
-    """Refused before any work: the predicted time to first token already misses the SLO."""
+    """Refused before any work: the predicted TTFT or TBT already misses its SLO."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+@dataclass
+class _DecodeState:
+    """What a request's decode stream has said so far, across engines if one fails."""
+
+    cached: int
+    finish: str = ""
 
 
 def _error_kind(exc: InvalidRequest | Overloaded | Unavailable) -> str:
@@ -88,7 +101,8 @@ class Conductor:
         self.info: EngineDescription = ref
         self.model_id = config.served_model_name or ref.model_id
         self.addressing = PoolAddressing(ref.fingerprint, ref.block_size, hash_seed=ref.hash_seed)
-        self.scheduler: Scheduler[object] = Scheduler(config.ttft_slo_s, config.placement_policy)
+        self.scheduler: Scheduler[object] = Scheduler(config.ttft_slo_s, config.placement_policy,
+                                                      config.tbt_slo_s)
         self._inflight = 0
         self._poller: asyncio.Task[None] | None = None
         self.metrics = ConductorMetrics(fleet, lambda: self._inflight)
@@ -186,68 +200,122 @@ class Conductor:
         self, req: GenerationRequest, prompt: tuple[int, ...], params: SamplingParams
     ) -> AsyncGenerator[GenerationEvent, None]:
         start = time.perf_counter()
-        yield PromptAccepted(prompt)
         keys = self.addressing.block_keys(prompt, req.tenant)
         matched = await self._cached_blocks(keys)
         # A full hit leaves at most a partial block to compute: decode does that itself.
         route = DECODE_DIRECT if matched == len(keys) else PREFILL_THEN_DECODE
+        placement = None
+        if route == PREFILL_THEN_DECODE:
+            placement = self.scheduler.choose_prefill(
+                self.fleet.prefills, len(prompt), matched, time.monotonic())  # type: ignore[arg-type]
+        self._admit_on_slos(placement, len(prompt), params)
+        # Refusals come before this event, so HTTP can still answer 429 rather than a stream.
+        yield PromptAccepted(prompt)
         prefilled: PrefillResult | None = None
         if route == PREFILL_THEN_DECODE:
-            prefilled = await self._prefill(req, prompt, matched, params)
+            prefilled = await self._prefill(req, prompt, matched, params, placement)
             if prefilled is None:
                 # No prefill engine could take it: decode computes the prompt itself, in chunks
                 # between its decode steps. Slower first token, same answer.
                 route = DECODE_FALLBACK
-        dst = self.scheduler.choose_decode(
-            self.fleet.decodes, len(prompt) + params.max_tokens,  # type: ignore[arg-type]
-            len(prompt),
-        )
-        if dst is None:
-            raise Unavailable("no decode engine is up")
-        decoder: DecodeClient = dst.client  # type: ignore[assignment]
         out = _Output(self.tokenizer, req.sampling.stop, start, self.metrics)
-        cached = prefilled.pool_tokens if prefilled else 0
-        finish = ""
-        dst.inflight_requests += 1
+        state = _DecodeState(prefilled.pool_tokens if prefilled else 0)
         try:
             first_token = None
             if prefilled is not None:
                 # The prefill's first token goes out before decode has even pulled the blocks.
                 first_token = prefilled.first_token
                 yield out.add((first_token,))
-            if not out.stopped:  # else done already: decode is never called
-                chunks = decoder.decode(req.request_id, prompt, req.tenant, params, first_token)
-                async with contextlib.aclosing(chunks):
-                    skip_first = first_token is not None  # decode repeats it
-                    async for chunk in chunks:
-                        if prefilled is None and chunk.pool_tokens:
-                            cached = chunk.pool_tokens
-                        new = chunk.token_ids
-                        if skip_first and new:
-                            new, skip_first = new[1:], False
-                        if new:
-                            yield out.add(new)
-                            if out.stopped:
-                                break
-                        if chunk.finish_reason:
-                            finish = chunk.finish_reason
-                            break
+            failure: Unavailable | None = None
+            while not out.stopped and not state.finish:
+                dst = self.scheduler.choose_decode(
+                    self.fleet.decodes, len(prompt) + params.max_tokens,  # type: ignore[arg-type]
+                    len(prompt))
+                if dst is None:
+                    raise failure or Unavailable("no decode engine is up")
+                streamed = len(out.token_ids)
+                try:
+                    async with contextlib.aclosing(self._decode_on(
+                            dst, req, prompt, params, first_token, out, state)) as events:
+                        async for event in events:
+                            yield event
+                    break
+                except Unavailable as exc:
+                    dst.up = False  # out of rotation until a poll finds it answering again
+                    if len(out.token_ids) > streamed:
+                        raise  # it streamed tokens: another engine would repeat or diverge
+                    log.warning("%s: %s; retrying on another decode engine",
+                                req.request_id, exc)
+                    failure = exc
             if out.stopped:
-                finish = "stop"
+                state.finish = "stop"
         except (GeneratorExit, asyncio.CancelledError):
-            self._count(route, "cancelled", len(prompt), cached, out)
+            self._count(route, "cancelled", len(prompt), state.cached, out)
             raise
-        finally:
-            dst.inflight_requests -= 1
-        self._count(route, finish or "unknown", len(prompt), cached, out)
+        self._count(route, state.finish or "unknown", len(prompt), state.cached, out)
         usage = Usage(
             prompt_tokens=len(prompt),
             completion_tokens=len(out.token_ids),
-            cached_tokens=cached,
+            cached_tokens=state.cached,
             ttft_s=out.ttft_s,
             prefill_skipped=route != PREFILL_THEN_DECODE,
         )
-        yield GenerationFinished(finish or "stop", out.flush(), usage)
+        yield GenerationFinished(state.finish or "stop", out.flush(), usage)
+
+    def _admit_on_slos(self, placement: Placement[object] | None, prompt_tokens: int,
+                       params: SamplingParams) -> None:
+        """Early rejection (Mooncake §7): refuse before any work when the chosen prefill's
+        predicted TTFT or the chosen decode's predicted TBT already misses its SLO."""
+        cfg = self.config
+        if placement is not None and self.scheduler.misses_slo(placement):
+            raise SloMiss(
+                f"predicted TTFT {placement.predicted_ttft_s:.2f}s exceeds the SLO "
+                f"{cfg.ttft_slo_s:.2f}s; retry later",
+                retry_after_s=placement.predicted_ttft_s - cfg.ttft_slo_s)
+        if cfg.tbt_slo_s <= 0:
+            return
+        choice = self.scheduler.decode_choice(
+            self.fleet.decodes, prompt_tokens + params.max_tokens,  # type: ignore[arg-type]
+            prompt_tokens)
+        if choice is not None and self.scheduler.misses_tbt(choice[1]):
+            raise SloMiss(f"predicted TBT {choice[1] * 1000:.1f}ms exceeds the SLO "
+                          f"{cfg.tbt_slo_s * 1000:.1f}ms; retry later")
+
+    async def _decode_on(
+        self, dst: EngineState[object], req: GenerationRequest, prompt: tuple[int, ...],
+        params: SamplingParams, first_token: int | None, out: _Output, state: _DecodeState,
+    ) -> AsyncGenerator[TokensGenerated, None]:
+        """One decode engine's stream; raises Unavailable when the engine fails."""
+        decoder: DecodeClient = dst.client  # type: ignore[assignment]
+        batch = dst.inflight_requests + 1
+        dst.inflight_requests += 1
+        began: float | None = None
+        steps = 0
+        try:
+            chunks = decoder.decode(req.request_id, prompt, req.tenant, params, first_token)
+            async with contextlib.aclosing(chunks):
+                skip_first = first_token is not None  # decode repeats it
+                async for chunk in chunks:
+                    if first_token is None and chunk.pool_tokens:
+                        state.cached = chunk.pool_tokens
+                    new = chunk.token_ids
+                    if skip_first and new:
+                        new, skip_first = new[1:], False
+                    if new:
+                        if began is None:
+                            began = time.monotonic()
+                        else:
+                            steps += len(new)
+                        yield out.add(new)
+                        if out.stopped:
+                            break
+                    if chunk.finish_reason:
+                        state.finish = chunk.finish_reason
+                        break
+        finally:
+            dst.inflight_requests -= 1
+        if began is not None:
+            self.scheduler.decoded(dst, batch, steps, time.monotonic() - began)
 
     def _count(self, route: str, finish: str, prompt_tokens: int, cached: int,
                out: _Output) -> None:
@@ -261,22 +329,23 @@ class Conductor:
 
     async def _prefill(
         self, req: GenerationRequest, prompt: tuple[int, ...], matched: int,
-        params: SamplingParams,
+        params: SamplingParams, placement: Placement[object] | None,
     ) -> PrefillResult | None:
-        """Runs the prompt on the prefill engine with the lowest predicted TTFT; None when no
-        prefill engine is up or the chosen one failed."""
-        placement = self.scheduler.choose_prefill(
-            self.fleet.prefills,  # type: ignore[arg-type]
-            len(prompt), matched, time.monotonic(),
-        )
-        if placement is None:
-            log.warning("%s: no prefill engine is up; decode computes the prompt", req.request_id)
-            return None
-        if self.scheduler.misses_slo(placement):
-            raise SloMiss(
-                f"predicted TTFT {placement.predicted_ttft_s:.2f}s exceeds the SLO "
-                f"{self.config.ttft_slo_s:.2f}s; retry later"
-            )
+        """Runs the prompt on `placement`'s engine; an engine that fails is out of rotation at
+        once and the prompt goes to the next best. None when no prefill engine is left up."""
+        while placement is not None:
+            result = await self._prefill_on(req, prompt, params, placement)
+            if result is not None:
+                return result
+            placement = self.scheduler.choose_prefill(
+                self.fleet.prefills, len(prompt), matched, time.monotonic())  # type: ignore[arg-type]
+        log.warning("%s: no prefill engine is up; decode computes the prompt", req.request_id)
+        return None
+
+    async def _prefill_on(
+        self, req: GenerationRequest, prompt: tuple[int, ...], params: SamplingParams,
+        placement: Placement[object],
+    ) -> PrefillResult | None:
         st = placement.engine
         client: PrefillClient = st.client  # type: ignore[assignment]
         st.inflight_tokens += len(prompt)
@@ -287,7 +356,7 @@ class Conductor:
             result = await client.prefill(req.request_id, prompt, req.tenant, params)
         except Unavailable as exc:
             st.up = False  # until the next poll says otherwise
-            log.warning("%s: %s; decode computes the prompt", req.request_id, exc)
+            log.warning("%s: %s", req.request_id, exc)
             return None
         finally:
             st.inflight_tokens -= len(prompt)

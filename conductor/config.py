@@ -42,6 +42,10 @@ class ConductorConfig:
     ttft_slo_s: float = field(default=0.0, metadata={
         "help": "time-to-first-token SLO in seconds: refuse requests predicted to miss it "
                 "(0 = admit everything)", "flag": "ttft_slo"})
+    tbt_slo_s: float = field(default=0.0, metadata={
+        "help": "time-between-tokens SLO in seconds: refuse requests whose decode engine is "
+                "predicted to step slower than this with them in its batch (0 = admit "
+                "everything)", "flag": "tbt_slo"})
     placement_policy: str = field(default="pantry", metadata={
         "help": "how engines are chosen: random, round_robin, load (shortest predicted "
                 "queue), cache (longest prefix on the engine's host), pantry (lowest predicted "
@@ -70,8 +74,9 @@ class ConductorConfig:
             raise ConfigError("max_request_bytes: must be at least 1024")
         if self.max_concurrent_requests < 1:
             raise ConfigError("max_concurrent_requests: must be at least 1")
-        if self.ttft_slo_s < 0:
-            raise ConfigError("ttft_slo_s: must be 0 (off) or positive")
+        for name in ("ttft_slo_s", "tbt_slo_s"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: must be 0 (off) or positive")
         if self.placement_policy not in POLICY_NAMES:
             raise ConfigError(f"placement_policy: unknown {self.placement_policy!r}; use "
                               f"{', '.join(POLICY_NAMES)}")

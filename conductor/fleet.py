@@ -15,6 +15,9 @@ from .engines import DecodeClient, PrefillClient
 from .scheduler import EngineState
 
 LOAD_POLL_S = 1.0
+# A Load answer is a counter read: an engine slower than this is as good as down for placement,
+# and one slow engine must not delay the view of the others (they are asked all at once).
+LOAD_TIMEOUT_S = 1.0
 
 
 class Fleet:
@@ -52,8 +55,8 @@ class Fleet:
                         raise Unavailable(f"engine {client.address} did not answer: {exc}") from exc
                     await asyncio.sleep(0.2)
 
-        p_infos = [await info_of(c) for c in prefills]
-        d_infos = [await info_of(c) for c in decodes]
+        p_infos = list(await asyncio.gather(*(info_of(c) for c in prefills)))
+        d_infos = list(await asyncio.gather(*(info_of(c) for c in decodes)))
         ref = p_infos[0]
         clients: list[PrefillClient | DecodeClient] = [*prefills, *decodes]
         for client, info in zip(clients, p_infos + d_infos, strict=True):
@@ -84,22 +87,28 @@ class Fleet:
             await asyncio.sleep(LOAD_POLL_S)
 
     async def refresh(self) -> dict[str, bool]:
-        """Asks every role for its load; returns which answered."""
-        up: dict[str, bool] = {}
+        """Asks every role for its load, all at once; returns which answered."""
         engines: list[EngineState[PrefillClient] | EngineState[DecodeClient]] = [
             *self.prefills, *self.decodes
         ]
-        for st in engines:
+
+        async def poll(st: EngineState[PrefillClient] | EngineState[DecodeClient]) -> None:
             try:
-                st.load = await st.client.load()
+                st.load = await asyncio.wait_for(st.client.load(timeout=LOAD_TIMEOUT_S),
+                                                 LOAD_TIMEOUT_S)
                 st.up = True
             except Exception:
                 st.up = False
-            up[f"{st.info.role}:{st.info.engine_id}"] = st.up
-        try:
-            self.pool_status = await asyncio.to_thread(self.pool.status)
-            self.pool_up = True
-        except Exception:
-            self.pool_up = False
+
+        async def pool_status() -> None:
+            try:
+                self.pool_status = await asyncio.wait_for(
+                    asyncio.to_thread(self.pool.status), LOAD_TIMEOUT_S)
+                self.pool_up = True
+            except Exception:
+                self.pool_up = False
+
+        await asyncio.gather(*(poll(st) for st in engines), pool_status())
+        up = {f"{st.info.role}:{st.info.engine_id}": st.up for st in engines}
         up["kvstore"] = self.pool_up
         return up

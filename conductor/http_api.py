@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -37,11 +38,22 @@ ERROR_TYPES = {400: "invalid_request_error", 413: "invalid_request_error",
                429: "rate_limit_error", 503: "service_unavailable"}
 
 
-def _error(status: int, message: str, param: str | None = None) -> web.Response:
+def _error(status: int, message: str, param: str | None = None,
+           retry_after_s: float | None = None) -> web.Response:
+    headers = {} if retry_after_s is None else {"Retry-After": str(math.ceil(retry_after_s))}
     return web.json_response(
         error_json(message, param, status, ERROR_TYPES.get(status, "server_error")),
-        status=status,
+        status=status, headers=headers,
     )
+
+
+def _refusal(exc: InvalidRequest | Overloaded | Unavailable) -> web.Response:
+    """An error before any byte was sent; a 429 says when to come back (RFC 9110 §10.2.3):
+    an SLO refusal when the predicted excess has drained, any other overload in a second."""
+    retry = None
+    if isinstance(exc, Overloaded):
+        retry = max(getattr(exc, "retry_after_s", 1.0), 1.0)
+    return _error(*_status_of(exc), retry_after_s=retry)
 
 
 def _status_of(exc: InvalidRequest | Overloaded | Unavailable) -> tuple[int, str, str | None]:
@@ -77,10 +89,8 @@ async def _serve(
         events = conductor.generate(req)
         first = await anext(events)  # validation errors surface here, before any byte is sent
         assert isinstance(first, PromptAccepted)
-    except InvalidRequest as exc:
-        return _error(*_status_of(exc))
-    except (Overloaded, Unavailable) as exc:
-        return _error(*_status_of(exc))
+    except (InvalidRequest, Overloaded, Unavailable) as exc:
+        return _refusal(exc)
     obj = "chat.completion" if chat else "text_completion"
     base = {"id": req.request_id, "created": now(), "model": conductor.model_id}
     prompt_ids = list(first.prompt_token_ids)
@@ -108,7 +118,7 @@ async def _collect(
                 texts.append(event.text)
                 finished = event
     except (InvalidRequest, Overloaded, Unavailable) as exc:
-        return _error(*_status_of(exc))
+        return _refusal(exc)
     text = "".join(texts)
     choice: dict[str, Any] = {"index": 0, "finish_reason": finished.finish_reason, "logprobs": None}
     if chat:

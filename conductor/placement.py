@@ -94,6 +94,10 @@ def fits(req: RequestShape, e: DecodeView) -> bool:
 
 class PlacementPolicy(Protocol):
     name: str
+    # What the engines of the system a policy comes from can reuse: only their own local cache
+    # ('local': Mooncake's baselines, Fig. 5) or the whole pool ('pool'). Live engines always
+    # read the pool; the simulator builds for each policy the cluster it assumes.
+    reach: str
 
     def prefill(self, req: RequestShape, match: PrefixMatch, engines: Sequence[PrefillView],
                 transfer: TransferModel) -> Choice | None: ...
@@ -124,6 +128,7 @@ def _by_key(req: RequestShape, match: PrefixMatch, engines: Sequence[PrefillView
 
 class RandomPolicy:
     name = "random"
+    reach = "local"
 
     def __init__(self, seed: int = 0) -> None:
         self._rng = random.Random(seed)
@@ -146,6 +151,7 @@ class RandomPolicy:
 
 class RoundRobinPolicy:
     name = "round_robin"
+    reach = "local"
 
     def __init__(self) -> None:
         self._next_prefill = 0
@@ -181,6 +187,7 @@ class LoadPolicy:
     """The shortest predicted queue, whatever is cached where."""
 
     name = "load"
+    reach = "local"
 
     def prefill(self, req: RequestShape, match: PrefixMatch, engines: Sequence[PrefillView],
                 transfer: TransferModel) -> Choice | None:
@@ -196,6 +203,7 @@ class CachePolicy:
     (the engine still reads the pool)."""
 
     name = "cache"
+    reach = "local"
 
     def prefill(self, req: RequestShape, match: PrefixMatch, engines: Sequence[PrefillView],
                 transfer: TransferModel) -> Choice | None:
@@ -214,6 +222,7 @@ class PantryPolicy:
     lowest predicted TBT among engines where the sequence fits."""
 
     name = "pantry"
+    reach = "pool"
 
     def prefill(self, req: RequestShape, match: PrefixMatch, engines: Sequence[PrefillView],
                 transfer: TransferModel) -> Choice | None:

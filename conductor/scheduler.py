@@ -72,6 +72,12 @@ class Scheduler(Generic[C]):
 
     def choose_decode(self, engines: list[EngineState[C]], tokens_reserved: int,
                       prompt_tokens: int = 0) -> EngineState[C] | None:
+        choice = self.decode_choice(engines, tokens_reserved, prompt_tokens)
+        return None if choice is None else choice[0]
+
+    def decode_choice(self, engines: list[EngineState[C]], tokens_reserved: int,
+                      prompt_tokens: int = 0) -> tuple[EngineState[C], float] | None:
+        """The decode engine and its predicted TBT with this request in its batch."""
         if not engines:
             return None
         views = []
@@ -84,7 +90,17 @@ class Scheduler(Generic[C]):
         req = RequestShape(prompt_tokens, tokens_reserved - prompt_tokens, 1)
         # Fit is judged on each engine's own block size: reserve in tokens, not blocks.
         choice = self.policy.decode(req, views)
-        return None if choice is None else engines[int(choice.engine_id)]
+        return None if choice is None else (engines[int(choice.engine_id)], choice.predicted_s)
+
+    def misses_tbt(self, predicted_tbt_s: float) -> bool:
+        return rejection(self.slo, None, Choice("", predicted_tbt_s)) == "tbt"
+
+    @staticmethod
+    def decoded(st: EngineState[C], batch: int, tokens: int, seconds: float) -> None:
+        """Fits the engine's step model on a finished stream: `tokens` steps after its first
+        chunk took `seconds`, in a batch of about `batch` sequences."""
+        if tokens > 0:
+            st.decode_model.observe(batch, 0, seconds / tokens)
 
     def misses_slo(self, placement: Placement[C]) -> bool:
         return rejection(self.slo, Choice("", placement.predicted_ttft_s), None) == "ttft"

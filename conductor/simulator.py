@@ -3,9 +3,12 @@
 The same policy code as the live conductor decides; the cluster's answer comes from
 `ClusterSpec`: prefill engines serve FIFO (what the policy predicts as queue is what it gets, as
 its models are exactly the cost model's), decode engines batch continuously (a request's TBT is
-the step time of the batch it joins), and the pool is split into one segment per prefill
-engine's host, each evicting with a `kvstore.eviction` policy. Blocks a prefill computes are
-stored on its host when it finishes; reading another host's blocks costs the `remote` tier.
+the step time of the batch it joins). Each prefill engine's host has a cache (its share of the
+pool, evicting with a `kvstore.eviction` policy) that receives the prompt's blocks when the
+prefill finishes. What a request can reuse is the policy's `reach`: under `local` (the
+baselines of Mooncake Fig. 5) only the leading blocks in the chosen engine's own cache, each
+engine keeping its own copies; under `pool` the leading blocks held anywhere, another host's
+read at the `remote` tier's cost, and each block stored once.
 """
 
 from __future__ import annotations
@@ -100,7 +103,7 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 
 class _Segment:
-    """One host's share of the pool."""
+    """One prefill engine's host cache: its share of the pool (DRAM beside the engine)."""
 
     def __init__(self, capacity: int, eviction: str) -> None:
         self.capacity = capacity
@@ -127,9 +130,9 @@ class Simulation:
         self.early_reject = early_reject
         self.prefill_ids = [f"prefill-{i}" for i in range(spec.prefill_engines)]
         self.decode_ids = [f"decode-{i}" for i in range(spec.decode_engines)]
+        self.reach = self.policy.reach
         per_host = max(spec.pool_blocks // spec.prefill_engines, 1)
-        self.segments = {e: _Segment(per_host, eviction) for e in self.prefill_ids}
-        self.owner: dict[int, str] = {}
+        self.caches = {e: _Segment(per_host, eviction) for e in self.prefill_ids}
         self.ledgers = {e: QueueLedger() for e in self.prefill_ids}
         self.decoders = {e: _Decoder() for e in self.decode_ids}
         self.prefill_model = spec.prefill_model()
@@ -138,40 +141,51 @@ class Simulation:
         self._writes: list[tuple[float, int, str, tuple[int, ...]]] = []
         self._seq = itertools.count()
 
-    # ---- the pool ---------------------------------------------------------------------------
-    def _store(self, engine: str, blocks: Sequence[int], first_depth: int, total: int) -> None:
-        seg = self.segments[engine]
-        for i, h in enumerate(blocks, first_depth):
-            if h in self.owner and self.owner[h] != engine:
-                continue  # another host holds it already
-            seg.policy.touch(h, BlockHint(depth=i, last=i == total - 1))
-            self.owner[h] = engine
-            while len(seg.policy) > seg.capacity:
-                victim = seg.policy.pop_victim()
-                if victim is None:
-                    break
-                del self.owner[victim]  # type: ignore[arg-type]
+    # ---- the caches ---------------------------------------------------------------------------
+    def _holder(self, h: int) -> str | None:
+        for e in self.prefill_ids:
+            if h in self.caches[e].policy:
+                return e
+        return None
+
+    def _store(self, engine: str, blocks: Sequence[int]) -> None:
+        """The blocks a prefill read or computed, into its host's cache. Under `pool` reach a
+        block another host holds stays there (the pool stores a key once) and is refreshed;
+        under `local` reach every engine keeps its own copy."""
+        seg = self.caches[engine]
+        n = len(blocks)
+        for i, h in enumerate(blocks):
+            hint = BlockHint(depth=i, last=i == n - 1)
+            holder = engine
+            if self.reach == "pool" and h not in seg.policy:
+                holder = self._holder(h) or engine
+            self.caches[holder].policy.touch(h, hint)
+            if holder == engine:
+                while len(seg.policy) > seg.capacity and seg.policy.pop_victim() is not None:
+                    pass
 
     def _flush_writes(self, now: float) -> None:
         while self._writes and self._writes[0][0] <= now:
             _, _, engine, blocks = heapq.heappop(self._writes)
-            self._store(engine, blocks, 0, len(blocks))
+            self._store(engine, blocks)
 
-    def _match(self, hash_ids: Sequence[int]) -> tuple[list[str], dict[str, int]]:
-        owners: list[str] = []
-        for h in hash_ids:
-            owner = self.owner.get(h)
-            if owner is None:
-                break
-            owners.append(owner)
+    def _match(self, hash_ids: Sequence[int]) -> PrefixMatch:
+        """Per engine, the leading blocks its own cache holds; under `pool` reach also the
+        leading blocks some host holds, each read from the `remote` tier."""
         local: dict[str, int] = {}
         for e in self.prefill_ids:
+            policy = self.caches[e].policy
             n = 0
-            while n < len(owners) and owners[n] == e:
+            while n < len(hash_ids) and hash_ids[n] in policy:
                 n += 1
             if n:
                 local[e] = n
-        return owners, local
+        if self.reach == "local":
+            return PrefixMatch((), local)
+        n = max(local.values(), default=0)
+        while n < len(hash_ids) and self._holder(hash_ids[n]) is not None:
+            n += 1
+        return PrefixMatch(("remote",) * n, local)
 
     # ---- one request ------------------------------------------------------------------------
     def step(self, req: TraceRequest) -> RequestOutcome:
@@ -181,9 +195,7 @@ class Simulation:
         shape = RequestShape(req.input_length, req.output_length, spec.block_tokens)
         # The partial last block is named too (the trace hashes it); it is reusable only by a
         # prompt that repeats it exactly, so it counts like any block.
-        usable = req.hash_ids
-        owners, local = self._match(usable)
-        match = PrefixMatch(tuple("remote" for _ in owners), local)
+        match = self._match(req.hash_ids)
         prefills = [PrefillView(e, self.ledgers[e].queue_s(now), self.prefill_model)
                     for e in self.prefill_ids]
         pre = self.policy.prefill(shape, match, prefills, self.transfer)
@@ -198,19 +210,17 @@ class Simulation:
         dec = self.policy.decode(shape, decodes)
         assert dec is not None
         reason = rejection(self.slo, pre, dec) if self.early_reject else ""
-        reused = len(owners)
         if reason:
             return RequestOutcome(0.0, 0.0, 0, len(req.hash_ids), reason)
+        reused = match.reusable(pre.engine_id)
         ledger = self.ledgers[pre.engine_id]
         queue = ledger.queue_s(now)
         service = pre.predicted_s - queue  # the cost model is the policy's model: exact
         start = ledger.dispatch(now, service)
         done = start + service
-        # Reads refresh the blocks where they live; new blocks land on the prefill's host.
-        for i, (h, owner) in enumerate(zip(usable, owners, strict=False)):
-            self.segments[owner].policy.touch(h, BlockHint(i, i == len(usable) - 1))
-        if len(usable) > len(owners):
-            heapq.heappush(self._writes, (done, next(self._seq), pre.engine_id, tuple(usable)))
+        # Reading refreshes the blocks where they are; the prompt lands in the cache at `done`.
+        self._store(pre.engine_id, req.hash_ids[:reused])
+        heapq.heappush(self._writes, (done, next(self._seq), pre.engine_id, req.hash_ids))
         d = self.decoders[dec.engine_id]
         tbt = dec.predicted_s
         heapq.heappush(d.active, (done + tbt * req.output_length,

@@ -18,6 +18,7 @@ from conductor.config import ConductorConfig
 from engine.model_files import DEFAULT_MODEL_SPEC
 from engine.role_config import EngineRoleConfig
 from pantry.common.config_flags import default_of
+from pantry.common.errors import ConfigError
 from pantry.common.serving import format_table, write_ready_file
 
 log = logging.getLogger("pantry.local")
@@ -53,23 +54,44 @@ class LocalOptions:
         metadata={"help": "requests served at once; more get HTTP 429"})
     threads: int = field(default=default_of(EngineRoleConfig, "threads"), metadata={
         "help": "torch threads per engine; 0 = one per pinned CPU"})
+    prefill_engines: int = field(default=1, metadata={"help": "prefill engines to start"})
+    decode_engines: int = field(default=1, metadata={"help": "decode engines to start"})
     pin: bool = field(default=True, metadata={
-        "help": "split the CPUs between prefill and decode (--no-pin: both use every CPU)"})
+        "help": "split the CPUs between prefill and decode, then between the engines of each "
+                "(--no-pin: every engine uses every CPU)"})
     ready_file: str | None = field(default=None, metadata={
         "help": "write the addresses here as JSON when serving"})
     log_dir: str | None = field(default=None, metadata={
         "help": "one log file per role instead of this terminal"})
 
+    def __post_init__(self) -> None:
+        for name in ("prefill_engines", "decode_engines"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be at least 1")
 
-def split_cpus() -> tuple[str, str]:
+
+def split_cpus(prefill_engines: int = 1, decode_engines: int = 1) -> tuple[list[str], list[str]]:
     """Half the CPUs for prefill, half for decode, as disaggregation gives each its own
-    machine: a long prefill then cannot stall the decode steps of running requests. With one
-    CPU there is nothing to split."""
+    machine: a long prefill then cannot stall the decode steps of running requests. Each half
+    is split evenly between that role's engines; engines beyond the CPUs share them in turn.
+    With one CPU there is nothing to split: every engine gets '' (no pinning)."""
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) < 2:
-        return "", ""
+        return [""] * prefill_engines, [""] * decode_engines
     half = len(cpus) // 2
-    return ",".join(map(str, cpus[:half])), ",".join(map(str, cpus[half:]))
+    return _share(cpus[:half], prefill_engines), _share(cpus[half:], decode_engines)
+
+
+def _share(cpus: list[int], engines: int) -> list[str]:
+    if engines > len(cpus):
+        return [str(cpus[i % len(cpus)]) for i in range(engines)]
+    bounds = [len(cpus) * i // engines for i in range(engines + 1)]
+    return [",".join(map(str, cpus[bounds[i]:bounds[i + 1]])) for i in range(engines)]
+
+
+def role_name(kind: str, index: int, count: int) -> str:
+    """'prefill' when the kind has one engine, else 'prefill-0', 'prefill-1', ..."""
+    return kind if count == 1 else f"{kind}-{index}"
 
 
 class RoleFailed(RuntimeError):
@@ -137,16 +159,22 @@ class LocalCluster:
                        "--port", "0", "--block-size", str(o.block_size),
                        "--kv-cache-bytes", str(o.kv_cache_bytes),
                        "--max-model-len", str(o.max_model_len), "--threads", str(o.threads)]
-        prefill_cpus, decode_cpus = split_cpus() if o.pin else ("", "")
-        prefill = self._start("prefill", ["-m", "pantry", "prefill", *engine_args,
-                                          "--engine-id", "prefill-0", "--cpus", prefill_cpus])
-        decode = self._start("decode", ["-m", "pantry", "decode", *engine_args,
-                                        "--engine-id", "decode-0", "--cpus", decode_cpus])
-        self._wait_ready(prefill, deadline)
-        self._wait_ready(decode, deadline)
+        prefill_cpus, decode_cpus = (split_cpus(o.prefill_engines, o.decode_engines) if o.pin
+                                     else ([""] * o.prefill_engines, [""] * o.decode_engines))
+        engines: dict[str, list[Role]] = {"prefill": [], "decode": []}
+        for kind, cpus in (("prefill", prefill_cpus), ("decode", decode_cpus)):
+            for i, cpu in enumerate(cpus):
+                engines[kind].append(self._start(
+                    role_name(kind, i, len(cpus)),
+                    ["-m", "pantry", kind, *engine_args, "--engine-id", f"{kind}-{i}",
+                     "--cpus", cpu]))
+        for role in [*engines["prefill"], *engines["decode"]]:
+            self._wait_ready(role, deadline)
         conductor = self._start("conductor", [
             "-m", "pantry", "conductor", "--model", o.model, "--kv-master", master.address,
-            "--prefill", prefill.address, "--decode", decode.address, "--host", o.host,
+            *(a for r in engines["prefill"] for a in ("--prefill", r.address)),
+            *(a for r in engines["decode"] for a in ("--decode", r.address)),
+            "--host", o.host,
             "--http-port", str(o.http_port), "--grpc-port", str(o.grpc_port),
             "--max-concurrent-requests", str(o.max_concurrent_requests),
             *(["--served-model-name", o.served_model_name] if o.served_model_name else []),

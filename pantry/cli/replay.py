@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from conductor.cost_model import ClusterSpec
-from conductor.placement import POLICY_NAMES
+from conductor.placement import POLICY_NAMES, Slo
 from conductor.simulator import PolicyResult, simulate
 from conductor.trace import TraceRequest, read_trace
 from kvstore.eviction import POLICIES as EVICTION_POLICIES
@@ -24,8 +24,17 @@ from pantry.common.errors import ConfigError
 class ReplayOptions:
     trace: str = field(metadata={"help": "the trace: JSON lines with timestamp (ms), "
                                          "input_length, output_length, hash_ids"})
-    simulate: bool = field(default=False, metadata={
-        "help": "replay against the cost model (the only mode so far)"})
+    simulate: bool = field(default=False, metadata={"help": "replay against the cost model"})
+    live: bool = field(default=False, metadata={
+        "help": "send the trace to a running Pantry at --url and measure"})
+    url: str = field(default="http://127.0.0.1:8000", metadata={
+        "help": "--live: the Pantry's OpenAI HTTP API"})
+    time_scale: float = field(default=1.0, metadata={
+        "help": "--live: multiply the trace's arrival times by this"})
+    length_scale: float = field(default=1.0, metadata={
+        "help": "--live: multiply prompt and output lengths (and the 512-token blocks) by this"})
+    vocab_size: int = field(default=512, metadata={
+        "help": "--live: token ids are drawn below this (the served model's vocabulary)"})
     policies: str = field(default=",".join(POLICY_NAMES), metadata={
         "help": "placement policies to compare, comma-separated"})
     eviction: str = field(default="reuse", metadata={
@@ -56,6 +65,12 @@ class ReplayOptions:
             raise ConfigError("capacities: give at least one capacity of 1 block or more")
         if self.limit < 0:
             raise ConfigError("limit: must be 0 (all) or positive")
+        if self.simulate == self.live:
+            raise ConfigError("replay: give exactly one of --simulate and --live")
+        if self.time_scale <= 0 or self.length_scale <= 0:
+            raise ConfigError("time_scale, length_scale: must be positive")
+        if self.vocab_size < 4:
+            raise ConfigError("vocab_size: must be at least 4")
 
     @property
     def policy_names(self) -> list[str]:
@@ -142,22 +157,28 @@ def plot(path: str, results: Sequence[PolicyResult], table: EvictionTable,
     right.legend()
     fig.tight_layout()
     fig.savefig(path)
+    plt.close(fig)
 
 
 def run_replay(ns: argparse.Namespace) -> int:
     options = config_from_args(ReplayOptions, ns)
     spec = config_from_args(ClusterSpec, ns)
-    if not options.simulate:
-        raise ConfigError("replay: only --simulate is built so far (live replay is not)")
     trace = read_trace(options.trace, options.limit)
     if not trace:
         raise ConfigError(f"trace: {options.trace} has no requests")
-    names = options.policy_names
-    bar = _progress(options, len(trace) * len(names))
-    results = []
-    for name in names:
-        results.append(simulate(trace, spec, name, options.eviction, options.early_reject,
-                                options.seed, progress=bar.update if bar else None))
+    if options.live:
+        from pantry.cli.live_replay import replay_live
+
+        bar = _progress(options, len(trace))
+        results = [replay_live(trace, options, Slo(spec.ttft_slo_s, spec.tbt_slo_s),
+                               progress=bar.update if bar else None)]
+    else:
+        names = options.policy_names
+        bar = _progress(options, len(trace) * len(names))
+        results = []
+        for name in names:
+            results.append(simulate(trace, spec, name, options.eviction, options.early_reject,
+                                    options.seed, progress=bar.update if bar else None))
     if bar:
         bar.close()
     table = eviction_table(trace, options.capacity_list, options.eviction)

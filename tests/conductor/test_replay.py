@@ -21,10 +21,10 @@ def test_replay_json(capsys: pytest.CaptureFixture[str]) -> None:
     got = json.loads(capsys.readouterr().out)
     assert got == {
         "policies": {
-            "random": {"ttft_mean_s": pytest.approx(10.020706362914789),
+            "random": {"ttft_mean_s": pytest.approx(10.013543782237864),
                        "ttft_p50_s": pytest.approx(9.582837847403518),
-                       "ttft_p90_s": pytest.approx(16.273682194969624),
-                       "ttft_p99_s": pytest.approx(19.847739928985604),
+                       "ttft_p90_s": pytest.approx(16.244322066969588),
+                       "ttft_p99_s": pytest.approx(19.82425182658558),
                        "tbt_p99_s": pytest.approx(0.01712077312),
                        "hit_rate": pytest.approx(0.03359683794466403),
                        "slo_attainment": 0.975, "rejected": 2},
@@ -58,3 +58,13 @@ def test_replay_table(capsys: pytest.CaptureFixture[str]) -> None:
 def test_replay_refuses_unknown_policy(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["replay", TRACE, "--simulate", "--policies", "best"]) == 2
     assert "policies: unknown 'best'" in capsys.readouterr().err
+
+
+def test_replay_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    png = tmp_path / "replay.png"
+    assert main([*ARGS, "--plot", str(png)]) == 0
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    # IHDR: width and height of the 11 x 4 inch figure at matplotlib's default 100 dpi.
+    assert int.from_bytes(data[16:20], "big") == 1100
+    assert int.from_bytes(data[20:24], "big") == 400
