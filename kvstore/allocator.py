@@ -76,6 +76,31 @@ class BuddyAllocator:
         self.used += size
         return off, size
 
+    def reserve(self, offset: int, length: int) -> int | None:
+        """Allocate exactly the slot for `length` bytes at `offset` (rebuilding the allocation
+        of objects that already exist); its size, or None when that slot is not free."""
+        size = slot_size(length, self.min_slot)
+        if offset % size or offset + size > self.capacity:
+            return None
+        for block in sorted(s for s in self._free if s >= size):
+            blocks = self._free[block]
+            i = bisect.bisect_right(blocks, offset) - 1
+            if i < 0 or not blocks[i] <= offset < blocks[i] + block:
+                continue
+            base = blocks.pop(i)
+            # Split down to the slot, keeping each half that does not hold it free.
+            while block > size:
+                block //= 2
+                if offset < base + block:
+                    self._push(block, base + block)
+                else:
+                    self._push(block, base)
+                    base += block
+            self._allocated[offset] = size
+            self.used += size
+            return size
+        return None
+
     def free(self, offset: int) -> None:
         size = self._allocated.pop(offset)
         self.used -= size

@@ -19,7 +19,9 @@ itself aligned, which lets readers view it as a tensor without a copy.
 from __future__ import annotations
 
 import enum
+import mmap
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import xxhash
@@ -164,3 +166,32 @@ def decode_block(data: bytes | memoryview, key: str | None,
     if expected_fingerprint is not None and got.fingerprint != expected_fingerprint:
         return None
     return got
+
+
+def scan_objects(data: mmap.mmap | bytes | bytearray
+                 ) -> Iterator[tuple[int, int, BlockObject]]:
+    """(offset, length, object) of every intact object in a segment, in offset order.
+
+    Objects start at HEADER_ALIGN-aligned offsets; the search for the magic runs at C speed
+    and every candidate is fully checked (header, lengths, checksum), so bytes of an
+    overwritten or half-written object are skipped. Freed slots keep their bytes: an object
+    removed from the pool is found again if nothing overwrote it (it is still exactly the
+    object written for its key)."""
+    view = memoryview(data)
+    size = view.nbytes
+    pos = 0
+    while pos + _FIXED.size <= size:
+        at = data.find(MAGIC, pos)
+        if at < 0 or at + _FIXED.size > size:
+            return
+        if at % HEADER_ALIGN:
+            pos = at + 1
+            continue
+        fields = _FIXED.unpack_from(view, at)
+        total = fields[6] + fields[7]  # header length + payload length
+        got = check_object(view[at : at + total], None) if at + total <= size else None
+        if isinstance(got, BlockObject):
+            yield at, total, got
+            pos = at + total
+        else:
+            pos = at + HEADER_ALIGN

@@ -12,10 +12,11 @@ from typing import Any, NoReturn
 
 import grpc
 
+from kvstore.auth import TOKEN_FILE_ENV, load_token
 from kvstore.client import KVStoreClient
-from kvstore.config import ClientConfig, MasterConfig, NodeConfig
+from kvstore.config import TOKEN_FILE_HELP, ClientConfig, MasterConfig, NodeConfig
 from kvstore.errors import KVStoreError
-from pantry.common.config_flags import add_config_flags, config_from_args
+from pantry.common.config_flags import add_config_flags, config_from_args, parse_size
 from pantry.common.errors import ConfigError
 from pantry.common.metrics import configure_metrics
 from pantry.common.serving import configure_logging, format_table, wait_for_signal, write_ready_file
@@ -67,7 +68,9 @@ def cmd_node(ns: argparse.Namespace) -> int:
 
 
 def _client(ns: argparse.Namespace) -> KVStoreClient:
-    return KVStoreClient(ns.master, config=ClientConfig(rpc_timeout_s=ns.timeout))
+    # Without --token-file the client reads $PANTRY_TOKEN_FILE, as every other client does.
+    token = None if ns.token_file is None else load_token(ns.token_file)
+    return KVStoreClient(ns.master, config=ClientConfig(rpc_timeout_s=ns.timeout), token=token)
 
 
 def cmd_status(ns: argparse.Namespace) -> int:
@@ -119,6 +122,13 @@ def cmd_put(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evict(ns: argparse.Namespace) -> int:
+    with _client(ns) as c:
+        n, nbytes = c.evict(nbytes=ns.bytes or 0, prefix=ns.prefix or "", everything=ns.all)
+    print(f"evicted {n} objects ({_human(nbytes)})")
+    return 0
+
+
 def cmd_rm(ns: argparse.Namespace) -> int:
     with _client(ns) as c:
         n = c.remove(ns.keys)
@@ -164,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("master", help="run the metadata master")
     add_config_flags(m, MasterConfig)
+    # The flag's name before Redis existed; the Helm chart still passes it.
+    m.add_argument("--metadata-backend", dest="metadata", default=argparse.SUPPRESS,
+                   help=argparse.SUPPRESS)
     _server_flags(m)
     m.set_defaults(fn=cmd_master)
 
@@ -177,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
         c = sub.add_parser(name, help=help_)
         c.add_argument("--master", required=True)
         c.add_argument("--timeout", type=float, default=10.0)
+        c.add_argument("--token-file", help=TOKEN_FILE_HELP + f"; unset: ${TOKEN_FILE_ENV}")
         return c
 
     client_cmd("status", "pool capacity, usage and nodes").set_defaults(fn=cmd_status)
@@ -192,6 +206,14 @@ def build_parser() -> argparse.ArgumentParser:
     pu.add_argument("key")
     pu.add_argument("file", help="path, or - for stdin")
     pu.set_defaults(fn=cmd_put)
+    ev = client_cmd("evict", "evict sealed objects (a reader's leased slot is kept until its "
+                             "lease ends)")
+    which = ev.add_mutually_exclusive_group(required=True)
+    which.add_argument("--bytes", type=parse_size, help="at least this much (e.g. 64MiB), least "
+                                                        "recently used first")
+    which.add_argument("--prefix", help="every object whose key starts with this")
+    which.add_argument("--all", action="store_true", help="every object")
+    ev.set_defaults(fn=cmd_evict)
     r = client_cmd("rm", "remove objects")
     r.add_argument("keys", nargs="+")
     r.set_defaults(fn=cmd_rm)

@@ -23,9 +23,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
 
-import grpc
 from prometheus_client import CollectorRegistry
 
+from kvstore.auth import open_channel, token_from_env
 from kvstore.block_object import BlockLayout, BlockObject, Rejection, check_object, encode_object
 from kvstore.config import ClientConfig
 from kvstore.errors import ObjectTooLargeError
@@ -74,13 +74,16 @@ class Fetched:
 class KVStoreClient:
     def __init__(self, master_address: str, *, host_id: str | None = None,
                  config: ClientConfig | None = None,
-                 registry: CollectorRegistry | None = None) -> None:
+                 registry: CollectorRegistry | None = None, token: str | None = None) -> None:
         """`registry`: where the client's metrics go (e.g. the engine's own); a fresh one of the
-        client's (`self.metrics.registry`) when None."""
+        client's (`self.metrics.registry`) when None. `token`: the pool's service token, sent
+        on every call to the master and the nodes; None reads the file $PANTRY_TOKEN_FILE
+        names (no token when it is unset)."""
         self.config = config or ClientConfig()
         self.host_id = host_id or default_host_id()
         self.metrics = ClientMetrics(registry or CollectorRegistry())
-        self._channel = grpc.insecure_channel(master_address)
+        self._token = token_from_env() if token is None else token
+        self._channel = open_channel(master_address, self._token)
         self._master = pb_grpc.KVMasterStub(self._channel)
         self._lock = threading.Lock()
         # Per node id, the registration (NodeInfo with its epoch) a transport was opened for.
@@ -118,9 +121,10 @@ class KVStoreClient:
                 log.info("shm to node %s unavailable (%s); using grpc", node.node_id, e)
         if self.config.enable_tcp and node.tcp_address:
             return TcpTransport(node.tcp_address, self.config.rpc_timeout_s, node.epoch,
-                                self.config.batch_bytes)
+                                self.config.batch_bytes, self._token)
         return GrpcTransport(node.address, self.config.max_message_bytes,
-                             self.config.batch_bytes, self.config.rpc_timeout_s, node.epoch)
+                             self.config.batch_bytes, self.config.rpc_timeout_s, node.epoch,
+                             self._token)
 
     def transport_name(self, node: NodeInfo) -> str:
         """Which transport this client uses for `node` (for logs, tests and benchmarks)."""
@@ -187,6 +191,14 @@ class KVStoreClient:
         self._membership = s.membership
         self._prune([n.node for n in s.nodes])
         return s
+
+    def evict(self, *, nbytes: int = 0, prefix: str = "", everything: bool = False
+              ) -> tuple[int, int]:
+        """Evict at least `nbytes` (least recently used first), every object under `prefix`,
+        or `everything`: exactly one. (objects, slot bytes) evicted."""
+        r = self._master.Evict(pb.EvictRequest(bytes=nbytes, prefix=prefix, all=everything),
+                               timeout=self.config.rpc_timeout_s)
+        return int(r.evicted), int(r.bytes)
 
     def list_objects(self, prefix: str = "", limit: int = 100) -> tuple[list[ObjectEntry], bool]:
         """Objects in key order (at most `limit`), and whether more were left out."""

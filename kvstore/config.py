@@ -18,6 +18,10 @@ DEFAULT_MAX_OBJECT_BYTES = 64 * MIB
 DEFAULT_MAX_KEYS_PER_REQUEST = 16_384
 # gRPC frames carry a little more than the payload; the slack keeps a max-size object sendable.
 MESSAGE_SLACK_BYTES = 1 * MIB
+# A re-registering node lists every object it holds (about 60 bytes each): room for ~2 million.
+REGISTER_MESSAGE_BYTES = 128 * MIB
+TOKEN_FILE_HELP = ("file holding the pool's service token: every kvstore RPC must carry it "
+                   "(unset: no token is asked for)")
 
 
 def _positive(name: str, value: float) -> None:
@@ -56,11 +60,14 @@ class MasterConfig:
     reap_interval_s: float = field(default=1.0, metadata={
         "flag": "reap_interval",
         "help": "seconds between sweeps for silent nodes, abandoned puts and expired leases"})
-    metadata_backend: str = field(default="memory", metadata={
-        "help": "where object records live (only 'memory' for now)"})
+    metadata: str = field(default="memory", metadata={
+        "help": "where objects, nodes and put states live: 'memory' (lost with the master; "
+                "nodes report what they hold when they register again) or "
+                "redis://HOST:PORT/DB (a redis-server; a restarted master reloads them)"})
     max_keys_per_request: int = field(default=DEFAULT_MAX_KEYS_PER_REQUEST, metadata={
         "help": "most keys one request may name (more: RESOURCE_EXHAUSTED)"})
     max_workers: int = field(default=16, metadata={"help": "gRPC server threads"})
+    token_file: str | None = field(default=None, metadata={"help": TOKEN_FILE_HELP})
 
     def __post_init__(self) -> None:
         _port("port", self.port)
@@ -79,11 +86,9 @@ class MasterConfig:
         if self.min_slot_bytes <= 0 or self.min_slot_bytes & (self.min_slot_bytes - 1):
             raise ConfigError(f"min_slot_bytes must be a power of two, got {self.min_slot_bytes}")
         _positive("max_object_bytes", self.max_object_bytes)
-        if self.metadata_backend != "memory":
+        if self.metadata != "memory" and not self.metadata.startswith("redis://"):
             raise ConfigError(
-                f"metadata_backend must be 'memory' (redis is not built yet), "
-                f"got {self.metadata_backend!r}"
-            )
+                f"metadata must be 'memory' or redis://HOST:PORT/DB, got {self.metadata!r}")
 
 
 @dataclass(frozen=True)
@@ -118,6 +123,7 @@ class NodeConfig:
         "help": "bulk TCP transport port (0: any free port)"})
     metrics_port: int = field(
         default=0, metadata={"help": "Prometheus /metrics port (0: any free port)"})
+    token_file: str | None = field(default=None, metadata={"help": TOKEN_FILE_HELP})
 
     def __post_init__(self) -> None:
         if not self.master_address:

@@ -36,3 +36,7 @@ class RequestTooLargeError(KVStoreError):
 
 class StaleEpochError(KVStoreError):
     """A request names a node registration (epoch) that is not the node's current one."""
+
+
+class MetadataUnavailableError(KVStoreError):
+    """The metadata store (a redis-server) cannot be reached or read."""

@@ -6,6 +6,11 @@ All methods are thread-safe (one lock; every operation is short and in memory).
 Every registration of a node opens a new epoch, carried in each of its locations, with a new
 key for the write grants the node checks; every put gets a token that alone can seal or abort
 it. A put that needs room evicts exactly the objects of one block that makes room, or nothing.
+
+Recovery: the master rebuilds its allocators from the backend's records at start (a Redis
+backend has them all; pending puts are reclaimed), and a node that registers again reports the
+intact objects its segment holds, which the master adopts as sealed in the new epoch, so a
+master restarted on the memory backend serves them again too.
 """
 
 from __future__ import annotations
@@ -16,16 +21,20 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 from kvstore.allocator import BuddyAllocator
 from kvstore.config import MasterConfig
-from kvstore.errors import UnknownNodeError
+from kvstore.errors import InvalidKeyError, UnknownNodeError
 from kvstore.grants import WriteGrant, new_grant_key, sign
+from kvstore.limits import check_key
 from kvstore.metadata import (
+    HeldObject,
     MetadataBackend,
     NodeInfo,
+    NodeRecord,
     NodeStatus,
     ObjectMeta,
     ObjectState,
@@ -58,6 +67,7 @@ class Registration:
 
     epoch: int
     grant_key: bytes
+    adopted: int = 0  # objects of the node's report taken back as sealed
 
 
 @dataclass(frozen=True)
@@ -70,6 +80,7 @@ class MasterStats:
     match_prefix_calls: int
     blocks_matched: int
     active_leases: int
+    objects_recovered: int  # sealed objects taken back from records or node reports
 
 
 @dataclass
@@ -94,7 +105,7 @@ class Master:
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config or MasterConfig()
-        self._backend = backend or create_backend(self.config.metadata_backend)
+        self._backend = backend or create_backend(self.config.metadata)
         self._clock = clock
         self._wall = wall_clock
         # Epochs grow across master restarts too (they start from the time), so a location
@@ -112,12 +123,75 @@ class Master:
         # dropped with its node.
         self.hits = self.misses = self.evictions = self.puts = 0
         self.puts_started = self.puts_aborted = self.puts_expired = 0
-        self.match_prefix_calls = self.blocks_matched = 0
+        self.match_prefix_calls = self.blocks_matched = self.objects_recovered = 0
+        self._recover()
+
+    @contextmanager
+    def _writing(self) -> Iterator[None]:
+        """The lock, and one commit of whatever the operation changed in the backend."""
+        with self._lock:
+            try:
+                yield
+            finally:
+                self._backend.commit()
+
+    def _recover(self) -> None:
+        """Rebuild nodes and allocators from the backend's records; reclaim pending puts."""
+        with self._writing():
+            now = self._clock()
+            for rec in self._backend.nodes():
+                alloc = BuddyAllocator(rec.info.segment_size, self.config.min_slot_bytes)
+                # A node that died meanwhile is dropped after node_timeout_s like any other.
+                self._nodes[rec.info.node_id] = _Node(rec.info, alloc, now, rec.grant_key)
+                self._last_epoch = max(self._last_epoch, rec.info.epoch)
+            for meta in list(self._backend.scan()):
+                node = self._nodes.get(meta.node_id)
+                if (meta.state is ObjectState.SEALED and node is not None
+                        and meta.epoch == node.info.epoch
+                        and node.allocator.reserve(meta.offset, meta.length) is not None):
+                    self._track(node, meta.key, meta.offset)
+                    self.objects_recovered += 1
+                    continue
+                if meta.state is ObjectState.PENDING:
+                    self.puts_expired += 1
+                self._backend.delete(meta.key)
+            if self._nodes:
+                log.info("recovered %d nodes and %d objects from %s", len(self._nodes),
+                         self.objects_recovered, self.config.metadata)
+
+    @staticmethod
+    def _track(node: _Node, key: str, offset: int) -> None:
+        node.lru[key] = offset
+        node.keys.add(key)
+        node.by_offset[offset] = key
+
+    def _adopt(self, node: _Node, held: Sequence[HeldObject]) -> int:
+        """Take the objects a registering node holds as sealed, each whose slot is free and
+        whose key is not stored elsewhere; how many were taken."""
+        n = 0
+        for obj in sorted(held, key=lambda h: h.offset):
+            try:
+                check_key(obj.key)
+            except InvalidKeyError:
+                continue
+            if self._backend.get(obj.key) is not None:
+                continue
+            slot = node.allocator.reserve(obj.offset, obj.length)
+            if slot is None:
+                continue
+            self._backend.put(ObjectMeta(obj.key, node.info.node_id, obj.offset, obj.length,
+                                         slot, ObjectState.SEALED, 0.0, node.info.epoch,
+                                         secrets.randbits(63) + 1))
+            self._track(node, obj.key, obj.offset)
+            n += 1
+        self.objects_recovered += n
+        return n
 
     # ---- membership -------------------------------------------------------------------------
 
-    def register_node(self, info: NodeInfo) -> Registration:
-        with self._lock:
+    def register_node(self, info: NodeInfo, held: Sequence[HeldObject] = ()) -> Registration:
+        """A new epoch for the node; `held`: the intact objects its segment holds, adopted."""
+        with self._writing():
             if info.node_id in self._nodes:
                 # A re-registration means the node restarted or we dropped it: its old slots
                 # are meaningless now.
@@ -126,11 +200,14 @@ class Master:
             info = replace(info, epoch=self._last_epoch)
             alloc = BuddyAllocator(info.segment_size, self.config.min_slot_bytes)
             key = new_grant_key()
-            self._nodes[info.node_id] = _Node(info, alloc, self._clock(), key)
+            node = self._nodes[info.node_id] = _Node(info, alloc, self._clock(), key)
+            self._backend.put_node(NodeRecord(info, key))
+            adopted = self._adopt(node, held)
             self.membership += 1
-            log.info("node %s registered (host %s, %s, %d bytes, epoch %d)", info.node_id,
-                     info.host_id, info.address, info.segment_size, info.epoch)
-            return Registration(info.epoch, key)
+            log.info("node %s registered (host %s, %s, %d bytes, epoch %d, %d of %d held "
+                     "objects adopted)", info.node_id, info.host_id, info.address,
+                     info.segment_size, info.epoch, adopted, len(held))
+            return Registration(info.epoch, key, adopted)
 
     def heartbeat(self, node_id: str, epoch: int) -> bool:
         """False when `epoch` is not the node's current registration: it must register again."""
@@ -149,6 +226,7 @@ class Master:
 
     def _drop_node(self, node_id: str, reason: str) -> None:
         node = self._nodes.pop(node_id)
+        self._backend.delete_node(node_id)
         for key in node.keys:
             self._backend.delete(key)
             self._leases.pop(key, None)
@@ -164,7 +242,7 @@ class Master:
     ) -> list[PutGrant]:
         assert len(keys) == len(sizes), "keys and sizes must pair up"
         grants: list[PutGrant] = []
-        with self._lock:
+        with self._writing():
             now = self._clock()
             touched: set[str] = set()
             for key, size in zip(keys, sizes, strict=True):
@@ -259,7 +337,7 @@ class Master:
         """Seal each (key, token) put; True only for the put that token was granted for (again
         True when that same put is already sealed). A reclaimed put's token seals nothing."""
         out: list[bool] = []
-        with self._lock:
+        with self._writing():
             for key, token in tickets:
                 meta = self._backend.get(key)
                 if meta is None or meta.token != token or meta.node_id not in self._nodes:
@@ -276,7 +354,7 @@ class Master:
     def put_abort(self, tickets: Sequence[tuple[str, int]]) -> int:
         """Give up the pending puts of these (key, token) pairs; others are left alone."""
         n = 0
-        with self._lock:
+        with self._writing():
             for key, token in tickets:
                 meta = self._backend.get(key)
                 if (meta is not None and meta.state is ObjectState.PENDING
@@ -349,7 +427,7 @@ class Master:
     def remove(self, keys: Sequence[str]) -> int:
         """Remove sealed objects; pending puts are left to finish or time out."""
         n = 0
-        with self._lock:
+        with self._writing():
             for key in keys:
                 meta = self._sealed(key)
                 if meta is not None:
@@ -357,11 +435,35 @@ class Master:
                     n += 1
         return n
 
+    def evict(self, nbytes: int = 0, prefix: str | None = None) -> tuple[int, int]:
+        """Evict sealed objects: every one whose key starts with `prefix` ("": all of them),
+        or, with no prefix, the least recently used of the fullest nodes first until their
+        slots add up to `nbytes`. A leased object's slot stays taken until its lease ends.
+        (objects, slot bytes) evicted."""
+        with self._writing():
+            if prefix is not None:
+                victims = [m for m in self._backend.scan(prefix) if m.state is ObjectState.SEALED]
+            else:
+                victims, total = [], 0
+                for node in sorted(self._nodes.values(),
+                                   key=lambda n: (-n.allocator.used, n.info.node_id)):
+                    for key in node.lru:
+                        if total >= nbytes:
+                            break
+                        meta = self._backend.get(key)
+                        assert meta is not None, key
+                        victims.append(meta)
+                        total += meta.slot_bytes
+            for meta in victims:
+                self._delete(meta)
+            self.evictions += len(victims)
+            return len(victims), sum(m.slot_bytes for m in victims)
+
     # ---- housekeeping -----------------------------------------------------------------------
 
     def reap(self) -> None:
         """Drop silent nodes, reclaim abandoned puts and expired zombie slots, apply watermarks."""
-        with self._lock:
+        with self._writing():
             now = self._clock()
             for node_id, node in list(self._nodes.items()):
                 if now - node.last_heartbeat > self.config.node_timeout_s:
@@ -409,6 +511,7 @@ class Master:
                 puts_expired=self.puts_expired, match_prefix_calls=self.match_prefix_calls,
                 blocks_matched=self.blocks_matched,
                 active_leases=sum(1 for until in self._leases.values() if until > now),
+                objects_recovered=self.objects_recovered,
             )
 
     def list_objects(self, prefix: str = "", limit: int = 100) -> tuple[list[tuple[ObjectMeta,
@@ -422,3 +525,8 @@ class Master:
                     return out, True
                 out.append((meta, self._leases.get(meta.key, 0.0) > now))
             return out, False
+
+    def close(self) -> None:
+        with self._writing():
+            pass
+        self._backend.close()

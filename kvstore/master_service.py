@@ -11,14 +11,16 @@ from typing import TypeVar
 
 import grpc
 
-from kvstore.config import MasterConfig
+from kvstore.auth import check_call, load_token
+from kvstore.config import REGISTER_MESSAGE_BYTES, MasterConfig
 from kvstore.errors import InvalidKeyError, RequestTooLargeError, UnknownNodeError
-from kvstore.limits import check_keys
+from kvstore.limits import MAX_KEY_CHARS, check_keys
 from kvstore.master import Master, PutOutcome
 from kvstore.metadata import ObjectMeta
 from kvstore.metrics import MasterMetrics
 from kvstore.wire import (
     grant_to_proto,
+    held_from_proto,
     location_to_proto,
     node_from_proto,
     node_to_proto,
@@ -55,6 +57,7 @@ def _timed(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
     def timed(self: MasterServicer, request: Req, context: grpc.ServicerContext) -> Resp:
         start = time.perf_counter()
         try:
+            check_call(self.token, context)
             return method(self, request, context)
         except InvalidKeyError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
@@ -69,9 +72,10 @@ def _timed(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
 
 
 class MasterServicer(pb_grpc.KVMasterServicer):
-    def __init__(self, master: Master, metrics: MasterMetrics) -> None:
+    def __init__(self, master: Master, metrics: MasterMetrics, token: str = "") -> None:
         self.master = master
         self.rpc_seconds = metrics.rpc_seconds
+        self.token = token
 
     def _keys(self, keys: Iterable[str], field: str = "keys") -> list[str]:
         keys = list(keys)
@@ -97,9 +101,11 @@ class MasterServicer(pb_grpc.KVMasterServicer):
                      context: grpc.ServicerContext) -> pb.RegisterNodeResponse:
         if not request.node.node_id or not request.node.address:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "node_id and address are required")
-        reg = self.master.register_node(node_from_proto(request.node))
+        held = [held_from_proto(h) for h in request.held]
+        reg = self.master.register_node(node_from_proto(request.node), held)
         return pb.RegisterNodeResponse(node_timeout_s=self.master.config.node_timeout_s,
-                                       epoch=reg.epoch, grant_key=reg.grant_key)
+                                       epoch=reg.epoch, grant_key=reg.grant_key,
+                                       adopted=reg.adopted)
 
     @_timed
     def Heartbeat(self, request: pb.HeartbeatRequest,
@@ -170,6 +176,19 @@ class MasterServicer(pb_grpc.KVMasterServicer):
         return status_to_proto(self.master.status())
 
     @_timed
+    def Evict(self, request: pb.EvictRequest,
+              context: grpc.ServicerContext) -> pb.EvictResponse:
+        if [request.bytes > 0, bool(request.prefix), request.all].count(True) != 1:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          "name exactly one of bytes, prefix and all")
+        if len(request.prefix) > MAX_KEY_CHARS:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"prefix: longer than a key ({MAX_KEY_CHARS} characters)")
+        prefix = "" if request.all else (request.prefix or None)
+        n, nbytes = self.master.evict(request.bytes, prefix)
+        return pb.EvictResponse(evicted=n, bytes=nbytes)
+
+    @_timed
     def List(self, request: pb.ListRequest, context: grpc.ServicerContext) -> pb.ListResponse:
         limit = min(request.limit or 100, self.master.config.max_keys_per_request)
         objs, truncated = self.master.list_objects(request.prefix, limit)
@@ -203,16 +222,19 @@ class MasterServer:
         self.server.stop(grace).wait()
         self._reaper.join(timeout=5)
         self.metrics.close()
+        self.master.close()
 
 
 def start_master(config: MasterConfig, master: Master | None = None) -> MasterServer:
     """A serving master (gRPC with health and reflection, reaper, /metrics)."""
+    token = load_token(config.token_file)
     master = master or Master(config)
     metrics = MasterMetrics(master)
-    servicer = MasterServicer(master, metrics)
+    servicer = MasterServicer(master, metrics, token)
     server, port, _ = create_grpc_server(
         config.host, config.port, lambda s: pb_grpc.add_KVMasterServicer_to_server(servicer, s),
-        [SERVICE_NAME], max_workers=config.max_workers, thread_name_prefix="kv-master")
+        [SERVICE_NAME], max_workers=config.max_workers, thread_name_prefix="kv-master",
+        max_message_bytes=REGISTER_MESSAGE_BYTES)
     server.start()
     try:
         metrics_server = MetricsServer(metrics.registry, config.host, config.metrics_port)

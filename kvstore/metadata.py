@@ -1,8 +1,9 @@
-"""Pool metadata: the domain records and the backend that stores the master's objects.
+"""Pool metadata: the domain records and the backend that stores them.
 
-The master keeps allocator state, LRU order and membership in memory, so a backend only has to
-store object records by key. That is what lets a durable `redis` backend slot in later behind
-the same `MetadataBackend` protocol.
+The master keeps allocator state, LRU order and leases in memory and rebuilds them from the
+records at start, so a backend stores only object records by key and node records by id. The
+embedded `MemoryBackend` loses them with the master (the nodes then report what they hold when
+they register again); `kvstore.redis_metadata.RedisBackend` keeps them in a redis-server.
 """
 
 from __future__ import annotations
@@ -64,14 +65,39 @@ class ObjectEntry:
     leased: bool
 
 
+@dataclass(frozen=True)
+class NodeRecord:
+    """A registered node as the master must remember it to keep serving it after a restart:
+    its registration (with the epoch) and that epoch's write-grant key."""
+
+    info: NodeInfo
+    grant_key: bytes
+
+
+@dataclass(frozen=True)
+class HeldObject:
+    """An intact object a node found in its own segment (its header names the key)."""
+
+    key: str
+    offset: int
+    length: int
+
+
 class MetadataBackend(Protocol):
-    """Key -> ObjectMeta storage. Not thread-safe: the master locks."""
+    """Key -> ObjectMeta and node id -> NodeRecord storage. Not thread-safe: the master locks
+    and calls `commit` at the end of every operation that changed something."""
 
     def get(self, key: str) -> ObjectMeta | None: ...
     def put(self, meta: ObjectMeta) -> None: ...
     def delete(self, key: str) -> ObjectMeta | None: ...
     def scan(self, prefix: str = "") -> Iterator[ObjectMeta]: ...
     def count(self) -> int: ...
+    def put_node(self, record: NodeRecord) -> None: ...
+    def delete_node(self, node_id: str) -> None: ...
+    def nodes(self) -> list[NodeRecord]: ...
+    def commit(self) -> None:
+        """Make the changes since the last commit durable (one round trip for a remote store)."""
+    def close(self) -> None: ...
 
 
 class MemoryBackend:
@@ -79,6 +105,7 @@ class MemoryBackend:
 
     def __init__(self) -> None:
         self._objects: dict[str, ObjectMeta] = {}
+        self._nodes: dict[str, NodeRecord] = {}
 
     def get(self, key: str) -> ObjectMeta | None:
         return self._objects.get(key)
@@ -97,11 +124,31 @@ class MemoryBackend:
     def count(self) -> int:
         return len(self._objects)
 
+    def put_node(self, record: NodeRecord) -> None:
+        self._nodes[record.info.node_id] = record
 
-def create_backend(name: str) -> MetadataBackend:
-    if name == "memory":
+    def delete_node(self, node_id: str) -> None:
+        self._nodes.pop(node_id, None)
+
+    def nodes(self) -> list[NodeRecord]:
+        return [self._nodes[n] for n in sorted(self._nodes)]
+
+    def commit(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def create_backend(url: str) -> MetadataBackend:
+    """'memory', or redis://HOST:PORT/DB (connected and loaded before this returns)."""
+    if url == "memory":
         return MemoryBackend()
-    raise ValueError(f"unknown metadata backend {name!r}")
+    if url.startswith("redis://"):
+        from kvstore.redis_metadata import RedisBackend
+
+        return RedisBackend(url)
+    raise ValueError(f"unknown metadata backend {url!r}")
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,8 @@ class _MasterCollector(Collector):
              stats.puts_expired),
             ("match_prefix_calls", "prefix lookups", stats.match_prefix_calls),
             ("blocks_matched", "blocks found by prefix lookups", stats.blocks_matched),
+            ("objects_recovered", "sealed objects taken back after a restart, from the "
+             "metadata store or from what re-registering nodes hold", stats.objects_recovered),
         )
         for name, doc, value in counters:
             yield CounterMetricFamily(f"pantry_kv_master_{name}", doc, value=value)

@@ -11,16 +11,53 @@ import threading
 
 import grpc
 
-from kvstore.config import NodeConfig
+from kvstore.auth import load_token, open_channel
+from kvstore.config import REGISTER_MESSAGE_BYTES, NodeConfig
 from kvstore.grants import WriteGrant, refusal
 from kvstore.hostid import default_host_id
 from kvstore.metadata import NodeInfo
 from kvstore.segment import Segment
-from kvstore.wire import node_to_proto
+from kvstore.wire import held_to_proto, node_to_proto
 from pantry.v1 import kvstore_pb2 as pb
 from pantry.v1 import kvstore_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+def remove_stale_segments(config: NodeConfig) -> list[str]:
+    """Unlink segments this node id left behind in a process that is gone (SIGKILL, OOM kill),
+    or that had our pid: a node restarted in a container usually gets the same pid again, and
+    its segment is created with O_EXCL. The paths removed."""
+    prefix = f"pantry-kv-{config.node_id}-"
+    removed = []
+    try:
+        names = os.listdir(config.shm_dir)
+    except FileNotFoundError:
+        return []
+    for name in names:
+        pid = name[len(prefix):]
+        if not name.startswith(prefix) or not pid.isdigit():
+            continue
+        if int(pid) == os.getpid() or not _alive(int(pid)):
+            path = os.path.join(config.shm_dir, name)
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                continue
+            log.warning("removed segment %s left by a node %s that is gone", path,
+                        config.node_id)
+            removed.append(path)
+    return removed
 
 
 def segment_path(config: NodeConfig, pid: int | None = None) -> str:
@@ -36,6 +73,8 @@ class StorageNode:
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
         self.host_id = config.host_id or default_host_id()
+        self.token = load_token(config.token_file)
+        remove_stale_segments(config)
         self.segment = Segment(segment_path(config), config.dram_bytes, config.prefault)
         self.address = ""
         self.tcp_address = ""
@@ -45,6 +84,8 @@ class StorageNode:
         # (epoch, grant key) of the current registration; (0, b"") while unregistered, which
         # refuses every write and read.
         self._registration: tuple[int, bytes] = (0, b"")
+        self._registered_before = False
+        self.adopted = 0  # objects the master took back at the last registration
 
     @property
     def segment_view(self) -> memoryview:
@@ -78,14 +119,19 @@ class StorageNode:
 
     def start_membership(self, address: str) -> None:
         self.address = address
-        self._channel = grpc.insecure_channel(self.config.master_address)
+        self._channel = open_channel(self.config.master_address, self.token,
+                                     REGISTER_MESSAGE_BYTES)
         stub = pb_grpc.KVMasterStub(self._channel)
         self._thread = threading.Thread(target=self._run, args=(stub,), name="kv-node-heartbeat",
                                         daemon=True)
         self._thread.start()
 
     def _register(self, stub: pb_grpc.KVMasterStub) -> bool:
-        req = pb.RegisterNodeRequest(node=node_to_proto(self.info()))
+        # Registering again (the master restarted or dropped us): report what the segment
+        # holds, so the master serves it again. A fresh segment holds nothing: not scanned.
+        held = self.segment.objects() if self._registered_before else []
+        req = pb.RegisterNodeRequest(node=node_to_proto(self.info()),
+                                     held=[held_to_proto(h) for h in held])
         self._registration = (0, b"")
         try:
             resp = stub.RegisterNode(req, timeout=self.config.heartbeat_s)
@@ -93,9 +139,12 @@ class StorageNode:
             log.info("master %s not answering yet (%s); retrying", self.config.master_address,
                      e.code())
             return False
+        self.adopted = resp.adopted
+        self._registered_before = True
         self._registration = (resp.epoch, resp.grant_key)
-        log.info("registered with master %s as %s, epoch %d", self.config.master_address,
-                 self.config.node_id, resp.epoch)
+        log.info("registered with master %s as %s, epoch %d; %d of %d held objects adopted",
+                 self.config.master_address, self.config.node_id, resp.epoch, resp.adopted,
+                 len(held))
         return True
 
     def _run(self, stub: pb_grpc.KVMasterStub) -> None:
@@ -117,8 +166,7 @@ class StorageNode:
                 log.warning("heartbeat failed: %s", e.code())
                 continue
             if not known:
-                # The master forgot us (restart or timeout): our old objects are gone from its
-                # view, so registering again as an empty node is the consistent thing to do.
+                # The master forgot us (restart or timeout): register again, with what we hold.
                 log.warning("master does not know this node any more; re-registering")
                 registered = False
 

@@ -7,6 +7,7 @@ import logging
 
 import grpc
 
+from kvstore.auth import check_call
 from kvstore.config import NodeConfig
 from kvstore.errors import RequestTooLargeError, SegmentError
 from kvstore.limits import check_read_size
@@ -32,6 +33,7 @@ class NodeServicer(pb_grpc.KVNodeServicer):
 
     def Write(self, request: pb.WriteRequest, context: grpc.ServicerContext) -> pb.WriteResponse:
         """Every op is checked before any is written: a refused request changes nothing."""
+        check_call(self.node.token, context)
         cfg = self.node.config
         written = 0
         try:
@@ -57,6 +59,7 @@ class NodeServicer(pb_grpc.KVNodeServicer):
         return pb.WriteResponse()
 
     def Read(self, request: pb.ReadRequest, context: grpc.ServicerContext) -> pb.ReadResponse:
+        check_call(self.node.token, context)
         cfg = self.node.config
         data: list[bytes] = []
         try:
@@ -116,7 +119,7 @@ def start_node(config: NodeConfig) -> NodeServer:
         server.start()
         if config.tcp_port is not None:
             tcp = TcpServer(config.host, config.tcp_port, node,
-                            functools.partial(metrics.record, "tcp"))
+                            functools.partial(metrics.record, "tcp"), node.token)
             node.tcp_address = tcp.address
         metrics_server = MetricsServer(metrics.registry, config.host, config.metrics_port)
     except BaseException:

@@ -11,7 +11,9 @@ import logging
 import mmap
 import os
 
+from kvstore.block_object import scan_objects
 from kvstore.errors import SegmentError
+from kvstore.metadata import HeldObject
 
 log = logging.getLogger(__name__)
 _PAGE = mmap.PAGESIZE
@@ -55,6 +57,11 @@ class Segment:
     def read(self, offset: int, length: int) -> bytes:
         self._check(offset, length)
         return bytes(self.view[offset : offset + length])
+
+    def objects(self) -> list[HeldObject]:
+        """The intact objects the segment holds, in offset order (read from their headers)."""
+        return [HeldObject(obj.key, offset, length)
+                for offset, length, obj in scan_objects(self._mmap)]
 
     def close(self) -> None:
         """Unmap and unlink; idempotent so signal handlers and atexit may both call it."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 from kvstore.grants import WriteGrant
 from kvstore.metadata import (
     BlockLocation,
+    HeldObject,
     NodeInfo,
     NodeStatus,
     ObjectEntry,
@@ -29,6 +30,14 @@ def node_from_proto(msg: pb.NodeInfo) -> NodeInfo:
     return NodeInfo(node_id=msg.node_id, host_id=msg.host_id, address=msg.address,
                     segment_path=msg.segment_path, segment_size=msg.segment_size,
                     tcp_address=msg.tcp_address, epoch=msg.epoch)
+
+
+def held_to_proto(h: HeldObject) -> pb.HeldObject:
+    return pb.HeldObject(key=h.key, offset=h.offset, length=h.length)
+
+
+def held_from_proto(msg: pb.HeldObject) -> HeldObject:
+    return HeldObject(key=msg.key, offset=msg.offset, length=msg.length)
 
 
 def location_to_proto(m: ObjectMeta) -> pb.Location:

@@ -6,10 +6,10 @@ from collections.abc import Sequence
 
 import grpc
 
+from kvstore.auth import open_channel
 from kvstore.grants import WriteGrant
 from kvstore.transports import TransportError, batches
 from kvstore.wire import grant_to_proto
-from pantry.common.serving import grpc_options
 from pantry.v1 import kvstore_pb2 as pb
 from pantry.v1 import kvstore_pb2_grpc as pb_grpc
 
@@ -18,8 +18,8 @@ class GrpcTransport:
     name = "grpc"
 
     def __init__(self, address: str, max_message_bytes: int, batch_bytes: int,
-                 timeout_s: float, epoch: int = 0) -> None:
-        self._channel = grpc.insecure_channel(address, options=grpc_options(max_message_bytes))
+                 timeout_s: float, epoch: int = 0, token: str = "") -> None:
+        self._channel = open_channel(address, token, max_message_bytes)
         self._stub = pb_grpc.KVNodeStub(self._channel)
         self._batch_bytes = batch_bytes
         self._timeout = timeout_s

@@ -3,6 +3,9 @@
 gRPC in Python copies every payload several times and tops out well below a plain socket, so
 cross-host bulk data goes over this instead when the node offers it.
 
+Handshake, once per connection: "<4sH" magic b"PKA1", token length, then the pool's service
+          token (utf-8, empty when the pool has none); answered like a request, and a refused
+          connection is closed after the answer.
 Request:  "<4sBxxxIQ" magic b"PKT2", op (1 read, 2 write), op count, the node's epoch the
           reads are for (0 for a write); then per op a read's "<QQ" (offset, length) or a
           write's grant "<QQQQQ16s" (offset, length, epoch, token, expiry, mac); a write
@@ -25,12 +28,15 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
+from kvstore.auth import MAX_TOKEN_BYTES, UNAUTHENTICATED, token_matches
 from kvstore.grants import MAC_BYTES, WriteGrant
 from kvstore.transports import READ, WRITE, TransportError, batches
 
 log = logging.getLogger(__name__)
 
 MAGIC = b"PKT2"
+AUTH_MAGIC = b"PKA1"
+_AUTH = struct.Struct("<4sH")
 OP_READ, OP_WRITE = 1, 2
 _REQ = struct.Struct("<4sBxxxIQ")
 _OP = struct.Struct("<QQ")
@@ -83,8 +89,9 @@ class TcpServer:
     """
 
     def __init__(self, host: str, port: int, node: NodeGuard,
-                 record: Callable[[str, int], None]) -> None:
+                 record: Callable[[str, int], None], token: str = "") -> None:
         self._node = node
+        self._token = token
         self._segment = node.segment_view
         self._max, self._max_ops, self._max_bytes = node.limits
         self._record = record
@@ -123,6 +130,8 @@ class TcpServer:
 
     def _serve(self, conn: socket.socket) -> None:
         try:
+            if not self._handshake(conn):
+                return
             while self._serve_one(conn):
                 pass
         except OSError:
@@ -131,6 +140,18 @@ class TcpServer:
             with self._lock:
                 self._conns.discard(conn)
             conn.close()
+
+    def _handshake(self, conn: socket.socket) -> bool:
+        """Whether the connection presented the token; an unauthenticated one learns only that."""
+        head = conn.recv(_AUTH.size, socket.MSG_WAITALL)
+        if len(head) < _AUTH.size:
+            return False
+        magic, n = _AUTH.unpack(head)
+        if magic != AUTH_MAGIC or n > MAX_TOKEN_BYTES:
+            return False
+        ok = token_matches(self._token, bytes(_recv_exact(conn, n)))
+        self._reply(conn, None if ok else UNAUTHENTICATED, [])
+        return ok
 
     def _serve_one(self, conn: socket.socket) -> bool:
         """One request; False when the connection is to be dropped."""
@@ -203,7 +224,8 @@ class TcpTransport:
     name = "tcp"
 
     def __init__(self, address: str, timeout_s: float, epoch: int = 0,
-                 batch_bytes: int = 16 * 1024 * 1024) -> None:
+                 batch_bytes: int = 16 * 1024 * 1024, token: str = "") -> None:
+        self._token = token.encode()
         host, _, port = address.rpartition(":")
         self._addr = (host, int(port))
         self._timeout = timeout_s
@@ -222,6 +244,16 @@ class TcpTransport:
         except OSError as e:
             raise TransportError(f"tcp connect to {self._addr} failed: {e}") from e
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            s.sendall(_AUTH.pack(AUTH_MAGIC, len(self._token)) + self._token)
+            magic, status, length = _RESP.unpack(_recv_exact(s, _RESP.size))
+            body = _recv_exact(s, length) if magic == MAGIC else b""
+        except (OSError, struct.error) as e:
+            s.close()
+            raise TransportError(f"tcp handshake with {self._addr} failed: {e}") from e
+        if magic != MAGIC or status != 0:
+            s.close()
+            raise TransportError(f"node refused: {body.decode(errors='replace')}")
         return s
 
     def _call(self, op: int, head: bytes, payloads: Sequence[bytes | memoryview] = ()) -> bytearray:

@@ -40,21 +40,35 @@ class NodeInfo(_message.Message):
     epoch: int
     def __init__(self, node_id: _Optional[str] = ..., host_id: _Optional[str] = ..., address: _Optional[str] = ..., segment_path: _Optional[str] = ..., segment_size: _Optional[int] = ..., tcp_address: _Optional[str] = ..., epoch: _Optional[int] = ...) -> None: ...
 
+class HeldObject(_message.Message):
+    __slots__ = ("key", "offset", "length")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    offset: int
+    length: int
+    def __init__(self, key: _Optional[str] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
+
 class RegisterNodeRequest(_message.Message):
-    __slots__ = ("node",)
+    __slots__ = ("node", "held")
     NODE_FIELD_NUMBER: _ClassVar[int]
+    HELD_FIELD_NUMBER: _ClassVar[int]
     node: NodeInfo
-    def __init__(self, node: _Optional[_Union[NodeInfo, _Mapping]] = ...) -> None: ...
+    held: _containers.RepeatedCompositeFieldContainer[HeldObject]
+    def __init__(self, node: _Optional[_Union[NodeInfo, _Mapping]] = ..., held: _Optional[_Iterable[_Union[HeldObject, _Mapping]]] = ...) -> None: ...
 
 class RegisterNodeResponse(_message.Message):
-    __slots__ = ("node_timeout_s", "epoch", "grant_key")
+    __slots__ = ("node_timeout_s", "epoch", "grant_key", "adopted")
     NODE_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     GRANT_KEY_FIELD_NUMBER: _ClassVar[int]
+    ADOPTED_FIELD_NUMBER: _ClassVar[int]
     node_timeout_s: float
     epoch: int
     grant_key: bytes
-    def __init__(self, node_timeout_s: _Optional[float] = ..., epoch: _Optional[int] = ..., grant_key: _Optional[bytes] = ...) -> None: ...
+    adopted: int
+    def __init__(self, node_timeout_s: _Optional[float] = ..., epoch: _Optional[int] = ..., grant_key: _Optional[bytes] = ..., adopted: _Optional[int] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("node_id", "epoch")
@@ -277,6 +291,24 @@ class ListResponse(_message.Message):
     objects: _containers.RepeatedCompositeFieldContainer[ObjectInfo]
     truncated: bool
     def __init__(self, objects: _Optional[_Iterable[_Union[ObjectInfo, _Mapping]]] = ..., truncated: _Optional[bool] = ...) -> None: ...
+
+class EvictRequest(_message.Message):
+    __slots__ = ("bytes", "prefix", "all")
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_FIELD_NUMBER: _ClassVar[int]
+    ALL_FIELD_NUMBER: _ClassVar[int]
+    bytes: int
+    prefix: str
+    all: bool
+    def __init__(self, bytes: _Optional[int] = ..., prefix: _Optional[str] = ..., all: _Optional[bool] = ...) -> None: ...
+
+class EvictResponse(_message.Message):
+    __slots__ = ("evicted", "bytes")
+    EVICTED_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    evicted: int
+    bytes: int
+    def __init__(self, evicted: _Optional[int] = ..., bytes: _Optional[int] = ...) -> None: ...
 
 class WriteOp(_message.Message):
     __slots__ = ("data", "grant")

@@ -89,6 +89,11 @@ class KVMasterStub:
                 request_serializer=pantry_dot_v1_dot_kvstore__pb2.ListRequest.SerializeToString,
                 response_deserializer=pantry_dot_v1_dot_kvstore__pb2.ListResponse.FromString,
                 _registered_method=True)
+        self.Evict = channel.unary_unary(
+                '/pantry.v1.KVMaster/Evict',
+                request_serializer=pantry_dot_v1_dot_kvstore__pb2.EvictRequest.SerializeToString,
+                response_deserializer=pantry_dot_v1_dot_kvstore__pb2.EvictResponse.FromString,
+                _registered_method=True)
 
 
 class KVMasterServicer:
@@ -160,6 +165,12 @@ class KVMasterServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Evict(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KVMasterServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -217,6 +228,11 @@ def add_KVMasterServicer_to_server(servicer, server):
                     servicer.List,
                     request_deserializer=pantry_dot_v1_dot_kvstore__pb2.ListRequest.FromString,
                     response_serializer=pantry_dot_v1_dot_kvstore__pb2.ListResponse.SerializeToString,
+            ),
+            'Evict': grpc.unary_unary_rpc_method_handler(
+                    servicer.Evict,
+                    request_deserializer=pantry_dot_v1_dot_kvstore__pb2.EvictRequest.FromString,
+                    response_serializer=pantry_dot_v1_dot_kvstore__pb2.EvictResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -516,6 +532,33 @@ class KVMaster:
             '/pantry.v1.KVMaster/List',
             pantry_dot_v1_dot_kvstore__pb2.ListRequest.SerializeToString,
             pantry_dot_v1_dot_kvstore__pb2.ListResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Evict(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pantry.v1.KVMaster/Evict',
+            pantry_dot_v1_dot_kvstore__pb2.EvictRequest.SerializeToString,
+            pantry_dot_v1_dot_kvstore__pb2.EvictResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
-from kv_helpers import wait_for
+import redis
+from kv_helpers import RedisServer, wait_for
 
 from kvstore.client import KVStoreClient
 from kvstore.config import ClientConfig, MasterConfig, NodeConfig
@@ -46,7 +48,11 @@ def node_factory(master_address: str) -> Iterator[Callable[..., NodeServer]]:
         nodes.append(srv)
         if wait:
             with KVStoreClient(master_address, host_id="probe") as c:
-                wait_for(lambda: any(n.node.node_id == cfg.node_id for n in c.status().nodes),
+                # The node must know its registration too, not just the master: before, a
+                # write could reach it before its grant key did.
+                wait_for(lambda: any(n.node.node_id == cfg.node_id
+                                     and n.node.epoch == srv.node.epoch
+                                     for n in c.status().nodes),
                          what=f"node {cfg.node_id} registered")
         return srv
 
@@ -70,3 +76,19 @@ def client_factory(master_address: str) -> Iterator[Callable[..., KVStoreClient]
     yield make
     for c in clients:
         c.close()
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    srv = RedisServer(Path(tmp_path_factory.mktemp("redis")))
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    """An empty database of the module's redis-server."""
+    url = redis_server.url(1)
+    with redis.Redis.from_url(url) as r:
+        r.flushdb()
+    return url

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -11,29 +10,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from kv_helpers import sample, scrape, shm_files, wait_for
+from kv_helpers import ROOT, sample, scrape, shm_files, spawn, wait_for
 
 from kvstore.cli import build_parser, master_config, node_config
 from kvstore.config import MasterConfig, NodeConfig
 from pantry.common.config_flags import KIB, MIB
 
-ROOT = Path(__file__).resolve().parents[2]
-
 
 def kv(*args: str, timeout: float = 20, **kw: object) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run([sys.executable, "-m", "kvstore", *args], cwd=ROOT, capture_output=True,
                           timeout=timeout, **kw)  # type: ignore[call-overload, no-any-return]
-
-
-def spawn(tmp: Path, name: str, *args: str) -> tuple[subprocess.Popen[bytes], dict[str, object]]:
-    ready = tmp / f"{name}.json"
-    proc = subprocess.Popen([sys.executable, "-m", "kvstore", *args, "--ready-file", str(ready)],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    wait_for(lambda: ready.exists() or proc.poll() is not None, timeout=20, what=f"{name} ready")
-    assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
-    info = json.loads(ready.read_text())
-    assert info["pid"] == proc.pid
-    return proc, info
 
 
 def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> str:
@@ -151,3 +137,17 @@ def test_role_flags_build_the_config() -> None:
         max_object_bytes=1024 * MIB, min_slot_bytes=64 * KIB, high_watermark=0.7,
         low_watermark=0.6, reap_interval_s=0.5, metrics_port=9100)
     assert master_config(build_parser().parse_args(["master"])) == MasterConfig()
+
+
+def test_metadata_and_token_flags_build_the_config() -> None:
+    ns = build_parser().parse_args(["master", "--metadata", "redis://10.0.0.2:6379/3",
+                                    "--token-file", "/run/pantry/token"])
+    assert master_config(ns) == MasterConfig(metadata="redis://10.0.0.2:6379/3",
+                                             token_file="/run/pantry/token")
+    ns = build_parser().parse_args(["node", "--master", "m:1", "--node-id", "n",
+                                    "--token-file", "t"])
+    assert node_config(ns) == NodeConfig(master_address="m:1", node_id="n", token_file="t")
+    bad = kv("master", "--metadata", "etcd://h:1")
+    assert (bad.returncode, bad.stderr.decode()) == (
+        2, "kvstore: error: metadata must be 'memory' or redis://HOST:PORT/DB, got "
+           "'etcd://h:1'\n")

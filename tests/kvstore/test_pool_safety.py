@@ -113,7 +113,11 @@ def test_finding1_7_a_location_of_an_old_epoch_never_reads_a_new_object(
     wait_for(lambda: node.node.epoch not in (0, epoch)
              and remote.status().nodes[0].node.epoch == node.node.epoch,
              what="node registered again")
-    assert local.put_many([("y", y)]) == [True]  # the fresh allocator reuses offset 0
+    # The node reported x, which the master took back in the new epoch; once x is removed,
+    # its slot goes to y.
+    assert node.node.adopted == 1
+    assert local.remove(["x"]) == 1
+    assert local.put_many([("y", y)]) == [True]
     assert local.match_prefix(["y"]).locations[0].offset == old_local.locations[0].offset
     # Over TCP the node refuses a read of the old epoch. A client that holds the new epoch
     # reads nothing of the old; one that maps the segment afresh is refused by y's header.
@@ -257,6 +261,8 @@ def test_finding5_tcp_declared_sizes_are_checked_before_any_allocation(
     node = node_factory("n")
     host, _, port = node.node.tcp_address.rpartition(":")
     with socket.create_connection((host, int(port)), timeout=5) as s:
+        s.sendall(struct.pack("<4sH", b"PKA1", 0))  # the handshake: this pool has no token
+        assert s.recv(16, socket.MSG_WAITALL) == struct.pack("<4sBxxxQ", b"PKT2", 0, 0)
         # One write declaring a terabyte: before, the node allocated a buffer of that size to
         # drain it. Now it answers at once and drops the connection unread.
         head = struct.pack("<4sBxxxIQ", b"PKT2", 2, 1, 0)
