@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from kvstore.config import TOKEN_FILE_HELP
 from pantry.common.errors import ConfigError
 
 from .placement import POLICY_NAMES
@@ -54,6 +55,7 @@ class ConductorConfig:
         "help": "deadline of one prefill or decode call to an engine, in seconds"})
     ready_file: str | None = field(default=None, metadata={
         "help": "write the addresses here as JSON once serving"})
+    token_file: str | None = field(default=None, metadata={"help": TOKEN_FILE_HELP})
 
     def __post_init__(self) -> None:
         if not self.model:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+from kvstore.auth import load_token
 from kvstore.client import KVStoreClient
 from kvstore.metadata import PoolStatus
 from pantry.common.engine_info import EngineDescription
@@ -67,7 +68,8 @@ class Fleet:
                     f"engine {client.address} serves another model or KV layout than "
                     f"{prefills[0].address}; start every engine with the same model and block size"
                 )
-        pool = await asyncio.to_thread(KVStoreClient, config.kv_master)
+        token = load_token(config.token_file) if config.token_file else None
+        pool = await asyncio.to_thread(KVStoreClient, config.kv_master, token=token)
         return cls(
             [EngineState(c, i) for c, i in zip(prefills, p_infos, strict=True)],
             [EngineState(c, i) for c, i in zip(decodes, d_infos, strict=True)],

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from typing import IO
 from conductor.config import ConductorConfig
 from engine.model_files import DEFAULT_MODEL_SPEC
 from engine.role_config import EngineRoleConfig
+from kvstore.auth import TOKEN_FILE_ENV
 from pantry.common.config_flags import default_of
 from pantry.common.errors import ConfigError
 from pantry.common.serving import format_table, write_ready_file
@@ -115,6 +117,13 @@ class LocalCluster:
         self.options = options
         self.workdir = workdir
         self.roles: list[Role] = []
+        # One service token per run: the pool answers only this system's roles. Every kvstore
+        # client in the children finds it through $PANTRY_TOKEN_FILE.
+        self.token_file = workdir / "pool.token"
+        fd = os.open(self.token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(32))
+        self.env = {**os.environ, TOKEN_FILE_ENV: str(self.token_file)}
 
     def _start(self, name: str, argv: list[str]) -> Role:
         ready = self.workdir / f"{name}.ready.json"
@@ -126,7 +135,7 @@ class LocalCluster:
             role.log_file = open(role.log_path, "ab")  # noqa: SIM115 - closed in stop()
             stdout = role.log_file
         role.proc = subprocess.Popen(role.argv, stdout=stdout, stderr=subprocess.STDOUT
-                                     if stdout else None)
+                                     if stdout else None, env=self.env)
         self.roles.append(role)
         log.info("started %-10s pid %d", name, role.proc.pid)
         return role
@@ -148,12 +157,13 @@ class LocalCluster:
     def start(self) -> None:
         o = self.options
         deadline = time.monotonic() + START_TIMEOUT_S
+        token = ["--token-file", str(self.token_file)]
         master = self._start("kv-master", ["-m", "kvstore", "master", "--host", o.host,
-                                           "--port", "0"])
+                                           "--port", "0", *token])
         self._wait_ready(master, deadline)
         node = self._start("kv-node", ["-m", "kvstore", "node", "--master", master.address,
                                        "--host", o.host, "--port", "0", "--node-id", NODE_ID,
-                                       "--dram-bytes", str(o.pool_bytes)])
+                                       "--dram-bytes", str(o.pool_bytes), *token])
         self._wait_ready(node, deadline)
         engine_args = ["--model", o.model, "--kv-master", master.address, "--host", o.host,
                        "--port", "0", "--block-size", str(o.block_size),
@@ -189,6 +199,7 @@ class LocalCluster:
             "grpc": by_name["conductor"].address,
             "model": con.get("model", ""),
             "kv_master": by_name["kv-master"].address,
+            "token_file": str(self.token_file),
             "roles": {r.name: {"address": r.address, "pid": r.proc.pid if r.proc else None,
                                "metrics": self.metrics_url(r)}
                       for r in self.roles},

@@ -111,3 +111,25 @@ def test_metrics_show_every_role(limited_system: LocalSystem) -> None:
         assert seen[f"pantry_conductor_pool_{name}"] == master[f"pantry_kv_master_{name}"], name
     assert master["pantry_kv_master_capacity_bytes"] == 64 * 2**20
     assert own["kv-node"]["pantry_kv_node_segment_capacity_bytes"] == 64 * 2**20
+
+
+def test_the_pool_answers_only_this_systems_roles(limited_system: LocalSystem) -> None:
+    """pantry local makes one service token per run: the kvstore master refuses a client
+    without it and says nothing else, and answers the operator who holds the token file."""
+    import subprocess
+    import sys
+
+    master = limited_system.info["kv_master"]
+    token_file = limited_system.info["token_file"]
+    assert Path(token_file).stat().st_mode & 0o777 == 0o600
+    env = {k: v for k, v in os.environ.items() if k != "PANTRY_TOKEN_FILE"}
+    refused = subprocess.run([sys.executable, "-m", "kvstore", "status", "--master", master],
+                             capture_output=True, text=True, timeout=60, env=env)
+    assert (refused.returncode, refused.stdout) == (3, "")
+    assert refused.stderr.strip() == ("kvstore: rpc failed: StatusCode.UNAUTHENTICATED: "
+                                      "a valid pantry service token is required")
+    allowed = subprocess.run([sys.executable, "-m", "kvstore", "status", "--master", master,
+                              "--token-file", token_file],
+                             capture_output=True, text=True, timeout=60, env=env)
+    assert allowed.returncode == 0, allowed.stderr
+    assert "node-0" in allowed.stdout
