@@ -23,6 +23,13 @@ EXAMPLES = sorted((CHART / "examples").glob("*.yaml"))
 DOCKER = REPO / "deploy" / "docker"
 HELM = REPO / ".cache" / "tools" / "helm"
 RELEASE = "t"
+HERE = Path(__file__).parent
+# What the chart tests render: the defaults, each example, every option on at once, an external
+# Redis with a token Secret of the operator's own, and no token.
+CASES: dict[str, Path | None] = {
+    "defaults": None, **{f"examples/{p.name}": p for p in EXAMPLES},
+    "options": HERE / "values-options.yaml", "external": HERE / "values-external.yaml",
+    "no-auth": HERE / "values-no-auth.yaml"}
 
 Manifest = dict[str, Any]
 

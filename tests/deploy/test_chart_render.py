@@ -3,25 +3,18 @@ a command line the real `pantry` and `kvstore` parsers and role configs accept."
 
 from __future__ import annotations
 
-import argparse
-import re
 import subprocess
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
 
-from conductor.config import ConductorConfig
 from decode.config import DecodeLimits
 from engine.role_config import EngineRoleConfig
-from kvstore.cli import build_parser as kvstore_parser
-from kvstore.cli import master_config, node_config
-from pantry.cli.main import build_parser as pantry_parser
-from pantry.common.config_flags import config_from_args
-from prefill.config import PrefillLimits
+from tests.deploy.chart_commands import parse_container
 from tests.deploy.chart_rig import (
+    CASES,
     CHART,
     EXAMPLES,
     REPO,
@@ -29,32 +22,11 @@ from tests.deploy.chart_rig import (
     by_kind_name,
     container,
     helm,
-    parse_manifests,
     pod_specs,
-    template,
     values_args,
     venv_tool,
 )
-
-OPTIONS = Path(__file__).with_name("values-options.yaml")
-CASES: dict[str, Path | None] = {
-    "defaults": None, **{f"examples/{p.name}": p for p in EXAMPLES}, "options": OPTIONS}
-# What Kubernetes puts in $(VAR) references of args (downward API), for the parse test.
-POD_ENV = {"POD_NAME": "t-pantry-x-0", "POD_IP": "10.1.2.3", "NODE_NAME": "worker-1"}
-
-
-@pytest.fixture(scope="module")
-def rendered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, list[Manifest]]]:
-    """Each values file rendered once: its output file and its manifests."""
-    home = tmp_path_factory.mktemp("helm")
-    out: dict[str, tuple[Path, list[Manifest]]] = {}
-    for name, values in CASES.items():
-        proc = template(home, values)
-        assert proc.returncode == 0, proc.stderr
-        path = home / (name.replace("/", "_") + ".yaml")
-        path.write_text(proc.stdout)
-        out[name] = (path, parse_manifests(proc.stdout))
-    return out
+from tests.deploy.conftest import Rendered
 
 
 def test_examples_are_the_two_the_issue_names() -> None:
@@ -68,25 +40,27 @@ def test_helm_lint_strict(case: str, tmp_path: Path) -> None:
     assert proc.stdout.splitlines()[-1] == "1 chart(s) linted, 0 chart(s) failed"
 
 
+BASE_KINDS = {"Deployment": 2, "StatefulSet": 3, "Service": 5, "NetworkPolicy": 5,
+              "PodDisruptionBudget": 5}
 KINDS = {
-    "defaults": {"Deployment": 2, "StatefulSet": 3, "Service": 5, "NetworkPolicy": 5,
-                 "PodDisruptionBudget": 5},
-    "examples/single-node.yaml": {"Deployment": 2, "StatefulSet": 3, "Service": 5,
-                                  "NetworkPolicy": 5, "PodDisruptionBudget": 5},
-    "examples/multi-node.yaml": {"Deployment": 2, "StatefulSet": 2, "DaemonSet": 1, "Service": 5,
-                                 "Ingress": 1, "NetworkPolicy": 5, "PodDisruptionBudget": 5,
-                                 "ServiceMonitor": 5},
+    "defaults": {**BASE_KINDS, "Secret": 1},
+    "examples/single-node.yaml": {**BASE_KINDS, "Secret": 1},
+    "examples/multi-node.yaml": {"Deployment": 2, "StatefulSet": 3, "DaemonSet": 1, "Service": 6,
+                                 "Ingress": 1, "NetworkPolicy": 6, "PodDisruptionBudget": 5,
+                                 "ServiceMonitor": 5, "Secret": 1},
     "options": {"Deployment": 2, "StatefulSet": 4, "Service": 6, "Ingress": 1,
-                "NetworkPolicy": 6, "PodDisruptionBudget": 5, "ServiceMonitor": 5},
+                "NetworkPolicy": 6, "PodDisruptionBudget": 5, "ServiceMonitor": 5, "Secret": 1},
+    # The token Secret is the operator's own, and the Redis is outside the release.
+    "external": BASE_KINDS,
+    "no-auth": BASE_KINDS,
 }
 
-
 @pytest.mark.parametrize("case", list(CASES))
-def test_kinds_rendered(case: str, rendered: dict[str, tuple[Path, list[Manifest]]]) -> None:
+def test_kinds_rendered(case: str, rendered: Rendered) -> None:
     assert Counter(m["kind"] for m in rendered[case][1]) == KINDS[case]
 
 
-def test_kubernetes_validate_strict(rendered: dict[str, tuple[Path, list[Manifest]]]) -> None:
+def test_kubernetes_validate_strict(rendered: Rendered) -> None:
     """One run over every rendered file. ServiceMonitor is a CRD kubernetes-validate has no
     schema for: it may only warn about that kind, and test_service_monitors checks its shape."""
     files = [str(path) for path, _ in rendered.values()]
@@ -102,38 +76,9 @@ def test_kubernetes_validate_strict(rendered: dict[str, tuple[Path, list[Manifes
 
 # ---- the command lines the containers run --------------------------------------------------
 
-def _expand(arg: str, env_names: set[str]) -> str:
-    def sub(m: re.Match[str]) -> str:
-        assert m.group(1) in env_names, f"$({m.group(1)}) is not in the container's env"
-        return POD_ENV[m.group(1)]
-
-    return re.sub(r"\$\(([A-Z_]+)\)", sub, arg)
-
-
-def parse_container(c: dict[str, Any]) -> tuple[argparse.Namespace, list[object]]:
-    """Parses the container's command line with the CLI's own parser and builds the role's config
-    dataclasses from it (their validation included), as the CLI does at start."""
-    env_names = {e["name"] for e in c.get("env", [])}
-    argv = [_expand(a, env_names) for a in [*c["command"][1:], *c["args"]]]
-    program = c["command"][0]
-    try:
-        if program == "pantry":
-            ns = pantry_parser().parse_args(argv)
-            limits = {"conductor": [], "prefill": [PrefillLimits], "decode": [DecodeLimits]}
-            base = ConductorConfig if ns.cmd == "conductor" else EngineRoleConfig
-            configs = [config_from_args(cls, ns) for cls in (base, *limits[ns.cmd])]
-        else:
-            assert program == "kvstore", c["command"]
-            ns = kvstore_parser().parse_args(argv)
-            configs = [master_config(ns) if ns.cmd == "master" else node_config(ns)]
-    except SystemExit as exc:  # argparse's exit on an unknown or malformed flag
-        pytest.fail(f"{program} refused {argv}: exit {exc.code}")
-    return ns, configs
-
-
 @pytest.mark.parametrize("case", list(CASES))
 def test_every_command_line_is_accepted_by_the_real_cli(
-        case: str, rendered: dict[str, tuple[Path, list[Manifest]]]) -> None:
+        case: str, rendered: Rendered) -> None:
     roles = []
     for m, spec in pod_specs(rendered[case][1]):
         for c in spec["containers"]:
@@ -151,7 +96,7 @@ def test_every_command_line_is_accepted_by_the_real_cli(
     ]
 
 
-def test_default_command_lines(rendered: dict[str, tuple[Path, list[Manifest]]]) -> None:
+def test_default_command_lines(rendered: Rendered) -> None:
     ms = rendered["defaults"][1]
     assert container(ms, "Deployment", "conductor")["args"] == [
         "--log-level", "INFO", "conductor", "--model", "smollm2",
@@ -161,7 +106,7 @@ def test_default_command_lines(rendered: dict[str, tuple[Path, list[Manifest]]])
         "--host", "0.0.0.0", "--grpc-port", "50051", "--http-port", "8000",
         "--default-max-tokens", "256", "--max-request-bytes", "8MiB",
         "--max-concurrent-requests", "256", "--ttft-slo", "0", "--engine-timeout-s", "600",
-        "--ready-file", "/tmp/ready.json"]
+        "--token-file", "/var/run/pantry/token", "--ready-file", "/tmp/ready.json"]
     engine_common = [
         "--model", "smollm2", "--kv-master", "t-pantry-kvstore-master:7000",
         "--engine-id", "$(POD_NAME)", "--host", "$(POD_IP)"]
@@ -178,18 +123,19 @@ def test_default_command_lines(rendered: dict[str, tuple[Path, list[Manifest]]])
         "--ready-file", "/tmp/ready.json"]
     assert container(ms, "Deployment", "kvstore-master")["args"] == [
         "master", "--host", "0.0.0.0", "--port", "7000", "--metrics-port", "9100",
-        "--metadata-backend", "memory", "--node-timeout", "10", "--lease-ms", "5000",
+        "--metadata", "memory", "--node-timeout", "10", "--lease-ms", "5000",
         "--high-watermark", "0.9", "--low-watermark", "0.8", "--max-object-bytes", "64MiB",
-        "--ready-file", "/tmp/ready.json"]
+        "--token-file", "/var/run/pantry/token", "--ready-file", "/tmp/ready.json"]
     assert container(ms, "StatefulSet", "kvstore-node")["args"] == [
         "node", "--master", "t-pantry-kvstore-master:7000", "--node-id", "$(POD_NAME)",
         "--dram-bytes", "1GiB", "--host", "$(POD_IP)", "--port", "7300", "--tcp-port", "7301",
         "--metrics-port", "9103", "--heartbeat", "2", "--shm-dir", "/dev/shm",
-        "--max-object-bytes", "64MiB", "--prefault", "--ready-file", "/tmp/ready.json"]
+        "--max-object-bytes", "64MiB", "--prefault", "--token-file", "/var/run/pantry/token",
+        "--ready-file", "/tmp/ready.json"]
 
 
 def test_defaults_parse_to_the_roles_own_defaults(
-        rendered: dict[str, tuple[Path, list[Manifest]]]) -> None:
+        rendered: Rendered) -> None:
     """The chart's defaults are the code's: a chart default that drifted would show here."""
     ms = rendered["defaults"][1]
     _, (engine, limits) = parse_container(container(ms, "StatefulSet", "decode"))
@@ -201,7 +147,7 @@ def test_defaults_parse_to_the_roles_own_defaults(
     assert (node.dram_bytes, node.tcp_port, node.max_object_bytes) == (1 << 30, 7301, 64 << 20)
 
 
-def test_multi_node_command_lines(rendered: dict[str, tuple[Path, list[Manifest]]]) -> None:
+def test_multi_node_command_lines(rendered: Rendered) -> None:
     ms = rendered["examples/multi-node.yaml"][1]
     ns, (conductor,) = parse_container(container(ms, "Deployment", "conductor"))
     assert conductor.prefill == tuple(
@@ -217,7 +163,7 @@ def test_multi_node_command_lines(rendered: dict[str, tuple[Path, list[Manifest]
     assert node["resources"]["limits"]["memory"] == str((64 + 2) << 30)
 
 
-def test_options_command_lines(rendered: dict[str, tuple[Path, list[Manifest]]]) -> None:
+def test_options_command_lines(rendered: Rendered) -> None:
     ms = rendered["options"][1]
     _, (conductor,) = parse_container(container(ms, "Deployment", "conductor"))
     assert (conductor.model, len(conductor.prefill), len(conductor.decode)) == (
@@ -233,7 +179,7 @@ def test_options_command_lines(rendered: dict[str, tuple[Path, list[Manifest]]])
 # ---- pods: probes, security, resources, volumes -----------------------------------------------
 
 def test_probes_name_each_roles_grpc_service(
-        rendered: dict[str, tuple[Path, list[Manifest]]]) -> None:
+        rendered: Rendered) -> None:
     """The gRPC health service each probe asks about is the one the role registers."""
     from conductor.grpc_api import SERVICE_NAME as conductor_service
     from decode.service import SERVICE_NAME as decode_service
@@ -254,7 +200,7 @@ def test_probes_name_each_roles_grpc_service(
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_every_pod_is_locked_down_and_sized(
-        case: str, rendered: dict[str, tuple[Path, list[Manifest]]]) -> None:
+        case: str, rendered: Rendered) -> None:
     for m, spec in pod_specs(rendered[case][1]):
         name = m["metadata"]["name"]
         assert spec["securityContext"]["runAsNonRoot"] is True, name
@@ -270,14 +216,16 @@ def test_every_pod_is_locked_down_and_sized(
 
 
 def test_storage_node_shm_is_sized_from_values(
-        rendered: dict[str, tuple[Path, list[Manifest]]]) -> None:
+        rendered: Rendered) -> None:
     ms = rendered["defaults"][1]
     spec = by_kind_name(ms)[("StatefulSet", "t-pantry-kvstore-node")]["spec"]["template"]["spec"]
     assert spec["volumes"] == [
         {"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}},
+        {"name": "token", "secret": {"secretName": "t-pantry-token", "defaultMode": 0o440,
+                                     "items": [{"key": "token", "path": "token"}]}},
         {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": "1Gi"}}]
     (c,) = spec["containers"]
-    assert {m["mountPath"] for m in c["volumeMounts"]} == {"/tmp", "/dev/shm"}
+    assert {m["mountPath"] for m in c["volumeMounts"]} == {"/tmp", "/var/run/pantry", "/dev/shm"}
     # 1 GiB of segment + 512 MiB for the process: the tmpfs pages count toward the pod.
     assert c["resources"] == {"requests": {"cpu": "1", "memory": "1610612736"},
                               "limits": {"memory": "1610612736"}}
@@ -285,7 +233,7 @@ def test_storage_node_shm_is_sized_from_values(
 
 
 def test_shm_transport_shares_the_hosts_ipc_and_network(
-        rendered: dict[str, tuple[Path, list[Manifest]]]) -> None:
+        rendered: Rendered) -> None:
     ms = by_kind_name(rendered["options"][1])
     for role in ("prefill", "decode", "kvstore-node"):
         spec = ms[("StatefulSet", f"t-pantry-{role}")]["spec"]["template"]["spec"]
@@ -296,12 +244,13 @@ def test_shm_transport_shares_the_hosts_ipc_and_network(
             "requiredDuringSchedulingIgnoredDuringExecution"]
         assert term["labelSelector"]["matchLabels"]["app.kubernetes.io/component"] == role
     node = ms[("StatefulSet", "t-pantry-kvstore-node")]["spec"]["template"]["spec"]
-    assert [v["name"] for v in node["volumes"]] == ["tmp"]  # the host's /dev/shm, not a tmpfs
+    # The host's /dev/shm, not a tmpfs.
+    assert [v["name"] for v in node["volumes"]] == ["tmp", "token"]
     conductor = ms[("Deployment", "t-pantry-conductor")]["spec"]["template"]["spec"]
     assert "hostNetwork" not in conductor and "affinity" not in conductor
 
 
-def test_gpu_and_rdma_requests(rendered: dict[str, tuple[Path, list[Manifest]]]) -> None:
+def test_gpu_and_rdma_requests(rendered: Rendered) -> None:
     ms = rendered["options"][1]
     assert container(ms, "StatefulSet", "prefill")["resources"] == {
         "requests": {"cpu": "2", "memory": "4Gi", "nvidia.com/gpu": 1,
@@ -312,7 +261,7 @@ def test_gpu_and_rdma_requests(rendered: dict[str, tuple[Path, list[Manifest]]])
         "limits": {"memory": "8Gi", "nvidia.com/gpu": 2}}
 
 
-def test_model_volumes(rendered: dict[str, tuple[Path, list[Manifest]]]) -> None:
+def test_model_volumes(rendered: Rendered) -> None:
     volumes = {
         case: {v["name"]: {k: x for k, x in v.items() if k != "name"}
                for v in container_spec["volumes"]}
@@ -329,7 +278,7 @@ def test_model_volumes(rendered: dict[str, tuple[Path, list[Manifest]]]) -> None
 # ---- discovery, exposure, isolation, monitoring ----------------------------------------------
 
 def test_engines_are_discovered_through_headless_services(
-        rendered: dict[str, tuple[Path, list[Manifest]]]) -> None:
+        rendered: Rendered) -> None:
     ms = by_kind_name(rendered["examples/multi-node.yaml"][1])
     for role, port, replicas in (("prefill", 7100, 4), ("decode", 7200, 6)):
         svc = ms[("Service", f"t-pantry-{role}")]["spec"]
@@ -340,7 +289,7 @@ def test_engines_are_discovered_through_headless_services(
         assert (sts["serviceName"], sts["replicas"]) == (f"t-pantry-{role}", replicas)
 
 
-def test_conductor_service_and_ingress(rendered: dict[str, tuple[Path, list[Manifest]]]) -> None:
+def test_conductor_service_and_ingress(rendered: Rendered) -> None:
     ms = by_kind_name(rendered["examples/multi-node.yaml"][1])
     assert ms[("Service", "t-pantry-conductor")]["spec"]["ports"] == [
         {"name": "http", "port": 8000, "targetPort": "http"},
@@ -363,7 +312,7 @@ def _sources(policy: Manifest) -> list[tuple[list[str], list[int]]]:
 
 
 def test_only_the_conductor_is_reachable_from_outside(
-        rendered: dict[str, tuple[Path, list[Manifest]]]) -> None:
+        rendered: Rendered) -> None:
     policies = {m["metadata"]["name"].removeprefix("t-pantry-"): _sources(m)
                 for m in rendered["options"][1] if m["kind"] == "NetworkPolicy"}
     assert policies == {
@@ -381,7 +330,7 @@ def test_only_the_conductor_is_reachable_from_outside(
     assert multi["decode"] == [(["conductor"], [7200]), ([monitoring], [9102])]
 
 
-def test_service_monitors(rendered: dict[str, tuple[Path, list[Manifest]]]) -> None:
+def test_service_monitors(rendered: Rendered) -> None:
     monitors = [m for m in rendered["examples/multi-node.yaml"][1]
                 if m["kind"] == "ServiceMonitor"]
     assert {m["apiVersion"] for m in monitors} == {"monitoring.coreos.com/v1"}
@@ -401,7 +350,7 @@ def test_service_monitors(rendered: dict[str, tuple[Path, list[Manifest]]]) -> N
         assert "metrics" in ports, role
 
 
-def test_disruption_budgets(rendered: dict[str, tuple[Path, list[Manifest]]]) -> None:
+def test_disruption_budgets(rendered: Rendered) -> None:
     pdbs = {m["metadata"]["name"]: (m["spec"]["maxUnavailable"],
                                     m["spec"]["selector"]["matchLabels"][
                                         "app.kubernetes.io/component"])
@@ -410,7 +359,7 @@ def test_disruption_budgets(rendered: dict[str, tuple[Path, list[Manifest]]]) ->
         "conductor", "prefill", "decode", "kvstore-master", "kvstore-node")}
 
 
-def test_bundled_redis(rendered: dict[str, tuple[Path, list[Manifest]]]) -> None:
+def test_bundled_redis(rendered: Rendered) -> None:
     sts = by_kind_name(rendered["options"][1])[("StatefulSet", "t-pantry-redis")]["spec"]
     (claim,) = sts["volumeClaimTemplates"]
     assert claim["spec"] == {"accessModes": ["ReadWriteOnce"],

@@ -1,5 +1,5 @@
-"""Bad values fail `helm template` with a message naming the value: the schema's checks, and the
-gates on what the code cannot do yet."""
+"""Bad values fail `helm template` with a message naming the value: the schema's checks, the
+gates on what the code cannot do yet, and values that contradict each other."""
 
 from __future__ import annotations
 
@@ -47,18 +47,36 @@ BAD_VALUES = {
     "unknown transport": (
         ['kvstore.transport="rdma"'],
         "- at '/kvstore/transport': value must be one of 'tcp', 'grpc', 'shm'"),
+    "redis url of another scheme": (
+        ['redis.url="rediss://redis:6379/0"'],
+        "- at '/redis/url': 'rediss://redis:6379/0' does not match pattern "
+        "'^$|^redis://[^/]+(/[0-9]+)?$'"),
+    "short token": (
+        ['auth.token="short"'],
+        "- at '/auth/token': 'short' does not match pattern '^$|^[!-~]{16,}$'"),
+    "token with a space": (
+        ['auth.token="a token with spaces in it"'],
+        "- at '/auth/token': 'a token with spaces in it' does not match pattern "
+        "'^$|^[!-~]{16,}$'"),
     "misspelt key": (
         ["prefill.replica=2"], "- at '/prefill': additional properties 'replica' not allowed"),
 }
 GATED = {
-    "redis metadata": (
+    "redis metadata without a redis": (
         ['kvstore.master.metadata="redis"'],
-        "kvstore.master.metadata: 'redis' needs the Redis metadata backend (pool issue); "
-        "`kvstore master` accepts only 'memory' today"),
-    "external redis": (
+        "kvstore.master.metadata: 'redis' needs a Redis: redis.enabled (the bundled one) or "
+        "redis.url (redis://HOST:PORT/DB)"),
+    "two redises": (
+        ['kvstore.master.metadata="redis"', "redis.enabled=true",
+         'redis.url="redis://redis:6379/0"'],
+        "redis.url: set with redis.enabled; the master uses one Redis, the bundled one or "
+        "redis.url"),
+    "bundled redis with memory metadata": (
+        ["redis.enabled=true"],
+        "redis.enabled: the bundled Redis is used only with kvstore.master.metadata: redis"),
+    "external redis with memory metadata": (
         ['redis.url="redis://redis:6379/0"'],
-        "redis.url: an external Redis needs the Redis metadata backend (pool issue); "
-        "`kvstore master` accepts only 'memory' today"),
+        "redis.url: an external Redis is used only with kvstore.master.metadata: redis"),
     "standby master": (
         ["kvstore.master.standby.enabled=true"],
         "kvstore.master.standby.enabled: a standby master needs the pool issue's leader "
@@ -67,10 +85,9 @@ GATED = {
         ["kvstore.node.ssd.enabled=true"],
         "kvstore.node.ssd.enabled: the SSD tier needs `kvstore node --ssd-dir` (pool issue); "
         "not in the CLI today"),
-    "service token": (
-        ["auth.enabled=true"],
-        "auth.enabled: the service token needs `--token-file` on the kvstore and pantry "
-        "commands (pool issue); not in the CLIs today"),
+    "two tokens": (
+        ['auth.token="0123456789abcdefgh"', 'auth.existingSecret="mine"'],
+        "auth.token: set with auth.existingSecret; the token comes from one of them"),
     "watermarks": (
         ["kvstore.master.lowWatermark=0.95"],
         "kvstore.master.lowWatermark: 0.95 is above kvstore.master.highWatermark 0.9; "
@@ -92,7 +109,8 @@ def test_bad_value_fails_with_a_message_naming_it(case: str, helm_home: Path) ->
 
 
 @pytest.mark.parametrize("case", list(GATED))
-def test_what_the_code_lacks_fails_naming_the_value(case: str, helm_home: Path) -> None:
+def test_what_the_code_lacks_or_contradicts_fails_naming_the_value(
+        case: str, helm_home: Path) -> None:
     set_json, message = GATED[case]
     proc = template(helm_home, set_json=set_json)
     assert (proc.returncode, proc.stdout) == (1, "")

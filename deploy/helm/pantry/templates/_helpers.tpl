@@ -85,7 +85,8 @@ app.kubernetes.io/component: {{ .role }}
 {{- end }}
 {{- end -}}
 
-{{/* Env every Pantry container gets: HOME on the writable /tmp, the pod's name and IP. */}}
+{{/* Env every Pantry container gets: HOME on the writable /tmp, the pod's name and IP, and the
+token file with auth.enabled. */}}
 {{- define "pantry.env" -}}
 - name: HOME
   value: /tmp
@@ -101,6 +102,12 @@ app.kubernetes.io/component: {{ .role }}
   valueFrom:
     fieldRef:
       fieldPath: spec.nodeName
+{{- /* Every kvstore client reads the token from here (the engines have no flag for it); so do
+the admin commands run with `kubectl exec` in any Pantry pod. */}}
+{{- if .Values.auth.enabled }}
+- name: PANTRY_TOKEN_FILE
+  value: {{ include "pantry.tokenFile" . }}
+{{- end }}
 {{- end -}}
 
 {{- define "pantry.tmpVolume" -}}
@@ -181,4 +188,64 @@ affinity:
 {{/* The shm transport runs engines and storage nodes in the host's IPC and network namespaces. */}}
 {{- define "pantry.shm" -}}
 {{- eq .Values.kvstore.transport "shm" -}}
+{{- end -}}
+
+{{/* The kvstore master's --metadata: memory, or the Redis it keeps its records in. */}}
+{{- define "pantry.metadataArg" -}}
+{{- if ne .Values.kvstore.master.metadata "redis" -}}
+memory
+{{- else if .Values.redis.url -}}
+{{ .Values.redis.url }}
+{{- else -}}
+{{ printf "redis://%s:%d/0" (include "pantry.roleName" (dict "ctx" . "role" "redis")) (int .Values.redis.port) }}
+{{- end -}}
+{{- end -}}
+
+{{/* The pool's service token (auth.enabled): one Secret, mounted read-only in every Pantry pod. */}}
+{{- define "pantry.tokenFile" -}}/var/run/pantry/token{{- end -}}
+
+{{- define "pantry.tokenSecretName" -}}
+{{- .Values.auth.existingSecret | default (include "pantry.roleName" (dict "ctx" . "role" "token")) -}}
+{{- end -}}
+
+{{/* The token the chart's Secret holds: auth.token, else the one the release's Secret already
+has (a token that changed under running pods would lock them out of the pool), else a new one.
+Offline (`helm template`, `--dry-run=client`) lookup finds nothing and each render makes a new one. */}}
+{{- define "pantry.token" -}}
+{{- $old := lookup "v1" "Secret" .Release.Namespace (include "pantry.tokenSecretName" .) -}}
+{{- if .Values.auth.token -}}
+{{ .Values.auth.token }}
+{{- else if and $old $old.data (hasKey $old.data "token") -}}
+{{ index $old.data "token" | b64dec }}
+{{- else -}}
+{{ randAlphaNum 48 }}
+{{- end -}}
+{{- end -}}
+
+{{- define "pantry.tokenVolume" -}}
+{{- if .Values.auth.enabled }}
+- name: token
+  secret:
+    secretName: {{ include "pantry.tokenSecretName" . }}
+    defaultMode: 0440
+    items:
+      - key: {{ ternary .Values.auth.existingSecretKey "token" (ne .Values.auth.existingSecret "") }}
+        path: token
+{{- end }}
+{{- end -}}
+
+{{- define "pantry.tokenMount" -}}
+{{- if .Values.auth.enabled }}
+- name: token
+  mountPath: {{ include "pantry.tokenFile" . | dir }}
+  readOnly: true
+{{- end }}
+{{- end -}}
+
+{{/* `--token-file` of the roles that have the flag (master, node, conductor). */}}
+{{- define "pantry.tokenArgs" -}}
+{{- if .Values.auth.enabled }}
+- --token-file
+- {{ include "pantry.tokenFile" . }}
+{{- end }}
 {{- end -}}
