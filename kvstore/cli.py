@@ -174,9 +174,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("master", help="run the metadata master")
     add_config_flags(m, MasterConfig)
-    # The flag's name before Redis existed; the Helm chart still passes it.
-    m.add_argument("--metadata-backend", dest="metadata", default=argparse.SUPPRESS,
-                   help=argparse.SUPPRESS)
     _server_flags(m)
     m.set_defaults(fn=cmd_master)
 
