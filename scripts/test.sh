@@ -4,6 +4,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 .venv/bin/python scripts/gen_proto.py --check
 .venv/bin/ruff check .
-.venv/bin/mypy kvstore engine prefill decode conductor pantry
+.venv/bin/mypy kvstore engine prefill decode conductor pantry connectors
 .venv/bin/lint-imports
 .venv/bin/python -m pytest -q "$@"

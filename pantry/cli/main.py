@@ -13,6 +13,7 @@ from engine.model_files import DEFAULT_MODEL_SPEC
 from engine.role_config import EngineRoleConfig
 from pantry.cli.local import LocalOptions
 from pantry.cli.replay import add_replay_flags
+from pantry.cli.vllm_serve import add_parser as add_vllm_serve
 from pantry.common.config_flags import add_config_flags, config_from_args
 from pantry.common.errors import ConfigError
 from pantry.common.metrics import configure_metrics
@@ -82,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
                                         "a cost model of a GPU cluster)")
     add_replay_flags(rep)
     rep.set_defaults(fn=cmd_replay)
+
+    add_vllm_serve(sub)
     return parser
 
 

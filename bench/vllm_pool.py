@@ -1,0 +1,125 @@
+"""TTFT of vLLM-CPU instance B on prompts instance A computed, from Pantry's pool, against B
+computing them cold and against A's own local prefix-cache hit, all in the same run.
+
+Real processes: a kvstore master and node, vLLM-CPU A and B (SmolLM2-135M float32, block 32,
+torch.compile on, both started at once), each with PantryConnector. Per length and repetition:
+
+  cold   B serves a fresh prompt nobody has seen: every token computed
+  local  A serves prompt P twice; the second is A's own local prefix-cache hit
+  pool   B serves P: B never saw it, so its blocks come from the pool (A stored them)
+
+TTFT is the time to the first streamed token (`/v1/completions`, stream, temperature 0).
+Median of --reps. The last line is one JSON object.
+
+    .venv/bin/python bench/vllm_pool.py [--lengths 512 1024 2048] [--reps 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from kvstore.client import KVStoreClient  # noqa: E402
+from tests.vllm.vllm_rig import (  # noqa: E402
+    BLOCK,
+    VllmServer,
+    running_pool,
+    start_vllm,
+    vllm_missing,
+    wait_ready,
+)
+
+
+def ttft(server: VllmServer, prompt: list[int]) -> float:
+    body = json.dumps({"model": "smollm2", "prompt": prompt, "max_tokens": 4, "temperature": 0,
+                       "stream": True})
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=600)
+    start = time.perf_counter()
+    conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    first = None
+    for raw in resp:
+        line = raw.decode().strip()
+        if first is None and line.startswith("data: {"):
+            first = time.perf_counter() - start
+    conn.close()
+    assert first is not None, "no token streamed"
+    return first
+
+
+def wait_stored(client: KVStoreClient, count: int) -> None:
+    deadline = time.monotonic() + 120
+    while client.status().objects < count:
+        if time.monotonic() > deadline:
+            raise TimeoutError("A's saves did not reach the pool")
+        time.sleep(0.05)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048])
+    ap.add_argument("--reps", type=int, default=3)
+    args = ap.parse_args()
+    missing = vllm_missing()
+    if missing:
+        print(missing, file=sys.stderr)
+        return 2
+    rng = random.Random(0)
+
+    def fresh(n: int) -> list[int]:
+        return [rng.randrange(100, 45000) for _ in range(n)]
+
+    results: dict[int, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory() as tmp, running_pool(Path(tmp), dram="2GiB") as pool:
+        a = start_vllm(pool.address, Path(tmp), "a", enforce_eager=False)
+        b = start_vllm(pool.address, Path(tmp), "b", enforce_eager=False)
+        client = KVStoreClient(pool.address, host_id="bench")
+        try:
+            wait_ready(a)
+            wait_ready(b)
+            ttft(a, fresh(64))  # first requests pay one-off costs; not measured
+            ttft(b, fresh(64))
+            for n in args.lengths:
+                cold, local, hit = [], [], []
+                for _ in range(args.reps):
+                    cold.append(ttft(b, fresh(n)))
+                    prompt = fresh(n)
+                    stored = client.status().objects
+                    ttft(a, prompt)
+                    wait_stored(client, stored + n // BLOCK)
+                    local.append(ttft(a, prompt))
+                    hit.append(ttft(b, prompt))
+                results[n] = {"cold_ms": 1000 * statistics.median(cold),
+                              "local_ms": 1000 * statistics.median(local),
+                              "pool_ms": 1000 * statistics.median(hit)}
+        finally:
+            client.close()
+            a.stop()
+            b.stop()
+
+    print(f"{'tokens':>7} {'B cold ms':>10} {'A local hit ms':>15} {'B pool hit ms':>14} "
+          f"{'pool/cold':>10} {'pool/local':>11}")
+    for n, r in results.items():
+        print(f"{n:>7} {r['cold_ms']:>10.1f} {r['local_ms']:>15.1f} {r['pool_ms']:>14.1f} "
+              f"{r['pool_ms'] / r['cold_ms']:>10.3f} {r['pool_ms'] / r['local_ms']:>11.2f}")
+    summary: dict[str, object] = {
+        f"{k}_{n}": round(v, 1) for n, r in results.items() for k, v in r.items()}
+    last = max(results)
+    summary[f"hit_vs_cold_{last}"] = round(results[last]["pool_ms"] / results[last]["cold_ms"], 3)
+    summary[f"hit_vs_local_{last}"] = round(
+        results[last]["pool_ms"] / results[last]["local_ms"], 3)
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
