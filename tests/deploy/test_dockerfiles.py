@@ -14,7 +14,7 @@ import yaml
 from tests.deploy.chart_rig import CHART, DOCKER, REPO, venv_tool
 
 DOCKERFILES = sorted(p for p in DOCKER.glob("Dockerfile.*") if p.suffix != ".dockerignore")
-PACKAGES = ["kvstore", "engine", "prefill", "decode", "conductor", "pantry"]
+PACKAGES = ["kvstore", "engine", "prefill", "decode", "conductor", "pantry", "connectors"]
 
 
 def _arg(text: str, name: str) -> str:
