@@ -1,6 +1,7 @@
-"""Continuous-batching decode: sequences join when their prompt KV is in the cache (pulled from
-the pool, the uncached tail computed in chunks between decode steps), generate one token per step,
-and write back every full block their own output completes."""
+"""Continuous-batching decode: sequences join when their prompt KV is in the cache (found in this
+engine's prefix cache, else pulled from the pool, the rest computed in chunks between decode
+steps), generate one token per step, and write back every full block their own output completes:
+one batched put per step, on the core's writer thread, which no step waits for."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor, wait
 
 import torch
 
+from engine.block_keys import KeyChain
 from engine.role_core import EngineCore
 from engine.runner import SeqStep
 from engine.sampling import Sampler, make_generator
@@ -86,7 +88,9 @@ class DecodeEngine:
         core.check_prompt(job.token_ids, job.sampling.max_tokens)
         if job.first_token is not None and not 0 <= job.first_token < core.description.vocab_size:
             raise InvalidRequest("first_token", f"{job.first_token} is outside the vocabulary")
-        seq = Sequence(job=job, generator=make_generator(job.sampling.seed))
+        # Hashed here, on the caller's thread: the loop only extends the chain block by block.
+        chain = KeyChain(core.addressing.hasher(job.tenant), job.token_ids)
+        seq = Sequence(job=job, generator=make_generator(job.sampling.seed), chain=chain)
         with self._cv:
             if self._stopped:
                 raise EngineStopped(f"decode engine {core.config.engine_id} is stopping")
@@ -114,6 +118,7 @@ class DecodeEngine:
         if self._thread is not None:
             self._thread.join(timeout=10)
         self._puller.shutdown(wait=True)
+        self.core.flush_writes()
 
     def _wake(self) -> None:
         with self._cv:
@@ -174,7 +179,6 @@ class DecodeEngine:
 
     def _admit(self) -> None:
         core = self.core
-        alloc = core.runner.allocator
         while True:
             with self._cv:
                 while self._waiting and self._waiting[0].cancelled.is_set():
@@ -182,20 +186,34 @@ class DecodeEngine:
                 if not self._waiting or len(self._active) >= self.limits.max_running:
                     return
                 seq = self._waiting[0]
-                needed = core.blocks_for(seq.reserve_tokens())
-                if alloc.num_free < needed:
+                claim = core.claim_prompt_blocks(
+                    seq.chain.keys, len(seq.prompt), core.blocks_for(seq.reserve_tokens()))
+                if claim is None:
                     return
                 self._waiting.popleft()
                 self._active.append(seq)
-            seq.block_ids = alloc.allocate(needed)
+            seq.block_ids = claim.block_ids
+            seq.local_blocks = claim.local
+            if claim.local == len(seq.chain.keys):
+                self._prompt_loaded(seq, claim.local)  # a repeat on this engine: nothing to pull
+                continue
             seq.status = SeqStatus.LOADING
             seq.pull = self._puller.submit(self._pull, seq)
             seq.pull.add_done_callback(lambda _f: self._wake())
 
     def _pull(self, seq: Sequence) -> int:
-        """Runs on the puller thread: writes only this sequence's own blocks."""
-        keys = self.core.addressing.block_keys(seq.prompt, seq.job.tenant)
-        return self.core.transfer.load(keys, seq.block_ids)
+        """Runs on the puller thread: writes only this sequence's own fresh blocks. Returns the
+        leading blocks now in the cache, local ones included."""
+        local, keys = seq.local_blocks, seq.chain.keys
+        return local + self.core.transfer.load(keys[local:], seq.block_ids[local : len(keys)])
+
+    def _prompt_loaded(self, seq: Sequence, loaded: int) -> None:
+        """`loaded` leading blocks of the prompt hold its KV; the rest is computed in chunks."""
+        seq.stored_blocks = loaded
+        seq.num_computed = self.core.resume_point(loaded, len(seq.prompt))
+        seq.pool_tokens = seq.num_computed
+        seq.status = SeqStatus.FILLING
+        self._index_full_blocks(seq)
 
     def _collect_pulls(self) -> None:
         for seq in self._active:
@@ -205,11 +223,8 @@ class DecodeEngine:
                 loaded = seq.pull.result()
             except Exception:  # whatever failed, the prompt can still be computed
                 log.exception("pulling %s from the pool failed", seq.job.request_id)
-                loaded = 0
-            seq.stored_blocks = loaded
-            seq.num_computed = self.core.resume_point(loaded, len(seq.prompt))
-            seq.pool_tokens = seq.num_computed
-            seq.status = SeqStatus.FILLING
+                loaded = seq.local_blocks
+            self._prompt_loaded(seq, loaded)
 
     def _advance(self, members: list[tuple[Sequence, int]], logits: torch.Tensor) -> None:
         to_sample: list[tuple[int, Sequence]] = []
@@ -229,8 +244,15 @@ class DecodeEngine:
                 if first and seq.job.first_token is not None:
                     token = seq.job.first_token
                 self._emit(seq, token, first)
+        keys: list[str] = []
+        block_ids: list[int] = []
         for seq, _ in members:
-            self._store_full_blocks(seq)
+            self._index_full_blocks(seq)
+            if seq.cached_blocks > seq.stored_blocks:
+                keys += seq.chain.keys[seq.stored_blocks : seq.cached_blocks]
+                block_ids += seq.block_ids[seq.stored_blocks : seq.cached_blocks]
+                seq.stored_blocks = seq.cached_blocks
+        self.core.store_in_background(keys, block_ids)
         for seq in [s for s in self._active if s.status is SeqStatus.FINISHED]:
             self._release(seq)
 
@@ -255,15 +277,18 @@ class DecodeEngine:
             seq.status = SeqStatus.FINISHED
         seq.events.put(event)
 
-    def _store_full_blocks(self, seq: Sequence) -> None:
-        core = self.core
-        full = seq.num_computed // core.block_size
-        if full <= seq.stored_blocks:
+    def _index_full_blocks(self, seq: Sequence) -> None:
+        """Blocks the sequence's computed KV has filled join the prefix cache, their keys carried
+        forward from the last one."""
+        bs = self.core.block_size
+        full = seq.num_computed // bs
+        if full <= seq.cached_blocks:
             return
-        tokens = seq.all_tokens()[: full * core.block_size]
-        keys = core.addressing.block_keys(tokens, seq.job.tenant)
-        core.transfer.store(keys[seq.stored_blocks :], seq.block_ids[seq.stored_blocks : full])
-        seq.stored_blocks = full
+        chain = seq.chain
+        for i in range(len(chain.keys), full):
+            chain.append(seq.token_slice(i * bs, (i + 1) * bs))
+        self.core.cache_blocks(chain.keys, seq.block_ids, seq.cached_blocks, full)
+        seq.cached_blocks = full
 
     def _finish(self, seq: Sequence, reason: str = "", error: str = "") -> None:
         reason = reason or ("" if error else "cancelled")
@@ -278,5 +303,5 @@ class DecodeEngine:
         if seq.pull is not None:
             wait([seq.pull])  # the puller may still be writing into these blocks
         if seq.block_ids:
-            self.core.runner.allocator.free(seq.block_ids)
+            self.core.release_blocks(seq.block_ids)
             seq.block_ids = []

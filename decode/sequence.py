@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine.block_keys import KeyChain
 from pantry.common.sampling import SamplingParams
 
 
@@ -44,11 +45,14 @@ class DecodeJob:
 class Sequence:
     job: DecodeJob
     generator: torch.Generator | None
+    chain: KeyChain             # the keys of its full blocks, extended as output fills blocks
     status: SeqStatus = SeqStatus.WAITING
     block_ids: list[int] = field(default_factory=list)
     output: list[int] = field(default_factory=list)
     num_computed: int = 0       # tokens whose KV is in the paged cache
-    stored_blocks: int = 0      # leading full blocks known to be in the pool
+    local_blocks: int = 0       # leading blocks found in this engine's prefix cache
+    cached_blocks: int = 0      # leading full blocks indexed in this engine's prefix cache
+    stored_blocks: int = 0      # leading full blocks known to be in the pool (or being written)
     pool_tokens: int = 0
     pull: Future[int] | None = None    # the background pull of the prompt's cached blocks
     submitted_at: float = field(default_factory=time.perf_counter)
@@ -66,6 +70,16 @@ class Sequence:
 
     def all_tokens(self) -> list[int]:
         return [*self.job.token_ids, *self.output]
+
+    def token_slice(self, start: int, end: int) -> tuple[int, ...]:
+        """Tokens [start, end) of prompt + output, without copying the rest."""
+        prompt = self.job.token_ids
+        p = len(prompt)
+        if end <= p:
+            return prompt[start:end]
+        if start >= p:
+            return tuple(self.output[start - p : end - p])
+        return (*prompt[start:], *self.output[: end - p])
 
     def reserve_tokens(self) -> int:
         """Tokens whose KV this sequence may ever hold: reserved on admission, so a running

@@ -72,5 +72,5 @@ def run(config: EngineRoleConfig, limits: DecodeLimits) -> int:
     # The loop runs here, on the main thread, until SIGINT/SIGTERM asks it to stop.
     serve_on_main_thread(server, port, core, loop=engine.run, request_stop=engine.request_stop)
     engine.stop()
-    core.pool.close()
+    core.close()
     return 0

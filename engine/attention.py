@@ -1,4 +1,6 @@
-"""Paged attention metadata and the torch reference attention over the paged cache."""
+"""Paged attention metadata and attention over the paged cache: the batched implementation the
+engine runs (one call per group of sequences per layer) and the per-sequence torch reference it is
+checked and benchmarked against."""
 
 from __future__ import annotations
 
@@ -9,6 +11,31 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+
+@dataclass(frozen=True, eq=False)
+class DecodeGroup:
+    """Sequences computing one token each, attended in one call: keys padded to the longest."""
+
+    rows: Tensor          # [B] int64: each sequence's token in the flattened step
+    block_table: Tensor   # [B * max_blocks] int64, padded with each row's own first block
+    key_mask: Tensor      # [B, 1, 1, max_blocks * block_size] bool: key position < seq length
+    max_blocks: int
+
+
+@dataclass(frozen=True, eq=False)
+class PrefillGroup:
+    """Sequences computing several tokens each, attended in one call with queries padded to the
+    longest. Padding rows repeat their sequence's last token and are dropped afterwards."""
+
+    rows: Tensor          # [P * max_q] int64: flattened token per padded query slot
+    valid: Tensor         # [N] int64: the padded slots that are real tokens, in order
+    out_rows: Tensor      # [N] int64: where each of those goes in the flattened step
+    block_table: Tensor   # [P * max_blocks] int64, padded with each row's own first block
+    mask: Tensor | None   # [P, 1, max_q, max_blocks * block_size] bool; None: plain causal
+    num_seqs: int
+    max_q: int
+    max_blocks: int
 
 
 @dataclass(frozen=True, eq=False)
@@ -24,6 +51,11 @@ class AttentionBatch:
     block_tables: tuple[tuple[int, ...], ...]
     slot_mapping: Tensor  # [T] int64: flat cache slot (block_id * block_size + offset) per token
     block_size: int
+    sliding_window: int | None = None
+    # The batched implementation's view of the same step, built once per step (not per layer):
+    # sequences with one new token, and sequences with several (prefill chunks).
+    decode: DecodeGroup | None = None
+    prefill: PrefillGroup | None = None
 
     @property
     def num_seqs(self) -> int:
@@ -44,19 +76,108 @@ class AttentionBatch:
         block_tables: Sequence[Sequence[int]],
         block_size: int,
         device: torch.device | str = "cpu",
+        sliding_window: int | None = None,
     ) -> AttentionBatch:
         slots: list[int] = []
         for q, ctx, table in zip(query_lens, context_lens, block_tables, strict=True):
             assert len(table) * block_size >= ctx + q, "block table too short for step"
             for pos in range(ctx, ctx + q):
                 slots.append(table[pos // block_size] * block_size + pos % block_size)
+        cu = [0]
+        for q in query_lens:
+            cu.append(cu[-1] + q)
+        decode_rows = [i for i, q in enumerate(query_lens) if q == 1]
+        prefill_rows = [i for i, q in enumerate(query_lens) if q > 1]
         return cls(
             query_lens=tuple(query_lens),
             context_lens=tuple(context_lens),
             block_tables=tuple(tuple(t) for t in block_tables),
             slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
             block_size=block_size,
+            sliding_window=sliding_window,
+            decode=_decode_group(decode_rows, cu, context_lens, block_tables, block_size,
+                                 device, sliding_window),
+            prefill=_prefill_group(prefill_rows, cu, query_lens, context_lens, block_tables,
+                                   block_size, device, sliding_window),
         )
+
+
+def _padded_tables(
+    rows: Sequence[int], totals: Sequence[int], block_tables: Sequence[Sequence[int]],
+    block_size: int,
+) -> tuple[list[int], int]:
+    max_blocks = max(-(-t // block_size) for t in totals)
+    flat: list[int] = []
+    for i, total in zip(rows, totals, strict=True):
+        table = list(block_tables[i][: -(-total // block_size)])
+        flat.extend(table + [table[0]] * (max_blocks - len(table)))
+    return flat, max_blocks
+
+
+def _decode_group(
+    rows: list[int], cu: list[int], context_lens: Sequence[int],
+    block_tables: Sequence[Sequence[int]], block_size: int, device: torch.device | str,
+    sliding_window: int | None,
+) -> DecodeGroup | None:
+    if not rows:
+        return None
+    totals = [context_lens[i] + 1 for i in rows]
+    flat, max_blocks = _padded_tables(rows, totals, block_tables, block_size)
+    key_pos = torch.arange(max_blocks * block_size, device=device)
+    lens = torch.tensor(totals, dtype=torch.int64, device=device)
+    key_mask = key_pos[None, :] < lens[:, None]
+    if sliding_window is not None:
+        key_mask &= key_pos[None, :] >= lens[:, None] - sliding_window
+    return DecodeGroup(
+        rows=torch.tensor([cu[i] for i in rows], dtype=torch.int64, device=device),
+        block_table=torch.tensor(flat, dtype=torch.int64, device=device),
+        key_mask=key_mask[:, None, None, :],
+        max_blocks=max_blocks,
+    )
+
+
+def _prefill_group(
+    rows: list[int], cu: list[int], query_lens: Sequence[int], context_lens: Sequence[int],
+    block_tables: Sequence[Sequence[int]], block_size: int, device: torch.device | str,
+    sliding_window: int | None,
+) -> PrefillGroup | None:
+    if not rows:
+        return None
+    max_q = max(query_lens[i] for i in rows)
+    totals = [context_lens[i] + query_lens[i] for i in rows]
+    flat, max_blocks = _padded_tables(rows, totals, block_tables, block_size)
+    slots: list[int] = []
+    valid: list[bool] = []
+    for i in rows:
+        q = query_lens[i]
+        slots.extend(range(cu[i], cu[i] + q))
+        slots.extend([cu[i] + q - 1] * (max_q - q))
+        valid.extend([True] * q + [False] * (max_q - q))
+    mask = None
+    windowed = sliding_window is not None and max(totals) > sliding_window
+    if len(rows) > 1 or context_lens[rows[0]] > 0 or windowed:
+        # Query j of a sequence sits at position ctx + j and sees keys 0 .. ctx + j; a padding
+        # query sees what its sequence's last token sees, so no row of the mask is empty.
+        j = torch.arange(max_q, device=device)
+        q_lens = torch.tensor([query_lens[i] for i in rows], dtype=torch.int64, device=device)
+        ctx = torch.tensor([context_lens[i] for i in rows], dtype=torch.int64, device=device)
+        query_pos = ctx[:, None] + torch.minimum(j[None, :], q_lens[:, None] - 1)
+        key_pos = torch.arange(max_blocks * block_size, device=device)
+        mask = key_pos[None, None, :] <= query_pos[:, :, None]
+        if sliding_window is not None:
+            mask &= key_pos[None, None, :] > query_pos[:, :, None] - sliding_window
+        mask = mask[:, None]
+    return PrefillGroup(
+        rows=torch.tensor(slots, dtype=torch.int64, device=device),
+        valid=torch.tensor(valid, device=device).nonzero().flatten(),
+        out_rows=torch.tensor([t for t, ok in zip(slots, valid, strict=True) if ok],
+                              dtype=torch.int64, device=device),
+        block_table=torch.tensor(flat, dtype=torch.int64, device=device),
+        mask=mask,
+        num_seqs=len(rows),
+        max_q=max_q,
+        max_blocks=max_blocks,
+    )
 
 
 class AttentionFn(Protocol):
@@ -73,11 +194,67 @@ def write_kv(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mappin
     v_cache.view(-1, n_kv, hd).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
 
 
-def torch_paged_attention(
+def _gather(cache: Tensor, table: Tensor, num_seqs: int) -> Tensor:
+    """[num_seqs, n_kv, max_blocks * block_size, hd] keys or values of each sequence."""
+    n_kv, hd = cache.shape[-2:]
+    return cache.index_select(0, table).view(num_seqs, -1, n_kv, hd).transpose(1, 2)
+
+
+def batched_paged_attention(
     q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
     batch: AttentionBatch, scale: float,
 ) -> Tensor:
-    """Reference paged attention: q [T, H, hd], k/v [T, n_kv, hd] -> [T, H, hd].
+    """Paged attention with one SDPA call for every decoding sequence and one for every prefill
+    chunk of the step: q [T, H, hd], k/v [T, n_kv, hd] -> [T, H, hd]. Same results as
+    `reference_paged_attention`, which loops over sequences."""
+    write_kv(k, v, k_cache, v_cache, batch.slot_mapping)
+    num_heads, hd = q.shape[1:]
+    n_kv = k_cache.shape[-2]
+    dec, pre = batch.decode, batch.prefill
+    if pre is None and dec is not None and dec.rows.shape[0] == q.shape[0]:
+        return _decode(q, k_cache, v_cache, dec, scale)
+    out = torch.empty_like(q)
+    if dec is not None:
+        out[dec.rows] = _decode(q.index_select(0, dec.rows), k_cache, v_cache, dec, scale)
+    if pre is not None:
+        qs = q.index_select(0, pre.rows).view(pre.num_seqs, pre.max_q, num_heads, hd)
+        if pre.mask is None:
+            # One sequence with nothing cached: its keys are its own new tokens, causal.
+            keys, values = k.unsqueeze(0).transpose(1, 2), v.unsqueeze(0).transpose(1, 2)
+            keys, values = keys.index_select(2, pre.rows), values.index_select(2, pre.rows)
+        else:
+            keys = _gather(k_cache, pre.block_table, pre.num_seqs)
+            values = _gather(v_cache, pre.block_table, pre.num_seqs)
+        attn = F.scaled_dot_product_attention(
+            qs.transpose(1, 2), keys.to(q.dtype), values.to(q.dtype), attn_mask=pre.mask,
+            is_causal=pre.mask is None, scale=scale, enable_gqa=n_kv != num_heads,
+        )
+        flat = attn.transpose(1, 2).reshape(-1, num_heads, hd)
+        out[pre.out_rows] = flat.index_select(0, pre.valid)
+    return out
+
+
+def _decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, dec: DecodeGroup, scale: float
+            ) -> Tensor:
+    """q [B, H, hd] -> [B, H, hd]. The query heads sharing a KV head become that head's queries
+    ([B, n_kv, H / n_kv, hd]), so no KV head is repeated."""
+    b, num_heads, hd = q.shape
+    n_kv = k_cache.shape[-2]
+    keys = _gather(k_cache, dec.block_table, b).to(q.dtype)
+    values = _gather(v_cache, dec.block_table, b).to(q.dtype)
+    attn = F.scaled_dot_product_attention(
+        q.view(b, n_kv, num_heads // n_kv, hd), keys, values, attn_mask=dec.key_mask,
+        scale=scale,
+    )
+    return attn.reshape(b, num_heads, hd)
+
+
+def reference_paged_attention(
+    q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
+    batch: AttentionBatch, scale: float,
+) -> Tensor:
+    """Reference paged attention, one sequence at a time: q [T, H, hd], k/v [T, n_kv, hd] ->
+    [T, H, hd].
 
     Writes the new K/V first and then reads every key back from the cache, so prefill, prefill
     after a cached prefix, chunked prefill and decode all take the same path.
@@ -98,7 +275,14 @@ def torch_paged_attention(
         qs = q[cu[i]:cu[i + 1]].transpose(0, 1)  # [H, q_len, hd]
         mask = None
         causal = False
-        if q_len > 1 and ctx == 0:
+        window = batch.sliding_window
+        if window is not None and total > window:
+            # Query j sits at position ctx + j and may see keys ctx + j - window + 1 .. ctx + j.
+            key_pos = torch.arange(total, device=q.device)
+            query_pos = torch.arange(ctx, total, device=q.device)
+            mask = ((key_pos[None, :] <= query_pos[:, None])
+                    & (key_pos[None, :] > query_pos[:, None] - window))
+        elif q_len > 1 and ctx == 0:
             # Plain prefill: the is_causal fast path avoids materialising a [q, k] mask.
             causal = True
         elif q_len > 1:

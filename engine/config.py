@@ -30,6 +30,9 @@ class ModelConfig:
     tie_word_embeddings: bool
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
+    # Mistral's sliding window: a query sees only the last `sliding_window` positions (itself
+    # included). None: every earlier position.
+    sliding_window: int | None = None
 
     def __post_init__(self) -> None:
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -46,6 +49,10 @@ class ModelConfig:
             raise InvalidModelConfig(
                 f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}"
             )
+        if self.sliding_window is not None and (
+                not isinstance(self.sliding_window, int) or self.sliding_window <= 0):
+            raise InvalidModelConfig(
+                f"sliding_window must be a positive int or null, got {self.sliding_window!r}")
         if self.head_dim % 2 != 0:
             raise InvalidModelConfig(f"head_dim must be even for RoPE, got {self.head_dim}")
         if not self.rms_norm_eps > 0:
@@ -115,6 +122,10 @@ class ModelConfig:
                 tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
                 bos_token_id=d.get("bos_token_id"),
                 eos_token_ids=eos_ids,
+                # Qwen2 configs carry a sliding_window that only applies with use_sliding_window
+                # (off in every released model); Mistral's applies whenever it is set.
+                sliding_window=(int(d["sliding_window"]) if model_type == "mistral"
+                                and d.get("sliding_window") is not None else None),
             )
         except KeyError as exc:
             raise InvalidModelConfig(f"{exc.args[0]} is missing from config.json") from exc

@@ -92,6 +92,12 @@ class EngineMetrics:
             "pantry_engine_pool_tokens", "Prompt tokens whose KV came from the pool.")
         self._busy_seconds = counter(
             "pantry_engine_busy_seconds", "Seconds spent computing (prefill or decode steps).")
+        self.local_hit_blocks = counter(
+            "pantry_engine_local_hit_blocks",
+            "Prompt blocks found in this engine's own prefix cache: neither pulled nor computed.")
+        self.cached_blocks = gauge(
+            "pantry_engine_kv_cached_blocks",
+            "KV cache blocks indexed by block key (held or free), reusable by a later prompt.")
         self.waiting = gauge("pantry_engine_waiting_requests", "Requests queued, not started.")
         self.running = gauge("pantry_engine_running_requests", "Requests being computed.")
         self.free_blocks = gauge("pantry_engine_kv_free_blocks", "Free KV cache blocks.")

@@ -50,6 +50,13 @@ class PagedKVCache:
         self._check_block(block_id)
         return torch.stack((self.k[:, block_id], self.v[:, block_id]), dim=1).contiguous()
 
+    def copy_block(self, src: int, dst: int) -> None:
+        """Every layer's K and V of block `src` into block `dst`."""
+        self._check_block(src)
+        self._check_block(dst)
+        self.k[:, dst] = self.k[:, src]
+        self.v[:, dst] = self.v[:, src]
+
     def write_block(self, block_id: int, data: Tensor) -> None:
         self._check_block(block_id)
         expected = (self.num_layers, 2, self.block_size, self.num_kv_heads, self.head_dim)

@@ -22,6 +22,7 @@ from engine.model_files import (
     model_id_for,
     resolve_model_path,
 )
+from engine.packed_linear import can_pack, pack_linears
 from engine.rope import inverse_frequencies
 from engine.tokenizer import Tokenizer
 
@@ -105,4 +106,7 @@ def _build(
         model.lm_head.weight = model.model.embed_tokens.weight
     # Non-persistent buffer: never in a checkpoint, so compute it for real here (kept float32).
     model.model.rotary_emb.inv_freq = inverse_frequencies(config).to(device)
+    model.fuse_projections()
+    if can_pack(model):
+        pack_linears(model)
     return model.eval()

@@ -1,6 +1,8 @@
 """Llama-family decoder (Llama, Qwen2, Mistral) over a paged KV cache.
 
-Parameter names mirror transformers' so an HF state dict loads without renaming.
+Parameter names mirror transformers' so an HF state dict loads without renaming; once loaded,
+`CausalLM.fuse_projections` concatenates Q, K and V (and gate and up) into one matrix each, so a
+layer runs two input matmuls instead of five.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from engine.attention import AttentionBatch, AttentionFn, torch_paged_attention
+from engine.attention import AttentionBatch, AttentionFn, batched_paged_attention
 from engine.config import ModelConfig
 from engine.kv_cache import PagedKVCache
 from engine.rope import RotaryEmbedding, apply_rotary
@@ -43,17 +45,27 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, kv_dim, bias=bias)
         self.v_proj = nn.Linear(config.hidden_size, kv_dim, bias=bias)
         self.o_proj = nn.Linear(q_dim, config.hidden_size, bias=False)
+        self.qkv_proj: nn.Linear | None = None
+        self._split = (q_dim, kv_dim, kv_dim)
+
+    def fuse_projections(self) -> None:
+        """Replace q_proj, k_proj and v_proj by one Linear over their concatenated weights."""
+        parts = (self.q_proj, self.k_proj, self.v_proj)
+        self.qkv_proj = _fused(parts)
+        del self.q_proj, self.k_proj, self.v_proj
 
     def forward(
         self, x: Tensor, cos: Tensor, sin: Tensor, batch: AttentionBatch, kv: PagedKVCache,
         attention_fn: AttentionFn,
     ) -> Tensor:
         t = x.shape[0]
-        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        q = apply_rotary(q, cos, sin)
-        k = apply_rotary(k, cos, sin)
+        if self.qkv_proj is None:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        else:
+            q, k, v = self.qkv_proj(x).split(self._split, dim=-1)
+        q = apply_rotary(q.view(t, self.num_heads, self.head_dim), cos, sin)
+        k = apply_rotary(k.view(t, self.num_kv_heads, self.head_dim), cos, sin)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
         out = attention_fn(q, k, v, kv.k[self.layer_idx], kv.v[self.layer_idx], batch, self.scale)
         return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
 
@@ -64,9 +76,30 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_up_proj: nn.Linear | None = None
+
+    def fuse_projections(self) -> None:
+        """Replace gate_proj and up_proj by one Linear over their concatenated weights."""
+        self.gate_up_proj = _fused((self.gate_proj, self.up_proj))
+        del self.gate_proj, self.up_proj
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is None:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+def _fused(parts: tuple[nn.Linear, ...]) -> nn.Linear:
+    weight = torch.cat([p.weight.detach() for p in parts], dim=0)
+    has_bias = parts[0].bias is not None
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=has_bias,
+                      device="meta", dtype=weight.dtype)
+    fused.weight = nn.Parameter(weight, requires_grad=False)
+    if has_bias:
+        fused.bias = nn.Parameter(torch.cat([p.bias.detach() for p in parts]),  # type: ignore[misc]
+                                  requires_grad=False)
+    return fused
 
 
 class DecoderLayer(nn.Module):
@@ -96,7 +129,7 @@ class DecoderStack(nn.Module):
 
 class CausalLM(nn.Module):
     # Swappable so a Triton paged-attention kernel can replace the torch reference.
-    attention_fn: AttentionFn = staticmethod(torch_paged_attention)  # type: ignore[assignment]
+    attention_fn: AttentionFn = staticmethod(batched_paged_attention)  # type: ignore[assignment]
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -105,6 +138,13 @@ class CausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    def fuse_projections(self) -> None:
+        """Done once after the weights are loaded (the checkpoint names stay transformers')."""
+        for layer in self.model.layers:
+            assert isinstance(layer, DecoderLayer)
+            layer.self_attn.fuse_projections()
+            layer.mlp.fuse_projections()
 
     def forward(
         self, input_ids: Tensor, positions: Tensor, batch: AttentionBatch, kv: PagedKVCache

@@ -1,11 +1,16 @@
-"""The parts of a serving engine that prefill and decode share: model, cache, pool, metrics."""
+"""The parts of a serving engine that prefill and decode share: model, cache, the local prefix
+cache over it, the pool and the background writer into it, metrics."""
 
 from __future__ import annotations
 
+import logging
 import math
+import threading
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 
@@ -19,6 +24,17 @@ from .loader import LoadedModel
 from .pool_transfer import PoolTransfer, layout_fingerprint
 from .role_config import EngineRoleConfig
 from .runner import ModelRunner
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PromptBlocks:
+    """The blocks a prompt was given: `local` leading ones already hold its KV (this engine's
+    prefix cache), the rest are fresh."""
+
+    block_ids: list[int]
+    local: int
 
 
 class EngineCore:
@@ -49,7 +65,16 @@ class EngineCore:
         self.metrics = EngineMetrics(role, config.engine_id)
         self.metrics.watch_cache(lambda: self.runner.allocator.num_free,
                                  lambda: self.runner.kv.num_blocks)
+        self.metrics.cached_blocks.set_function(lambda: self.runner.allocator.num_cached)
         self.transfer = PoolTransfer(pool, self.runner.kv, fingerprint, self.metrics.pool)
+        # Writes into the pool run here, off the caller's thread. Single-threaded: a second
+        # OpenMP team spinning beside the compute thread's slows every step on a small machine.
+        self._writer = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix=f"{role}-write",
+            initializer=lambda: torch.set_num_threads(1),
+        )
+        self._writes_lock = threading.Lock()
+        self._writes: set[Future[int]] = set()
         self.description = EngineDescription(
             role=role,
             engine_id=config.engine_id,
@@ -80,6 +105,83 @@ class EngineCore:
         is always computed, even when its block was loaded, because its logits give the next
         token; rewriting its KV slot stores the same values."""
         return min(loaded_blocks * self.block_size, num_tokens - 1)
+
+    def claim_prompt_blocks(self, keys: Sequence[str], num_tokens: int, num_blocks: int
+                            ) -> PromptBlocks | None:
+        """`num_blocks` blocks for a prompt of `num_tokens` whose full blocks are `keys`: the
+        longest run of them this engine still holds, then fresh ones. None (nothing taken) when
+        too few blocks are free.
+
+        When the hits cover the whole prompt, the last token is still computed (its logits give
+        the next token); its block is copied into a fresh one first, so a block other sequences
+        may share is never written.
+        """
+        pool = self.runner.allocator
+        hits = pool.cached_prefix(keys)
+        copy_last = bool(hits) and len(hits) * self.block_size >= num_tokens
+        shared = hits[:-1] if copy_last else hits
+        fresh = num_blocks - len(shared)
+        if pool.num_free - pool.unreferenced(hits) < fresh:
+            return None
+        pool.touch(hits)
+        ids = shared + pool.allocate(fresh)
+        if copy_last:
+            self.runner.kv.copy_block(hits[-1], ids[len(shared)])
+            pool.free([hits[-1]])
+        self.metrics.local_hit_blocks.inc(len(hits))
+        return PromptBlocks(ids, len(hits))
+
+    def cache_blocks(self, keys: Sequence[str], block_ids: Sequence[int], start: int,
+                     end: int) -> None:
+        """Index blocks [start, end) of a sequence, full and final, under their keys."""
+        pool = self.runner.allocator
+        for i in range(start, end):
+            pool.cache(keys[i], block_ids[i])
+
+    def release_blocks(self, block_ids: Sequence[int]) -> None:
+        """A sequence is done with its blocks. Last block first: what it shares with others
+        (its prefix) is the last of its blocks to be evicted."""
+        self.runner.allocator.free(reversed(block_ids))
+
+    def store_in_background(self, keys: Sequence[str], block_ids: Sequence[int]) -> None:
+        """One batched put of these cache blocks into the pool, on the writer thread. The blocks
+        are referenced until written, so freeing them meanwhile cannot get them overwritten."""
+        if not keys:
+            return
+        pool = self.runner.allocator
+        pool.touch(block_ids)
+        keys, block_ids = list(keys), list(block_ids)
+
+        def write() -> int:
+            try:
+                return self.transfer.store(keys, block_ids)
+            finally:
+                pool.free(block_ids)
+
+        future = self._writer.submit(write)
+        with self._writes_lock:
+            self._writes.add(future)
+        future.add_done_callback(self._written)
+
+    def _written(self, future: Future[int]) -> None:
+        with self._writes_lock:
+            self._writes.discard(future)
+        if future.exception() is not None:
+            log.error("writing blocks to the pool failed", exc_info=future.exception())
+
+    def flush_writes(self) -> None:
+        """Waits until every block handed to `store_in_background` so far is written."""
+        self._writer.submit(lambda: None).result()
+
+    @property
+    def pending_writes(self) -> int:
+        with self._writes_lock:
+            return len(self._writes)
+
+    def close(self) -> None:
+        """Finishes the pending writes, then closes the pool client."""
+        self._writer.shutdown(wait=True)
+        self.pool.close()
 
     def record(self, computed: int, pooled: int, ttft_seconds: float) -> None:
         """One request reached its first token: `computed` + `pooled` prompt tokens."""

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from engine.attention import AttentionBatch
-from engine.block_manager import BlockAllocator
+from engine.block_manager import BlockPool
 from engine.config import ModelConfig
 from engine.errors import InvalidStep
 from engine.kv_cache import PagedKVCache
@@ -46,7 +46,7 @@ class ModelRunner:
             dtype=loaded.dtype,
             device=str(self.device),
         )
-        self.allocator = BlockAllocator(num_blocks)
+        self.allocator = BlockPool(num_blocks)
 
     def _validate(self, seq: SeqStep) -> None:
         if not seq.token_ids:
@@ -85,6 +85,7 @@ class ModelRunner:
             block_tables=[s.block_table for s in seqs],
             block_size=self.block_size,
             device=self.device,
+            sliding_window=self.config.sliding_window,
         )
         last = torch.tensor(batch.cu_query_lens[1:], dtype=torch.int64, device=self.device) - 1
         with torch.inference_mode():

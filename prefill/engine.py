@@ -1,5 +1,6 @@
-"""Prefill: load the cached prefix from the pool, compute the rest in chunks, store every new full
-block, and return the first token for the decode handoff."""
+"""Prefill: take the cached prefix from this engine's own prefix cache, else from the pool, compute
+the rest in chunks, store every new full block, and return the first token for the decode
+handoff."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+from engine.errors import OutOfBlocks
 from engine.role_core import EngineCore
 from engine.runner import SeqStep
 from engine.sampling import Sampler, make_generator
@@ -75,10 +77,15 @@ class PrefillEngine:
         runner = core.runner
         tokens = job.token_ids
         n = len(tokens)
-        block_ids = runner.allocator.allocate(core.blocks_for(n))
+        keys = core.addressing.block_keys(tokens, job.tenant)
+        claim = core.claim_prompt_blocks(keys, n, core.blocks_for(n))
+        if claim is None:
+            raise OutOfBlocks(f"a {n}-token prompt needs {core.blocks_for(n)} KV blocks, only "
+                              f"{runner.allocator.num_free} free")
+        block_ids = claim.block_ids
         try:
-            keys = core.addressing.block_keys(tokens, job.tenant)
-            loaded = core.transfer.load(keys, block_ids)
+            local = claim.local
+            loaded = local + core.transfer.load(keys[local:], block_ids[local : len(keys)])
             start = core.resume_point(loaded, n)
             logits = None
             table = tuple(block_ids)
@@ -90,12 +97,14 @@ class PrefillEngine:
                 logits, [job.sampling], [make_generator(job.sampling.seed)]
             )[0]
             ttft = time.perf_counter() - arrived
+            core.cache_blocks(keys, block_ids, 0, len(keys))
             stored = core.transfer.store(keys[loaded:], block_ids[loaded : len(keys)])
             core.record(computed=n - start, pooled=start, ttft_seconds=ttft)
             log.info(
-                "prefill %s: %d tokens, %d from pool, %d computed, %d/%d new blocks stored",
-                job.request_id, n, start, n - start, stored, len(keys) - loaded,
+                "prefill %s: %d tokens, %d blocks held here, %d pulled, %d computed tokens, "
+                "%d/%d new blocks stored",
+                job.request_id, n, local, loaded - local, n - start, stored, len(keys) - loaded,
             )
             return PrefillOutcome(first, start, n - start, loaded + stored)
         finally:
-            runner.allocator.free(block_ids)
+            core.release_blocks(block_ids)

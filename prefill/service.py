@@ -57,4 +57,4 @@ def run(config: EngineRoleConfig, limits: PrefillLimits) -> int:
         lambda s: engine_pb2_grpc.add_PrefillEngineServicer_to_server(PrefillServicer(engine), s),
         [SERVICE_NAME],
     )
-    return serve_forever(server, port, core, on_stop=core.pool.close)
+    return serve_forever(server, port, core, on_stop=core.close)

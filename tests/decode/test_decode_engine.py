@@ -50,7 +50,7 @@ def make_engine(tiny_llama: Path, pool_address: str) -> Iterator[EngineFactory]:
     for engine in engines:
         engine.stop()
         assert not engine._thread.is_alive(), "decode loop did not stop"
-        engine.core.pool.close()
+        engine.core.close()
 
 
 def greedy(max_tokens: int, **kw: object) -> SamplingParams:
@@ -135,7 +135,7 @@ def test_first_token_from_prefill_is_used(make_engine: EngineFactory, tiny_llama
     try:
         pre = PrefillEngine(pcore).prefill(PrefillJob("r", ids, "", greedy(10)))
     finally:
-        pcore.pool.close()
+        pcore.close()
     assert pre.first_token == expected[0]
 
     assert pool_blocks(pcore) == [0, 2, 0, 2]
@@ -280,6 +280,7 @@ def test_written_back_blocks_are_tenant_scoped(make_engine: EngineFactory) -> No
     core = engine.core
     ids = prompt(40, seed=17)
     collect(engine.submit(decode_job(ids, 2, tenant="alice")))
+    core.flush_writes()  # write-back runs beside the loop
     with pool_client(core.config.kv_master) as c:
         assert c.exists(core.addressing.block_keys(ids, "alice")) == [True, True]
         assert c.exists(core.addressing.block_keys(ids, "bob")) == [False, False]

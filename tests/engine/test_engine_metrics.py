@@ -56,7 +56,7 @@ def series(samples: Samples, name: str, role: str, engine_id: str) -> float:
 def core(tiny_llama: Path, pool_address: str) -> Iterator[EngineCore]:
     core = make_core(tiny_llama, pool_address, "prefill", "prefill-m")
     yield core
-    core.pool.close()
+    core.close()
 
 
 def test_metrics_server_serves_the_core_registry_until_closed(core: EngineCore) -> None:
@@ -82,6 +82,9 @@ def test_metrics_server_serves_the_core_registry_until_closed(core: EngineCore) 
     assert value("pantry_engine_running_requests") == 0
     assert value("pantry_engine_kv_free_blocks") == NUM_BLOCKS
     assert value("pantry_engine_kv_blocks") == NUM_BLOCKS
+    # The prompt's two full blocks stay indexed (and free) for the next prompt sharing them.
+    assert value("pantry_engine_kv_cached_blocks") == 2
+    assert value("pantry_engine_local_hit_blocks_total") == 0
     assert value("pantry_pool_client_blocks_missed_total") == 2
     assert value("pantry_pool_client_blocks_stored_total") == 2
     assert value("pantry_pool_client_written_bytes_total") == 2 * block_object_bytes(core)

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from engine.loader import LoadedModel, load_model
 from engine.runner import ModelRunner, SeqStep
-from tests.helpers.tiny_models import VARIANTS
+from tests.helpers.tiny_models import VARIANTS, make_tiny_model
 
 BLOCK = 16
 NEW_TOKENS = 12
@@ -174,3 +174,23 @@ def test_blocks_moved_to_fresh_ids_continue_identically(models: dict) -> None:
         moved.tokens.append(token)
         logits = dst.step([moved.step_for(1)])
     assert out == expected
+
+
+@pytest.mark.parametrize("length", [6, 40])
+def test_mistral_sliding_window_matches_transformers(
+    tmp_path: Path, length: int
+) -> None:
+    """A window of 8 over a 40-token prompt and 12 new tokens: most keys are outside it."""
+    path = make_tiny_model(tmp_path / "mistral-sw", "mistral", seed=11, sliding_window=8)
+    loaded = load_model(path)
+    assert loaded.config.sliding_window == 8
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    hf.generation_config.eos_token_id = None
+    hf.generation_config.pad_token_id = 0
+    prompt = prompt_ids(length, seed=length + 50)
+    for chunks in ([length], [3, length - 3]):
+        ours, first_logits = run_greedy(loaded, prompt, chunks=chunks)
+        assert ours == hf_greedy(hf, prompt)
+    with torch.no_grad():
+        ref = hf(torch.tensor([prompt])).logits[0, -1]
+    torch.testing.assert_close(first_logits, ref, atol=1e-4, rtol=1e-4)

@@ -31,7 +31,7 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=8)
 def core(tiny_llama: Path, pool_address: str) -> Iterator[EngineCore]:
     core = make_core(tiny_llama, pool_address, "prefill", "prefill-0")
     yield core
-    core.pool.close()
+    core.close()
 
 
 def job(tokens: tuple[int, ...], tenant: str = "", rid: str = "r",
@@ -89,13 +89,16 @@ def test_metrics_count_a_miss_then_a_hit(core: EngineCore) -> None:
     assert (m("pantry_engine_waiting_requests"), m("pantry_engine_running_requests")) == (0, 0)
     assert core.runner.kv.num_blocks == 128
     assert (m("pantry_engine_kv_free_blocks"), m("pantry_engine_kv_blocks")) == (128, 128)
-    # First prefill: both blocks missed, computed and stored. Second: both hit, none stored.
+    # First prefill: both blocks missed, computed and stored. Second: both still held by this
+    # engine (its prefix cache), so the pool is neither read nor written.
     pool = "pantry_pool_client_"
     assert [m(f"{pool}blocks_{kind}_total") for kind in ("hit", "missed", "rejected", "stored")
-            ] == [2, 2, 0, 2]
-    assert (m(f"{pool}read_seconds_count"), m(f"{pool}write_seconds_count")) == (2, 1)
+            ] == [0, 2, 0, 2]
+    assert (m(f"{pool}read_seconds_count"), m(f"{pool}write_seconds_count")) == (1, 1)
     obj = block_object_bytes(core)
-    assert (m(f"{pool}read_bytes_total"), m(f"{pool}written_bytes_total")) == (2 * obj, 2 * obj)
+    assert (m(f"{pool}read_bytes_total"), m(f"{pool}written_bytes_total")) == (0, 2 * obj)
+    assert m("pantry_engine_local_hit_blocks_total") == 2
+    assert m("pantry_engine_kv_cached_blocks") == 2
 
 
 def test_partial_hit_resumes_after_the_shared_prefix(core: EngineCore, tiny_llama: Path) -> None:
@@ -158,7 +161,7 @@ def test_blocks_stored_by_one_engine_are_used_by_another(
         assert (out.pool_tokens, out.computed_tokens) == (47, 1)
         assert out.first_token == hf_greedy(tiny_llama, ids, 1)[0]
     finally:
-        other_core.pool.close()
+        other_core.close()
 
 
 @pytest.mark.parametrize(("tokens", "max_tokens", "field"), [

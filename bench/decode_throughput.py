@@ -1,0 +1,136 @@
+"""Decode tokens per second of SmolLM2-135M (float32, CPU) through the engine's ModelRunner, at 1
+and 8 streams, measured in the same run against two baselines:
+
+  * the per-sequence torch reference attention (`reference_paged_attention`) against the
+    batched one the engine uses, in this process on the same loaded model;
+  * with `--baseline-tree DIR` (a checkout of an earlier commit, e.g. `git archive HEAD`), that
+    tree's whole engine (its model, attention and matmuls), in a subprocess, alternating with
+    this tree's, so both see the same machine.
+
+    .venv/bin/python bench/decode_throughput.py [--context 256] [--steps 48] [--streams 1 8]
+        [--threads 1] [--baseline-tree /tmp/head]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from engine.loader import load_model
+from engine.runner import ModelRunner, SeqStep
+
+HERE = Path(__file__).resolve()
+
+
+def decode_rate(runner: ModelRunner, streams: int, context: int, steps: int, seed: int) -> float:
+    """Tokens per second over `steps` greedy decode steps of `streams` sequences together."""
+    rng = random.Random(seed)
+    bs = runner.block_size
+    tokens = [[rng.randrange(1000, 40000) for _ in range(context)] for _ in range(streams)]
+    tables = [runner.allocator.allocate(-(-(context + steps + 1) // bs)) for _ in range(streams)]
+    try:
+        runner.step([SeqStep(tuple(t), 0, tuple(b)) for t, b in zip(tokens, tables, strict=True)])
+        lens = [context] * streams
+        last = [t[-1] for t in tokens]
+        start = time.perf_counter()
+        for _ in range(steps):
+            logits = runner.step([SeqStep((tok,), n, tuple(b))
+                                  for tok, n, b in zip(last, lens, tables, strict=True)])
+            last = logits.argmax(-1).tolist()
+            lens = [n + 1 for n in lens]
+        return streams * steps / (time.perf_counter() - start)
+    finally:
+        for table in tables:
+            runner.allocator.free(table)
+
+
+def measure(ns: argparse.Namespace, attention_fns: dict[str, object]) -> dict[str, float]:
+    """{"<name> <streams>": tok/s}; an empty `attention_fns` runs the tree's own default."""
+    runner = ModelRunner(load_model("smollm2"), num_blocks=max(ns.streams) * (
+        -(-(ns.context + ns.steps) // 16) + 2))
+    model_cls = type(runner.model)
+    default_fn = model_cls.__dict__["attention_fn"]  # the staticmethod itself, to put back
+    rates: dict[str, float] = {}
+    try:
+        decode_rate(runner, 1, 32, 4, seed=0)  # warm-up: first-call costs are not decode
+        for streams in ns.streams:
+            for name, fn in (attention_fns or {"engine": None}).items():
+                if fn is not None:
+                    model_cls.attention_fn = staticmethod(fn)  # type: ignore[assignment]
+                rates[f"{name} {streams}"] = statistics.median(
+                    decode_rate(runner, streams, ns.context, ns.steps, seed=rep)
+                    for rep in range(ns.reps))
+                model_cls.attention_fn = default_fn
+    finally:
+        model_cls.attention_fn = default_fn
+    return rates
+
+
+def in_subprocess(tree: Path, ns: argparse.Namespace) -> dict[str, float]:
+    """This tree's default engine path measured by the code in `tree`."""
+    args = [sys.executable, str(HERE), "--worker", "--context", str(ns.context), "--steps",
+            str(ns.steps), "--reps", str(ns.reps), "--threads", str(ns.threads), "--streams",
+            *map(str, ns.streams)]
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    out = subprocess.run(args, env=env, cwd=tree, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"the worker in {tree} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--context", type=int, default=256, help="prompt tokens before decoding")
+    ap.add_argument("--steps", type=int, default=48)
+    ap.add_argument("--streams", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads (pantry local gives decode one pinned core); 0 = default")
+    ap.add_argument("--baseline-tree", type=Path, default=None,
+                    help="an earlier checkout whose engine is measured alternately with this one")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ns = ap.parse_args()
+    if ns.threads:
+        torch.set_num_threads(ns.threads)
+    if ns.worker:
+        print(json.dumps(measure(ns, {})))
+        return 0
+    print(f"SmolLM2-135M float32, {torch.get_num_threads()} torch threads, context "
+          f"{ns.context}, {ns.steps} decode steps, median of {ns.reps}")
+    if ns.baseline_tree is not None:
+        this_tree = HERE.parent.parent
+        runs: dict[str, list[dict[str, float]]] = {"baseline": [], "this": []}
+        for _ in range(2):  # alternated, so a busy spell on a shared machine hits both
+            runs["baseline"].append(in_subprocess(ns.baseline_tree.resolve(), ns))
+            runs["this"].append(in_subprocess(this_tree, ns))
+        print(f"\nwhole engine: {ns.baseline_tree} (baseline) vs this tree, best of 2 runs")
+        print(f"{'streams':>7} {'baseline tok/s':>15} {'this tok/s':>11} {'ratio':>7}")
+        for streams in ns.streams:
+            base = max(r[f"engine {streams}"] for r in runs["baseline"])
+            this = max(r[f"engine {streams}"] for r in runs["this"])
+            print(f"{streams:>7} {base:>15.1f} {this:>11.1f} {this / base:>6.2f}x")
+    from engine import attention
+
+    rates = measure(ns, {"reference (per sequence)": attention.reference_paged_attention,
+                         "batched": attention.batched_paged_attention})
+    print("\nattention only, this tree, same process")
+    print(f"{'attention':<26} {'streams':>7} {'tok/s':>9} {'vs reference':>13}")
+    for streams in ns.streams:
+        base = rates[f"reference (per sequence) {streams}"]
+        for name in ("reference (per sequence)", "batched"):
+            rate = rates[f"{name} {streams}"]
+            print(f"{name:<26} {streams:>7} {rate:>9.1f} {rate / base:>12.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""Linear layers with their weights handed to oneDNN once, at load time (CPU, float32).
+
+On this CPU torch's default float32 matmul (MKL) is slow for the few-row inputs of a decode step:
+measured over the 121 matmuls of one SmolLM2 step (bench/decode_throughput.py's model, 2 threads),
+8 rows took ~1.5x as long through `F.linear` as through oneDNN's inner product, and prefill-sized
+inputs (64 and 512 rows) took the same time either way. The outputs differ only in float32
+rounding (~1e-6), the same kind of difference as between two BLAS builds.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+class PackedLinear(nn.Module):
+    """`F.linear` through oneDNN, the weight kept as a oneDNN tensor."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        weight = linear.weight.detach()
+        self.out_features = weight.shape[0]
+        self.weight_packed = weight.to_mkldnn()
+        bias = linear.bias
+        self.bias_packed = None if bias is None else bias.detach().to_mkldnn()
+
+    def forward(self, x: Tensor) -> Tensor:
+        lead = x.shape[:-1]
+        y = torch._C._nn.mkldnn_linear(
+            x.reshape(-1, x.shape[-1]).contiguous().to_mkldnn(), self.weight_packed,
+            self.bias_packed)
+        return y.to_dense().view(*lead, self.out_features)
+
+
+def can_pack(module: nn.Module) -> bool:
+    params = list(module.parameters())
+    return (torch.backends.mkldnn.is_available() and bool(params)
+            and all(p.device.type == "cpu" and p.dtype == torch.float32 for p in params))
+
+
+def pack_linears(module: nn.Module) -> int:
+    """Replaces every nn.Linear below `module` by a PackedLinear; returns how many. A weight an
+    nn.Linear shares with another module (tied embeddings) is copied, the original kept."""
+    count = 0
+    for parent in module.modules():
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(parent, name, PackedLinear(child))
+                count += 1
+    return count

@@ -1,0 +1,87 @@
+"""The batched paged attention equals the per-sequence reference on every kind of step: decode
+only, one plain prefill, prefill after a cached prefix, and mixes of all of them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.attention import AttentionBatch, batched_paged_attention, reference_paged_attention
+
+BLOCK = 4
+HEADS, KV_HEADS, HD = 4, 2, 8
+NUM_BLOCKS = 40
+
+
+def run(impl: object, q_lens: list[int], ctx_lens: list[int], seed: int = 0,
+        window: int | None = None) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    shape = (NUM_BLOCKS, BLOCK, KV_HEADS, HD)
+    k_cache, v_cache = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    # Block tables deliberately out of order and interleaved between sequences.
+    ids = torch.randperm(NUM_BLOCKS, generator=g).tolist()
+    tables = []
+    for q, ctx in zip(q_lens, ctx_lens, strict=True):
+        n = -(-(q + ctx) // BLOCK) + 1
+        tables.append(ids[:n])
+        ids = ids[n:]
+    t = sum(q_lens)
+    q = torch.randn(t, HEADS, HD, generator=g)
+    k, v = torch.randn(t, KV_HEADS, HD, generator=g), torch.randn(t, KV_HEADS, HD, generator=g)
+    batch = AttentionBatch.build(q_lens, ctx_lens, tables, BLOCK, sliding_window=window)
+    return impl(q, k, v, k_cache, v_cache, batch, HD**-0.5)  # type: ignore[operator]
+
+
+@pytest.mark.parametrize(("q_lens", "ctx_lens"), [
+    ([1, 1, 1], [0, 5, 17]),            # decode only, ragged contexts
+    ([9], [0]),                          # one plain prefill (causal, nothing cached)
+    ([6], [8]),                          # a chunk after a cached prefix
+    ([7, 3], [0, 4]),                    # two prefill chunks, padded to the longer
+    ([1, 5, 1, 12, 1], [3, 0, 16, 2, 0]),  # decode and prefill in one step
+])
+def test_batched_equals_reference(q_lens: list[int], ctx_lens: list[int]) -> None:
+    ours = run(batched_paged_attention, q_lens, ctx_lens)
+    ref = run(reference_paged_attention, q_lens, ctx_lens)
+    assert ours.shape == (sum(q_lens), HEADS, HD)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("q_lens", "ctx_lens"), [
+    ([1, 1, 1], [0, 5, 17]),
+    ([9], [0]),
+    ([6], [8]),
+    ([1, 5, 1, 12, 1], [3, 0, 16, 2, 0]),
+])
+def test_sliding_window_batched_equals_reference(q_lens: list[int], ctx_lens: list[int]) -> None:
+    ours = run(batched_paged_attention, q_lens, ctx_lens, window=5)
+    ref = run(reference_paged_attention, q_lens, ctx_lens, window=5)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    # The window changes the answer wherever a sequence is longer than it.
+    assert not torch.allclose(ours, run(batched_paged_attention, q_lens, ctx_lens))
+
+
+def test_sliding_window_masks_exactly_the_last_positions() -> None:
+    batch = AttentionBatch.build([1, 3], [6, 2], [[0, 1], [2, 3]], BLOCK, sliding_window=3)
+    assert batch.decode is not None and batch.prefill is not None
+    # Position 6 sees 4, 5, 6.
+    assert batch.decode.key_mask.flatten().tolist() == [False] * 4 + [True] * 3 + [False]
+    assert batch.prefill.mask is not None
+    assert batch.prefill.mask[0, 0].int().tolist() == [   # positions 2, 3, 4
+        [1, 1, 1, 0, 0, 0, 0, 0],
+        [0, 1, 1, 1, 0, 0, 0, 0],
+        [0, 0, 1, 1, 1, 0, 0, 0],
+    ]
+
+
+def test_step_metadata_is_grouped_once() -> None:
+    batch = AttentionBatch.build([1, 5, 1], [3, 0, 6], [[7, 2], [0, 1], [5, 9]], BLOCK)
+    assert batch.decode is not None and batch.prefill is not None
+    assert batch.decode.rows.tolist() == [0, 6]
+    # Row 0 (4 keys) needs one block, padded with its own first block; row 2 (7 keys) needs two.
+    assert batch.decode.block_table.tolist() == [7, 7, 5, 9]
+    assert batch.decode.key_mask.flatten(1).tolist() == [
+        [True] * 4 + [False] * 4, [True] * 7 + [False]]
+    assert batch.prefill.rows.tolist() == [1, 2, 3, 4, 5]
+    assert batch.prefill.out_rows.tolist() == [1, 2, 3, 4, 5]
+    assert batch.prefill.mask is None  # one sequence, nothing cached: plain causal
+    assert batch.slot_mapping.tolist() == [31, 0, 1, 2, 3, 4, 38]
