@@ -15,11 +15,6 @@ class KeyChain:
 
     def append(self, block: Sequence[int]) -> str:
         """The key of the next full block, given its tokens."""
-        h = self._hasher
-        assert len(block) == h.block_size, f"a block has {h.block_size} tokens, got {len(block)}"
-        prev = bytes.fromhex(self.keys[-1]) if self.keys else h.root()
-        # The chain step is BlockHasher's own (kvstore.hashing): the same digest and packing as
-        # block_keys, started from the last known key instead of the root.
-        key = h._digest(prev + h._block_fmt.pack(*block)).hex()
+        key = self._hasher.extend(self.keys[-1] if self.keys else None, block)
         self.keys.append(key)
         return key

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from kvstore.config import TOKEN_FILE_HELP
 from kvstore.hashing import DEFAULT_BLOCK_SIZE
 from pantry.common.errors import ConfigError
 
@@ -40,6 +41,7 @@ class EngineRoleConfig:
         metadata={"help": "once serving, write the gRPC and metrics addresses here as JSON"})
     metrics_port: int = field(
         default=0, metadata={"help": "port of the Prometheus /metrics endpoint; 0 = any free"})
+    token_file: str | None = field(default=None, metadata={"help": TOKEN_FILE_HELP})
 
     def __post_init__(self) -> None:
         if not self.model:

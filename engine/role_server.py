@@ -11,6 +11,7 @@ from collections.abc import Callable
 import grpc
 import torch
 
+from kvstore.auth import load_token
 from kvstore.client import KVStoreClient
 from pantry.common.metrics import MetricsServer
 from pantry.common.serving import create_grpc_server, wait_for_signal, write_ready_file
@@ -31,8 +32,12 @@ def build_core(config: EngineRoleConfig, role: str) -> EngineCore:
     if threads:
         torch.set_num_threads(threads)
     loaded = load_model(config.model)
-    pool = KVStoreClient(config.kv_master)
+    token = load_token(config.token_file) if config.token_file else None
+    pool = KVStoreClient(config.kv_master, token=token)
     core = EngineCore(config, role, loaded, pool)
+    # The pool client's own series (objects refused by the read checks, transports) belong on
+    # the engine's /metrics: a registry is itself a collector.
+    core.metrics.registry.register(pool.metrics.registry)
     log.info(
         "%s engine %s: model %s, %d KV blocks of %d tokens, context %d",
         role, config.engine_id, loaded.model_id, core.runner.allocator.num_free,

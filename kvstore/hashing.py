@@ -69,6 +69,23 @@ class BlockHasher:
     def root(self) -> bytes:
         return self._root
 
+    def extend(self, prev_key: str | None, block: Sequence[int]) -> str:
+        """The key of the full block that follows the block keyed `prev_key` (None: the first
+        block): one step of the chain, so a growing sequence never re-hashes from the root."""
+        if len(block) != self.block_size:
+            raise ValueError(f"a block has {self.block_size} tokens, got {len(block)}")
+        prev = bytes.fromhex(prev_key) if prev_key is not None else self._root
+        return self._digest(prev + self._pack(block, index=0)).hex()
+
+    def _pack(self, chunk: Sequence[int], index: int) -> bytes:
+        try:
+            return self._block_fmt.pack(*chunk)
+        except struct.error:
+            bad = next((t for t in chunk if not 0 <= int(t) < _MAX_TOKEN), None)
+            raise InvalidTokenError(
+                f"token ids must satisfy 0 <= t < 2**32, got {bad!r} in block {index}"
+            ) from None
+
     def block_keys(self, tokens: Sequence[int]) -> list[str]:
         """Hex keys of the full blocks of `tokens`; a trailing partial block has no key."""
         n_full = len(tokens) // self.block_size
@@ -76,15 +93,7 @@ class BlockHasher:
         prev = self._root
         bs = self.block_size
         for i in range(n_full):
-            chunk = tokens[i * bs : (i + 1) * bs]
-            try:
-                packed = self._block_fmt.pack(*chunk)
-            except struct.error:
-                bad = next((t for t in chunk if not 0 <= int(t) < _MAX_TOKEN), None)
-                raise InvalidTokenError(
-                    f"token ids must satisfy 0 <= t < 2**32, got {bad!r} in block {i}"
-                ) from None
-            prev = self._digest(prev + packed)
+            prev = self._digest(prev + self._pack(tokens[i * bs : (i + 1) * bs], index=i))
             keys.append(prev.hex())
         return keys
 

@@ -100,5 +100,5 @@ def test_key_chain_carries_the_hash_forward() -> None:
     assert chain.keys == ["c579f7442a0237f170cdf5d8d9de02bd"]  # docs/ARCHITECTURE.md's vector
     assert chain.append(tokens[16:32]) == "1f2b21c33004a9004124bb2adf0bcd5f"
     assert chain.keys == hasher.block_keys(tokens)
-    with pytest.raises(AssertionError):
+    with pytest.raises(ValueError, match="a block has 16 tokens, got 8"):
         chain.append(tokens[32:40])

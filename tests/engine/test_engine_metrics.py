@@ -164,6 +164,9 @@ def test_role_process_announces_and_serves_its_metrics(
         assert value("pantry_engine_time_to_first_token_seconds_count") == 1
         assert value("pantry_engine_time_between_tokens_seconds_count") == between
         assert value("pantry_pool_client_blocks_missed_total") == 2
+        # The pool client's own series are on the engine's scrape too: nothing refused.
+        assert after[("pantry_kv_client_objects_rejected_total",
+                      frozenset({("reason", "key")}))] == 0
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0

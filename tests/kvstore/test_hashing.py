@@ -69,3 +69,14 @@ def test_sha256_option() -> None:
         BlockHasher("x", algorithm="md5")
     with pytest.raises(ConfigError, match="block_size"):
         BlockHasher("x", block_size=0)
+
+
+def test_extend_is_one_step_of_the_chain() -> None:
+    h = BlockHasher(make_namespace("test"), block_size=16, seed=0)
+    first = h.extend(None, list(range(16)))
+    assert first == "c579f7442a0237f170cdf5d8d9de02bd"
+    assert h.extend(first, list(range(16, 32))) == "1f2b21c33004a9004124bb2adf0bcd5f"
+    with pytest.raises(ValueError, match="a block has 16 tokens, got 8"):
+        h.extend(first, list(range(8)))
+    with pytest.raises(InvalidTokenError, match="got -1 in block 0"):
+        h.extend(None, [-1] + list(range(15)))
