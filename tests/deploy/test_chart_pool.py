@@ -49,8 +49,8 @@ TOKEN_SECRET: dict[str, tuple[str, str] | None] = {
     "defaults": CHART_SECRET, "examples/single-node.yaml": CHART_SECRET,
     "examples/multi-node.yaml": CHART_SECRET, "options": CHART_SECRET,
     "external": ("pantry-pool-token", "pool-token"), "no-auth": None}
-# The roles with a --token-file flag; the engines read $PANTRY_TOKEN_FILE.
-FLAGGED = {"conductor", "kvstore-master", "kvstore-node"}
+# Every role takes --token-file; $PANTRY_TOKEN_FILE also reaches the admin commands run in a pod.
+FLAGGED = {"conductor", "prefill", "decode", "kvstore-master", "kvstore-node"}
 
 
 def test_every_case_is_covered() -> None:
@@ -152,13 +152,10 @@ def test_token_reaches_every_pantry_container(case: str, rendered: Rendered) -> 
             "items": [{"key": key, "path": "token"}]}}], role
         assert mounts == [{"name": "token", "mountPath": "/var/run/pantry", "readOnly": True}]
         assert env == [{"name": TOKEN_FILE_ENV, "value": TOKEN_FILE}], role
-        if role in FLAGGED:
-            i = c["args"].index("--token-file")
-            assert (c["args"][i + 1], c["args"].count("--token-file")) == (TOKEN_FILE, 1), role
-            assert config.token_file == TOKEN_FILE, role
-        else:  # the engines have no flag: $PANTRY_TOKEN_FILE is their way to the token
-            assert ("--token-file" in c["args"], hasattr(config, "token_file")) == (
-                False, False), role
+        assert role in FLAGGED
+        i = c["args"].index("--token-file")
+        assert (c["args"][i + 1], c["args"].count("--token-file")) == (TOKEN_FILE, 1), role
+        assert config.token_file == TOKEN_FILE, role
     assert roles == {"conductor", "prefill", "decode", "kvstore-master", "kvstore-node"}
 
 

@@ -114,13 +114,14 @@ def test_default_command_lines(rendered: Rendered) -> None:
         "--log-level", "INFO", "prefill", *engine_common, "--port", "7100",
         "--metrics-port", "9101", "--block-size", "16", "--hash-seed", "0",
         "--kv-cache-bytes", "1GiB", "--max-model-len", "0", "--threads", "0",
-        "--chunk-tokens", "512", "--ready-file", "/tmp/ready.json"]
+        "--chunk-tokens", "512", "--token-file", "/var/run/pantry/token",
+        "--ready-file", "/tmp/ready.json"]
     assert container(ms, "StatefulSet", "decode")["args"] == [
         "--log-level", "INFO", "decode", *engine_common, "--port", "7200",
         "--metrics-port", "9102", "--block-size", "16", "--hash-seed", "0",
         "--kv-cache-bytes", "1GiB", "--max-model-len", "0", "--threads", "0",
         "--chunk-tokens", "256", "--max-running", "32", "--max-waiting", "256",
-        "--ready-file", "/tmp/ready.json"]
+        "--token-file", "/var/run/pantry/token", "--ready-file", "/tmp/ready.json"]
     assert container(ms, "Deployment", "kvstore-master")["args"] == [
         "master", "--host", "0.0.0.0", "--port", "7000", "--metrics-port", "9100",
         "--metadata", "memory", "--node-timeout", "10", "--lease-ms", "5000",
@@ -141,7 +142,8 @@ def test_defaults_parse_to_the_roles_own_defaults(
     _, (engine, limits) = parse_container(container(ms, "StatefulSet", "decode"))
     assert engine == EngineRoleConfig(
         model="smollm2", kv_master="t-pantry-kvstore-master:7000", engine_id="t-pantry-x-0",
-        host="10.1.2.3", port=7200, metrics_port=9102, ready_file="/tmp/ready.json")
+        host="10.1.2.3", port=7200, metrics_port=9102, ready_file="/tmp/ready.json",
+        token_file="/var/run/pantry/token")
     assert limits == DecodeLimits()
     _, (node,) = parse_container(container(ms, "StatefulSet", "kvstore-node"))
     assert (node.dram_bytes, node.tcp_port, node.max_object_bytes) == (1 << 30, 7301, 64 << 20)

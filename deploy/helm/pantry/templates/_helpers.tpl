@@ -242,7 +242,7 @@ Offline (`helm template`, `--dry-run=client`) lookup finds nothing and each rend
 {{- end }}
 {{- end -}}
 
-{{/* `--token-file` of the roles that have the flag (master, node, conductor). */}}
+{{/* `--token-file` for every role (master, node, engines, conductor). */}}
 {{- define "pantry.tokenArgs" -}}
 {{- if .Values.auth.enabled }}
 - --token-file
