@@ -13,15 +13,30 @@ EWMA_WEIGHT = 0.3
 
 
 @dataclass
-class PrefillModel:
+class _Fitted:
+    """A model's learned scale: the first observation replaces the guess, later ones move it
+    by an exponentially weighted average."""
+
+    scale: float = 1.0
+    observed: int = field(default=0)
+
+    def _fit(self, seconds: float, base: float) -> None:
+        if seconds <= 0 or base <= 0:
+            return
+        sample = seconds / base
+        self.scale = sample if self.observed == 0 else (
+            (1 - EWMA_WEIGHT) * self.scale + EWMA_WEIGHT * sample)
+        self.observed += 1
+
+
+@dataclass
+class PrefillModel(_Fitted):
     """seconds = scale * (fixed + per_token * n + per_pair * n * (prefix + n / 2)) for n
     computed tokens after a cached prefix: linear layers plus causal attention."""
 
     fixed_s: float = 0.0
     per_token_s: float = 2e-3   # a CPU-class guess until the first observation
     per_pair_s: float = 0.0
-    scale: float = 1.0
-    observed: int = field(default=0)
 
     def base(self, computed: int, prefix: int) -> float:
         n = max(computed, 0)
@@ -32,25 +47,18 @@ class PrefillModel:
 
     def observe(self, computed: int, prefix: int, seconds: float) -> None:
         """A measured service time (no queueing in it); the first replaces the guess."""
-        base = self.base(computed, prefix)
-        if computed <= 0 or seconds <= 0 or base <= 0:
-            return
-        sample = seconds / base
-        self.scale = sample if self.observed == 0 else (
-            (1 - EWMA_WEIGHT) * self.scale + EWMA_WEIGHT * sample)
-        self.observed += 1
+        if computed > 0:
+            self._fit(seconds, self.base(computed, prefix))
 
 
 @dataclass
-class DecodeModel:
+class DecodeModel(_Fitted):
     """One decode step: seconds = scale * max(fixed + per_seq * batch + per_kv_token * context,
     0): weights read once per step, every sequence's KV read once."""
 
     fixed_s: float = 0.02
     per_seq_s: float = 1e-3
     per_kv_token_s: float = 0.0
-    scale: float = 1.0
-    observed: int = field(default=0)
 
     def base(self, batch: int, context_tokens: int) -> float:
         return self.fixed_s + self.per_seq_s * batch + self.per_kv_token_s * context_tokens
@@ -59,13 +67,7 @@ class DecodeModel:
         return self.scale * self.base(batch, context_tokens)
 
     def observe(self, batch: int, context_tokens: int, seconds: float) -> None:
-        base = self.base(batch, context_tokens)
-        if seconds <= 0 or base <= 0:
-            return
-        sample = seconds / base
-        self.scale = sample if self.observed == 0 else (
-            (1 - EWMA_WEIGHT) * self.scale + EWMA_WEIGHT * sample)
-        self.observed += 1
+        self._fit(seconds, self.base(batch, context_tokens))
 
 
 @dataclass
