@@ -26,7 +26,7 @@ $(VLLM_STAMP): scripts/setup_vllm.sh
 test: setup setup-vllm
 	bash scripts/test.sh
 
-# Everything but the end-to-end systems and the real-model tests: about half a minute.
+# Everything but the end-to-end systems and the real-model tests: under a minute.
 test-fast: setup
 	$(PY) -m pytest -q -m "not e2e and not slow"
 
