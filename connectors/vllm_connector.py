@@ -48,6 +48,7 @@ from connectors.pool_breaker import PoolBreaker
 from connectors.vllm_addressing import VllmAddressing, VllmLayout, model_digest
 from connectors.vllm_pages import PagedKV
 from connectors.vllm_saver import BackgroundSaver, SaveBatch
+from kvstore.auth import load_token
 from kvstore.block_object import Rejection
 from kvstore.client import KVStoreClient
 from kvstore.config import ClientConfig
@@ -142,10 +143,7 @@ class PantryConnector(KVConnectorBase_V1):  # type: ignore[misc]
                                          hash_seed=int(_extra(vllm_config, "hash_seed", 0)))
         self.breaker = PoolBreaker(float(_extra(vllm_config, "retry_after_s", 5.0)))
         token_file = _extra(vllm_config, "token_file", None)
-        token = None
-        if token_file:
-            with open(token_file) as f:
-                token = f.read().strip()
+        token = load_token(token_file) if token_file else None  # None: $PANTRY_TOKEN_FILE
         self.client = KVStoreClient(
             master, token=token,
             config=ClientConfig(rpc_timeout_s=float(_extra(vllm_config, "rpc_timeout_s", 2.0))))

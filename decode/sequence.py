@@ -68,9 +68,6 @@ class Sequence:
     def num_tokens(self) -> int:
         return len(self.job.token_ids) + len(self.output)
 
-    def all_tokens(self) -> list[int]:
-        return [*self.job.token_ids, *self.output]
-
     def token_slice(self, start: int, end: int) -> tuple[int, ...]:
         """Tokens [start, end) of prompt + output, without copying the rest."""
         prompt = self.job.token_ids

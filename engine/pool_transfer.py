@@ -94,8 +94,9 @@ class PoolTransfer:
             match = self._client.match_prefix(list(keys))
             if match.matched == 0:
                 return 0, 0
-            # The client checks each object's key, layout, length and checksum.
-            fetched = self._client.get_objects(list(keys[: match.matched]), self._layout)
+            # Read from the match's own (leased) locations: no second master round trip. The
+            # client checks each object's key, layout, length and checksum.
+            fetched = self._client.read(match, self._layout)
         except (grpc.RpcError, KVStoreError) as exc:
             # The pool being unreachable costs speed, never an answer: compute instead.
             log.warning("pool read failed, computing the prefix instead: %s", _reason(exc))

@@ -116,15 +116,6 @@ class BuddyAllocator:
             size *= 2
         self._push(size, offset)
 
-    def slot_at(self, offset: int) -> int | None:
-        """Size of the allocated slot at `offset`, None when no slot starts there."""
-        return self._allocated.get(offset)
-
-    def covering(self, offset: int, length: int) -> bool:
-        """Whether [offset, offset + length) lies inside one allocated slot."""
-        size = self._allocated.get(offset)
-        return size is not None and length <= size
-
     def eviction_plan(self, length: int, candidates: list[int],
                       evictable: Callable[[int], bool]) -> list[int] | None:
         """Slots (offsets) whose freeing makes room for `length` bytes, or None when none does.

@@ -34,9 +34,5 @@ class RequestTooLargeError(KVStoreError):
     the message names the limit."""
 
 
-class StaleEpochError(KVStoreError):
-    """A request names a node registration (epoch) that is not the node's current one."""
-
-
 class MetadataUnavailableError(KVStoreError):
     """The metadata store (a redis-server) cannot be reached or read."""
