@@ -60,13 +60,39 @@ def token_matches(expected: str, given: str | bytes) -> bool:
     return hmac.compare_digest(expected.encode(), got)
 
 
-def check_call(expected: str, context: grpc.ServicerContext) -> None:
-    """Aborts the call UNAUTHENTICATED unless it carries the token."""
-    if not expected:
-        return
-    given = next((v for k, v in context.invocation_metadata() if k == TOKEN_HEADER), "")
-    if not token_matches(expected, given):
-        context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED)
+def _refuse(request: Any, context: grpc.ServicerContext) -> Any:
+    context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED)
+
+
+class TokenInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
+    """Checks the token of every call to `services` before any handler runs, so no RPC, old or
+    new, can forget it. A refused call's request is not even parsed (the refusal handler has no
+    deserializer). Health and reflection stay open, as probes need them."""
+
+    def __init__(self, token: str, services: Sequence[str]) -> None:
+        self._token = token
+        self._prefixes = tuple(f"/{s}/" for s in services)
+
+    def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
+        if not self._token or not details.method.startswith(self._prefixes):
+            return continuation(details)
+        given = next((v for k, v in details.invocation_metadata or () if k == TOKEN_HEADER), "")
+        if token_matches(self._token, given):
+            return continuation(details)
+        handler = continuation(details)
+        if handler is None:
+            return None  # an unknown method: UNIMPLEMENTED, as without a token
+        if handler.request_streaming:
+            return (grpc.stream_stream_rpc_method_handler(_refuse) if handler.response_streaming
+                    else grpc.stream_unary_rpc_method_handler(_refuse))
+        return (grpc.unary_stream_rpc_method_handler(_refuse) if handler.response_streaming
+                else grpc.unary_unary_rpc_method_handler(_refuse))
+
+
+def token_interceptors(token: str, services: Sequence[str]) -> list[grpc.ServerInterceptor]:
+    """What a kvstore server installs (`create_grpc_server(interceptors=...)`): none when
+    there is no token."""
+    return [TokenInterceptor(token, services)] if token else []
 
 
 class _Details(NamedTuple):
@@ -78,16 +104,23 @@ class _Details(NamedTuple):
     compression: grpc.Compression | None
 
 
-class _AddToken(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+class _AddToken(grpc.UnaryUnaryClientInterceptor,  # type: ignore[misc]
+                grpc.UnaryStreamClientInterceptor):
     def __init__(self, token: str) -> None:
         self._token = token
 
+    def _details(self, details: grpc.ClientCallDetails) -> _Details:
+        metadata = [*(details.metadata or ()), (TOKEN_HEADER, self._token)]
+        return _Details(details.method, details.timeout, metadata, details.credentials,
+                        details.wait_for_ready, details.compression)
+
     def intercept_unary_unary(self, continuation: Callable[..., Any],
                               details: grpc.ClientCallDetails, request: Any) -> Any:
-        metadata = [*(details.metadata or ()), (TOKEN_HEADER, self._token)]
-        return continuation(_Details(details.method, details.timeout, metadata,
-                                     details.credentials, details.wait_for_ready,
-                                     details.compression), request)
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation: Callable[..., Any],
+                               details: grpc.ClientCallDetails, request: Any) -> Any:
+        return continuation(self._details(details), request)
 
 
 def open_channel(address: str, token: str, max_message_bytes: int = 64 * MIB) -> grpc.Channel:

@@ -109,8 +109,24 @@ def encoded_size(fingerprint: str, dtype: str, shape: tuple[int, ...], payload_n
 
 
 def encode_object(key: str, layout: BlockLayout, payload: bytes | memoryview) -> bytes:
+    header, view = encode_parts(key, layout, payload)
+    return header + view
+
+
+def encode_parts(key: str, layout: BlockLayout,
+                 payload: bytes | bytearray | memoryview) -> tuple[bytes, memoryview]:
+    """The object as two parts, header and payload, with the payload not copied: transports
+    write the parts back to back (scatter-gather), so a put copies the payload only onto the
+    wire or into the segment. The caller must not change the payload until it is written."""
     view = memoryview(payload).cast("B")
-    return _encode_header(key, layout, view.nbytes, xxhash.xxh3_64_intdigest(view)) + view
+    return _encode_header(key, layout, view.nbytes, xxhash.xxh3_64_intdigest(view)), view
+
+
+def header_size(key: str, layout: BlockLayout) -> int:
+    """Bytes of the header of the object `key` stored with `layout` (a multiple of 64): a
+    reader that knows both knows where the payload starts before reading anything."""
+    return _header_len(len(layout.fingerprint.encode("utf-8")), len(layout.dtype.encode("ascii")),
+                       len(key.encode("ascii")), len(layout.shape))
 
 
 def encode_block(fingerprint: str, dtype: str, shape: tuple[int, ...],
@@ -127,13 +143,24 @@ def check_object(data: bytes | memoryview, key: str | None,
     view = memoryview(data).cast("B")
     if view.nbytes < _FIXED.size:
         return Rejection.FORMAT
+    hlen = _FIXED.unpack_from(view, 0)[6]
+    return check_parts(view[:hlen], view[hlen:], key, layout)
+
+
+def check_parts(header: bytes | memoryview, payload: memoryview, key: str | None,
+                layout: BlockLayout | None = None) -> BlockObject | Rejection:
+    """`check_object` for an object read as two parts: its header, and its payload where the
+    reader wanted it (a caller's buffer). The payload of what is returned is `payload`."""
+    view = memoryview(header).cast("B")
+    if view.nbytes < _FIXED.size:
+        return Rejection.FORMAT
     magic, version, fp_len, dt_len, key_len, ndim, hlen, plen, checksum = _FIXED.unpack_from(
         view, 0)
     if magic != MAGIC or version != FORMAT_VERSION:
         return Rejection.FORMAT
     if hlen != _header_len(fp_len, dt_len, key_len, ndim):
         return Rejection.FORMAT
-    if hlen + plen != view.nbytes:
+    if hlen != view.nbytes or plen != payload.nbytes:
         return Rejection.LENGTH
     pos = _FIXED.size
     try:
@@ -151,10 +178,48 @@ def check_object(data: bytes | memoryview, key: str | None,
     if layout is not None and (fingerprint, dtype, shape) != (layout.fingerprint, layout.dtype,
                                                                layout.shape):
         return Rejection.LAYOUT
-    payload = view[hlen:]
     if xxhash.xxh3_64_intdigest(payload) != checksum:
         return Rejection.CHECKSUM
     return BlockObject(stored_key, fingerprint, dtype, shape, payload)
+
+
+@dataclass(frozen=True)
+class ObjectHeader:
+    """What a header says about its object, read without hashing the payload."""
+
+    key: str
+    header_bytes: int
+    payload_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.header_bytes + self.payload_bytes
+
+
+# Bytes that hold the fixed part of every header: enough to learn the whole header's length.
+HEADER_PEEK_BYTES = _FIXED.size
+
+
+def peek_header(data: bytes | memoryview) -> ObjectHeader | int | None:
+    """The key and lengths named by the header `data` starts with, without checking the payload
+    (an SSD tier re-indexing its files reads headers only; the checksum is checked on read).
+    An int: `data` is too short, the header needs that many bytes. None: not a header."""
+    view = memoryview(data).cast("B")
+    if view.nbytes < _FIXED.size:
+        return _FIXED.size
+    magic, version, fp_len, dt_len, key_len, ndim, hlen, plen, _ = _FIXED.unpack_from(view, 0)
+    if magic != MAGIC or version != FORMAT_VERSION:
+        return None
+    if hlen != _header_len(fp_len, dt_len, key_len, ndim):
+        return None
+    if view.nbytes < hlen:
+        return hlen
+    pos = _FIXED.size + fp_len + dt_len
+    try:
+        key = bytes(view[pos : pos + key_len]).decode("ascii")
+    except UnicodeDecodeError:
+        return None
+    return ObjectHeader(key, hlen, plen)
 
 
 def decode_block(data: bytes | memoryview, key: str | None,

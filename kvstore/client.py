@@ -14,30 +14,37 @@ the old one (a stale shared-memory mapping keeps a dead segment's memory alive).
 
 from __future__ import annotations
 
+import enum
+import functools
 import logging
 import os
 import threading
-import time
 from collections import defaultdict
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Collection, Sequence
 from types import TracebackType
 
+import grpc
 from prometheus_client import CollectorRegistry
 
-from kvstore.auth import open_channel, token_from_env
-from kvstore.block_object import BlockLayout, BlockObject, Rejection, check_object, encode_object
+from kvstore.auth import token_from_env
+from kvstore.block_object import BlockLayout, BlockObject, encode_object, encode_parts
 from kvstore.config import ClientConfig
 from kvstore.errors import ObjectTooLargeError
 from kvstore.hostid import default_host_id
 from kvstore.limits import check_key
-from kvstore.metadata import BlockLocation, NodeInfo, ObjectEntry, PoolStatus
+from kvstore.master_link import MasterLink
+from kvstore.metadata import BlockLocation, DrainState, NodeInfo, ObjectEntry, PoolStatus
 from kvstore.metrics import ClientMetrics
-from kvstore.transports import Transport, TransportError
+from kvstore.prefix_match import PrefixMatch, compact_from_proto, pack_keys
+from kvstore.reader import CallerBufferError, Fetched, Reader
+from kvstore.transports import Transport, TransportError, WriteData, parts_of
 from kvstore.transports.grpc import GrpcTransport
+from kvstore.transports.rdma import RdmaTransport, RdmaUnavailable, has_rdma_device
 from kvstore.transports.shm import ShmTransport
+from kvstore.transports.ssd import SsdReader
 from kvstore.transports.tcp import TcpTransport
 from kvstore.wire import (
+    drain_from_proto,
     grant_from_proto,
     location_from_proto,
     node_from_proto,
@@ -49,26 +56,22 @@ from pantry.v1 import kvstore_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BlockLayout", "BlockLocation", "Fetched", "KVStoreClient", "ObjectEntry",
-           "PoolStatus", "PrefixMatch"]
+__all__ = ["BlockLayout", "BlockLocation", "DrainState", "Fetched", "KVStoreClient",
+           "ObjectEntry", "PoolStatus", "PrefixMatch", "PutResult"]
 
 
-@dataclass(frozen=True)
-class PrefixMatch:
-    matched: int
-    locations: tuple[BlockLocation, ...]
-    # The nodes the locations name, as the master knew them when it answered.
-    nodes: tuple[NodeInfo, ...] = ()
+class PutResult(enum.Enum):
+    """How one object of a put (or a move) ended."""
+
+    STORED = "stored"  # written and sealed, or already sealed
+    NO_SPACE = "no_space"
+    GONE = "gone"  # a move of an object no longer on the node
+    BUSY = "busy"  # another put of the key is under way
+    FAILED = "failed"  # a write failed or the seal was refused: nothing stored by this put
 
 
-@dataclass(frozen=True)
-class Fetched:
-    """What a read got, per key asked: the checked object (None: a miss), why bytes read for it
-    were refused (None: nothing refused), and how many bytes came back in all."""
-
-    objects: tuple[BlockObject | None, ...]
-    rejected: tuple[Rejection | None, ...]
-    nbytes: int
+_RESULTS = {pb.PUT_STATE_EXISTS: PutResult.STORED, pb.PUT_STATE_NO_SPACE: PutResult.NO_SPACE,
+            pb.PUT_STATE_GONE: PutResult.GONE, pb.PUT_STATE_IN_PROGRESS: PutResult.BUSY}
 
 
 class KVStoreClient:
@@ -83,7 +86,12 @@ class KVStoreClient:
         self.host_id = host_id or default_host_id()
         self.metrics = ClientMetrics(registry or CollectorRegistry())
         self._token = token_from_env() if token is None else token
-        self._channel = open_channel(master_address, self._token)
+        # `master_address`: one master, or a leader and its standbys comma-separated; the link
+        # follows the leader.
+        self._channel = MasterLink(master_address, self._token)
+        # Reads of SSD replicas: same host from the node's files, else through the node.
+        self._ssd = SsdReader(self.host_id, self._token, self.config.rpc_timeout_s,
+                              self.config.max_message_bytes)
         self._master = pb_grpc.KVMasterStub(self._channel)
         self._lock = threading.Lock()
         # Per node id, the registration (NodeInfo with its epoch) a transport was opened for.
@@ -119,6 +127,13 @@ class KVStoreClient:
                 return ShmTransport(node.segment_path, node.segment_size)
             except OSError as e:
                 log.info("shm to node %s unavailable (%s); using grpc", node.node_id, e)
+        if self.config.enable_rdma and has_rdma_device():
+            # Both ends need a device: the node says whether it has one when asked to connect.
+            try:
+                return RdmaTransport(node.address, node.epoch, self._token,
+                                     self.config.rpc_timeout_s, self.config.batch_bytes)
+            except RdmaUnavailable as e:
+                log.info("rdma to node %s unavailable (%s); using tcp", node.node_id, e)
         if self.config.enable_tcp and node.tcp_address:
             return TcpTransport(node.tcp_address, self.config.rpc_timeout_s, node.epoch,
                                 self.config.batch_bytes, self._token)
@@ -171,10 +186,18 @@ class KVStoreClient:
         return pb.KeysRequest(keys=list(keys), client_host_id=self.host_id)
 
     def match_prefix(self, keys: Sequence[str]) -> PrefixMatch:
-        resp = self._master.MatchPrefix(self._keys(keys), timeout=self.config.rpc_timeout_s)
+        """The longest run of leading keys the pool holds, and where each lives (leased for
+        the master's lease_ms: read them with `read` or `read_into` within it). Block keys
+        travel packed and the answer comes as packed columns (`kvstore.prefix_match`)."""
+        packed = pack_keys(keys)
+        if packed is None:
+            req = self._keys(keys)
+        else:
+            req = pb.KeysRequest(packed_keys=packed, client_host_id=self.host_id)
+        req.compact = req.packed_columns = True
+        resp = self._master.MatchPrefix(req, timeout=self.config.rpc_timeout_s)
         self._saw_membership(resp.membership)
-        return PrefixMatch(resp.matched, tuple(location_from_proto(x) for x in resp.locations),
-                           tuple(node_from_proto(n) for n in resp.nodes))
+        return compact_from_proto(keys, resp)
 
     def exists(self, keys: Sequence[str]) -> list[bool]:
         resp = self._master.Exists(self._keys(keys), timeout=self.config.rpc_timeout_s)
@@ -209,88 +232,195 @@ class KVStoreClient:
     # ---- data -------------------------------------------------------------------------------
 
     def put_many(self, items: Sequence[tuple[str, bytes | memoryview]],
-                 layout: BlockLayout | None = None) -> list[bool]:
+                 layout: BlockLayout | None = None, replicas: int | None = None) -> list[bool]:
         """Store payloads; True per item that is now stored (written, or already sealed).
 
         Each payload is stored as an object that records its key and `layout` (plain bytes,
-        `BlockLayout.raw`, when None). Never raises for lack of space (that is False); raises
-        InvalidKeyError for a key outside the key syntax and ObjectTooLargeError for an object
-        above max_object_bytes, before anything is allocated.
+        `BlockLayout.raw`, when None), in `replicas` copies on distinct nodes (None: the pool's
+        default; fewer when the pool has fewer nodes). Never raises for lack of space (that is
+        False); raises InvalidKeyError for a key outside the key syntax and ObjectTooLargeError
+        for an object above max_object_bytes, before anything is allocated.
         """
         if not items:
             return []
         keys = [k for k, _ in items]
         for i, key in enumerate(keys):
             check_key(key, f"items[{i}]")
-        objects = [encode_object(k, layout or BlockLayout.raw(memoryview(d).nbytes), d)
+        # Header and payload as two parts: the payload is copied only onto the wire or into
+        # the segment, never to join them.
+        objects = [encode_parts(k, layout or BlockLayout.raw(memoryview(d).nbytes), d)
                    for k, d in items]
-        sizes = [len(o) for o in objects]
+        results = self._put_encoded(keys, objects, replicas=replicas or 0)
+        # A key named twice is stored once: every item of it is then stored.
+        stored = {k for k, r in zip(keys, results, strict=True) if r is PutResult.STORED}
+        return [k in stored for k in keys]
+
+    def move(self, objects: Sequence[BlockObject], from_node: str) -> list[PutResult]:
+        """Copy each (checked) object to a node that holds no replica of it; once sealed, the
+        copy replaces the object's replica on `from_node` (kvstore drain). Per object: STORED
+        (moved), NO_SPACE (no node can take it), GONE (no replica there any more), BUSY (a put
+        of it is under way) or FAILED (a write failed; try again)."""
+        if not objects:
+            return []
+        keys = [o.key for o in objects]
+        encoded = [encode_object(o.key, o.layout, o.payload) for o in objects]
+        return self._put_encoded(keys, encoded, replace_node=from_node)
+
+    def drain(self, node_id: str, limit: int = 1024, drop: Sequence[str] = (),
+              cancel: bool = False) -> DrainState:
+        """One step of a drain (kvstore.drain runs the whole of it): the node takes no new
+        objects (again, with `cancel`), its replicas of `drop` are given up, and up to `limit`
+        of its sealed keys still to move are listed. Unknown node: grpc NOT_FOUND."""
+        resp = self._master.Drain(pb.DrainRequest(node_id=node_id, limit=limit, drop=list(drop),
+                                                  cancel=cancel),
+                                  timeout=self.config.rpc_timeout_s)
+        return drain_from_proto(node_id, resp)
+
+    def _put_encoded(self, keys: Sequence[str], objects: Sequence[WriteData], replicas: int = 0,
+                     replace_node: str = "") -> list[PutResult]:
+        """Two-phase put of encoded objects: allocate every replica, write each, abort the
+        replicas whose write failed, seal the rest of each put together."""
+        sizes = [sum(p.nbytes for p in parts_of(o)) for o in objects]
         limit = self.config.max_object_bytes
         for key, size in zip(keys, sizes, strict=True):
             if size > limit:
                 raise ObjectTooLargeError(
                     f"object {key} is {size} bytes; max_object_bytes is {limit}")
         resp = self._master.PutStart(
-            pb.PutStartRequest(keys=keys, sizes=sizes, client_host_id=self.host_id),
+            pb.PutStartRequest(keys=keys, sizes=sizes, client_host_id=self.host_id,
+                               replicas=replicas, replace_node=replace_node),
             timeout=self.config.rpc_timeout_s)
         self._saw_membership(resp.membership)
         nodes = {n.node_id: node_from_proto(n) for n in resp.nodes}
-        by_node: dict[str, list[int]] = defaultdict(list)
-        stored: set[str] = set()
+        results = [PutResult.FAILED] * len(keys)
+        # Per node, the (item, replica) writes it gets.
+        by_node: dict[str, list[tuple[int, pb.ReplicaGrant]]] = defaultdict(list)
         too_large: list[str] = []
         for i, slot in enumerate(resp.slots):
             if slot.state == pb.PUT_STATE_ALLOCATED:
-                by_node[slot.location.node_id].append(i)
-            elif slot.state == pb.PUT_STATE_EXISTS:
-                stored.add(keys[i])
+                reps = list(slot.replicas) or [pb.ReplicaGrant(location=slot.location,
+                                                               grant=slot.grant)]
+                for r in reps:
+                    by_node[r.location.node_id].append((i, r))
+                if len(reps) < slot.wanted:
+                    log.debug("%s: %d of %d replicas (the pool has fewer nodes with room)",
+                              keys[i], len(reps), slot.wanted)
             elif slot.state == pb.PUT_STATE_TOO_LARGE:
                 too_large.append(keys[i])
-        written: list[pb.PutTicket] = []
+            else:
+                results[i] = _RESULTS.get(slot.state, PutResult.FAILED)
+        written: set[int] = set()
         failed: list[pb.PutTicket] = []
-        for node_id, idxs in by_node.items():
-            tickets = [pb.PutTicket(key=keys[i], token=resp.slots[i].grant.token) for i in idxs]
+        for node_id, reps in by_node.items():
             transport = None if too_large or node_id not in nodes else self._transport(
                 nodes[node_id])
-            if transport is None:
-                failed.extend(tickets)
-                continue
-            ops = [(grant_from_proto(resp.slots[i].grant), objects[i]) for i in idxs]
-            try:
-                transport.write(ops)
-                written.extend(tickets)
-            except TransportError as e:
-                log.warning("write to node %s failed: %s", node_id, e)
-                self._drop_transport(nodes[node_id], "error")
-                failed.extend(tickets)
+            if transport is not None:
+                ops = [(grant_from_proto(r.grant), objects[i]) for i, r in reps]
+                try:
+                    transport.write(ops)
+                    written.update(i for i, _ in reps)
+                    continue
+                except TransportError as e:
+                    log.warning("write to node %s failed: %s", node_id, e)
+                    self._drop_transport(nodes[node_id], "error")
+            # Only this node's replicas are given up: the put lives on in the others.
+            failed.extend(pb.PutTicket(key=keys[i], token=r.grant.token, node_id=node_id)
+                          for i, r in reps)
         if failed:
             self._master.PutAbort(pb.PutFinishRequest(puts=failed),
                                   timeout=self.config.rpc_timeout_s)
         if written:
-            sealed = self._master.PutEnd(pb.PutFinishRequest(puts=written),
-                                         timeout=self.config.rpc_timeout_s).sealed
-            stored.update(t.key for t, ok in zip(written, sealed, strict=True) if ok)
+            order = sorted(written)
+            sealed = self._master.PutEnd(
+                pb.PutFinishRequest(puts=[pb.PutTicket(key=keys[i],
+                                                       token=resp.slots[i].grant.token)
+                                          for i in order]),
+                timeout=self.config.rpc_timeout_s).sealed
+            for i, ok in zip(order, sealed, strict=True):
+                if ok:
+                    results[i] = PutResult.STORED
         if too_large:
             raise ObjectTooLargeError(
                 f"master rejected {too_large[0]} as larger than its max_object_bytes "
                 f"{resp.max_object_bytes}")
-        return [k in stored for k in keys]
+        return results
 
     def get_objects(self, keys: Sequence[str], layout: BlockLayout | None = None) -> Fetched:
         """The checked object per key (key, `layout` when given, length, checksum); a key whose
         object is absent, unreachable or fails a check is a miss (None)."""
         if not keys:
             return Fetched((), (), 0)
+        locations, nodes = self._locate(keys)
+        return self._read(keys, locations, nodes, layout)
+
+    def _locate(self, keys: Sequence[str]
+                ) -> tuple[list[BlockLocation | None], list[NodeInfo]]:
+        """One leased location per key (None: not stored) and the nodes they name."""
         resp = self._master.GetReplicas(self._keys(keys), timeout=self.config.rpc_timeout_s)
         self._saw_membership(resp.membership)
-        locations = [location_from_proto(r.location) if r.found else None
-                     for r in resp.replicas]
-        return self._read(keys, locations, [node_from_proto(n) for n in resp.nodes], layout)
+        return ([location_from_proto(r.location) if r.found else None for r in resp.replicas],
+                [node_from_proto(n) for n in resp.nodes])
 
     def read(self, match: PrefixMatch, layout: BlockLayout | None = None) -> Fetched:
         """The objects at the locations of a prefix match, checked like `get_objects`, without
         asking the master again. A location of a node's older epoch is a miss."""
-        keys = [loc.key for loc in match.locations]
-        return self._read(keys, list(match.locations), list(match.nodes), layout)
+        return self._reader.read(match.keys, match.locations, match.nodes, layout)
+
+    def read_into(self, target: PrefixMatch | Sequence[str], buffers: Sequence[object],
+                  layout: BlockLayout | None = None) -> Fetched:
+        """Each object's payload straight into `buffers[i]`, memory the caller owns: the
+        objects of a prefix match's locations (no second master round trip), or of `keys`
+        (looked up first). Only as many objects as there are buffers are read.
+
+        The buffer contract: `buffers[i]` is anything writable and contiguous that exports
+        the buffer protocol (bytearray, a numpy array, `memoryview(t.view(torch.uint8)
+        .numpy())` of a torch tensor's storage), of exactly the object's payload size. Only the
+        payload lands in it; the object's header is read aside into a small scratch. So an
+        engine pulls a block straight into its paged cache with one copy from the node: a
+        memcpy out of the segment (shm), the kernel's copy out of the socket (tcp, recv_into);
+        gRPC, the fallback, copies out of its response.
+
+        Each object is checked after it lands (key, `layout`, length, checksum): one that fails
+        is a miss (None in `objects`, the reason in `rejected`), and what its buffer then holds
+        is unspecified, as for any miss. A hit's `payload` is a byte view of its buffer.
+        `layout`: what the objects were stored as; None reads plain bytes (`put_many` without
+        a layout), each exactly as long as its buffer.
+
+        Raises CallerBufferError (a ValueError and a KVStoreError) before reading anything when
+        there are more buffers than keys, or a buffer is read-only, not contiguous, or not
+        exactly the size of the payload its location holds (the message names the index and
+        both sizes)."""
+        if isinstance(target, PrefixMatch):
+            return self._reader.read_into(target.keys, target.locations, target.nodes, buffers,
+                                          layout)
+        keys = list(target)
+        if len(buffers) > len(keys):
+            raise CallerBufferError(f"{len(buffers)} buffers for {len(keys)} keys")
+        keys = keys[: len(buffers)]
+        if not keys:
+            return Fetched((), (), 0)
+        locations, nodes = self._locate(keys)
+        return self._reader.read_into(keys, locations, nodes, buffers, layout)
+
+    @functools.cached_property
+    def _reader(self) -> Reader:
+        return Reader(self._transport, self._drop_transport, self.metrics, self._ssd,
+                      self._relocate)
+
+    def _relocate(self, keys: Sequence[str], exclude: Collection[str]
+                  ) -> tuple[list[BlockLocation | None], list[NodeInfo]]:
+        """Another replica of each of `keys`, on none of the `exclude`d nodes (the reader
+        failed on them); None where there is none, or the master cannot be asked now (the
+        keys are then misses, as they would have been)."""
+        req = self._keys(keys)
+        req.exclude_nodes.extend(sorted(exclude))
+        try:
+            resp = self._master.GetReplicas(req, timeout=self.config.rpc_timeout_s)
+        except grpc.RpcError as e:
+            log.warning("no other replica asked for %d keys: %s", len(keys), e)
+            return [None] * len(keys), []
+        return ([location_from_proto(r.location) if r.found else None for r in resp.replicas],
+                [node_from_proto(n) for n in resp.nodes])
 
     def get_many(self, keys: Sequence[str],
                  layout: BlockLayout | None = None) -> list[bytes | None]:
@@ -300,41 +430,7 @@ class KVStoreClient:
 
     def _read(self, keys: Sequence[str], locations: Sequence[BlockLocation | None],
               node_list: Sequence[NodeInfo], layout: BlockLayout | None) -> Fetched:
-        nodes = {n.node_id: n for n in node_list}
-        objects: list[BlockObject | None] = [None] * len(keys)
-        rejected: list[Rejection | None] = [None] * len(keys)
-        by_node: dict[str, list[int]] = defaultdict(list)
-        for i, loc in enumerate(locations):
-            node = None if loc is None else nodes.get(loc.node_id)
-            # A location is read only from the registration it was handed out for.
-            if loc is not None and node is not None and node.epoch == loc.epoch:
-                by_node[loc.node_id].append(i)
-        nbytes = 0
-        for node_id, idxs in by_node.items():
-            transport = self._transport(nodes[node_id])
-            if transport is None:
-                continue
-            ops = [(loc.offset, loc.length) for loc in (locations[i] for i in idxs)
-                   if loc is not None]
-            start = time.perf_counter()
-            try:
-                data = transport.read(ops)
-            except TransportError as e:
-                log.warning("read from node %s failed: %s", node_id, e)
-                self._drop_transport(nodes[node_id], "error")
-                continue
-            self.metrics.read_seconds.labels(transport.name).observe(
-                time.perf_counter() - start)
-            for i, d in zip(idxs, data, strict=True):
-                nbytes += len(d)
-                got = check_object(d, keys[i], layout)
-                if isinstance(got, Rejection):
-                    log.warning("object read for %s refused: %s", keys[i], got.value)
-                    self.metrics.rejected.labels(got.value).inc()
-                    rejected[i] = got
-                else:
-                    objects[i] = got
-        return Fetched(tuple(objects), tuple(rejected), nbytes)
+        return self._reader.read(keys, locations, node_list, layout)
 
     # ---- lifecycle --------------------------------------------------------------------------
 
@@ -347,6 +443,7 @@ class KVStoreClient:
             self._transports.clear()
         for t in transports:
             t.close()
+        self._ssd.close()
         self._channel.close()
 
     def __enter__(self) -> KVStoreClient:

@@ -36,3 +36,9 @@ class RequestTooLargeError(KVStoreError):
 
 class MetadataUnavailableError(KVStoreError):
     """The metadata store (a redis-server) cannot be reached or read."""
+
+
+class NotLeaderError(KVStoreError):
+    """A master's metadata commit was refused: the leader lease in Redis is no longer its own
+    (it lapsed, or another master took it), so nothing of that commit was written and the
+    master must stop serving (UNAVAILABLE)."""

@@ -4,6 +4,11 @@ Pure code: no clock, no I/O. A policy keeps the set of resident keys and their o
 the capacity (the kvstore master, the simulator) asks it for victims. Time is the policy's own
 count of accesses, so the same code runs over a trace and in a live master.
 
+The simulator evicts with `pop_victim`. The master cannot take the first victim blindly (a leased
+object, or one on a page that cannot be freed, must be skipped), so it reads `victims()`, the
+same order without evicting, and discards what it evicted. It touches the blocks of a prefix
+match with one `touch_many` call: thousands of keys at C speed for LRU.
+
 `ReuseAwarePolicy` learns online, per class of block, how likely a block is to be read again
 (`p`) and how long reuses take (one gap histogram). A block's class is what the pool knows when
 it touches it: whether it is a prompt's final block (usually partial, so it is almost never
@@ -19,8 +24,8 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections import OrderedDict
-from collections.abc import Hashable, Iterable, Sequence
+from collections import OrderedDict, deque
+from collections.abc import Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -35,8 +40,14 @@ class BlockHint:
     last: bool = False   # the prompt's final block (the next turn names it anew)
 
 
+# A block whose place in its prompt is unknown (a put or a read outside a prefix match).
+MIDDLE = BlockHint(depth=1)
+
+
 class EvictionPolicy(Protocol):
     name: str
+    # Whether `touch` looks at its hint: the master only keeps hints for policies that do.
+    uses_hints: bool
 
     def __contains__(self, key: Key) -> bool: ...
     def __len__(self) -> int: ...
@@ -44,12 +55,26 @@ class EvictionPolicy(Protocol):
         """The block was read or written: it is resident from now on."""
     def discard(self, key: Key) -> None:
         """The block left for another reason (removed, failed); unknown keys are ignored."""
+    def touch_many(self, keys: Sequence[Key], depth: int = 0, blocks: int = 0) -> None:
+        """`touch` of each of `keys` in order: consecutive blocks of one prompt, the first at
+        index `depth`, of `blocks` in all (0: unknown, so none is known to be the last)."""
     def pop_victim(self) -> Key | None:
         """Removes and returns the block to evict next; None when nothing is resident."""
+    def victims(self) -> Iterator[Key]:
+        """Every resident block in the order `pop_victim` would evict them, evicting none
+        (valid until the next touch or discard)."""
+
+
+def prompt_hints(n: int, depth: int, blocks: int) -> Iterator[BlockHint]:
+    """The hints of `n` consecutive blocks of a prompt of `blocks` blocks (0: unknown), the
+    first at index `depth`."""
+    for i in range(depth, depth + n):
+        yield BlockHint(depth=i, last=i == blocks - 1)
 
 
 class LRUPolicy:
     name = "lru"
+    uses_hints = False
 
     def __init__(self) -> None:
         self._order: OrderedDict[Key, None] = OrderedDict()
@@ -67,11 +92,22 @@ class LRUPolicy:
     def discard(self, key: Key) -> None:
         self._order.pop(key, None)
 
+    def touch_many(self, keys: Sequence[Key], depth: int = 0, blocks: int = 0) -> None:
+        order = self._order
+        try:  # the usual case in the master: every key is resident
+            deque(map(order.move_to_end, keys), maxlen=0)
+        except KeyError:
+            order.update(dict.fromkeys(keys))  # new keys join at the end, in order
+            deque(map(order.move_to_end, keys), maxlen=0)  # then all move there, in order
+
     def pop_victim(self) -> Key | None:
         if not self._order:
             return None
         key, _ = self._order.popitem(last=False)
         return key
+
+    def victims(self) -> Iterator[Key]:
+        return iter(self._order)
 
 
 # Gap histogram: two buckets per doubling of the age (in accesses), enough for hours of traffic.
@@ -90,6 +126,7 @@ class ReuseAwarePolicy:
     ARC and S3-FIFO keep), as a multiple of the resident set at its largest."""
 
     name = "reuse"
+    uses_hints = True
 
     def __init__(self, history: int = 32) -> None:
         self._history_factor = history
@@ -151,6 +188,45 @@ class ReuseAwarePolicy:
                 break
             del self._seen[ghost]
 
+    def touch_many(self, keys: Sequence[Key], depth: int = 0, blocks: int = 0) -> None:
+        # `touch` of each key with its prompt hint, inlined: a prefix match touches thousands.
+        seen_of, queues, resident = self._seen, self._queues, self._resident
+        entered, reused, gaps = self._entered, self._reused, self._gaps
+        clock, last = self._clock, blocks - 1
+        for i, key in enumerate(keys, depth):
+            clock += 1
+            prior = seen_of.pop(key, None)
+            seen = 1
+            if prior is not None:
+                count, prior_cls, at = prior
+                seen = count + 1
+                reused[prior_cls] = reused.get(prior_cls, 0) + 1
+                gaps[_gap_bucket(clock - at)] += 1
+                self._gaps_total += 1
+                self._cdf = None
+            cls: Hashable = ("last" if i == last else "first" if i == 0
+                             else min(seen, MAX_SEEN_CLASS))  # block_class
+            entered[cls] = entered.get(cls, 0) + 1
+            seen_of[key] = (seen, cls, clock)
+            old = resident.get(key)
+            if old is not None:
+                del queues[old][key]
+            queue = queues.get(cls)
+            if queue is None:
+                queue = queues[cls] = OrderedDict()
+            queue[key] = clock
+            resident[key] = cls
+            if len(resident) > self._peak:
+                self._peak = len(resident)
+            bound = max(self._history_factor * self._peak, 1)
+            while len(seen_of) > bound:
+                ghost = next(iter(seen_of))
+                if ghost in resident:  # resident keys stay remembered
+                    seen_of.move_to_end(ghost)
+                    break
+                del seen_of[ghost]
+        self._clock = clock
+
     def discard(self, key: Key) -> None:
         cls = self._resident.pop(key, None)
         if cls is not None:
@@ -183,13 +259,26 @@ class ReuseAwarePolicy:
         self.discard(key)
         return key
 
+    def victims(self) -> Iterator[Key]:
+        # Each class's queue is already in the order pop_victim takes it (its oldest block
+        # scores lowest, and the scores do not change while nothing is touched): merging the
+        # queues by (score, time of touch) gives pop_victim's order without popping.
+        def scored(cls: Hashable, queue: OrderedDict[Key, int]) -> Iterator[tuple[float, int,
+                                                                                   Key]]:
+            for key, at in queue.items():
+                yield self._survival(cls, self._clock - at), at, key
 
-POLICIES = {"lru": LRUPolicy, "reuse": ReuseAwarePolicy}
+        for _, _, key in heapq.merge(*(scored(c, q) for c, q in self._queues.items())):
+            yield key
+
+
+POLICIES: dict[str, type[LRUPolicy] | type[ReuseAwarePolicy]] = {
+    "lru": LRUPolicy, "reuse": ReuseAwarePolicy}
 
 
 def make_policy(name: str) -> EvictionPolicy:
     try:
-        return POLICIES[name]()  # type: ignore[no-any-return]
+        return POLICIES[name]()
     except KeyError:
         raise ValueError(f"unknown eviction policy {name!r}; one of {sorted(POLICIES)}") from None
 

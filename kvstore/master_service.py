@@ -1,4 +1,8 @@
-"""gRPC edge of the master: converts protobuf <-> domain types around `Master`."""
+"""gRPC edge of the master: converts protobuf <-> domain types around `Master`.
+
+With Redis metadata several masters may run on one Redis: one leads, the others stand by
+(`kvstore.master_role`: who serves, fencing, gRPC health). `pantry_kv_master_leader` on
+/metrics says whether this master leads."""
 
 from __future__ import annotations
 
@@ -6,19 +10,32 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import replace
+from operator import attrgetter
 from typing import TypeVar
 
 import grpc
 
-from kvstore.auth import check_call, load_token
-from kvstore.config import REGISTER_MESSAGE_BYTES, MasterConfig
-from kvstore.errors import InvalidKeyError, RequestTooLargeError, UnknownNodeError
+from kvstore.auth import load_token, token_interceptors
+from kvstore.config import MAX_REPLICAS, REGISTER_MESSAGE_BYTES, MasterConfig
+from kvstore.errors import (
+    InvalidKeyError,
+    NotLeaderError,
+    RequestTooLargeError,
+    UnknownNodeError,
+)
+from kvstore.events import EventGap
+from kvstore.leader import LeaderLease, Leadership, new_master_id
 from kvstore.limits import MAX_KEY_CHARS, check_keys
-from kvstore.master import Master, PutOutcome
+from kvstore.master import Master, PutOutcome, Ticket
+from kvstore.master_role import LEADER, NOT_LEADER, SERVICE_NAME, STANDBY, MasterRole
 from kvstore.metadata import ObjectMeta
 from kvstore.metrics import MasterMetrics
+from kvstore.prefix_match import compact_to_proto, unpack_keys
 from kvstore.wire import (
+    drain_to_proto,
+    event_to_proto,
     grant_to_proto,
     held_from_proto,
     location_to_proto,
@@ -26,15 +43,26 @@ from kvstore.wire import (
     node_to_proto,
     object_to_proto,
     status_to_proto,
+    tier_order_to_proto,
+    tier_report_from_proto,
 )
 from pantry.common.metrics import MetricsServer
 from pantry.common.serving import create_grpc_server
 from pantry.v1 import kvstore_pb2 as pb
 from pantry.v1 import kvstore_pb2_grpc as pb_grpc
 
+_NODE_ID = attrgetter("node_id")
+
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["KVMaster"].full_name
+# A reader excludes the nodes it failed to read from: a few per read at most.
+_MAX_EXCLUDED = 64
+# How soon the KVMaster health status follows a change of leadership.
+_HEALTH_TICK_S = 0.2
+
+# Re-exported: tests, charts and `pantry local` name the service and roles from here.
+__all__ = ["LEADER", "NOT_LEADER", "SERVICE_NAME", "STANDBY", "MasterServer", "MasterServicer",
+           "start_master"]
 
 _OUTCOME = {
     PutOutcome.ALLOCATED: pb.PUT_STATE_ALLOCATED,
@@ -42,6 +70,7 @@ _OUTCOME = {
     PutOutcome.IN_PROGRESS: pb.PUT_STATE_IN_PROGRESS,
     PutOutcome.NO_SPACE: pb.PUT_STATE_NO_SPACE,
     PutOutcome.TOO_LARGE: pb.PUT_STATE_TOO_LARGE,
+    PutOutcome.GONE: pb.PUT_STATE_GONE,
 }
 
 Req = TypeVar("Req")
@@ -51,13 +80,15 @@ Handler = Callable[["MasterServicer", Req, grpc.ServicerContext], Resp]
 
 def _timed(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
     """Observes the RPC's latency, labelled with its name, whether it answers or aborts; a
-    request over the limits is refused with the status that names it."""
+    standby refuses the call UNAVAILABLE, naming the leader; a request over the limits is
+    refused with the status that names it. (The token is checked before this, by the server's
+    `TokenInterceptor`.)"""
 
     @functools.wraps(method)
     def timed(self: MasterServicer, request: Req, context: grpc.ServicerContext) -> Resp:
         start = time.perf_counter()
         try:
-            check_call(self.token, context)
+            self.check_leading(context)
             return method(self, request, context)
         except InvalidKeyError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
@@ -65,30 +96,92 @@ def _timed(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
         except RequestTooLargeError as e:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
             raise
+        except NotLeaderError as e:
+            self.refuse(e, context)
+            raise
         finally:
             self.rpc_seconds.labels(method.__name__).observe(time.perf_counter() - start)
 
     return timed
 
 
-class MasterServicer(pb_grpc.KVMasterServicer):
-    def __init__(self, master: Master, metrics: MasterMetrics, token: str = "") -> None:
-        self.master = master
-        self.rpc_seconds = metrics.rpc_seconds
-        self.token = token
+class MasterServicer(MasterRole, pb_grpc.KVMasterServicer):
+    def __init__(self, config: MasterConfig, master: Master | None) -> None:
+        """`master`: the one to serve; None for a master that must win the leader lease first
+        (`leadership` set before serving), which builds its own when elected."""
+        super().__init__(config, master)
+        # A standby's (or deposed leader's) master is stale: its figures are not exported.
+        self.metrics = MasterMetrics(lambda: self._master if self.leading() else None,
+                                     self.leading)
+        self.rpc_seconds = self.metrics.rpc_seconds
+        # Each event stream holds a server thread: leave most of them to the other calls.
+        self._watch_lock = threading.Lock()
+        self._watchers = 0
+        self._max_watchers = max(1, config.max_workers // 4)
+
+    @property
+    def watchers(self) -> int:
+        """Event streams open now."""
+        return self._watchers
+
+    def WatchEvents(self, request: pb.WatchEventsRequest,
+                    context: grpc.ServicerContext) -> Iterator[pb.PoolEvent]:
+        self.check_leading(context)
+        if len(request.prefix) > MAX_KEY_CHARS:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"prefix: longer than a key ({MAX_KEY_CHARS} characters)")
+        master = self.master
+        log_ = master.events
+        if request.run_id and request.run_id != log_.run_id:
+            from_seq = 1  # another run's numbers mean nothing here: this run from its start
+        else:
+            from_seq = request.from_seq or log_.last_seq + 1
+        return self._follow(master, from_seq, request.prefix, context)
+
+    def _follow(self, master: Master, from_seq: int, prefix: str,
+                context: grpc.ServicerContext) -> Iterator[pb.PoolEvent]:
+        events = master.events
+        with self._watch_lock:
+            full = self._watchers >= self._max_watchers
+            self._watchers += not full
+        if full:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"{self._max_watchers} event watchers already (each holds a server "
+                          f"thread); raise --max-workers, now {self.config.max_workers}")
+        try:
+            while True:
+                gap, batch = events.read(from_seq)
+                if gap:
+                    yield event_to_proto(EventGap(events.run_id, gap))
+                for e in batch:
+                    if not prefix or not e.key or e.key.startswith(prefix):
+                        yield event_to_proto(e)
+                from_seq = batch[-1].seq + 1 if batch else from_seq + gap
+                while not events.wait(from_seq, 0.5):
+                    if not context.is_active():
+                        return
+                    if self._master is not master or not self.leading():
+                        # Deposed: the watcher follows the new leader (another run).
+                        self.check_leading(context)
+                        context.abort(grpc.StatusCode.UNAVAILABLE, "master changed; watch "
+                                      "the new leader")
+        finally:
+            with self._watch_lock:
+                self._watchers -= 1
 
     def _keys(self, keys: Iterable[str], field: str = "keys") -> list[str]:
         keys = list(keys)
         check_keys(keys, self.master.config.max_keys_per_request, field)
         return keys
 
-    def _tickets(self, request: pb.PutFinishRequest) -> list[tuple[str, int]]:
+    def _tickets(self, request: pb.PutFinishRequest) -> list[Ticket]:
         self._keys((p.key for p in request.puts), "puts")
-        return [(p.key, p.token) for p in request.puts]
+        return [(p.key, p.token, p.node_id) for p in request.puts]
 
     def _nodes_of(self, metas: Iterable[ObjectMeta | None]) -> list[pb.NodeInfo]:
         out = []
-        for node_id in sorted({m.node_id for m in metas if m is not None}):
+        # A set of ids at C speed: a prefix match hands thousands of locations.
+        for node_id in sorted(set(map(_NODE_ID, filter(None, metas)))):
             try:
                 out.append(node_to_proto(self.master.node(node_id)))
             except UnknownNodeError:
@@ -110,24 +203,36 @@ class MasterServicer(pb_grpc.KVMasterServicer):
     @_timed
     def Heartbeat(self, request: pb.HeartbeatRequest,
                   context: grpc.ServicerContext) -> pb.HeartbeatResponse:
-        return pb.HeartbeatResponse(known=self.master.heartbeat(request.node_id, request.epoch))
+        known = self.master.heartbeat(request.node_id, request.epoch)
+        if not known:
+            return pb.HeartbeatResponse(known=False)
+        done, dropped = tier_report_from_proto(request.tiers)
+        orders = self.master.tier_heartbeat(request.node_id, request.epoch, done, dropped)
+        return pb.HeartbeatResponse(known=True,
+                                    orders=[tier_order_to_proto(o) for o in orders])
 
     @_timed
     def PutStart(self, request: pb.PutStartRequest,
                  context: grpc.ServicerContext) -> pb.PutStartResponse:
         if len(request.keys) != len(request.sizes):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "keys and sizes differ in length")
+        if request.replicas > MAX_REPLICAS:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"replicas: at most {MAX_REPLICAS}, got {request.replicas}")
         keys = self._keys(request.keys)
-        grants = self.master.put_start(keys, request.sizes, request.client_host_id)
+        grants = self.master.put_start(keys, request.sizes, request.client_host_id,
+                                       request.replicas, request.replace_node)
         slots = []
         for g in grants:
-            slot = pb.PutSlot(state=_OUTCOME[g.outcome])
+            slot = pb.PutSlot(state=_OUTCOME[g.outcome], wanted=g.wanted)
             if g.location is not None:
                 slot.location.CopyFrom(location_to_proto(g.location))
             if g.grant is not None:
                 slot.grant.CopyFrom(grant_to_proto(g.grant))
+            slot.replicas.extend(pb.ReplicaGrant(location=location_to_proto(m),
+                                                 grant=grant_to_proto(w)) for m, w in g.replicas)
             slots.append(slot)
-        nodes = self._nodes_of(g.location for g in grants)
+        nodes = self._nodes_of(m for g in grants for m, _ in g.replicas)
         return pb.PutStartResponse(slots=slots, nodes=nodes,
                                    max_object_bytes=self.master.config.max_object_bytes,
                                    membership=self.master.membership)
@@ -145,7 +250,12 @@ class MasterServicer(pb_grpc.KVMasterServicer):
     @_timed
     def GetReplicas(self, request: pb.KeysRequest,
                     context: grpc.ServicerContext) -> pb.GetReplicasResponse:
-        metas = self.master.get_replicas(self._keys(request.keys))
+        if len(request.exclude_nodes) > _MAX_EXCLUDED:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"exclude_nodes: at most {_MAX_EXCLUDED} node ids, got "
+                          f"{len(request.exclude_nodes)}")
+        metas = self.master.get_replicas(self._keys(request.keys), request.client_host_id,
+                                         frozenset(request.exclude_nodes))
         replicas = [pb.Replica(found=False) if m is None
                     else pb.Replica(found=True, location=location_to_proto(m)) for m in metas]
         return pb.GetReplicasResponse(replicas=replicas, nodes=self._nodes_of(metas),
@@ -155,12 +265,22 @@ class MasterServicer(pb_grpc.KVMasterServicer):
     @_timed
     def MatchPrefix(self, request: pb.KeysRequest,
                     context: grpc.ServicerContext) -> pb.MatchPrefixResponse:
-        metas = self.master.match_prefix(self._keys(request.keys))
-        return pb.MatchPrefixResponse(matched=len(metas),
-                                      locations=[location_to_proto(m) for m in metas],
-                                      nodes=self._nodes_of(metas),
-                                      lease_ms=self.master.config.lease_ms,
+        if request.packed_keys and request.keys:
+            raise InvalidKeyError("packed_keys", "set keys or packed_keys, not both")
+        keys = (unpack_keys(request.packed_keys, self.master.config.max_keys_per_request)
+                if request.packed_keys else self._keys(request.keys))
+        run = self.master.match_run(keys, request.client_host_id)
+        metas = run.replicas
+        nodes = [node_to_proto(n) for n in run.nodes]
+        resp = pb.MatchPrefixResponse(nodes=nodes, lease_ms=self.master.config.lease_ms,
                                       membership=self.master.membership)
+        if request.compact:
+            compact_to_proto(metas, nodes, resp, request.packed_columns, current=True,
+                             dram_only=run.dram_only)
+        else:
+            resp.matched = len(metas)
+            resp.locations.extend(location_to_proto(m) for m in metas)
+        return resp
 
     @_timed
     def Exists(self, request: pb.KeysRequest, context: grpc.ServicerContext) -> pb.ExistsResponse:
@@ -173,7 +293,8 @@ class MasterServicer(pb_grpc.KVMasterServicer):
     @_timed
     def Status(self, request: pb.StatusRequest,
                context: grpc.ServicerContext) -> pb.StatusResponse:
-        return status_to_proto(self.master.status())
+        return status_to_proto(replace(self.master.status(), leader=self.address,
+                                       role=self.role()))
 
     @_timed
     def Evict(self, request: pb.EvictRequest,
@@ -195,25 +316,57 @@ class MasterServicer(pb_grpc.KVMasterServicer):
         return pb.ListResponse(objects=[object_to_proto(m, leased) for m, leased in objs],
                                truncated=truncated)
 
+    @_timed
+    def Drain(self, request: pb.DrainRequest, context: grpc.ServicerContext) -> pb.DrainResponse:
+        drop = self._keys(request.drop, "drop")
+        limit = min(request.limit or 1024, self.master.config.max_keys_per_request)
+        try:
+            state = self.master.drain(request.node_id, limit, drop, request.cancel)
+        except UnknownNodeError as e:
+            context.abort(grpc.StatusCode.NOT_FOUND,
+                          f"node_id: {e}; `kvstore status` lists the nodes")
+            raise
+        return drain_to_proto(state)
+
 
 class MasterServer:
     """A running master: the gRPC server, the reaper thread that drives timeouts, /metrics."""
 
-    def __init__(self, server: grpc.Server, port: int, master: Master,
+    def __init__(self, server: grpc.Server, port: int, servicer: MasterServicer,
                  metrics: MetricsServer) -> None:
         self.server = server
         self.port = port
-        self.master = master
+        self.servicer = servicer
         self.metrics = metrics
         self._stop = threading.Event()
         self._reaper = threading.Thread(target=self._reap_loop, name="kv-master-reaper",
                                         daemon=True)
         self._reaper.start()
 
+    @property
+    def master(self) -> Master:
+        """The master being served (a standby that never led has none: AssertionError)."""
+        return self.servicer.master
+
+    def leading(self) -> bool:
+        return self.servicer.leading()
+
     def _reap_loop(self) -> None:
-        while not self._stop.wait(self.master.config.reap_interval_s):
+        # Health follows leadership within a tick; the reaper runs every reap_interval_s.
+        interval = self.servicer.config.reap_interval_s
+        tick = min(interval, _HEALTH_TICK_S)
+        next_reap = time.monotonic() + interval
+        while not self._stop.wait(tick):
+            self.servicer.sync_health()
+            if time.monotonic() < next_reap:
+                continue
+            next_reap = time.monotonic() + interval
+            if not self.servicer.leading():
+                continue  # a standby's state is stale: it must not write to Redis
             try:
                 self.master.reap()
+            except NotLeaderError as e:
+                self.servicer.lost(e)
             except Exception:  # the reaper must survive a bad round; log it loudly
                 log.exception("reaper round failed")
 
@@ -222,25 +375,49 @@ class MasterServer:
         self.server.stop(grace).wait()
         self._reaper.join(timeout=5)
         self.metrics.close()
-        self.master.close()
+        leading = self.servicer.leading()
+        if leading:
+            try:
+                self.master.close()
+            except NotLeaderError as e:  # deposed while stopping: nothing more is ours
+                log.warning("%s", e)
+                leading = False
+        if self.servicer.leadership is not None:
+            # Released once the last changes are committed: a standby takes over at once.
+            self.servicer.leadership.stop(release=leading)
 
 
 def start_master(config: MasterConfig, master: Master | None = None) -> MasterServer:
     """A serving master (gRPC with health and reflection, reaper, /metrics)."""
     token = load_token(config.token_file)
-    master = master or Master(config)
-    metrics = MasterMetrics(master)
-    servicer = MasterServicer(master, metrics, token)
-    server, port, _ = create_grpc_server(
+    # Redis metadata: whoever holds the leader lease serves (a memory backend is one master).
+    elect = master is None and config.metadata.startswith("redis://")
+    if master is None and not elect:
+        master = Master(config)
+    servicer = MasterServicer(config, master)
+    metrics = servicer.metrics
+    server, port, health_servicer = create_grpc_server(
         config.host, config.port, lambda s: pb_grpc.add_KVMasterServicer_to_server(servicer, s),
         [SERVICE_NAME], max_workers=config.max_workers, thread_name_prefix="kv-master",
-        max_message_bytes=REGISTER_MESSAGE_BYTES)
+        max_message_bytes=REGISTER_MESSAGE_BYTES,
+        interceptors=token_interceptors(token, [SERVICE_NAME]))
+    servicer.address = config.advertise_address or f"{config.host}:{port}"
+    servicer.health = health_servicer
+    servicer.sync_health()  # a master that must win the lease first is NOT_SERVING till then
+    if elect:
+        lease = LeaderLease(config.metadata, new_master_id(), servicer.address,
+                            config.lease_ttl_s, timeout_s=config.lease_renew_s / 2)
+        servicer.leadership = Leadership(lease, config.lease_ttl_s, config.lease_renew_s,
+                                         servicer.take_over, servicer.step_down)
     server.start()
     try:
         metrics_server = MetricsServer(metrics.registry, config.host, config.metrics_port)
     except BaseException:
         server.stop(0)
         raise
-    log.info("kvstore master serving on %s:%d, metrics at %s", config.host, port,
+    if servicer.leadership is not None:
+        servicer.leadership.start()
+    log.info("kvstore master %s on %s:%d, metrics at %s",
+             "campaigning for the leader lease" if elect else "serving", config.host, port,
              metrics_server.url)
-    return MasterServer(server, port, master, metrics_server)
+    return MasterServer(server, port, servicer, metrics_server)

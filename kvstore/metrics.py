@@ -9,7 +9,7 @@ and the transports it let go of, on the registry its owner gives it (an engine's
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -17,18 +17,23 @@ from prometheus_client.registry import Collector
 
 from kvstore.block_object import Rejection
 from kvstore.master import Master
+from kvstore.ssd_tier import SsdTier
 from kvstore.transports import READ, WRITE
 from pantry.common.metrics import POOL_IO_BUCKETS
 from pantry.v1 import kvstore_pb2 as pb
 
 
 class _MasterCollector(Collector):
-    def __init__(self, master: Master) -> None:
+    def __init__(self, master: Callable[[], Master | None]) -> None:
+        # Called at each scrape: a standby master has none, and takes a new one when elected.
         self._master = master
 
     def collect(self) -> Iterator[Metric]:
-        status = self._master.status()
-        stats = self._master.stats()
+        master = self._master()
+        if master is None:
+            return
+        status = master.status()
+        stats = master.stats()
         gauges = (
             ("objects", "objects in the pool, sealed or being written", status.objects),
             ("used_bytes", "bytes of slots allocated on all nodes", status.used_bytes),
@@ -55,12 +60,32 @@ class _MasterCollector(Collector):
         )
         for name, doc, value in counters:
             yield CounterMetricFamily(f"pantry_kv_master_{name}", doc, value=value)
+        tiers = CounterMetricFamily("pantry_kv_master_tier_moves",
+                                    "copies between nodes' DRAM and SSD tiers, by kind",
+                                    labels=["kind"])
+        for kind, n in master.tier_counts().items():
+            tiers.add_metric([kind], n)
+        yield tiers
+
+
+class _LeaderCollector(Collector):
+    def __init__(self, leading: Callable[[], bool]) -> None:
+        self._leading = leading
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily("pantry_kv_master_leader",
+                                "1 while this master leads the pool, 0 on a standby",
+                                value=int(self._leading()))
 
 
 class MasterMetrics:
-    def __init__(self, master: Master) -> None:
+    def __init__(self, master: Callable[[], Master | None],
+                 leading: Callable[[], bool] = lambda: True) -> None:
+        """`master`: the master whose figures to export (None: none, a standby's); `leading`:
+        whether this master leads now (read at each scrape)."""
         self.registry = CollectorRegistry()
         self.registry.register(_MasterCollector(master))
+        self.registry.register(_LeaderCollector(leading))
         self.rpc_seconds = Histogram(
             "pantry_kv_master_rpc_seconds", "time to serve a KVMaster RPC", ["method"],
             registry=self.registry, buckets=POOL_IO_BUCKETS)
@@ -69,9 +94,40 @@ class MasterMetrics:
             self.rpc_seconds.labels(method.name)
 
 
+class _SsdCollector(Collector):
+    """A node's SSD tier, read from the tier at scrape time."""
+
+    def __init__(self, ssd: SsdTier) -> None:
+        self._ssd = ssd
+
+    def collect(self) -> Iterator[Metric]:
+        s = self._ssd.stats()
+        for name, doc, value in (
+                ("capacity_bytes", "bytes the SSD tier may hold", s.capacity_bytes),
+                ("used_bytes", "bytes of the SSD tier's files", s.used_bytes),
+                ("objects", "objects on the SSD tier", s.objects)):
+            yield GaugeMetricFamily(f"pantry_kv_node_ssd_{name}", doc, value=value)
+        for name, doc, value in (
+                ("hits", "SSD reads served through the node, checked", s.hits),
+                ("misses", "SSD reads through the node that found no intact file", s.misses),
+                ("evictions", "SSD files deleted by the tier's watermarks", s.evictions),
+                ("corrupted", "SSD files found damaged (at start or on read) and deleted",
+                 s.corrupted)):
+            yield CounterMetricFamily(f"pantry_kv_node_ssd_{name}", doc, value=value)
+        spills = CounterMetricFamily("pantry_kv_node_ssd_spills",
+                                     "spills to the SSD tier by outcome (full: refused)",
+                                     labels=["outcome"])
+        for outcome, n in s.spills.items():
+            spills.add_metric([outcome], n)
+        yield spills
+
+
 class NodeMetrics:
-    def __init__(self, capacity_bytes: int, transports: Sequence[str]) -> None:
+    def __init__(self, capacity_bytes: int, transports: Sequence[str],
+                 ssd: SsdTier | None = None) -> None:
         self.registry = CollectorRegistry()
+        if ssd is not None:
+            self.registry.register(_SsdCollector(ssd))
         Gauge("pantry_kv_node_segment_capacity_bytes", "bytes of this node's segment",
               registry=self.registry).set(capacity_bytes)
         self._requests = Counter("pantry_kv_node_requests", "read and write requests served",
@@ -113,6 +169,10 @@ class ClientMetrics:
         self.read_seconds = Histogram(
             "pantry_kv_client_read_seconds", "time of one batched read from one node",
             ["transport"], registry=registry, buckets=POOL_IO_BUCKETS)
+        self.read_failovers = Counter(
+            "pantry_kv_client_read_failovers",
+            "objects read again from another replica after their first location failed",
+            registry=registry)
         for r in Rejection:
             self.rejected.labels(r.value)
         for reason in self.DROP_REASONS:

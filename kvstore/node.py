@@ -11,13 +11,23 @@ import threading
 
 import grpc
 
-from kvstore.auth import load_token, open_channel
-from kvstore.config import REGISTER_MESSAGE_BYTES, NodeConfig
+from kvstore.auth import load_token
+from kvstore.config import REGISTER_MESSAGE_BYTES, NodeConfig, master_addresses
 from kvstore.grants import WriteGrant, refusal
 from kvstore.hostid import default_host_id
-from kvstore.metadata import NodeInfo
+from kvstore.limits import check_key
+from kvstore.master_link import MasterLink
+from kvstore.metadata import DRAM, SSD, HeldObject, NodeInfo
 from kvstore.segment import Segment
-from kvstore.wire import held_to_proto, node_to_proto
+from kvstore.ssd_tier import SsdTier
+from kvstore.tier_worker import TierWorker
+from kvstore.wire import (
+    held_to_proto,
+    node_to_proto,
+    tier_order_from_proto,
+    tier_report_to_proto,
+)
+from pantry.common.errors import InvalidRequest
 from pantry.v1 import kvstore_pb2 as pb
 from pantry.v1 import kvstore_pb2_grpc as pb_grpc
 
@@ -71,16 +81,29 @@ class StorageNode:
     """Owns the segment; `start_membership` registers with the master and keeps heartbeating."""
 
     def __init__(self, config: NodeConfig) -> None:
+        master_addresses(config.master_address)  # a bad --master fails before anything starts
         self.config = config
         self.host_id = config.host_id or default_host_id()
         self.token = load_token(config.token_file)
         remove_stale_segments(config)
-        self.segment = Segment(segment_path(config), config.dram_bytes, config.prefault)
+        # The SSD tier first: a directory another node holds fails the start before the segment
+        # is created. Its files are re-indexed now and reported when the node registers.
+        self.ssd = None if config.ssd_dir is None else SsdTier(
+            config.ssd_dir, config.ssd_bytes, config.ssd_high_watermark,
+            config.ssd_low_watermark)
+        try:
+            self.segment = Segment(segment_path(config), config.dram_bytes, config.prefault)
+        except BaseException:
+            if self.ssd is not None:
+                self.ssd.close()
+            raise
+        # Executes the master's spill and promote orders (None: no SSD tier).
+        self.tiering = None if self.ssd is None else TierWorker(self.segment, self.ssd)
         self.address = ""
         self.tcp_address = ""
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._channel: grpc.Channel | None = None
+        self._link: MasterLink | None = None
         # (epoch, grant key) of the current registration; (0, b"") while unregistered, which
         # refuses every write and read.
         self._registration: tuple[int, bytes] = (0, b"")
@@ -112,16 +135,32 @@ class StorageNode:
                     f"{self.epoch}")
         return None
 
+    def read_tier(self, offset: int, length: int, key: str, tier: str) -> bytes:
+        """The bytes of one read op: the segment's at [offset, offset + length), or with tier
+        "ssd" the checked object of `key` from the SSD tier (b"": a miss, counted there)."""
+        if tier in ("", DRAM):
+            return self.segment.read(offset, length)
+        if tier != SSD:
+            raise InvalidRequest("ops.tier", f"{tier!r} is not a tier (use 'dram' or 'ssd')")
+        check_key(key, "ops.key")
+        got = None if self.ssd is None else self.ssd.read_into(key)
+        return b"" if got is None else bytes(got)
+
     def info(self) -> NodeInfo:
         assert self.address, "address is known only once the node's server is bound"
         return NodeInfo(self.config.node_id, self.host_id, self.address, self.segment.path,
-                        self.segment.size, self.tcp_address)
+                        self.segment.size, self.tcp_address,
+                        ssd_dir="" if self.ssd is None else self.ssd.directory,
+                        ssd_bytes=0 if self.ssd is None else self.ssd.capacity_bytes)
 
     def start_membership(self, address: str) -> None:
         self.address = address
-        self._channel = open_channel(self.config.master_address, self.token,
-                                     REGISTER_MESSAGE_BYTES)
-        stub = pb_grpc.KVMasterStub(self._channel)
+        # Several masters: the link follows the leader. With Redis metadata a new leader has
+        # this node's record (epoch and grant key), so heartbeats go on in the same epoch.
+        # Bounded by a heartbeat: the loop itself keeps retrying.
+        self._link = MasterLink(self.config.master_address, self.token, REGISTER_MESSAGE_BYTES,
+                                failover_s=self.config.heartbeat_s)
+        stub = pb_grpc.KVMasterStub(self._link)
         self._thread = threading.Thread(target=self._run, args=(stub,), name="kv-node-heartbeat",
                                         daemon=True)
         self._thread.start()
@@ -130,6 +169,7 @@ class StorageNode:
         # Registering again (the master restarted or dropped us): report what the segment
         # holds, so the master serves it again. A fresh segment holds nothing: not scanned.
         held = self.segment.objects() if self._registered_before else []
+        held += self._ssd_held()
         req = pb.RegisterNodeRequest(node=node_to_proto(self.info()),
                                      held=[held_to_proto(h) for h in held])
         self._registration = (0, b"")
@@ -142,9 +182,11 @@ class StorageNode:
         self.adopted = resp.adopted
         self._registered_before = True
         self._registration = (resp.epoch, resp.grant_key)
+        if self.tiering is not None:
+            self.tiering.new_epoch(resp.epoch)
         log.info("registered with master %s as %s, epoch %d; %d of %d held objects adopted",
-                 self.config.master_address, self.config.node_id, resp.epoch, resp.adopted,
-                 len(held))
+                 self._link.current if self._link else "", self.config.node_id, resp.epoch,
+                 resp.adopted, len(held))
         return True
 
     def _run(self, stub: pb_grpc.KVMasterStub) -> None:
@@ -158,22 +200,42 @@ class StorageNode:
                 continue
             if self._stop.wait(self.config.heartbeat_s):
                 break
+            done, dropped = self.tiering.take_report() if self.tiering else ([], [])
             try:
-                known = stub.Heartbeat(pb.HeartbeatRequest(node_id=self.config.node_id,
-                                                           epoch=self.epoch),
-                                       timeout=self.config.heartbeat_s).known
+                resp = stub.Heartbeat(pb.HeartbeatRequest(
+                    node_id=self.config.node_id, epoch=self.epoch,
+                    tiers=tier_report_to_proto(done, dropped)), timeout=self.config.heartbeat_s)
             except grpc.RpcError as e:
                 log.warning("heartbeat failed: %s", e.code())
+                if self.tiering is not None:
+                    self.tiering.give_back(done, dropped)
                 continue
+            known = resp.known
+            if known and self.tiering is not None:
+                self.tiering.submit(self.epoch, [o for o in map(tier_order_from_proto,
+                                                                resp.orders) if o is not None])
             if not known:
                 # The master forgot us (restart or timeout): register again, with what we hold.
                 log.warning("master does not know this node any more; re-registering")
                 registered = False
 
+    def _ssd_held(self) -> list[HeldObject]:
+        """Every file of the SSD tier, for a registration (the full truth: what was dropped
+        before it needs no report of its own, and results of the old epoch are void)."""
+        if self.ssd is None or self.tiering is None:
+            return []
+        self.tiering.new_epoch(0)
+        self.ssd.drain_dropped()
+        return [HeldObject(key, 0, nbytes, SSD) for key, nbytes in self.ssd.held()]
+
     def close(self) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        if self._channel is not None:
-            self._channel.close()
+        if self._link is not None:
+            self._link.close()
+        if self.tiering is not None:
+            self.tiering.close()
+        if self.ssd is not None:
+            self.ssd.close()
         self.segment.close()

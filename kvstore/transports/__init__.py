@@ -21,14 +21,33 @@ class TransportError(KVStoreError):
     """A read or write to a node failed (node gone, timeout, out of range)."""
 
 
+Buffer = bytes | bytearray | memoryview
+# What one write carries: a buffer, or parts written back to back (an object's header and its
+# payload, so the payload is never copied to join them).
+WriteData = Buffer | Sequence[Buffer]
+# One scatter read: the bytes from an offset on, landing in these views in turn.
+ReadInto = tuple[int, Sequence[memoryview]]
+
+
+def parts_of(data: WriteData) -> list[memoryview]:
+    """The byte views of one write, without copying."""
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return [memoryview(data).cast("B")]
+    return [memoryview(p).cast("B") for p in data]
+
+
 class Transport(Protocol):
     name: str
 
-    def write(self, ops: Sequence[tuple[WriteGrant, bytes | memoryview]]) -> None:
+    def write(self, ops: Sequence[tuple[WriteGrant, WriteData]]) -> None:
         """Each op writes exactly grant.length bytes at grant.offset."""
     def read(self, ops: Sequence[tuple[int, int]]) -> list[bytes]:
         """The bytes at each (offset, length), of the node's epoch the transport was made
         for: a node in another epoch refuses (TransportError)."""
+    def read_into(self, ops: Sequence[ReadInto]) -> None:
+        """Each op's views filled, in turn, with the bytes from its offset on (their sizes add
+        up to the op's length), with no copy on the way: the caller owns the views. Refused
+        like `read`; a failure may leave views partly written."""
     def close(self) -> None: ...
 
 

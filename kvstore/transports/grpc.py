@@ -8,7 +8,7 @@ import grpc
 
 from kvstore.auth import open_channel
 from kvstore.grants import WriteGrant
-from kvstore.transports import TransportError, batches
+from kvstore.transports import ReadInto, TransportError, WriteData, batches, parts_of
 from kvstore.wire import grant_to_proto
 from pantry.v1 import kvstore_pb2 as pb
 from pantry.v1 import kvstore_pb2_grpc as pb_grpc
@@ -25,10 +25,12 @@ class GrpcTransport:
         self._timeout = timeout_s
         self._epoch = epoch
 
-    def write(self, ops: Sequence[tuple[WriteGrant, bytes | memoryview]]) -> None:
-        sizes = [memoryview(d).nbytes for _, d in ops]
-        for batch in batches(ops, sizes, self._batch_bytes):
-            req = pb.WriteRequest(ops=[pb.WriteOp(grant=grant_to_proto(g), data=bytes(d))
+    def write(self, ops: Sequence[tuple[WriteGrant, WriteData]]) -> None:
+        # A protobuf bytes field needs one bytes object: the parts are joined here (the
+        # fallback path; shm and tcp write them as they are).
+        joined = [(g, b"".join(parts_of(d))) for g, d in ops]
+        for batch in batches(joined, [len(d) for _, d in joined], self._batch_bytes):
+            req = pb.WriteRequest(ops=[pb.WriteOp(grant=grant_to_proto(g), data=d)
                                        for g, d in batch])
             try:
                 self._stub.Write(req, timeout=self._timeout)
@@ -48,6 +50,19 @@ class GrpcTransport:
                 raise TransportError("node answered a different number of reads")
             out.extend(resp.data)
         return out
+
+    def read_into(self, ops: Sequence[ReadInto]) -> None:
+        """The fallback: one copy out of each response into the caller's views."""
+        sized = [(off, views, sum(v.nbytes for v in views)) for off, views in ops]
+        got = self.read([(off, n) for off, _, n in sized])
+        for (_, views, n), data in zip(sized, got, strict=True):
+            if len(data) != n:
+                raise TransportError(f"node answered {len(data)} bytes for a read of {n}")
+            src = memoryview(data)
+            pos = 0
+            for v in views:
+                v[:] = src[pos : pos + v.nbytes]
+                pos += v.nbytes
 
     def close(self) -> None:
         self._channel.close()

@@ -11,8 +11,16 @@ import mmap
 import os
 from collections.abc import Sequence
 
+import numpy as np
+
 from kvstore.grants import WriteGrant
-from kvstore.transports import TransportError
+from kvstore.transports import ReadInto, TransportError, WriteData, parts_of
+
+
+def copy_into(dst: memoryview, src: memoryview) -> None:
+    """One memcpy, with the GIL released (numpy's copy does; a memoryview slice assignment
+    holds it), so reads from several nodes copy in parallel."""
+    np.copyto(np.frombuffer(dst, np.uint8), np.frombuffer(src, np.uint8))
 
 
 class ShmTransport:
@@ -34,14 +42,18 @@ class ShmTransport:
         if offset < 0 or offset + length > self.size:
             raise TransportError(f"range [{offset}, {offset + length}) outside the segment")
 
-    def write(self, ops: Sequence[tuple[WriteGrant, bytes | memoryview]]) -> None:
+    def write(self, ops: Sequence[tuple[WriteGrant, WriteData]]) -> None:
+        """Each part is copied once, straight into the segment."""
         for grant, data in ops:
-            src = memoryview(data).cast("B")
-            if src.nbytes != grant.length:
-                raise TransportError(f"{src.nbytes} bytes to write under a grant of "
-                                     f"{grant.length}")
-            self._check(grant.offset, src.nbytes)
-            self._view[grant.offset : grant.offset + src.nbytes] = src
+            parts = parts_of(data)
+            nbytes = sum(p.nbytes for p in parts)
+            if nbytes != grant.length:
+                raise TransportError(f"{nbytes} bytes to write under a grant of {grant.length}")
+            self._check(grant.offset, nbytes)
+            pos = grant.offset
+            for p in parts:
+                copy_into(self._view[pos : pos + p.nbytes], p)
+                pos += p.nbytes
 
     def read(self, ops: Sequence[tuple[int, int]]) -> list[bytes]:
         out = []
@@ -49,6 +61,14 @@ class ShmTransport:
             self._check(offset, length)
             out.append(bytes(self._view[offset : offset + length]))
         return out
+
+    def read_into(self, ops: Sequence[ReadInto]) -> None:
+        """One memcpy per view, out of the segment."""
+        for offset, views in ops:
+            self._check(offset, sum(v.nbytes for v in views))
+            for v in views:
+                copy_into(v, self._view[offset : offset + v.nbytes])
+                offset += v.nbytes
 
     def close(self) -> None:
         self._view.release()

@@ -12,7 +12,10 @@ Request:  "<4sBxxxIQ" magic b"PKT2", op (1 read, 2 write), op count, the node's 
           then carries the concatenated bytes.
 Response: "<4sBxxxQ" magic, status (0 ok, 1 error), body length; then the body: the
           concatenated bytes of a read, nothing for a write, a utf-8 message for an error.
-The node receives written bytes straight into its segment, so a write is one copy. Every
+The node receives written bytes straight into its segment and sends read bytes straight out
+of it (one gathered sendmsg per answer); the client sends an object's header and payload as
+they are and can receive a read straight into its caller's buffers (`read_into`), so each
+direction is one copy on either side of the socket. Every
 declared size is checked before the node allocates or receives anything: a refused write's
 bytes are drained through one small buffer, and a request too large to drain closes the
 connection.
@@ -30,7 +33,15 @@ from typing import Protocol
 
 from kvstore.auth import MAX_TOKEN_BYTES, UNAUTHENTICATED, token_matches
 from kvstore.grants import MAC_BYTES, WriteGrant
-from kvstore.transports import READ, WRITE, TransportError, batches
+from kvstore.transports import (
+    READ,
+    WRITE,
+    ReadInto,
+    TransportError,
+    WriteData,
+    batches,
+    parts_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +56,8 @@ _RESP = struct.Struct("<4sBxxxQ")
 # Beyond this many ops a request is not ours to parse at all: the connection is dropped.
 _MAX_OPS = 1 << 16
 _DRAIN_CHUNK = 64 * 1024
+# Linux's IOV_MAX: the most buffers one sendmsg takes.
+_IOV_MAX = 1024
 
 
 def _recv_into(sock: socket.socket, view: memoryview) -> None:
@@ -60,6 +73,22 @@ def _recv_exact(sock: socket.socket, n: int) -> bytearray:
     buf = bytearray(n)
     _recv_into(sock, memoryview(buf))
     return buf
+
+
+def _send_parts(sock: socket.socket, parts: Sequence[bytes | memoryview]) -> None:
+    """Every part, in order, gathered into as few sendmsg calls as the kernel allows: a frame's
+    header and its payloads leave in one system call, and no part is copied to join them."""
+    views = [v for v in (memoryview(p).cast("B") for p in parts) if v.nbytes]
+    i = 0
+    while i < len(views):
+        sent = sock.sendmsg(views[i : i + _IOV_MAX])
+        while sent:
+            if sent >= views[i].nbytes:
+                sent -= views[i].nbytes
+                i += 1
+            else:
+                views[i] = views[i][sent:]
+                sent = 0
 
 
 def _drain(sock: socket.socket, n: int) -> None:
@@ -196,9 +225,8 @@ class TcpServer:
             body = err.encode()
             conn.sendall(_RESP.pack(MAGIC, 1, len(body)) + body)
             return
-        conn.sendall(_RESP.pack(MAGIC, 0, sum(c.nbytes for c in chunks)))
-        for c in chunks:
-            conn.sendall(c)
+        # Straight from the segment: the kernel's copy into the socket is the only one.
+        _send_parts(conn, [_RESP.pack(MAGIC, 0, sum(c.nbytes for c in chunks)), *chunks])
 
     def close(self) -> None:
         self._stop.set()
@@ -256,16 +284,25 @@ class TcpTransport:
             raise TransportError(f"node refused: {body.decode(errors='replace')}")
         return s
 
-    def _call(self, op: int, head: bytes, payloads: Sequence[bytes | memoryview] = ()) -> bytearray:
+    def _call(self, head: bytes, payloads: Sequence[memoryview] = (),
+              into: Sequence[memoryview] | None = None) -> bytearray:
+        """One request; its answer's body, or, with `into`, the body received straight into
+        those views (their sizes must add up to it) and an empty bytearray."""
         s = self._conn()
         try:
-            s.sendall(head)
-            for p in payloads:
-                s.sendall(p)
+            _send_parts(s, [head, *payloads])
             magic, status, length = _RESP.unpack(_recv_exact(s, _RESP.size))
             if magic != MAGIC:
                 raise TransportError("tcp peer answered with a bad frame")
-            body = _recv_exact(s, length)
+            if into is not None and status == 0:
+                if length != sum(v.nbytes for v in into):
+                    raise TransportError(f"tcp peer answered {length} bytes for a read of "
+                                         f"{sum(v.nbytes for v in into)}")
+                for v in into:
+                    _recv_into(s, v)
+                body = bytearray()
+            else:
+                body = _recv_exact(s, length)
         except (OSError, struct.error) as e:
             s.close()
             raise TransportError(f"tcp request to {self._addr} failed: {e}") from e
@@ -280,30 +317,38 @@ class TcpTransport:
             raise TransportError(f"node refused: {body.decode(errors='replace')}")
         return body
 
-    def write(self, ops: Sequence[tuple[WriteGrant, bytes | memoryview]]) -> None:
-        views = [memoryview(d).cast("B") for _, d in ops]
-        for grant, view in zip((g for g, _ in ops), views, strict=True):
-            if view.nbytes != grant.length:
-                raise TransportError(f"{view.nbytes} bytes to write under a grant of "
-                                     f"{grant.length}")
-        pairs = list(zip([g for g, _ in ops], views, strict=True))
-        for batch in batches(pairs, [v.nbytes for v in views], self._batch_bytes):
+    def write(self, ops: Sequence[tuple[WriteGrant, WriteData]]) -> None:
+        """The parts of each op go onto the wire as they are (sendmsg gathers them)."""
+        pairs = [(g, parts_of(d)) for g, d in ops]
+        sizes = [sum(p.nbytes for p in parts) for _, parts in pairs]
+        for (grant, _), n in zip(pairs, sizes, strict=True):
+            if n != grant.length:
+                raise TransportError(f"{n} bytes to write under a grant of {grant.length}")
+        for batch in batches(pairs, sizes, self._batch_bytes):
             head = _REQ.pack(MAGIC, OP_WRITE, len(batch), 0) + b"".join(
                 _GRANT.pack(g.offset, g.length, g.epoch, g.token, g.expires_unix_ms, g.mac)
                 for g, _ in batch)
-            self._call(OP_WRITE, head, [v for _, v in batch])
+            self._call(head, [p for _, parts in batch for p in parts])
 
     def read(self, ops: Sequence[tuple[int, int]]) -> list[bytes]:
         out: list[bytes] = []
         for batch in batches(ops, [n for _, n in ops], self._batch_bytes):
             head = _REQ.pack(MAGIC, OP_READ, len(batch), self._epoch) + b"".join(
                 _OP.pack(o, n) for o, n in batch)
-            body = memoryview(self._call(OP_READ, head))
+            body = memoryview(self._call(head))
             pos = 0
             for _, n in batch:
                 out.append(bytes(body[pos : pos + n]))
                 pos += n
         return out
+
+    def read_into(self, ops: Sequence[ReadInto]) -> None:
+        """recv_into the caller's views: the kernel's copy out of the socket is the only one."""
+        sized = [(off, views, sum(v.nbytes for v in views)) for off, views in ops]
+        for batch in batches(sized, [n for _, _, n in sized], self._batch_bytes):
+            head = _REQ.pack(MAGIC, OP_READ, len(batch), self._epoch) + b"".join(
+                _OP.pack(o, n) for o, _, n in batch)
+            self._call(head, into=[v for _, views, _ in batch for v in views])
 
     def close(self) -> None:
         self._closed = True

@@ -101,12 +101,14 @@ def create_grpc_server(
     max_workers: int = 32,
     thread_name_prefix: str = "",
     max_message_bytes: int = MAX_MESSAGE_BYTES,
+    interceptors: Sequence[grpc.ServerInterceptor] = (),
 ) -> tuple[grpc.Server, int, health.HealthServicer]:
     """A bound, not yet started, threaded gRPC server with health and reflection, its port and
     its health servicer. Port 0 picks a free port; a port that cannot be bound raises OSError."""
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=thread_name_prefix),
         options=grpc_options(max_message_bytes),
+        interceptors=list(interceptors),
     )
     register(server)
     servicer = add_health_and_reflection(server, service_names)

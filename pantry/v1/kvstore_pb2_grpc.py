@@ -94,6 +94,16 @@ class KVMasterStub:
                 request_serializer=pantry_dot_v1_dot_kvstore__pb2.EvictRequest.SerializeToString,
                 response_deserializer=pantry_dot_v1_dot_kvstore__pb2.EvictResponse.FromString,
                 _registered_method=True)
+        self.Drain = channel.unary_unary(
+                '/pantry.v1.KVMaster/Drain',
+                request_serializer=pantry_dot_v1_dot_kvstore__pb2.DrainRequest.SerializeToString,
+                response_deserializer=pantry_dot_v1_dot_kvstore__pb2.DrainResponse.FromString,
+                _registered_method=True)
+        self.WatchEvents = channel.unary_stream(
+                '/pantry.v1.KVMaster/WatchEvents',
+                request_serializer=pantry_dot_v1_dot_kvstore__pb2.WatchEventsRequest.SerializeToString,
+                response_deserializer=pantry_dot_v1_dot_kvstore__pb2.PoolEvent.FromString,
+                _registered_method=True)
 
 
 class KVMasterServicer:
@@ -171,6 +181,22 @@ class KVMasterServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Drain(self, request, context):
+        """Stop placing objects on a node and list what it still holds; the caller (kvstore drain)
+        copies each object elsewhere with a replace put (PutStartRequest.replace_node).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchEvents(self, request, context):
+        """The pool's events (stored, removed, evicted, node joined or left) as they happen, from
+        `from_seq` of this master run; follows until the caller cancels.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KVMasterServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -233,6 +259,16 @@ def add_KVMasterServicer_to_server(servicer, server):
                     servicer.Evict,
                     request_deserializer=pantry_dot_v1_dot_kvstore__pb2.EvictRequest.FromString,
                     response_serializer=pantry_dot_v1_dot_kvstore__pb2.EvictResponse.SerializeToString,
+            ),
+            'Drain': grpc.unary_unary_rpc_method_handler(
+                    servicer.Drain,
+                    request_deserializer=pantry_dot_v1_dot_kvstore__pb2.DrainRequest.FromString,
+                    response_serializer=pantry_dot_v1_dot_kvstore__pb2.DrainResponse.SerializeToString,
+            ),
+            'WatchEvents': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchEvents,
+                    request_deserializer=pantry_dot_v1_dot_kvstore__pb2.WatchEventsRequest.FromString,
+                    response_serializer=pantry_dot_v1_dot_kvstore__pb2.PoolEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -569,6 +605,60 @@ class KVMaster:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def Drain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pantry.v1.KVMaster/Drain',
+            pantry_dot_v1_dot_kvstore__pb2.DrainRequest.SerializeToString,
+            pantry_dot_v1_dot_kvstore__pb2.DrainResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/pantry.v1.KVMaster/WatchEvents',
+            pantry_dot_v1_dot_kvstore__pb2.WatchEventsRequest.SerializeToString,
+            pantry_dot_v1_dot_kvstore__pb2.PoolEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class KVNodeStub:
     """Missing associated documentation comment in .proto file."""
@@ -589,6 +679,11 @@ class KVNodeStub:
                 request_serializer=pantry_dot_v1_dot_kvstore__pb2.ReadRequest.SerializeToString,
                 response_deserializer=pantry_dot_v1_dot_kvstore__pb2.ReadResponse.FromString,
                 _registered_method=True)
+        self.RdmaConnect = channel.unary_unary(
+                '/pantry.v1.KVNode/RdmaConnect',
+                request_serializer=pantry_dot_v1_dot_kvstore__pb2.RdmaConnectRequest.SerializeToString,
+                response_deserializer=pantry_dot_v1_dot_kvstore__pb2.RdmaConnectResponse.FromString,
+                _registered_method=True)
 
 
 class KVNodeServicer:
@@ -606,6 +701,15 @@ class KVNodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RdmaConnect(self, request, context):
+        """RDMA: a client's queue pair is connected to one of the node's, and learns where the
+        node's segment is registered; reads and writes are then one-sided (kvstore.transports.rdma).
+        FAILED_PRECONDITION when the node has no RDMA device or the epoch is not its current one.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KVNodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -618,6 +722,11 @@ def add_KVNodeServicer_to_server(servicer, server):
                     servicer.Read,
                     request_deserializer=pantry_dot_v1_dot_kvstore__pb2.ReadRequest.FromString,
                     response_serializer=pantry_dot_v1_dot_kvstore__pb2.ReadResponse.SerializeToString,
+            ),
+            'RdmaConnect': grpc.unary_unary_rpc_method_handler(
+                    servicer.RdmaConnect,
+                    request_deserializer=pantry_dot_v1_dot_kvstore__pb2.RdmaConnectRequest.FromString,
+                    response_serializer=pantry_dot_v1_dot_kvstore__pb2.RdmaConnectResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -674,6 +783,33 @@ class KVNode:
             '/pantry.v1.KVNode/Read',
             pantry_dot_v1_dot_kvstore__pb2.ReadRequest.SerializeToString,
             pantry_dot_v1_dot_kvstore__pb2.ReadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RdmaConnect(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pantry.v1.KVNode/RdmaConnect',
+            pantry_dot_v1_dot_kvstore__pb2.RdmaConnectRequest.SerializeToString,
+            pantry_dot_v1_dot_kvstore__pb2.RdmaConnectResponse.FromString,
             options,
             channel_credentials,
             insecure,

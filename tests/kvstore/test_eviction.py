@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import random
+
+import pytest
+
 from kvstore.eviction import (
     BlockHint,
+    EvictionPolicy,
     LRUPolicy,
     ReuseAwarePolicy,
     belady_hit_rate,
+    hints,
     hit_rate,
     make_policy,
 )
@@ -77,3 +83,49 @@ def test_reuse_aware_beats_lru_on_a_scan_with_a_reused_prefix() -> None:
     assert hit_rate(LRUPolicy(), prompts, 3) == 0.0
     assert hit_rate(ReuseAwarePolicy(), prompts, 3) == 55 / 120  # 3 misses to learn
     assert belady_hit_rate(prompts, 3) == 58 / 120
+
+
+def _touched(policy_name: str, many: bool) -> EvictionPolicy:
+    """A policy after two prompts (sharing their first block) and a re-read, touched one key
+    at a time or a prompt at a time."""
+    p = make_policy(policy_name)
+    for prompt in (["r", "a", "b"], ["r", "c", "d", "e"], ["a", "c"]):
+        if many:
+            p.touch_many(prompt, 0, len(prompt))
+        else:
+            for key, hint in hints(prompt):
+                p.touch(key, hint)
+    return p
+
+
+@pytest.mark.parametrize("name", ["lru", "reuse"])
+def test_touch_many_is_touch_key_by_key_and_victims_is_pops_order(name: str) -> None:
+    p = _touched(name, many=False)
+    order = list(p.victims())
+    q = _touched(name, many=True)
+    assert order == list(q.victims())
+    if isinstance(p, ReuseAwarePolicy) and isinstance(q, ReuseAwarePolicy):
+        for cls in ("first", "last", 1, 2):
+            assert p.reuse_probability(cls) == q.reuse_probability(cls)
+        assert p._seen == q._seen and p._gaps == q._gaps  # what it learned, exactly
+    assert len(p) == 6 and list(p.victims()) == order  # nothing was evicted
+    assert [p.pop_victim() for _ in range(7)] == [*order, None]
+    expected = {"lru": ["b", "r", "d", "e", "a", "c"],
+                # Prompts' last blocks (b, e, and c the last time: p = 1/5, never read
+                # again) oldest first, then first blocks r, a (p = 2/5), then d (p = 3/5).
+                "reuse": ["b", "e", "c", "r", "a", "d"]}
+    assert order == expected[name]
+
+
+def test_reuse_touch_many_learns_exactly_what_touch_does_with_ghosts_trimmed() -> None:
+    rng = random.Random(5)
+    prompts = [[f"b{rng.randrange(40)}" for _ in range(rng.randrange(1, 9))] for _ in range(60)]
+    one, many = ReuseAwarePolicy(history=1), ReuseAwarePolicy(history=1)
+    for prompt in prompts:
+        for key, hint in hints(prompt):
+            one.touch(key, hint)
+        many.touch_many(prompt, 0, len(prompt))
+        while len(one) > 12:  # evict alike, so the ghost list is trimmed as it fills
+            assert one.pop_victim() == many.pop_victim()
+    assert one._seen == many._seen and one._gaps == many._gaps
+    assert list(one.victims()) == list(many.victims()) and len(one) == 12

@@ -235,7 +235,8 @@ def test_tcp_transport_errors_keep_the_stream_framed(node_factory: NodeFactory,
         r = pb_grpc.KVMasterStub(ch).PutStart(
             pb.PutStartRequest(keys=["a", "b"], sizes=[3, 5000], client_host_id="x"))
     a, b = (grant_from_proto(s.grant) for s in r.slots)
-    assert (a.offset, b.offset) == (0, 8192)
+    # b's size class (5,056-byte slots) opens its slab page after a's 1 MiB page of 4 KiB.
+    assert (a.offset, b.offset) == (0, 1 * MIB)
     try:
         t.write([(a, b"abc"), (b, b"\x01" * 5000)])
         with pytest.raises(TransportError, match="max_object_bytes"):
@@ -243,7 +244,7 @@ def test_tcp_transport_errors_keep_the_stream_framed(node_factory: NodeFactory,
         with pytest.raises(TransportError, match="outside segment"):
             t.read([(8 * MIB - 1, 2)])
         # The same pooled connection still speaks the protocol after both refusals.
-        assert t.read([(0, 3), (8192, 5000)]) == [b"abc", b"\x01" * 5000]
+        assert t.read([(0, 3), (1 * MIB, 5000)]) == [b"abc", b"\x01" * 5000]
         assert node.node.segment.read(0, 3) == b"abc"
     finally:
         t.close()

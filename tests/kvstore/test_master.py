@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from kvstore.allocator import BuddyAllocator, slot_size
 from kvstore.config import KIB, MIB, MasterConfig
 from kvstore.master import Master, PutOutcome
 from kvstore.metadata import NodeInfo
@@ -35,32 +34,6 @@ def put(m: Master, key: str, size: int = 4 * KIB, host: str = "h1") -> int:
     assert grant.location is not None
     assert m.put_end([(key, grant.location.token)]) == [True]
     return grant.location.offset
-
-
-def test_slot_sizes() -> None:
-    assert slot_size(1, 4096) == 4096
-    assert slot_size(4096, 4096) == 4096
-    assert slot_size(4097, 4096) == 8192
-    assert slot_size(70_000, 4096) == 131072
-
-
-def test_buddy_allocator_exact_offsets_split_and_merge() -> None:
-    a = BuddyAllocator(48 * KIB, 4 * KIB)  # 32 KiB block at 0, 16 KiB block at 32 KiB
-    assert a.allocate(4 * KIB) == (32 * KIB, 4 * KIB)  # best fit: smallest block first
-    assert a.allocate(4 * KIB) == (36 * KIB, 4 * KIB)
-    assert a.allocate(8 * KIB) == (40 * KIB, 8 * KIB)
-    assert a.allocate(32 * KIB) == (0, 32 * KIB)
-    assert a.allocate(4 * KIB) is None and a.free_bytes == 0
-    a.free(36 * KIB)
-    a.free(32 * KIB)  # merges with its buddy into 8 KiB at 32 KiB
-    assert a.allocate(8 * KIB) == (32 * KIB, 8 * KIB)
-    a.free(0)
-    a.free(32 * KIB)
-    a.free(40 * KIB)
-    assert a.used == 0 and a.free_bytes == 48 * KIB
-    assert a.allocate(16 * KIB) == (32 * KIB, 16 * KIB)
-    assert a.allocate(32 * KIB) == (0, 32 * KIB)  # the freed halves merged back whole
-    assert a.free_bytes == 0
 
 
 def test_two_phase_put_visibility_and_duplicates() -> None:
@@ -242,20 +215,3 @@ def test_finding3_a_put_evicts_only_the_block_it_needs() -> None:
     assert m.evictions == 256 and m.status().objects == 2048 - 256 + 1
     assert m.exists(keys[3 * 256 : 4 * 256]) == [False] * 256
     assert all(m.exists(keys[: 3 * 256] + keys[4 * 256 :]))
-
-
-def test_finding4_the_allocator_holds_one_entry_per_free_block() -> None:
-    a = BuddyAllocator(256 * MIB, 4 * KIB)
-    for _ in range(100_000):
-        off, _size = a.allocate(4 * KIB) or (0, 0)
-        a.free(off)
-    # Before: 1.6 million stale heap entries. Now the index is exactly the one free block.
-    assert a.free_blocks == 1 and a.used == 0
-    # Fragmented: every other 4 KiB slot held; the index has exactly the free blocks.
-    held = [a.allocate(4 * KIB) for _ in range(1024)]
-    for i, got in enumerate(held):
-        assert got is not None
-        if i % 2:
-            a.free(got[0])
-    assert a.free_blocks == 512 + 6  # 512 single slots, one block each of 4 MiB .. 128 MiB
-    assert a.free_bytes == 256 * MIB - 512 * 4 * KIB
