@@ -100,7 +100,8 @@ class Conductor:
         ref = fleet.reference
         self.info: EngineDescription = ref
         self.model_id = config.served_model_name or ref.model_id
-        self.addressing = PoolAddressing(ref.fingerprint, ref.block_size, hash_seed=ref.hash_seed)
+        self.addressing = PoolAddressing(ref.fingerprint, ref.block_size, hash_seed=ref.hash_seed,
+                                         salt=ref.salt)
         self.scheduler: Scheduler[object] = Scheduler(config.ttft_slo_s, config.placement_policy,
                                                       config.tbt_slo_s)
         self._inflight = 0
@@ -186,34 +187,37 @@ class Conductor:
             self.metrics.request_errors.labels(kind=_error_kind(exc)).inc()
             raise
 
-    async def _cached_blocks(self, keys: list[str]) -> int:
+    async def _cached_blocks(self, keys: list[str]) -> tuple[str, ...]:
+        """The host of each leading block the pool holds (as many as it holds)."""
         if not keys:
-            return 0
+            return ()
         try:
             match = await asyncio.to_thread(self.fleet.pool.match_prefix, keys)
         except Exception as exc:  # the pool being down costs speed, never correctness
             log.warning("match_prefix failed, treating as a miss: %s", exc)
-            return 0
-        return match.matched
+            return ()
+        hosts = [n.host_id for n in match.nodes]
+        return tuple(hosts[i] for i in match.node_index)
 
     async def _serve(
         self, req: GenerationRequest, prompt: tuple[int, ...], params: SamplingParams
     ) -> AsyncGenerator[GenerationEvent, None]:
         start = time.perf_counter()
         keys = self.addressing.block_keys(prompt, req.tenant)
-        matched = await self._cached_blocks(keys)
+        block_hosts = await self._cached_blocks(keys)
+        matched = len(block_hosts)
         # A full hit leaves at most a partial block to compute: decode does that itself.
         route = DECODE_DIRECT if matched == len(keys) else PREFILL_THEN_DECODE
         placement = None
         if route == PREFILL_THEN_DECODE:
             placement = self.scheduler.choose_prefill(
-                self.fleet.prefills, len(prompt), matched, time.monotonic())  # type: ignore[arg-type]
+                self.fleet.prefills, len(prompt), block_hosts, time.monotonic())  # type: ignore[arg-type]
         self._admit_on_slos(placement, len(prompt), params)
         # Refusals come before this event, so HTTP can still answer 429 rather than a stream.
         yield PromptAccepted(prompt)
         prefilled: PrefillResult | None = None
         if route == PREFILL_THEN_DECODE:
-            prefilled = await self._prefill(req, prompt, matched, params, placement)
+            prefilled = await self._prefill(req, prompt, block_hosts, params, placement)
             if prefilled is None:
                 # No prefill engine could take it: decode computes the prompt itself, in chunks
                 # between its decode steps. Slower first token, same answer.
@@ -328,7 +332,7 @@ class Conductor:
             m.ttft.labels(route=route).observe(out.ttft_s)
 
     async def _prefill(
-        self, req: GenerationRequest, prompt: tuple[int, ...], matched: int,
+        self, req: GenerationRequest, prompt: tuple[int, ...], block_hosts: tuple[str, ...],
         params: SamplingParams, placement: Placement[object] | None,
     ) -> PrefillResult | None:
         """Runs the prompt on `placement`'s engine; an engine that fails is out of rotation at
@@ -338,7 +342,7 @@ class Conductor:
             if result is not None:
                 return result
             placement = self.scheduler.choose_prefill(
-                self.fleet.prefills, len(prompt), matched, time.monotonic())  # type: ignore[arg-type]
+                self.fleet.prefills, len(prompt), block_hosts, time.monotonic())  # type: ignore[arg-type]
         log.warning("%s: no prefill engine is up; decode computes the prompt", req.request_id)
         return None
 

@@ -61,12 +61,13 @@ class Fleet:
         ref = p_infos[0]
         clients: list[PrefillClient | DecodeClient] = [*prefills, *decodes]
         for client, info in zip(clients, p_infos + d_infos, strict=True):
-            if (info.fingerprint, info.block_size, info.hash_seed) != (
-                ref.fingerprint, ref.block_size, ref.hash_seed
+            if (info.fingerprint, info.block_size, info.hash_seed, info.salt) != (
+                ref.fingerprint, ref.block_size, ref.hash_seed, ref.salt
             ):
                 raise Unavailable(
                     f"engine {client.address} serves another model or KV layout than "
-                    f"{prefills[0].address}; start every engine with the same model and block size"
+                    f"{prefills[0].address}; start every engine with the same model, block "
+                    "size and salt"
                 )
         token = load_token(config.token_file) if config.token_file else None
         pool = await asyncio.to_thread(KVStoreClient, config.kv_master, token=token)

@@ -4,6 +4,7 @@ views `conductor.placement` decides on. The clock is passed in by the caller."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -43,6 +44,21 @@ class Placement(Generic[C]):
     predicted_ttft_s: float
 
 
+def prefix_match(engines: Sequence[EngineState[C]], block_hosts: Sequence[str]) -> PrefixMatch:
+    """Every cached block at the `pool` tier, and for each engine the leading blocks on its own
+    host, which it reads at the `local` tier (shared memory, no network). An engine that names
+    no host (an older one) reads everything at the pool tier."""
+    local: dict[str, int] = {}
+    for i, st in enumerate(engines):
+        host = st.info.host_id
+        n = 0
+        while host and n < len(block_hosts) and block_hosts[n] == host:
+            n += 1
+        if n:
+            local[str(i)] = n
+    return PrefixMatch(("pool",) * len(block_hosts), local)
+
+
 class Scheduler(Generic[C]):
     def __init__(self, ttft_slo_s: float = 0.0, policy: str = "pantry",
                  tbt_slo_s: float = 0.0, seed: int = 0) -> None:
@@ -58,15 +74,15 @@ class Scheduler(Generic[C]):
         return RequestShape(prompt_tokens, max_tokens, block)
 
     def choose_prefill(self, engines: list[EngineState[C]], prompt_tokens: int,
-                       cached_blocks: int, now: float) -> Placement[C] | None:
-        """None when no engine is up."""
+                       block_hosts: Sequence[str], now: float) -> Placement[C] | None:
+        """`block_hosts`: the host of each leading block the pool holds. None when no engine
+        is up."""
         if not engines:
             return None
         views = [PrefillView(str(i), st.ledger.queue_s(now), st.prefill_model, st.up)
                  for i, st in enumerate(engines)]
         choice = self.policy.prefill(self._shape(engines, prompt_tokens),
-                                     PrefixMatch(("pool",) * cached_blocks), views,
-                                     self.transfer)
+                                     prefix_match(engines, block_hosts), views, self.transfer)
         return None if choice is None else Placement(engines[int(choice.engine_id)],
                                                      choice.predicted_s)
 

@@ -17,12 +17,13 @@ import heapq
 import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from kvstore.eviction import BlockHint, EvictionPolicy
 from kvstore.eviction import make_policy as make_eviction
 
 from .cost_model import ClusterSpec
-from .perf_model import QueueLedger
+from .perf_model import DecodeModel, PrefillModel, QueueLedger, TransferModel
 from .placement import (
     DecodeView,
     PrefillView,
@@ -33,6 +34,15 @@ from .placement import (
     rejection,
 )
 from .trace import TraceRequest
+
+
+class CostModels(Protocol):
+    """Where the engines' costs come from: `ClusterSpec` (a data sheet) or
+    `calibration.Calibration` (measured on running engines)."""
+
+    def prefill_model(self) -> PrefillModel: ...
+    def decode_model(self) -> DecodeModel: ...
+    def transfer_model(self) -> TransferModel: ...
 
 
 @dataclass(frozen=True)
@@ -123,7 +133,8 @@ class _Decoder:
 
 class Simulation:
     def __init__(self, spec: ClusterSpec, policy: str, eviction: str = "reuse",
-                 early_reject: bool = False, seed: int = 0) -> None:
+                 early_reject: bool = False, seed: int = 0,
+                 models: CostModels | None = None) -> None:
         self.spec = spec
         self.policy = make_policy(policy, seed)
         self.slo = Slo(spec.ttft_slo_s, spec.tbt_slo_s)
@@ -135,9 +146,10 @@ class Simulation:
         self.caches = {e: _Segment(per_host, eviction) for e in self.prefill_ids}
         self.ledgers = {e: QueueLedger() for e in self.prefill_ids}
         self.decoders = {e: _Decoder() for e in self.decode_ids}
-        self.prefill_model = spec.prefill_model()
-        self.decode_model = spec.decode_model()
-        self.transfer = spec.transfer_model()
+        costs: CostModels = models or spec
+        self.prefill_model = costs.prefill_model()
+        self.decode_model = costs.decode_model()
+        self.transfer = costs.transfer_model()
         self._writes: list[tuple[float, int, str, tuple[int, ...]]] = []
         self._seq = itertools.count()
 
@@ -234,8 +246,10 @@ class Simulation:
 
 def simulate(trace: Sequence[TraceRequest], spec: ClusterSpec, policy: str,
              eviction: str = "reuse", early_reject: bool = False, seed: int = 0,
-             progress: Callable[[int], None] | None = None) -> PolicyResult:
-    sim = Simulation(spec, policy, eviction, early_reject, seed)
+             progress: Callable[[int], None] | None = None,
+             models: CostModels | None = None) -> PolicyResult:
+    """`models`: the engines' costs when not `spec`'s own (a calibration)."""
+    sim = Simulation(spec, policy, eviction, early_reject, seed, models)
     outcomes = []
     for i, req in enumerate(trace):
         outcomes.append(sim.step(req))

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 
+from conductor.calibration import CachedRepeat, Calibration, ColdPrefill, calibrate
 from conductor.placement import Slo
 from conductor.simulator import PolicyResult, RequestOutcome
 from conductor.trace import TraceRequest
@@ -42,6 +43,15 @@ def trace_tokens(req: TraceRequest, length_scale: float, vocab_size: int) -> lis
     return tokens[:length]
 
 
+def _reason(error: object) -> str:
+    """What a stream's error event says: 'overloaded' for a refusal, else its message."""
+    if not isinstance(error, dict):
+        return str(error) or "error"
+    if error.get("code") == 429 or "overloaded" in str(error.get("type", "")):
+        return "overloaded"
+    return str(error.get("message") or error.get("type") or "error")
+
+
 async def _one(http: aiohttp.ClientSession, url: str, model: str, tokens: list[int],
                max_tokens: int) -> RequestOutcome:
     body = {"model": model, "prompt": tokens, "max_tokens": max_tokens, "temperature": 0,
@@ -60,7 +70,7 @@ async def _one(http: aiohttp.ClientSession, url: str, model: str, tokens: list[i
                 continue
             msg = json.loads(line[len("data: "):])
             if "error" in msg:
-                return RequestOutcome(0.0, 0.0, 0, len(tokens), "overloaded")
+                return RequestOutcome(0.0, 0.0, 0, len(tokens), _reason(msg["error"]))
             if msg.get("usage"):
                 details = msg["usage"].get("prompt_tokens_details") or {}
                 cached = int(details.get("cached_tokens", 0))
@@ -74,16 +84,57 @@ async def _one(http: aiohttp.ClientSession, url: str, model: str, tokens: list[i
     return RequestOutcome(stamps[0] - start, tbt, cached, len(tokens))
 
 
+async def _model_id(http: aiohttp.ClientSession, url: str) -> str:
+    try:
+        async with http.get(f"{url}/v1/models") as resp:
+            return str((await resp.json())["data"][0]["id"])
+    except (aiohttp.ClientError, KeyError, IndexError, ValueError) as exc:
+        raise ConfigError(f"url: no Pantry answers at {url} ({exc})") from exc
+
+
+# Probe prompt lengths, in blocks, and how often each is sent: enough points for a line through
+# noisy timings, few enough to take seconds on a small model.
+PROBE_BLOCKS = (2, 4, 8, 16, 24)
+PROBE_ROUNDS = 3
+PROBE_OUTPUT_TOKENS = 8
+
+
+async def _probe(url: str, block_tokens: int, vocab_size: int) -> Calibration:
+    cold: list[ColdPrefill] = []
+    repeats: list[CachedRepeat] = []
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=10)
+    async with aiohttp.ClientSession(timeout=timeout) as http:
+        model = await _model_id(http, url)
+        for round_ in range(PROBE_ROUNDS):
+            for blocks in PROBE_BLOCKS:
+                # Seeds no trace uses (strings, not block ids): every probe starts cold.
+                rng = random.Random(f"calibrate:{round_}:{blocks}")
+                # One token past the last full block, so the repeat computes a 1-token tail.
+                tokens = [rng.randrange(3, vocab_size) for _ in range(blocks * block_tokens + 1)]
+                first = await _one(http, url, model, tokens, PROBE_OUTPUT_TOKENS)
+                again = await _one(http, url, model, tokens, 1)
+                if first.rejected or again.rejected:
+                    raise ConfigError(f"url: {url} refused a calibration probe "
+                                      f"({first.rejected or again.rejected}); calibrate an "
+                                      "idle Pantry")
+                cold.append(ColdPrefill(len(tokens), first.ttft_s, first.tbt_s))
+                repeats.append(CachedRepeat(len(tokens), again.reused_blocks // block_tokens,
+                                            block_tokens, again.ttft_s))
+    return calibrate(cold, repeats)
+
+
+def probe_calibration(url: str, block_tokens: int, vocab_size: int) -> Calibration:
+    """The costs of the Pantry at `url`, measured one request at a time (so with no queue):
+    cold prompts of a few lengths, each followed by its repeat (its full blocks cached)."""
+    return asyncio.run(_probe(url.rstrip("/"), block_tokens, vocab_size))
+
+
 async def _replay(trace: Sequence[TraceRequest], options: ReplayOptions,
                   progress: Callable[[int], None] | None) -> list[RequestOutcome]:
     url = options.url.rstrip("/")
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=10)
     async with aiohttp.ClientSession(timeout=timeout) as http:
-        try:
-            async with http.get(f"{url}/v1/models") as resp:
-                model = str((await resp.json())["data"][0]["id"])
-        except (aiohttp.ClientError, KeyError, IndexError, ValueError) as exc:
-            raise ConfigError(f"url: no Pantry answers at {url} ({exc})") from exc
+        model = await _model_id(http, url)
         t0 = trace[0].timestamp_ms
         began = time.monotonic()
 

@@ -7,7 +7,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from conductor.cost_model import ClusterSpec
@@ -30,9 +30,12 @@ class ReplayOptions:
     url: str = field(default="http://127.0.0.1:8000", metadata={
         "help": "--live: the Pantry's OpenAI HTTP API"})
     time_scale: float = field(default=1.0, metadata={
-        "help": "--live: multiply the trace's arrival times by this"})
+        "help": "multiply the trace's arrival times by this (below 1: a heavier load)"})
     length_scale: float = field(default=1.0, metadata={
-        "help": "--live: multiply prompt and output lengths (and the 512-token blocks) by this"})
+        "help": "multiply prompt and output lengths (and the 512-token blocks) by this"})
+    calibrate_from: str = field(default="", metadata={
+        "help": "--simulate: measure the engines' costs on the idle Pantry at this URL "
+                "(its OpenAI HTTP API) instead of computing them from the cluster flags"})
     vocab_size: int = field(default=512, metadata={
         "help": "--live: token ids are drawn below this (the served model's vocabulary)"})
     policies: str = field(default=",".join(POLICY_NAMES), metadata={
@@ -69,6 +72,8 @@ class ReplayOptions:
             raise ConfigError("replay: give exactly one of --simulate and --live")
         if self.time_scale <= 0 or self.length_scale <= 0:
             raise ConfigError("time_scale, length_scale: must be positive")
+        if self.calibrate_from and not self.simulate:
+            raise ConfigError("calibrate_from: only with --simulate")
         if self.vocab_size < 4:
             raise ConfigError("vocab_size: must be at least 4")
 
@@ -160,6 +165,21 @@ def plot(path: str, results: Sequence[PolicyResult], table: EvictionTable,
     plt.close(fig)
 
 
+def scale_trace(trace: Sequence[TraceRequest], spec: ClusterSpec, time_scale: float,
+                length_scale: float) -> tuple[list[TraceRequest], ClusterSpec]:
+    """The trace as `--live` sends it: arrival times times `time_scale` (below 1 loads the
+    cluster more heavily than the trace's own rate, as Mooncake's experiments do), prompt and
+    output lengths and the block size times `length_scale` (as many blocks per prompt)."""
+    if time_scale == 1 and length_scale == 1:
+        return list(trace), spec
+    scaled = [replace(r, timestamp_ms=round(r.timestamp_ms * time_scale),
+                      input_length=max(round(r.input_length * length_scale), 1),
+                      output_length=max(round(r.output_length * length_scale), 1))
+              for r in trace]
+    blocks = max(round(spec.block_tokens * length_scale), 1)
+    return scaled, replace(spec, block_tokens=blocks)
+
+
 def run_replay(ns: argparse.Namespace) -> int:
     options = config_from_args(ReplayOptions, ns)
     spec = config_from_args(ClusterSpec, ns)
@@ -175,10 +195,19 @@ def run_replay(ns: argparse.Namespace) -> int:
     else:
         names = options.policy_names
         bar = _progress(options, len(trace) * len(names))
+        arrivals, spec = scale_trace(trace, spec, options.time_scale, options.length_scale)
+        models = None
+        if options.calibrate_from:
+            from pantry.cli.live_replay import probe_calibration
+
+            models = probe_calibration(options.calibrate_from, spec.block_tokens,
+                                       options.vocab_size)
+            print(f"calibrated: {models}", file=sys.stderr)
         results = []
         for name in names:
-            results.append(simulate(trace, spec, name, options.eviction, options.early_reject,
-                                    options.seed, progress=bar.update if bar else None))
+            results.append(simulate(arrivals, spec, name, options.eviction, options.early_reject,
+                                    options.seed, progress=bar.update if bar else None,
+                                    models=models))
     if bar:
         bar.close()
     table = eviction_table(trace, options.capacity_list, options.eviction)

@@ -16,6 +16,8 @@ class EngineDescription:
     max_model_len: int
     eos_token_ids: tuple[int, ...]
     hash_seed: int
+    salt: str = ""      # mixed into the engine's block keys: the conductor must name them alike
+    host_id: str = ""   # the machine it runs on: which pool blocks it reads at the local tier
 
 
 @dataclass(frozen=True)

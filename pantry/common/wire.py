@@ -48,6 +48,8 @@ def info_to_proto(d: EngineDescription) -> engine_pb2.EngineInfo:
         max_model_len=d.max_model_len,
         eos_token_ids=list(d.eos_token_ids),
         hash_seed=d.hash_seed,
+        salt=d.salt,
+        host_id=d.host_id,
     )
 
 
@@ -62,6 +64,8 @@ def info_from_proto(msg: engine_pb2.EngineInfo) -> EngineDescription:
         max_model_len=msg.max_model_len,
         eos_token_ids=tuple(msg.eos_token_ids),
         hash_seed=msg.hash_seed,
+        salt=msg.salt,
+        host_id=msg.host_id,
     )
 
 

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from pantry.v1 import common_pb2 as pantry_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16pantry/v1/engine.proto\x12\tpantry.v1\x1a\x16pantry/v1/common.proto\"\x13\n\x11\x45ngineInfoRequest\"\xc4\x01\n\nEngineInfo\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x11\n\tengine_id\x18\x02 \x01(\t\x12\x10\n\x08model_id\x18\x03 \x01(\t\x12\x1a\n\x12layout_fingerprint\x18\x04 \x01(\t\x12\x12\n\nblock_size\x18\x05 \x01(\r\x12\x12\n\nvocab_size\x18\x06 \x01(\r\x12\x15\n\rmax_model_len\x18\x07 \x01(\r\x12\x15\n\reos_token_ids\x18\x08 \x03(\r\x12\x11\n\thash_seed\x18\t \x01(\x04\"\x13\n\x11\x45ngineLoadRequest\"\xc7\x01\n\nEngineLoad\x12\x0f\n\x07waiting\x18\x01 \x01(\r\x12\x0f\n\x07running\x18\x02 \x01(\r\x12\x13\n\x0b\x66ree_blocks\x18\x03 \x01(\r\x12\x14\n\x0ctotal_blocks\x18\x04 \x01(\r\x12\x16\n\x0erequests_total\x18\x05 \x01(\x04\x12\x1d\n\x15\x63omputed_tokens_total\x18\x06 \x01(\x04\x12\x19\n\x11pool_tokens_total\x18\x07 \x01(\x04\x12\x1a\n\x12\x62usy_seconds_total\x18\x08 \x01(\x01\"t\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0e\n\x06tenant\x18\x03 \x01(\t\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.pantry.v1.SamplingParams\"i\n\rPrefillResult\x12\x13\n\x0b\x66irst_token\x18\x01 \x01(\r\x12\x13\n\x0bpool_tokens\x18\x02 \x01(\r\x12\x17\n\x0f\x63omputed_tokens\x18\x03 \x01(\r\x12\x15\n\rstored_blocks\x18\x04 \x01(\r\"\x9d\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0e\n\x06tenant\x18\x03 \x01(\t\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.pantry.v1.SamplingParams\x12\x18\n\x0b\x66irst_token\x18\x05 \x01(\rH\x00\x88\x01\x01\x42\x0e\n\x0c_first_token\"e\n\x0b\x44\x65\x63odeChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12\x13\n\x0bpool_tokens\x18\x03 \x01(\r\x12\x17\n\x0f\x63omputed_tokens\x18\x04 \x01(\r2\xc9\x01\n\rPrefillEngine\x12;\n\x04Info\x12\x1c.pantry.v1.EngineInfoRequest\x1a\x15.pantry.v1.EngineInfo\x12;\n\x04Load\x12\x1c.pantry.v1.EngineLoadRequest\x1a\x15.pantry.v1.EngineLoad\x12>\n\x07Prefill\x12\x19.pantry.v1.PrefillRequest\x1a\x18.pantry.v1.PrefillResult2\xc6\x01\n\x0c\x44\x65\x63odeEngine\x12;\n\x04Info\x12\x1c.pantry.v1.EngineInfoRequest\x1a\x15.pantry.v1.EngineInfo\x12;\n\x04Load\x12\x1c.pantry.v1.EngineLoadRequest\x1a\x15.pantry.v1.EngineLoad\x12<\n\x06\x44\x65\x63ode\x12\x18.pantry.v1.DecodeRequest\x1a\x16.pantry.v1.DecodeChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16pantry/v1/engine.proto\x12\tpantry.v1\x1a\x16pantry/v1/common.proto\"\x13\n\x11\x45ngineInfoRequest\"\xe3\x01\n\nEngineInfo\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x11\n\tengine_id\x18\x02 \x01(\t\x12\x10\n\x08model_id\x18\x03 \x01(\t\x12\x1a\n\x12layout_fingerprint\x18\x04 \x01(\t\x12\x12\n\nblock_size\x18\x05 \x01(\r\x12\x12\n\nvocab_size\x18\x06 \x01(\r\x12\x15\n\rmax_model_len\x18\x07 \x01(\r\x12\x15\n\reos_token_ids\x18\x08 \x03(\r\x12\x11\n\thash_seed\x18\t \x01(\x04\x12\x0c\n\x04salt\x18\n \x01(\t\x12\x0f\n\x07host_id\x18\x0b \x01(\t\"\x13\n\x11\x45ngineLoadRequest\"\xc7\x01\n\nEngineLoad\x12\x0f\n\x07waiting\x18\x01 \x01(\r\x12\x0f\n\x07running\x18\x02 \x01(\r\x12\x13\n\x0b\x66ree_blocks\x18\x03 \x01(\r\x12\x14\n\x0ctotal_blocks\x18\x04 \x01(\r\x12\x16\n\x0erequests_total\x18\x05 \x01(\x04\x12\x1d\n\x15\x63omputed_tokens_total\x18\x06 \x01(\x04\x12\x19\n\x11pool_tokens_total\x18\x07 \x01(\x04\x12\x1a\n\x12\x62usy_seconds_total\x18\x08 \x01(\x01\"t\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0e\n\x06tenant\x18\x03 \x01(\t\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.pantry.v1.SamplingParams\"i\n\rPrefillResult\x12\x13\n\x0b\x66irst_token\x18\x01 \x01(\r\x12\x13\n\x0bpool_tokens\x18\x02 \x01(\r\x12\x17\n\x0f\x63omputed_tokens\x18\x03 \x01(\r\x12\x15\n\rstored_blocks\x18\x04 \x01(\r\"\x9d\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0e\n\x06tenant\x18\x03 \x01(\t\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.pantry.v1.SamplingParams\x12\x18\n\x0b\x66irst_token\x18\x05 \x01(\rH\x00\x88\x01\x01\x42\x0e\n\x0c_first_token\"e\n\x0b\x44\x65\x63odeChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12\x13\n\x0bpool_tokens\x18\x03 \x01(\r\x12\x17\n\x0f\x63omputed_tokens\x18\x04 \x01(\r2\xc9\x01\n\rPrefillEngine\x12;\n\x04Info\x12\x1c.pantry.v1.EngineInfoRequest\x1a\x15.pantry.v1.EngineInfo\x12;\n\x04Load\x12\x1c.pantry.v1.EngineLoadRequest\x1a\x15.pantry.v1.EngineLoad\x12>\n\x07Prefill\x12\x19.pantry.v1.PrefillRequest\x1a\x18.pantry.v1.PrefillResult2\xc6\x01\n\x0c\x44\x65\x63odeEngine\x12;\n\x04Info\x12\x1c.pantry.v1.EngineInfoRequest\x1a\x15.pantry.v1.EngineInfo\x12;\n\x04Load\x12\x1c.pantry.v1.EngineLoadRequest\x1a\x15.pantry.v1.EngineLoad\x12<\n\x06\x44\x65\x63ode\x12\x18.pantry.v1.DecodeRequest\x1a\x16.pantry.v1.DecodeChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,21 +35,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ENGINEINFOREQUEST']._serialized_start=61
   _globals['_ENGINEINFOREQUEST']._serialized_end=80
   _globals['_ENGINEINFO']._serialized_start=83
-  _globals['_ENGINEINFO']._serialized_end=279
-  _globals['_ENGINELOADREQUEST']._serialized_start=281
-  _globals['_ENGINELOADREQUEST']._serialized_end=300
-  _globals['_ENGINELOAD']._serialized_start=303
-  _globals['_ENGINELOAD']._serialized_end=502
-  _globals['_PREFILLREQUEST']._serialized_start=504
-  _globals['_PREFILLREQUEST']._serialized_end=620
-  _globals['_PREFILLRESULT']._serialized_start=622
-  _globals['_PREFILLRESULT']._serialized_end=727
-  _globals['_DECODEREQUEST']._serialized_start=730
-  _globals['_DECODEREQUEST']._serialized_end=887
-  _globals['_DECODECHUNK']._serialized_start=889
-  _globals['_DECODECHUNK']._serialized_end=990
-  _globals['_PREFILLENGINE']._serialized_start=993
-  _globals['_PREFILLENGINE']._serialized_end=1194
-  _globals['_DECODEENGINE']._serialized_start=1197
-  _globals['_DECODEENGINE']._serialized_end=1395
+  _globals['_ENGINEINFO']._serialized_end=310
+  _globals['_ENGINELOADREQUEST']._serialized_start=312
+  _globals['_ENGINELOADREQUEST']._serialized_end=331
+  _globals['_ENGINELOAD']._serialized_start=334
+  _globals['_ENGINELOAD']._serialized_end=533
+  _globals['_PREFILLREQUEST']._serialized_start=535
+  _globals['_PREFILLREQUEST']._serialized_end=651
+  _globals['_PREFILLRESULT']._serialized_start=653
+  _globals['_PREFILLRESULT']._serialized_end=758
+  _globals['_DECODEREQUEST']._serialized_start=761
+  _globals['_DECODEREQUEST']._serialized_end=918
+  _globals['_DECODECHUNK']._serialized_start=920
+  _globals['_DECODECHUNK']._serialized_end=1021
+  _globals['_PREFILLENGINE']._serialized_start=1024
+  _globals['_PREFILLENGINE']._serialized_end=1225
+  _globals['_DECODEENGINE']._serialized_start=1228
+  _globals['_DECODEENGINE']._serialized_end=1426
 # @@protoc_insertion_point(module_scope)

@@ -12,7 +12,7 @@ class EngineInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class EngineInfo(_message.Message):
-    __slots__ = ("role", "engine_id", "model_id", "layout_fingerprint", "block_size", "vocab_size", "max_model_len", "eos_token_ids", "hash_seed")
+    __slots__ = ("role", "engine_id", "model_id", "layout_fingerprint", "block_size", "vocab_size", "max_model_len", "eos_token_ids", "hash_seed", "salt", "host_id")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ENGINE_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
@@ -22,6 +22,8 @@ class EngineInfo(_message.Message):
     MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
     EOS_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     HASH_SEED_FIELD_NUMBER: _ClassVar[int]
+    SALT_FIELD_NUMBER: _ClassVar[int]
+    HOST_ID_FIELD_NUMBER: _ClassVar[int]
     role: str
     engine_id: str
     model_id: str
@@ -31,7 +33,9 @@ class EngineInfo(_message.Message):
     max_model_len: int
     eos_token_ids: _containers.RepeatedScalarFieldContainer[int]
     hash_seed: int
-    def __init__(self, role: _Optional[str] = ..., engine_id: _Optional[str] = ..., model_id: _Optional[str] = ..., layout_fingerprint: _Optional[str] = ..., block_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., hash_seed: _Optional[int] = ...) -> None: ...
+    salt: str
+    host_id: str
+    def __init__(self, role: _Optional[str] = ..., engine_id: _Optional[str] = ..., model_id: _Optional[str] = ..., layout_fingerprint: _Optional[str] = ..., block_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., hash_seed: _Optional[int] = ..., salt: _Optional[str] = ..., host_id: _Optional[str] = ...) -> None: ...
 
 class EngineLoadRequest(_message.Message):
     __slots__ = ()

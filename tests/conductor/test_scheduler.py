@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from conductor.perf_model import PrefillModel, QueueLedger, TransferModel
@@ -21,8 +23,9 @@ from conductor.placement import (
     predict_ttft,
     rejection,
 )
-from conductor.scheduler import EngineState, Placement, Scheduler
+from conductor.scheduler import EngineState, Placement, Scheduler, prefix_match
 from pantry.common.engine_info import EngineDescription, EngineLoad
+from pantry.common.wire import info_from_proto, info_to_proto
 
 MODEL = PrefillModel(per_token_s=0.01)
 XFER = TransferModel({"local": 0.001, "remote": 0.01, "pool": 0.01})
@@ -141,10 +144,10 @@ def test_scheduler_places_by_predicted_queue_and_learns_service_time() -> None:
     a = EngineState(client="a", info=info("a"))
     b = EngineState(client="b", info=info("b"))
     sched: Scheduler[str] = Scheduler()
-    first = sched.choose_prefill([a, b], 64, 0, now=0.0)
+    first = sched.choose_prefill([a, b], 64, (), now=0.0)
     assert first == Placement(a, pytest.approx(64 * 2e-3))
     sched.dispatched(a, first, now=0.0)  # type: ignore[arg-type]
-    second = sched.choose_prefill([a, b], 64, 0, now=0.0)
+    second = sched.choose_prefill([a, b], 64, (), now=0.0)
     assert second is not None and second.engine is b
     sched.completed(a, computed_tokens=64, prefix_tokens=0, now=0.256)
     assert a.prefill_model.scale == pytest.approx(2.0)
@@ -158,8 +161,8 @@ def test_scheduler_ttft_slo_and_engines_down() -> None:
     assert not strict.misses_slo(Placement(st, 0.5))
     assert not Scheduler[str]().misses_slo(Placement(st, 1e9))
     down = EngineState(client="d", info=info("d"), up=False)
-    assert Scheduler[str]().choose_prefill([down], 10, 0, now=0.0) is None
-    assert Scheduler[str]().choose_prefill([], 10, 0, now=0.0) is None
+    assert Scheduler[str]().choose_prefill([down], 10, (), now=0.0) is None
+    assert Scheduler[str]().choose_prefill([], 10, (), now=0.0) is None
 
 
 def test_scheduler_decode_fit_uses_each_engines_block_size() -> None:
@@ -170,3 +173,29 @@ def test_scheduler_decode_fit_uses_each_engines_block_size() -> None:
     busy = EngineState(client="busy", info=info("busy", "decode"), load=load(50, waiting=3))
     assert Scheduler[str]().choose_decode([busy, calm], 16, 10) is calm
     assert Scheduler[str]().choose_decode([], 16, 10) is None
+
+
+def test_engines_read_blocks_on_their_own_host_at_the_local_tier() -> None:
+    a = EngineState(client="a", info=replace(info("a"), host_id="host-a"))
+    b = EngineState(client="b", info=replace(info("b"), host_id="host-b"))
+    old = EngineState(client="old", info=info("old"))   # names no host
+    engines = [a, b, old]
+    # Blocks 0-1 on host-b, block 2 on host-a: b reads 2 leading blocks locally, a none (its
+    # block is not a leading one), the engine without a host reads all 3 from the pool.
+    assert prefix_match(engines, ("host-b", "host-b", "host-a")) == PrefixMatch(
+        ("pool",) * 3, {"1": 2})
+    assert prefix_match(engines, ("host-a",)) == PrefixMatch(("pool",), {"0": 1})
+    assert prefix_match(engines, ()) == PrefixMatch((), {})
+    # Equal queues and models: the engine beside the blocks wins on transfer time (the default
+    # transfer model reads a local block for free, a pool block at 2e-4 s).
+    sched: Scheduler[str] = Scheduler()
+    on_b = sched.choose_prefill(engines, 40, ("host-b", "host-b"), now=0.0)
+    assert on_b == Placement(b, pytest.approx(8 * 2e-3))   # 40 - 2 x 16 tokens computed
+    on_a = sched.choose_prefill(engines, 40, ("host-a", "host-a"), now=0.0)
+    assert on_a is not None and on_a.engine is a
+
+
+def test_engine_info_carries_salt_and_host_over_the_wire() -> None:
+    d = replace(info("a"), salt="tenant-x", host_id="node-7/boot")
+    assert info_from_proto(info_to_proto(d)) == d
+    assert info_from_proto(info_to_proto(info("a"))) == info("a")
