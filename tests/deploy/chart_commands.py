@@ -30,7 +30,7 @@ def _expand(arg: str, env_names: set[str]) -> str:
     return re.sub(r"\$\(([A-Z_]+)\)", sub, arg)
 
 
-def parse_container(c: dict[str, Any]) -> tuple[argparse.Namespace, list[object]]:
+def parse_container(c: dict[str, Any]) -> tuple[argparse.Namespace, list[Any]]:
     """Parses the container's command line with the CLI's own parser and builds the role's config
     dataclasses from it (their validation included), as the CLI does at start."""
     env_names = {e["name"] for e in c.get("env", [])}
@@ -39,7 +39,8 @@ def parse_container(c: dict[str, Any]) -> tuple[argparse.Namespace, list[object]
     try:
         if program == "pantry":
             ns = pantry_parser().parse_args(argv)
-            limits = {"conductor": [], "prefill": [PrefillLimits], "decode": [DecodeLimits]}
+            limits: dict[str, list[type[Any]]] = {
+                "conductor": [], "prefill": [PrefillLimits], "decode": [DecodeLimits]}
             base = ConductorConfig if ns.cmd == "conductor" else EngineRoleConfig
             configs = [config_from_args(cls, ns) for cls in (base, *limits[ns.cmd])]
         else:
@@ -49,3 +50,9 @@ def parse_container(c: dict[str, Any]) -> tuple[argparse.Namespace, list[object]
     except SystemExit as exc:  # argparse's exit on an unknown or malformed flag
         pytest.fail(f"{program} refused {argv}: exit {exc.code}")
     return ns, configs
+
+
+def config_of(c: dict[str, Any]) -> Any:
+    """The role's main config (MasterConfig, NodeConfig, EngineRoleConfig, ConductorConfig) from
+    the container's command line."""
+    return parse_container(c)[1][0]

@@ -25,11 +25,11 @@ HELM = REPO / ".cache" / "tools" / "helm"
 RELEASE = "t"
 HERE = Path(__file__).parent
 # What the chart tests render: the defaults, each example, every option on at once, an external
-# Redis with a token Secret of the operator's own, and no token.
+# Redis with a token Secret of the operator's own, no token, and standby masters with an SSD tier.
 CASES: dict[str, Path | None] = {
     "defaults": None, **{f"examples/{p.name}": p for p in EXAMPLES},
     "options": HERE / "values-options.yaml", "external": HERE / "values-external.yaml",
-    "no-auth": HERE / "values-no-auth.yaml"}
+    "no-auth": HERE / "values-no-auth.yaml", "standby": HERE / "values-standby.yaml"}
 
 Manifest = dict[str, Any]
 
@@ -87,3 +87,10 @@ def container(manifests: list[Manifest], kind: str, role: str) -> dict[str, Any]
     m = by_kind_name(manifests)[(kind, f"{RELEASE}-pantry-{role}")]
     (c,) = m["spec"]["template"]["spec"]["containers"]
     return dict(c)
+
+
+def master_kind(manifests: list[Manifest]) -> str:
+    """The masters' workload: one master is a Deployment, standby masters a StatefulSet."""
+    (kind,) = [m["kind"] for m in manifests if m["kind"] in ("Deployment", "StatefulSet")
+               and m["metadata"]["name"] == f"{RELEASE}-pantry-kvstore-master"]
+    return str(kind)

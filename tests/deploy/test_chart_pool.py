@@ -28,6 +28,7 @@ from tests.deploy.chart_rig import (
     Manifest,
     by_kind_name,
     container,
+    master_kind,
     parse_manifests,
     pod_specs,
     template,
@@ -36,19 +37,21 @@ from tests.deploy.conftest import Rendered
 from tests.kvstore.kv_helpers import RedisServer, wait_for
 
 TOKEN_FILE = "/var/run/pantry/token"
+# With Redis metadata the master campaigns for the leader lease (the defaults, 3 s / 1 s).
 MASTER_TAIL = ["--node-timeout", "10", "--lease-ms", "5000", "--high-watermark", "0.9",
-               "--low-watermark", "0.8", "--max-object-bytes", "64MiB"]
+               "--low-watermark", "0.8", "--max-object-bytes", "64MiB", "--replicas", "1",
+               "--lease-ttl", "3", "--lease-renew", "1"]
 METADATA = {
     "defaults": "memory", "examples/single-node.yaml": "memory",
     "examples/multi-node.yaml": "redis://t-pantry-redis:6379/0",
     "options": "redis://t-pantry-redis:6379/0", "external": "redis://redis.data.svc:6380/3",
-    "no-auth": "memory"}
+    "no-auth": "memory", "standby": "redis://t-pantry-redis:6379/0"}
 # The Secret each case mounts, and the key the token is under in it; None: no token.
 CHART_SECRET = ("t-pantry-token", "token")
 TOKEN_SECRET: dict[str, tuple[str, str] | None] = {
     "defaults": CHART_SECRET, "examples/single-node.yaml": CHART_SECRET,
     "examples/multi-node.yaml": CHART_SECRET, "options": CHART_SECRET,
-    "external": ("pantry-pool-token", "pool-token"), "no-auth": None}
+    "external": ("pantry-pool-token", "pool-token"), "no-auth": None, "standby": CHART_SECRET}
 # Every role takes --token-file; $PANTRY_TOKEN_FILE also reaches the admin commands run in a pod.
 FLAGGED = {"conductor", "prefill", "decode", "kvstore-master", "kvstore-node"}
 
@@ -81,7 +84,8 @@ def test_master_with_an_external_redis(rendered: Rendered) -> None:
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_master_config_metadata(case: str, rendered: Rendered) -> None:
-    _, (master,) = parse_container(container(rendered[case][1], "Deployment", "kvstore-master"))
+    ms = rendered[case][1]
+    _, (master,) = parse_container(container(ms, master_kind(ms), "kvstore-master"))
     assert isinstance(master, MasterConfig)
     assert master.metadata == METADATA[case]
 

@@ -12,7 +12,7 @@ import yaml
 
 from decode.config import DecodeLimits
 from engine.role_config import EngineRoleConfig
-from tests.deploy.chart_commands import parse_container
+from tests.deploy.chart_commands import config_of, parse_container
 from tests.deploy.chart_rig import (
     CASES,
     CHART,
@@ -45,7 +45,7 @@ BASE_KINDS = {"Deployment": 2, "StatefulSet": 3, "Service": 5, "NetworkPolicy": 
 KINDS = {
     "defaults": {**BASE_KINDS, "Secret": 1},
     "examples/single-node.yaml": {**BASE_KINDS, "Secret": 1},
-    "examples/multi-node.yaml": {"Deployment": 2, "StatefulSet": 3, "DaemonSet": 1, "Service": 6,
+    "examples/multi-node.yaml": {"Deployment": 1, "StatefulSet": 4, "DaemonSet": 1, "Service": 6,
                                  "Ingress": 1, "NetworkPolicy": 6, "PodDisruptionBudget": 5,
                                  "ServiceMonitor": 5, "Secret": 1},
     "options": {"Deployment": 2, "StatefulSet": 4, "Service": 6, "Ingress": 1,
@@ -53,6 +53,9 @@ KINDS = {
     # The token Secret is the operator's own, and the Redis is outside the release.
     "external": BASE_KINDS,
     "no-auth": BASE_KINDS,
+    # The masters are a StatefulSet; the bundled Redis adds its own.
+    "standby": {"Deployment": 1, "StatefulSet": 5, "Service": 6, "NetworkPolicy": 6,
+                "PodDisruptionBudget": 5, "Secret": 1},
 }
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -126,7 +129,8 @@ def test_default_command_lines(rendered: Rendered) -> None:
         "master", "--host", "0.0.0.0", "--port", "7000", "--metrics-port", "9100",
         "--metadata", "memory", "--node-timeout", "10", "--lease-ms", "5000",
         "--high-watermark", "0.9", "--low-watermark", "0.8", "--max-object-bytes", "64MiB",
-        "--token-file", "/var/run/pantry/token", "--ready-file", "/tmp/ready.json"]
+        "--replicas", "1", "--token-file", "/var/run/pantry/token",
+        "--ready-file", "/tmp/ready.json"]
     assert container(ms, "StatefulSet", "kvstore-node")["args"] == [
         "node", "--master", "t-pantry-kvstore-master:7000", "--node-id", "$(POD_NAME)",
         "--dram-bytes", "1GiB", "--host", "$(POD_IP)", "--port", "7300", "--tcp-port", "7301",
@@ -163,6 +167,12 @@ def test_multi_node_command_lines(rendered: Rendered) -> None:
     node = container(ms, "DaemonSet", "kvstore-node")
     assert node["args"][3:7] == ["--node-id", "$(NODE_NAME)", "--dram-bytes", "64GiB"]
     assert node["resources"]["limits"]["memory"] == str((64 + 2) << 30)
+    assert config_of(node).master_address == (
+        "t-pantry-kvstore-master-0.t-pantry-kvstore-masters:7000,"
+        "t-pantry-kvstore-master-1.t-pantry-kvstore-masters:7000")
+    assert (config_of(node).ssd_dir, config_of(node).ssd_bytes) == (
+        "/var/lib/pantry/ssd", 500 << 30)
+    assert config_of(container(ms, "StatefulSet", "kvstore-master")).replicas == 2
 
 
 def test_options_command_lines(rendered: Rendered) -> None:
@@ -185,19 +195,22 @@ def test_probes_name_each_roles_grpc_service(
     """The gRPC health service each probe asks about is the one the role registers."""
     from conductor.grpc_api import SERVICE_NAME as conductor_service
     from decode.service import SERVICE_NAME as decode_service
-    from kvstore.master_service import SERVICE_NAME as master_service
     from kvstore.node_service import SERVICE_NAME as node_service
     from prefill.service import SERVICE_NAME as prefill_service
 
     expected = {
         "conductor": (conductor_service, 50051), "prefill": (prefill_service, 7100),
-        "decode": (decode_service, 7200), "kvstore-master": (master_service, 7000),
+        "decode": (decode_service, 7200), "kvstore-master": ("", 7000),
         "kvstore-node": (node_service, 7300)}
     for m, spec in pod_specs(rendered["defaults"][1]):
         (c,) = spec["containers"]
         role = m["metadata"]["labels"]["app.kubernetes.io/component"]
+        # The master's probes ask the server as a whole: a standby's KVMaster health is
+        # NOT_SERVING, yet it is alive and must stay Ready to take over.
+        want = ({"port": 7000} if role == "kvstore-master"
+                else {"service": expected[role][0], "port": expected[role][1]})
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-            assert c[probe]["grpc"] == {"service": expected[role][0], "port": expected[role][1]}
+            assert c[probe]["grpc"] == want
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -347,9 +360,13 @@ def test_service_monitors(rendered: Rendered) -> None:
         **{f"t-pantry-{r}": ("kube-prometheus-stack", r, [{"port": "metrics", **endpoint}])
            for r in ("prefill", "decode", "kvstore-master", "kvstore-node")}}
     services = by_kind_name(rendered["examples/multi-node.yaml"][1])
-    for role in ("prefill", "decode", "kvstore-master", "kvstore-node"):
-        ports = {p["name"] for p in services[("Service", f"t-pantry-{role}")]["spec"]["ports"]}
-        assert "metrics" in ports, role
+    # One Service per role, so each pod is scraped once (standby masters: the headless one).
+    for service in ("prefill", "decode", "kvstore-masters", "kvstore-node"):
+        ports = {p["name"] for p in services[("Service", f"t-pantry-{service}")]["spec"]["ports"]}
+        assert "metrics" in ports, service
+    per_role = Counter(m["metadata"]["labels"]["app.kubernetes.io/component"]
+                       for m in rendered["examples/multi-node.yaml"][1] if m["kind"] == "Service")
+    assert set(per_role.values()) == {1}
 
 
 def test_disruption_budgets(rendered: Rendered) -> None:
@@ -386,6 +403,25 @@ def test_chart_readme_documents_every_values_group() -> None:
         assert f"`{key}`" in readme, key
     for command in ("helm install pantry", "helm upgrade pantry", "--set prefill.replicas=4",
                     "--set decode.replicas=8", "/metrics", "helm uninstall pantry",
-                    "exec deploy/pantry-kvstore-master -- kvstore status"):
+                    "exec deploy/pantry-kvstore-master -- kvstore status",
+                    "exec -it deploy/pantry-kvstore-master -- kvstore events --master "
+                    "127.0.0.1:7000 --json",
+                    "exec deploy/pantry-kvstore-master -- kvstore drain pantry-kvstore-node-3"):
         assert command in readme, command
+    for section in ("## Standby masters", "## SSD tier", "## Operate", "### The values table"):
+        assert f"\n{section}\n" in readme, section
+    assert "2.4 to 4.0 s after a SIGKILL of the leader" in readme
+    # The values table names every key the pool issue added.
+    values = yaml.safe_load((CHART / "values.yaml").read_text())["kvstore"]
+    table = readme.split("### The values table", 1)[1].split("\n## ", 1)[0]
+    keys = [f"kvstore.master.{k}" for k in ("replicas", "spillWatermark", "promoteAfterHits",
+                                            "tierOrders")]
+    keys += [f"kvstore.master.standby.{k}" for k in values["master"]["standby"]]
+    keys += [f"kvstore.master.leaderLease.{k}" for k in values["master"]["leaderLease"]]
+    keys += [f"kvstore.node.ssd.{k}" for k in values["node"]["ssd"]
+             if k not in ("lowWatermark", "storageClassName", "hostPath")]
+    for key in keys:
+        assert f"`{key}`" in table, key
+    for key in ("lowWatermark", "storageClassName", "hostPath"):  # named in a row of another key
+        assert f"`{key}`" in table, key
     assert (REPO / "deploy" / "helm" / "pantry" / "values.schema.json").is_file()

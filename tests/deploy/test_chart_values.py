@@ -1,5 +1,5 @@
-"""Bad values fail `helm template` with a message naming the value: the schema's checks, the
-gates on what the code cannot do yet, and values that contradict each other."""
+"""Bad values fail `helm template` with a message naming the value: the schema's checks and
+values that contradict each other."""
 
 from __future__ import annotations
 
@@ -58,6 +58,23 @@ BAD_VALUES = {
         ['auth.token="a token with spaces in it"'],
         "- at '/auth/token': 'a token with spaces in it' does not match pattern "
         "'^$|^[!-~]{16,}$'"),
+    "zero object replicas": (
+        ["kvstore.master.replicas=0"], "- at '/kvstore/master/replicas': minimum: got 0, want 1"),
+    "nine object replicas": (
+        ["kvstore.master.replicas=9"], "- at '/kvstore/master/replicas': maximum: got 9, want 8"),
+    "one standby master": (
+        ["kvstore.master.standby.masters=1"],
+        "- at '/kvstore/master/standby/masters': minimum: got 1, want 2"),
+    "unknown ssd volume": (
+        ['kvstore.node.ssd.volume="nfs"'],
+        "- at '/kvstore/node/ssd/volume': value must be one of 'emptyDir', "
+        "'persistentVolumeClaim', 'hostPath'"),
+    "relative ssd hostPath": (
+        ['kvstore.node.ssd.hostPath="nvme"'],
+        "- at '/kvstore/node/ssd/hostPath': 'nvme' does not match pattern '^$|^/'"),
+    "spill watermark above 1": (
+        ["kvstore.master.spillWatermark=1.5"],
+        "- at '/kvstore/master/spillWatermark': maximum: got 1.5, want 1"),
     "misspelt key": (
         ["prefill.replica=2"], "- at '/prefill': additional properties 'replica' not allowed"),
 }
@@ -77,14 +94,35 @@ GATED = {
     "external redis with memory metadata": (
         ['redis.url="redis://redis:6379/0"'],
         "redis.url: an external Redis is used only with kvstore.master.metadata: redis"),
-    "standby master": (
+    "standby masters with memory metadata": (
         ["kvstore.master.standby.enabled=true"],
-        "kvstore.master.standby.enabled: a standby master needs the pool issue's leader "
-        "election on Redis; not in `kvstore master` today"),
-    "ssd tier": (
-        ["kvstore.node.ssd.enabled=true"],
-        "kvstore.node.ssd.enabled: the SSD tier needs `kvstore node --ssd-dir` (pool issue); "
-        "not in the CLI today"),
+        "kvstore.master.standby.enabled: standby masters share the pool's records and the "
+        "leader lease through Redis; set kvstore.master.metadata: redis (with redis.enabled or "
+        "redis.url)"),
+    "lease renewed too rarely": (
+        ["kvstore.master.leaderLease.renewSeconds=1.5"],
+        "kvstore.master.leaderLease.renewSeconds: 1.5 is more than a third of ttlSeconds 3; one "
+        "lost renewal would cost the lease"),
+    "ssd watermarks": (
+        ["kvstore.node.ssd.enabled=true", "kvstore.node.ssd.lowWatermark=0.99"],
+        "kvstore.node.ssd.lowWatermark: 0.99 is above kvstore.node.ssd.highWatermark 0.95; SSD "
+        "eviction brings use down to the low mark"),
+    "ssd claim on a daemonset": (
+        ["kvstore.node.ssd.enabled=true", 'kvstore.node.ssd.volume="persistentVolumeClaim"',
+         'kvstore.node.kind="DaemonSet"'],
+        "kvstore.node.ssd.volume: persistentVolumeClaim needs kvstore.node.kind: StatefulSet (one "
+        "claim per node pod); a DaemonSet keeps its files with volume: hostPath"),
+    "ssd hostPath on a statefulset": (
+        ["kvstore.node.ssd.enabled=true", 'kvstore.node.ssd.volume="hostPath"',
+         'kvstore.node.ssd.hostPath="/mnt/nvme"'],
+        "kvstore.node.ssd.volume: hostPath needs kvstore.node.kind: DaemonSet (one node pod per "
+        "host owns the directory); a StatefulSet keeps its files with volume: "
+        "persistentVolumeClaim"),
+    "ssd hostPath without a path": (
+        ["kvstore.node.ssd.enabled=true", 'kvstore.node.ssd.volume="hostPath"',
+         'kvstore.node.kind="DaemonSet"'],
+        "kvstore.node.ssd.hostPath: volume: hostPath needs the directory on the host, e.g. "
+        "/mnt/nvme/pantry"),
     "two tokens": (
         ['auth.token="0123456789abcdefgh"', 'auth.existingSecret="mine"'],
         "auth.token: set with auth.existingSecret; the token comes from one of them"),

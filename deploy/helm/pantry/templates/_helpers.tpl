@@ -52,10 +52,34 @@ app.kubernetes.io/component: {{ .role }}
 {{- mul $n $mult -}}
 {{- end -}}
 
-{{/* The kvstore master as HOST:PORT, through its Service. */}}
-{{- define "pantry.masterAddress" -}}
-{{- printf "%s:%d" (include "pantry.roleName" (dict "ctx" . "role" "kvstore-master")) (int .Values.kvstore.master.port) -}}
+{{/* The headless Service of standby masters: master <i> is
+<fullname>-kvstore-master-<i>.<fullname>-kvstore-masters. */}}
+{{- define "pantry.masterPeers" -}}
+{{- include "pantry.roleName" (dict "ctx" . "role" "kvstore-masters") -}}
 {{- end -}}
+
+{{/* The kvstore master as its clients are given it (`--master`, `--kv-master`): HOST:PORT of its
+Service, or with standby masters every master by its pod's DNS name, comma-separated. Each master
+advertises exactly its own entry, so a standby's "leader is HOST:PORT" names one the clients
+have and they follow it at once. A Service IP in front of several masters would not do: it sends
+a call to any of them, and a standby refuses it. */}}
+{{- define "pantry.masterAddress" -}}
+{{- $m := .Values.kvstore.master -}}
+{{- $sts := include "pantry.roleName" (dict "ctx" . "role" "kvstore-master") -}}
+{{- if $m.standby.enabled -}}
+{{- $peers := include "pantry.masterPeers" . -}}
+{{- $out := list -}}
+{{- range $i := until (int $m.standby.masters) -}}
+{{- $out = append $out (printf "%s-%d.%s:%d" $sts $i $peers (int $m.port)) -}}
+{{- end -}}
+{{- join "," $out -}}
+{{- else -}}
+{{- printf "%s:%d" $sts (int $m.port) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Where a storage node's SSD tier volume is mounted (`--ssd-dir`). */}}
+{{- define "pantry.ssdDir" -}}/var/lib/pantry/ssd{{- end -}}
 
 {{/* `--model` of every role. */}}
 {{- define "pantry.modelArg" -}}
@@ -121,25 +145,32 @@ the admin commands run with `kubectl exec` in any Pantry pod. */}}
   mountPath: /tmp
 {{- end -}}
 
-{{/* gRPC probes of a role: (dict "port" 7100 "service" "pantry.v1.PrefillEngine"). The startup
-probe gives a role loading its model up to 10 minutes; liveness then takes over. */}}
+{{/* gRPC probes of a role: (dict "port" 7100 "service" "pantry.v1.PrefillEngine"); service ""
+probes the server as a whole. The startup probe gives a role loading its model up to 10
+minutes; liveness then takes over. */}}
 {{- define "pantry.grpcProbes" -}}
 startupProbe:
   grpc:
     port: {{ .port }}
-    service: {{ .service }}
+    {{- with .service }}
+    service: {{ . }}
+    {{- end }}
   periodSeconds: 5
   failureThreshold: 120
 readinessProbe:
   grpc:
     port: {{ .port }}
-    service: {{ .service }}
+    {{- with .service }}
+    service: {{ . }}
+    {{- end }}
   periodSeconds: 5
   failureThreshold: 2
 livenessProbe:
   grpc:
     port: {{ .port }}
-    service: {{ .service }}
+    {{- with .service }}
+    service: {{ . }}
+    {{- end }}
   periodSeconds: 10
   timeoutSeconds: 5
   failureThreshold: 6
@@ -161,7 +192,8 @@ spec:
 
 {{/* nodeSelector, tolerations and affinity of a role: (dict "ctx" $ "role" "prefill" "values"
 .Values.prefill "hostNetwork" true). A role on the host network with no affinity of its own gets
-a required anti-affinity: two of its pods on one host would collide on their ports. */}}
+a required anti-affinity: two of its pods on one host would collide on their ports. With "spread"
+(standby masters) it gets a preferred one: a standby on the leader's host dies with it. */}}
 {{- define "pantry.scheduling" -}}
 {{- with .values.nodeSelector }}
 nodeSelector:
@@ -182,6 +214,16 @@ affinity:
         labelSelector:
           matchLabels:
             {{- include "pantry.selectorLabels" . | nindent 12 }}
+{{- else if .spread }}
+affinity:
+  podAntiAffinity:
+    preferredDuringSchedulingIgnoredDuringExecution:
+      - weight: 100
+        podAffinityTerm:
+          topologyKey: kubernetes.io/hostname
+          labelSelector:
+            matchLabels:
+              {{- include "pantry.selectorLabels" . | nindent 14 }}
 {{- end }}
 {{- end -}}
 
