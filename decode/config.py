@@ -19,8 +19,14 @@ class DecodeLimits:
     chunk_tokens: int = field(
         default=256,
         metadata={"help": "prompt tokens computed per step while other sequences decode"})
+    handoff_wait_s: float = field(
+        default=0.5,
+        metadata={"help": "how long a pull waits for blocks the prefill engine is still writing "
+                          "(after the last one that appeared) before computing them instead"})
 
     def __post_init__(self) -> None:
         for name in ("max_running", "max_waiting", "chunk_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be at least 1, got {getattr(self, name)}")
+        if not self.handoff_wait_s >= 0:
+            raise ConfigError(f"handoff_wait_s: must be 0 or more, got {self.handoff_wait_s}")

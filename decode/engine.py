@@ -1,7 +1,18 @@
 """Continuous-batching decode: sequences join when their prompt KV is in the cache (found in this
 engine's prefix cache, else pulled from the pool, the rest computed in chunks between decode
 steps), generate one token per step, and write back every full block their own output completes:
-one batched put per step, on the core's writer thread, which no step waits for."""
+one batched put per step, on the core's writer thread, which no step waits for.
+
+A sequence holds blocks for what it has computed, plus one more as its output reaches a new
+block. When a running sequence needs a block and none is free, the most recently admitted
+sequence is preempted: its blocks are released (its full ones stay indexed in this engine's
+prefix cache, and are in the pool or on their way there) and it goes back to the head of the
+queue. Readmitted, it takes back what this engine still holds, pulls what the pool has and
+recomputes the rest, then continues where it stopped: the same tokens as without preemption.
+
+A request that carries a first token comes from a prefill engine, which answers before its last
+blocks are sealed in the pool: the pull waits for them (`handoff_wait_s` after the last one that
+appeared) rather than recompute them."""
 
 from __future__ import annotations
 
@@ -25,6 +36,10 @@ from .config import DecodeLimits
 from .sequence import DecodeEvent, DecodeJob, SeqStatus, Sequence
 
 log = logging.getLogger(__name__)
+
+# How often a pull waiting for a prefill's last blocks asks the pool again: one master round
+# trip on loopback is ~0.3 ms, and the wait is usually one chunk's put (tens of ms).
+_HANDOFF_POLL_S = 0.002
 
 
 class EngineStopped(Unavailable):
@@ -151,6 +166,7 @@ class DecodeEngine:
             self._finish(seq, reason="")
         self._admit()
         self._collect_pulls()
+        self._grow()
         steps: list[SeqStep] = []
         members: list[tuple[Sequence, int]] = []
         budget = self.limits.chunk_tokens
@@ -160,7 +176,7 @@ class DecodeEngine:
                 steps.append(SeqStep((seq.output[-1],), seq.num_computed, table))
                 members.append((seq, 1))
             elif seq.status is SeqStatus.FILLING and budget > 0:
-                chunk = seq.prompt[seq.num_computed : seq.num_computed + budget]
+                chunk = seq.fill[seq.num_computed : seq.num_computed + budget]
                 budget -= len(chunk)
                 steps.append(SeqStep(tuple(chunk), seq.num_computed, table))
                 members.append((seq, len(chunk)))
@@ -186,15 +202,20 @@ class DecodeEngine:
                 if not self._waiting or len(self._active) >= self.limits.max_running:
                     return
                 seq = self._waiting[0]
+                fill = seq.fill_tokens()
+                keys = seq.chain.keys[: len(fill) // core.block_size]
+                # One block kept free for each running sequence, whose output may need one next
+                # step: admitting into the last blocks would only preempt at once.
                 claim = core.claim_prompt_blocks(
-                    seq.chain.keys, len(seq.prompt), core.blocks_for(seq.reserve_tokens()))
+                    keys, len(fill), core.blocks_for(len(fill)), reserve=len(self._active))
                 if claim is None:
                     return
                 self._waiting.popleft()
                 self._active.append(seq)
+            seq.fill = fill
             seq.block_ids = claim.block_ids
             seq.local_blocks = claim.local
-            if claim.local == len(seq.chain.keys):
+            if claim.local == len(keys):
                 self._prompt_loaded(seq, claim.local)  # a repeat on this engine: nothing to pull
                 continue
             seq.status = SeqStatus.LOADING
@@ -204,16 +225,75 @@ class DecodeEngine:
     def _pull(self, seq: Sequence) -> int:
         """Runs on the puller thread: writes only this sequence's own fresh blocks. Returns the
         leading blocks now in the cache, local ones included."""
-        local, keys = seq.local_blocks, seq.chain.keys
-        return local + self.core.transfer.load(keys[local:], seq.block_ids[local : len(keys)])
+        transfer = self.core.transfer
+        keys = seq.chain.keys[: len(seq.fill) // self.core.block_size]
+        loaded = seq.local_blocks
+        loaded += transfer.load(keys[loaded:], seq.block_ids[loaded : len(keys)])
+        if loaded == len(keys) or seq.job.first_token is None or seq.output:
+            return loaded
+        # A prefill engine computed this prompt and answered before its last blocks were sealed.
+        started = last_seen = time.monotonic()
+        try:
+            while loaded < len(keys) and not seq.cancelled.is_set() and not self._stopped:
+                if time.monotonic() - last_seen > self.limits.handoff_wait_s:
+                    log.warning("%s: %d prompt blocks never appeared in the pool; computing them",
+                                seq.job.request_id, len(keys) - loaded)
+                    break
+                time.sleep(_HANDOFF_POLL_S)
+                try:
+                    sealed = self.core.pool.match_prefix(keys[loaded:]).matched
+                except Exception:  # the pool is down: computing is all that is left
+                    log.warning("%s: pool unreachable while waiting for the prefill's blocks",
+                                seq.job.request_id, exc_info=True)
+                    break
+                if sealed:
+                    got = transfer.load(keys[loaded : loaded + sealed],
+                                        seq.block_ids[loaded : loaded + sealed])
+                    loaded += got
+                    if got:
+                        last_seen = time.monotonic()
+        finally:
+            self.core.metrics.handoff_wait_seconds.inc(time.monotonic() - started)
+        return loaded
 
     def _prompt_loaded(self, seq: Sequence, loaded: int) -> None:
-        """`loaded` leading blocks of the prompt hold its KV; the rest is computed in chunks."""
+        """`loaded` leading blocks of the fill hold its KV; the rest is computed in chunks."""
         seq.stored_blocks = loaded
-        seq.num_computed = self.core.resume_point(loaded, len(seq.prompt))
-        seq.pool_tokens = seq.num_computed
+        seq.num_computed = self.core.resume_point(loaded, len(seq.fill))
+        if not seq.output:
+            seq.pool_tokens = seq.num_computed
         seq.status = SeqStatus.FILLING
         self._index_full_blocks(seq)
+
+    def _grow(self) -> None:
+        """Every running sequence gets the block its next token goes into, preempting the most
+        recently admitted sequences while none is free."""
+        bs = self.core.block_size
+        alloc = self.core.runner.allocator
+        for seq in list(self._active):
+            while (seq.status is SeqStatus.RUNNING and seq in self._active
+                   and len(seq.block_ids) * bs <= seq.num_computed):
+                if alloc.num_free:
+                    seq.block_ids += alloc.allocate(1)
+                    continue
+                victims = [s for s in self._active
+                           if s.status in (SeqStatus.RUNNING, SeqStatus.FILLING)]
+                self._preempt(victims[-1])
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Back to the head of the queue without its blocks; its output so far is kept."""
+        log.info("%s: preempted after %d tokens to free KV blocks", seq.job.request_id,
+                 len(seq.output))
+        with self._cv:
+            self._active.remove(seq)
+            self._waiting.appendleft(seq)
+        self.core.release_blocks(seq.block_ids)
+        seq.block_ids = []
+        seq.status = SeqStatus.WAITING
+        seq.num_computed = seq.cached_blocks = seq.local_blocks = 0
+        seq.pull = None
+        seq.preemptions += 1
+        self.core.metrics.preemptions.inc()
 
     def _collect_pulls(self) -> None:
         for seq in self._active:
@@ -230,10 +310,15 @@ class DecodeEngine:
         to_sample: list[tuple[int, Sequence]] = []
         for row, (seq, n) in enumerate(members):
             seq.num_computed += n
-            if seq.status is SeqStatus.RUNNING or seq.num_computed == len(seq.prompt):
+            if seq.status is SeqStatus.FILLING and seq.num_computed == len(seq.fill):
+                if seq.output:  # resumed after a preemption: its next input is known already
+                    seq.status = SeqStatus.RUNNING
+                    continue
+                to_sample.append((row, seq))
+            elif seq.status is SeqStatus.RUNNING:
                 to_sample.append((row, seq))
         if to_sample:
-            rows = torch.tensor([r for r, _ in to_sample])
+            rows = torch.tensor([r for r, _ in to_sample], device=logits.device)
             tokens = self._sampler.sample(
                 logits.index_select(0, rows),
                 [s.job.sampling for _, s in to_sample],

@@ -18,7 +18,8 @@ from pantry.common.sampling import SamplingParams
 class SeqStatus(enum.Enum):
     WAITING = "waiting"      # queued: no KV blocks yet
     LOADING = "loading"      # blocks held; prompt KV being pulled from the pool in the background
-    FILLING = "filling"      # the rest of the prompt KV being computed, chunk by chunk
+    FILLING = "filling"      # the rest of the prompt KV being computed, chunk by chunk (after a
+    #                          preemption: the prompt and the output so far)
     RUNNING = "running"      # generating one token per step
     FINISHED = "finished"
 
@@ -47,6 +48,8 @@ class Sequence:
     generator: torch.Generator | None
     chain: KeyChain             # the keys of its full blocks, extended as output fills blocks
     status: SeqStatus = SeqStatus.WAITING
+    fill: tuple[int, ...] = ()  # what FILLING computes: fill_tokens() at admission
+    preemptions: int = 0
     block_ids: list[int] = field(default_factory=list)
     output: list[int] = field(default_factory=list)
     num_computed: int = 0       # tokens whose KV is in the paged cache
@@ -78,7 +81,10 @@ class Sequence:
             return tuple(self.output[start - p : end - p])
         return (*prompt[start:], *self.output[: end - p])
 
-    def reserve_tokens(self) -> int:
-        """Tokens whose KV this sequence may ever hold: reserved on admission, so a running
-        sequence never waits for memory."""
-        return len(self.job.token_ids) + self.job.sampling.max_tokens
+    def fill_tokens(self) -> tuple[int, ...]:
+        """The tokens whose KV must be in the cache before the sequence generates: its prompt;
+        for a sequence preempted after it generated, its prompt and output but the last token,
+        which the next step computes."""
+        if not self.output:
+            return self.job.token_ids
+        return self.token_slice(0, self.num_tokens - 1)

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from engine.triton_kernels import paged_decode_attention
+
 
 @dataclass(frozen=True, eq=False)
 class DecodeGroup:
@@ -21,6 +23,9 @@ class DecodeGroup:
     block_table: Tensor   # [B * max_blocks] int64, padded with each row's own first block
     key_mask: Tensor      # [B, 1, 1, max_blocks * block_size] bool: key position < seq length
     max_blocks: int
+    # For the Triton kernel (CUDA): keys per sequence, the new token included; and the window.
+    seq_lens: Tensor | None = None  # [B] int64
+    sliding_window: int | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -133,6 +138,8 @@ def _decode_group(
         block_table=torch.tensor(flat, dtype=torch.int64, device=device),
         key_mask=key_mask[:, None, None, :],
         max_blocks=max_blocks,
+        seq_lens=lens,
+        sliding_window=sliding_window,
     )
 
 
@@ -188,10 +195,13 @@ class AttentionFn(Protocol):
 
 
 def write_kv(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor) -> None:
-    """Scatter new K/V [T, n_kv, hd] into one layer's cache [num_blocks, block_size, n_kv, hd]."""
-    n_kv, hd = k_cache.shape[-2:]
-    k_cache.view(-1, n_kv, hd).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
-    v_cache.view(-1, n_kv, hd).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+    """Scatter new K/V [T, n_kv, hd] into one layer's cache [num_blocks, block_size, n_kv, hd].
+    The cache is a view strided over blocks (engine.kv_cache keeps blocks block-major), so it
+    is indexed by (block, offset), never reshaped: a reshape would copy and the write be lost."""
+    block_size = k_cache.shape[1]
+    index = (slot_mapping // block_size, slot_mapping % block_size)
+    k_cache.index_put_(index, k.to(k_cache.dtype))
+    v_cache.index_put_(index, v.to(v_cache.dtype))
 
 
 def _gather(cache: Tensor, table: Tensor, num_seqs: int) -> Tensor:
@@ -239,6 +249,9 @@ def _decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, dec: DecodeGroup, scale
     """q [B, H, hd] -> [B, H, hd]. The query heads sharing a KV head become that head's queries
     ([B, n_kv, H / n_kv, hd]), so no KV head is repeated."""
     b, num_heads, hd = q.shape
+    if q.is_cuda and dec.seq_lens is not None:
+        return paged_decode_attention(q, k_cache, v_cache, dec.block_table.view(b, -1),
+                                      dec.seq_lens, scale, dec.sliding_window)
     n_kv = k_cache.shape[-2]
     keys = _gather(k_cache, dec.block_table, b).to(q.dtype)
     values = _gather(v_cache, dec.block_table, b).to(q.dtype)

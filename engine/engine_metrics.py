@@ -98,6 +98,13 @@ class EngineMetrics:
         self.cached_blocks = gauge(
             "pantry_engine_kv_cached_blocks",
             "KV cache blocks indexed by block key (held or free), reusable by a later prompt.")
+        self.preemptions = counter(
+            "pantry_engine_preemptions",
+            "Decode: sequences sent back to the queue to free KV blocks for the others; they "
+            "resume from this engine's cache, the pool, or by recomputing.")
+        self.handoff_wait_seconds = counter(
+            "pantry_engine_handoff_wait_seconds",
+            "Decode: seconds pulls spent waiting for blocks a prefill engine was still writing.")
         self.waiting = gauge("pantry_engine_waiting_requests", "Requests queued, not started.")
         self.running = gauge("pantry_engine_running_requests", "Requests being computed.")
         self.free_blocks = gauge("pantry_engine_kv_free_blocks", "Free KV cache blocks.")

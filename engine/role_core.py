@@ -56,7 +56,8 @@ class EngineCore:
         num_blocks = max(config.kv_cache_bytes // block_nbytes, min_blocks)
         self.runner = ModelRunner(loaded, num_blocks=num_blocks, block_size=config.block_size)
         fingerprint = layout_fingerprint(
-            loaded.model_id, loaded.weights_digest, loaded.dtype, config.block_size
+            loaded.model_id, loaded.weights_digest, loaded.dtype, config.block_size,
+            pool_kv_dtype=config.pool_kv_dtype,
         )
         self.addressing = PoolAddressing(
             fingerprint, config.block_size, hash_seed=config.hash_seed, salt=config.salt
@@ -66,7 +67,8 @@ class EngineCore:
         self.metrics.watch_cache(lambda: self.runner.allocator.num_free,
                                  lambda: self.runner.kv.num_blocks)
         self.metrics.cached_blocks.set_function(lambda: self.runner.allocator.num_cached)
-        self.transfer = PoolTransfer(pool, self.runner.kv, fingerprint, self.metrics.pool)
+        self.transfer = PoolTransfer(pool, self.runner.kv, fingerprint, self.metrics.pool,
+                                     config.pool_kv_dtype)
         # Writes into the pool run here, off the caller's thread. Single-threaded: a second
         # OpenMP team spinning beside the compute thread's slows every step on a small machine.
         self._writer = ThreadPoolExecutor(
@@ -75,6 +77,7 @@ class EngineCore:
         )
         self._writes_lock = threading.Lock()
         self._writes: set[Future[int]] = set()
+        self._writing: set[str] = set()  # keys handed to the writer, not yet written
         self.description = EngineDescription(
             role=role,
             engine_id=config.engine_id,
@@ -85,6 +88,8 @@ class EngineCore:
             max_model_len=self.max_model_len,
             eos_token_ids=tuple(model_cfg.eos_token_ids),
             hash_seed=config.hash_seed,
+            salt=config.salt,
+            host_id=pool.host_id,
         )
 
     @property
@@ -106,11 +111,11 @@ class EngineCore:
         token; rewriting its KV slot stores the same values."""
         return min(loaded_blocks * self.block_size, num_tokens - 1)
 
-    def claim_prompt_blocks(self, keys: Sequence[str], num_tokens: int, num_blocks: int
-                            ) -> PromptBlocks | None:
+    def claim_prompt_blocks(self, keys: Sequence[str], num_tokens: int, num_blocks: int,
+                            reserve: int = 0) -> PromptBlocks | None:
         """`num_blocks` blocks for a prompt of `num_tokens` whose full blocks are `keys`: the
         longest run of them this engine still holds, then fresh ones. None (nothing taken) when
-        too few blocks are free.
+        fewer than that plus `reserve` blocks are free.
 
         When the hits cover the whole prompt, the last token is still computed (its logits give
         the next token); its block is copied into a fresh one first, so a block other sequences
@@ -121,7 +126,7 @@ class EngineCore:
         copy_last = bool(hits) and len(hits) * self.block_size >= num_tokens
         shared = hits[:-1] if copy_last else hits
         fresh = num_blocks - len(shared)
-        if pool.num_free - pool.unreferenced(hits) < fresh:
+        if pool.num_free - pool.unreferenced(hits) < fresh + reserve:
             return None
         pool.touch(hits)
         ids = shared + pool.allocate(fresh)
@@ -151,12 +156,16 @@ class EngineCore:
         pool = self.runner.allocator
         pool.touch(block_ids)
         keys, block_ids = list(keys), list(block_ids)
+        with self._writes_lock:
+            self._writing.update(keys)
 
         def write() -> int:
             try:
                 return self.transfer.store(keys, block_ids)
             finally:
                 pool.free(block_ids)
+                with self._writes_lock:
+                    self._writing.difference_update(keys)
 
         future = self._writer.submit(write)
         with self._writes_lock:
@@ -172,6 +181,11 @@ class EngineCore:
     def flush_writes(self) -> None:
         """Waits until every block handed to `store_in_background` so far is written."""
         self._writer.submit(lambda: None).result()
+
+    def being_written(self, keys: Sequence[str]) -> list[bool]:
+        """Whether each key is on its way to the pool from this engine."""
+        with self._writes_lock:
+            return [key in self._writing for key in keys]
 
     @property
     def pending_writes(self) -> int:

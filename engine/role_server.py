@@ -13,8 +13,9 @@ import torch
 
 from kvstore.auth import load_token
 from kvstore.client import KVStoreClient
+from pantry.common.errors import ConfigError
 from pantry.common.metrics import MetricsServer
-from pantry.common.serving import create_grpc_server, wait_for_signal, write_ready_file
+from pantry.common.serving import create_grpc_server, write_ready_file
 
 from .loader import load_model
 from .role_config import EngineRoleConfig
@@ -31,7 +32,10 @@ def build_core(config: EngineRoleConfig, role: str) -> EngineCore:
     threads = config.threads or len(config.cpus)
     if threads:
         torch.set_num_threads(threads)
-    loaded = load_model(config.model)
+    if config.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device: {config.device} asked for, but torch sees no CUDA device "
+                          "here; use --device cpu")
+    loaded = load_model(config.model, dtype=getattr(torch, config.dtype), device=config.device)
     token = load_token(config.token_file) if config.token_file else None
     pool = KVStoreClient(config.kv_master, token=token)
     core = EngineCore(config, role, loaded, pool)
@@ -57,24 +61,6 @@ def start_metrics(core: EngineCore) -> MetricsServer:
     metrics = MetricsServer(core.metrics.registry, core.config.host, core.config.metrics_port)
     log.info("metrics on %s", metrics.url)
     return metrics
-
-
-def serve_forever(
-    server: grpc.Server, port: int, core: EngineCore, on_stop: Callable[[], None]
-) -> int:
-    config = core.config
-    server.start()
-    metrics = start_metrics(core)
-    address = f"{config.host}:{port}"
-    log.info("serving on %s", address)
-    write_ready_file(config.ready_file, address, metrics=metrics.url)
-
-    def stop() -> None:
-        server.stop(grace=2).wait()
-        metrics.close()
-        on_stop()
-
-    return wait_for_signal(stop)
 
 
 def serve_on_main_thread(

@@ -31,12 +31,18 @@ class Sampler:
         """One token per row of logits [B, vocab]."""
         assert logits.dim() == 2 and logits.shape[0] == len(params) == len(generators)
         logits = logits.float()
+        # One argmax for the batch and one copy of its ids to the host: on a GPU the sampled ids
+        # are the only thing a step brings back. Rows that sample use the request's CPU
+        # generator (the same draws on any device), so only those rows are copied whole.
+        greedy = torch.argmax(logits, dim=-1).tolist()
+        host = None if all(p.greedy for p in params) else logits.cpu()
         out: list[int] = []
-        for row, p, gen in zip(logits, params, generators, strict=True):
+        for i, (p, gen) in enumerate(zip(params, generators, strict=True)):
             if p.greedy:
-                out.append(int(torch.argmax(row).item()))
+                out.append(int(greedy[i]))
             else:
-                out.append(_sample_row(row, p, gen))
+                assert host is not None
+                out.append(_sample_row(host[i], p, gen))
         return out
 
 

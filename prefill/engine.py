@@ -1,23 +1,43 @@
 """Prefill: take the cached prefix from this engine's own prefix cache, else from the pool, compute
-the rest in chunks, store every new full block, and return the first token for the decode
-handoff."""
+the rest, store every new full block, and return the first token for the decode handoff.
+
+Prompts are computed together in token-budgeted batches: each forward pass takes up to
+`chunk_tokens` prompt tokens, first-come first-served, so a short prompt queued behind a long one
+shares its passes instead of waiting for all of it, and several short prompts share one pass.
+Every block a pass completes goes to the pool at once, on the core's background writer, while
+the next pass computes. The first token is returned as soon as the last pass ends; the last
+blocks may still be on their way to the pool then. Decode knows (the request carries the first
+token) and waits for them briefly before it computes anything itself (`decode.engine`).
+"""
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+
+import torch
 
 from engine.errors import OutOfBlocks
 from engine.role_core import EngineCore
 from engine.runner import SeqStep
 from engine.sampling import Sampler, make_generator
+from pantry.common.errors import Unavailable
 from pantry.common.sampling import SamplingParams
 
 from .config import PrefillLimits
 
 log = logging.getLogger(__name__)
+
+# How long the loop sleeps when prompts wait for blocks the background writer still holds.
+_BLOCKS_RETRY_S = 0.005
+
+
+class PrefillStopped(Unavailable):
+    """The engine is shutting down and takes no new prompts."""
 
 
 @dataclass(frozen=True)
@@ -33,78 +53,264 @@ class PrefillOutcome:
     first_token: int
     pool_tokens: int
     computed_tokens: int
-    stored_blocks: int
+    stored_blocks: int  # full prompt blocks in the pool, or handed to the writer to put there
+
+
+@dataclass(eq=False)
+class _Prompt:
+    """One prompt inside the engine, from admission until its first token."""
+
+    job: PrefillJob
+    arrived: float
+    future: Future[PrefillOutcome] = field(default_factory=Future)
+    keys: list[str] = field(default_factory=list)
+    block_ids: list[int] = field(default_factory=list)
+    loaded: int = 0          # leading blocks that held their KV already (local or pool)
+    local: int = 0           # of those, found in this engine's own prefix cache
+    start: int = 0           # first computed position
+    num_computed: int = 0    # positions whose KV is in the cache
+    queued_blocks: int = 0   # leading full blocks indexed here and handed to the writer
+    pull: Future[int] | None = None  # loading its cached prefix from the pool, beside the passes
+    ready: bool = False      # its cached prefix is in place: it takes part in passes
+
+    @property
+    def tokens(self) -> tuple[int, ...]:
+        return self.job.token_ids
 
 
 class PrefillEngine:
-    def __init__(self, core: EngineCore, limits: PrefillLimits | None = None) -> None:
-        chunk_tokens = (limits or PrefillLimits()).chunk_tokens
-        self.core = core
-        self.chunk_tokens = chunk_tokens
-        self._sampler = Sampler()
-        # One prompt at a time: on a CPU a second prompt would only slow both down.
-        self._compute = threading.Lock()
-        self._state = threading.Lock()
-        self._waiting = 0
-        core.metrics.watch_load(self.load)
+    """`background=True` runs the loop on a thread of its own (in-process use). A server runs it
+    on the main thread instead (`run()`), where torch's OpenMP pool serves it best."""
 
+    def __init__(self, core: EngineCore, limits: PrefillLimits | None = None, *,
+                 background: bool = True) -> None:
+        self.core = core
+        self.chunk_tokens = (limits or PrefillLimits()).chunk_tokens
+        self._sampler = Sampler()
+        self._cv = threading.Condition()
+        self._queue: collections.deque[_Prompt] = collections.deque()
+        self._running: list[_Prompt] = []
+        self._stopped = False
+        # A prompt's cached prefix is pulled here while the passes of the others go on. Its
+        # copies run single-threaded: a second OpenMP team would spin beside the loop's.
+        self._puller = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="prefill-pull",
+            initializer=lambda: torch.set_num_threads(1),
+        )
+        core.metrics.watch_load(self.load)
+        self._thread: threading.Thread | None = None
+        if background:
+            self._thread = threading.Thread(target=self.run, name="prefill-loop", daemon=True)
+            self._thread.start()
+
+    # ---- called from server threads -------------------------------------------------------
     @property
     def waiting(self) -> int:
-        """Prompts in the engine, the one computing included."""
-        with self._state:
-            return self._waiting
+        """Prompts in the engine, those computing included."""
+        with self._cv:
+            return len(self._queue) + len(self._running)
 
     def load(self) -> tuple[int, int]:
-        """(waiting, running): at most one prompt computes, the rest queue behind it."""
-        waiting = self.waiting
-        return max(waiting - 1, 0), min(waiting, 1)
+        """(waiting, running): queued prompts, and prompts whose passes are under way."""
+        with self._cv:
+            return len(self._queue), len(self._running)
 
-    def prefill(self, job: PrefillJob) -> PrefillOutcome:
+    def submit(self, job: PrefillJob) -> Future[PrefillOutcome]:
         core = self.core
         core.check_prompt(job.token_ids, job.sampling.max_tokens)
-        arrived = time.perf_counter()
-        with self._state:
-            self._waiting += 1
-        try:
-            with self._compute, core.busy():
-                return self._run(job, arrived)
-        finally:
-            with self._state:
-                self._waiting -= 1
+        needed = core.blocks_for(len(job.token_ids))
+        if needed > core.runner.kv.num_blocks:
+            raise OutOfBlocks(f"a {len(job.token_ids)}-token prompt needs {needed} KV blocks, "
+                              f"the cache has {core.runner.kv.num_blocks}")
+        p = _Prompt(job, time.perf_counter())
+        p.keys = core.addressing.block_keys(job.token_ids, job.tenant)
+        with self._cv:
+            if self._stopped:
+                raise PrefillStopped(f"prefill engine {core.config.engine_id} is stopping")
+            self._queue.append(p)
+            self._cv.notify()
+        return p.future
 
-    def _run(self, job: PrefillJob, arrived: float) -> PrefillOutcome:
+    def prefill(self, job: PrefillJob) -> PrefillOutcome:
+        """The first token of `job`, once its last pass is computed."""
+        return self.submit(job).result()
+
+    def request_stop(self) -> None:
+        """Safe from a signal handler on the thread running the loop (the lock is reentrant)."""
+        with self._cv:
+            self._stopped = True
+            self._cv.notify()
+
+    def stop(self) -> None:
+        self.request_stop()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        self._puller.shutdown(wait=True)
+        self.core.flush_writes()
+
+    # ---- the loop ------------------------------------------------------------------------
+    def run(self) -> None:
+        """The engine loop; returns once stop is requested."""
+        while True:
+            with self._cv:
+                while not self._stopped and not self._queue and not self._running:
+                    self._cv.wait()
+                if self._stopped:
+                    break
+            try:
+                self._admit()
+                self._collect_pulls()
+                if not any(p.ready for p in self._running):
+                    # Pulls still running, or every free block still held by the writer:
+                    # either frees up shortly (a finished pull also wakes the loop).
+                    with self._cv:
+                        self._cv.wait(timeout=_BLOCKS_RETRY_S)
+                    continue
+                with self.core.busy():
+                    self._pass()
+            except Exception as exc:  # keep serving: fail this batch, not the process
+                log.exception("prefill pass failed")
+                for p in list(self._running):
+                    self._fail(p, exc)
+        with self._cv:
+            left = [*self._running, *self._queue]
+            self._running.clear()
+            self._queue.clear()
+        for p in left:
+            self._fail(p, PrefillStopped("prefill engine stopped"))
+
+    def _admit(self) -> None:
+        """Queued prompts take their blocks, first come first served, while blocks last; each
+        loads its cached prefix (this engine's cache, else the pool) before its first pass."""
         core = self.core
-        runner = core.runner
-        tokens = job.token_ids
-        n = len(tokens)
-        keys = core.addressing.block_keys(tokens, job.tenant)
-        claim = core.claim_prompt_blocks(keys, n, core.blocks_for(n))
-        if claim is None:
-            raise OutOfBlocks(f"a {n}-token prompt needs {core.blocks_for(n)} KV blocks, only "
-                              f"{runner.allocator.num_free} free")
-        block_ids = claim.block_ids
+        while True:
+            with self._cv:
+                if not self._queue:
+                    return
+                p = self._queue[0]
+                n = len(p.tokens)
+                claim = core.claim_prompt_blocks(p.keys, n, core.blocks_for(n))
+                if claim is None:
+                    return
+                self._queue.popleft()
+            p.block_ids, p.local = claim.block_ids, claim.local
+            with self._cv:
+                self._running.append(p)
+            if p.local == len(p.keys):  # all held here: nothing to pull
+                self._prefix_loaded(p, p.local)
+                continue
+            p.pull = self._puller.submit(self._pull, p)
+            p.pull.add_done_callback(lambda _f: self._wake())
+
+    def _wake(self) -> None:
+        with self._cv:
+            self._cv.notify()
+
+    def _pull(self, p: _Prompt) -> int:
+        """On the puller thread: this prompt's own fresh blocks only. The leading blocks now
+        in the cache, local ones included."""
+        return p.local + self.core.transfer.load(p.keys[p.local:],
+                                                 p.block_ids[p.local : len(p.keys)])
+
+    def _collect_pulls(self) -> None:
+        for p in list(self._running):
+            if p.ready or p.pull is None or not p.pull.done():
+                continue
+            try:
+                loaded = p.pull.result()
+            except Exception as exc:
+                self._fail(p, exc)
+                continue
+            self._prefix_loaded(p, loaded)
+
+    def _prefix_loaded(self, p: _Prompt, loaded: int) -> None:
+        """`loaded` leading blocks hold their KV: the prompt joins the passes after them."""
+        p.loaded = loaded
+        p.start = p.num_computed = self.core.resume_point(loaded, len(p.tokens))
+        self.core.cache_blocks(p.keys, p.block_ids, 0, loaded)
+        self._restore_evicted(p)
+        p.queued_blocks = loaded
+        p.ready = True
+
+    def _restore_evicted(self, p: _Prompt) -> None:
+        """Blocks found in this engine's own cache were in the pool when written, but the pool
+        may have evicted them since: decode, told they are there, would wait for them. Those
+        the pool lacks are written again."""
+        if not p.local:
+            return
+        # In flight first, then sealed: a write that ends between the two is counted in one.
+        writing = self.core.being_written(p.keys[: p.local])
         try:
-            local = claim.local
-            loaded = local + core.transfer.load(keys[local:], block_ids[local : len(keys)])
-            start = core.resume_point(loaded, n)
-            logits = None
-            table = tuple(block_ids)
-            for pos in range(start, n, self.chunk_tokens):
-                chunk = tokens[pos : pos + self.chunk_tokens]
-                logits = runner.step([SeqStep(tuple(chunk), pos, table)])
-            assert logits is not None
-            first = self._sampler.sample(
-                logits, [job.sampling], [make_generator(job.sampling.seed)]
-            )[0]
-            ttft = time.perf_counter() - arrived
-            core.cache_blocks(keys, block_ids, 0, len(keys))
-            stored = core.transfer.store(keys[loaded:], block_ids[loaded : len(keys)])
-            core.record(computed=n - start, pooled=start, ttft_seconds=ttft)
-            log.info(
-                "prefill %s: %d tokens, %d blocks held here, %d pulled, %d computed tokens, "
-                "%d/%d new blocks stored",
-                job.request_id, n, local, loaded - local, n - start, stored, len(keys) - loaded,
-            )
-            return PrefillOutcome(first, start, n - start, loaded + stored)
-        finally:
-            core.release_blocks(block_ids)
+            sealed = self.core.pool.match_prefix(p.keys[: p.local]).matched
+        except Exception:  # the pool is down: nothing to restore them into
+            log.warning("pool unreachable: not checking %d local blocks", p.local)
+            return
+        lost = [i for i in range(sealed, p.local) if not writing[i]]
+        self.core.store_in_background([p.keys[i] for i in lost], [p.block_ids[i] for i in lost])
+
+    def _pass(self) -> None:
+        """One forward pass over up to `chunk_tokens` prompt tokens of the running prompts."""
+        steps: list[SeqStep] = []
+        members: list[tuple[_Prompt, int]] = []
+        budget = self.chunk_tokens
+        for p in self._running:
+            if budget <= 0:
+                break
+            if not p.ready:
+                continue
+            chunk = p.tokens[p.num_computed : p.num_computed + budget]
+            budget -= len(chunk)
+            steps.append(SeqStep(chunk, p.num_computed, tuple(p.block_ids)))
+            members.append((p, len(chunk)))
+        logits = self.core.runner.step(steps)
+        done: list[tuple[int, _Prompt]] = []
+        keys: list[str] = []
+        block_ids: list[int] = []
+        for row, (p, n) in enumerate(members):
+            p.num_computed += n
+            full = min(p.num_computed // self.core.block_size, len(p.keys))
+            if full > p.queued_blocks:
+                self.core.cache_blocks(p.keys, p.block_ids, p.queued_blocks, full)
+                keys += p.keys[p.queued_blocks : full]
+                block_ids += p.block_ids[p.queued_blocks : full]
+                p.queued_blocks = full
+            if p.num_computed == len(p.tokens):
+                done.append((row, p))
+        # One put for every block this pass completed; the writer holds them until written.
+        self.core.store_in_background(keys, block_ids)
+        if not done:
+            return
+        rows = [row for row, _ in done]
+        firsts = self._sampler.sample(
+            logits[rows], [p.job.sampling for _, p in done],
+            [make_generator(p.job.sampling.seed) for _, p in done])
+        for (_, p), first in zip(done, firsts, strict=True):
+            self._finish(p, first)
+
+    def _finish(self, p: _Prompt, first: int) -> None:
+        core = self.core
+        n = len(p.tokens)
+        with self._cv:
+            self._running.remove(p)
+        core.release_blocks(p.block_ids)
+        ttft = time.perf_counter() - p.arrived
+        core.record(computed=n - p.start, pooled=p.start, ttft_seconds=ttft)
+        log.info(
+            "prefill %s: %d tokens, %d blocks held here, %d pulled, %d computed tokens, "
+            "%d new blocks being stored",
+            p.job.request_id, n, p.local, p.loaded - p.local, n - p.start,
+            len(p.keys) - p.loaded,
+        )
+        p.future.set_result(PrefillOutcome(first, p.start, n - p.start, p.queued_blocks))
+
+    def _fail(self, p: _Prompt, exc: BaseException) -> None:
+        with self._cv:
+            if p in self._running:
+                self._running.remove(p)
+        if p.pull is not None:
+            wait([p.pull])  # the puller may still be writing into its blocks
+        if p.block_ids:
+            self.core.release_blocks(p.block_ids)
+            p.block_ids = []
+        if not p.future.done():
+            p.future.set_exception(exc)

@@ -8,13 +8,13 @@ import grpc
 
 from engine.errors import EngineError
 from engine.role_config import EngineRoleConfig
-from engine.role_server import build_core, create_server, serve_forever
+from engine.role_server import build_core, create_server, serve_on_main_thread
 from pantry.common.errors import InvalidRequest
 from pantry.common.wire import info_to_proto, load_to_proto, sampling_from_proto
 from pantry.v1 import engine_pb2, engine_pb2_grpc
 
 from .config import PrefillLimits
-from .engine import PrefillEngine, PrefillJob
+from .engine import PrefillEngine, PrefillJob, PrefillStopped
 
 SERVICE_NAME = "pantry.v1.PrefillEngine"
 
@@ -39,6 +39,8 @@ class PrefillServicer(engine_pb2_grpc.PrefillEngineServicer):
                 sampling=sampling_from_proto(request.sampling),
             )
             outcome = self.engine.prefill(job)
+        except PrefillStopped as exc:
+            context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         except (InvalidRequest, EngineError) as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         return engine_pb2.PrefillResult(
@@ -51,10 +53,14 @@ class PrefillServicer(engine_pb2_grpc.PrefillEngineServicer):
 
 def run(config: EngineRoleConfig, limits: PrefillLimits) -> int:
     core = build_core(config, "prefill")
-    engine = PrefillEngine(core, limits)
+    engine = PrefillEngine(core, limits, background=False)
     server, port = create_server(
         config,
         lambda s: engine_pb2_grpc.add_PrefillEngineServicer_to_server(PrefillServicer(engine), s),
         [SERVICE_NAME],
     )
-    return serve_forever(server, port, core, on_stop=core.close)
+    # The loop runs here, on the main thread, until SIGINT/SIGTERM asks it to stop.
+    serve_on_main_thread(server, port, core, loop=engine.run, request_stop=engine.request_stop)
+    engine.stop()
+    core.close()
+    return 0

@@ -9,8 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.decode.engine_rig import running_pool
-from tests.helpers.tiny_models import make_tiny_model
+# Without a GPU the engine's Triton kernels are tested on CPU tensors under Triton's interpreter
+# (tests/engine/test_triton_kernels.py). Triton picks it when it is imported, and the imports
+# below import it (through the engine), so it is switched on first.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from tests.decode.engine_rig import running_pool  # noqa: E402
+from tests.helpers.tiny_models import make_tiny_model  # noqa: E402
 
 # No model hub is ever reached: everything loads from files the tests make or ship.
 os.environ["HF_HUB_OFFLINE"] = "1"

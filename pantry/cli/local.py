@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import IO
 
 from conductor.config import ConductorConfig
+from decode.config import DecodeLimits
 from engine.model_files import DEFAULT_MODEL_SPEC
 from engine.role_config import EngineRoleConfig
 from kvstore.auth import TOKEN_FILE_ENV
@@ -26,6 +27,7 @@ from pantry.common.serving import format_table, write_ready_file
 log = logging.getLogger("pantry.local")
 
 START_TIMEOUT_S = 300.0
+PREFILL_NICE = 10
 STOP_TIMEOUT_S = 15.0
 NODE_ID = "node-0"
 
@@ -55,12 +57,23 @@ class LocalOptions:
         default=default_of(ConductorConfig, "max_concurrent_requests"),
         metadata={"help": "requests served at once; more get HTTP 429"})
     threads: int = field(default=default_of(EngineRoleConfig, "threads"), metadata={
-        "help": "torch threads per engine; 0 = one per pinned CPU"})
+        "help": "torch threads per engine; 0 = one per CPU it may use"})
     prefill_engines: int = field(default=1, metadata={"help": "prefill engines to start"})
     decode_engines: int = field(default=1, metadata={"help": "decode engines to start"})
-    pin: bool = field(default=True, metadata={
+    # Measured in bench/cpu_split.py: pinning halves a cold prefill (one core of two) and
+    # decode's tok/s, for steadier decode steps while prompts arrive; sharing with passive
+    # waits gives an engine alone every CPU, and the lower priority of prefill keeps decode's
+    # steps going first when both compute.
+    pin: bool = field(default=False, metadata={
         "help": "split the CPUs between prefill and decode, then between the engines of each "
-                "(--no-pin: every engine uses every CPU)"})
+                "(default: every engine may use every CPU; waiting OpenMP threads sleep rather "
+                "than spin, and prefill runs at a lower priority than decode)"})
+    prefill_nice: int = field(default=PREFILL_NICE, metadata={
+        "help": "how much lower prefill's scheduling priority is than decode's (nice), when "
+                "the CPUs are shared"})
+    decode_chunk_tokens: int = field(default=default_of(DecodeLimits, "chunk_tokens"), metadata={
+        "help": "prompt tokens decode computes per step itself (when no prefill engine "
+                "answers)"})
     ready_file: str | None = field(default=None, metadata={
         "help": "write the addresses here as JSON when serving"})
     log_dir: str | None = field(default=None, metadata={
@@ -70,6 +83,9 @@ class LocalOptions:
         for name in ("prefill_engines", "decode_engines"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be at least 1")
+        if not 0 <= self.prefill_nice <= 19:
+            raise ConfigError(f"prefill_nice: {self.prefill_nice} is not a nice increment "
+                              "from 0 to 19")
 
 
 def split_cpus(prefill_engines: int = 1, decode_engines: int = 1) -> tuple[list[str], list[str]]:
@@ -125,7 +141,8 @@ class LocalCluster:
             f.write(secrets.token_urlsafe(32))
         self.env = {**os.environ, TOKEN_FILE_ENV: str(self.token_file)}
 
-    def _start(self, name: str, argv: list[str]) -> Role:
+    def _start(self, name: str, argv: list[str], env: dict[str, str] | None = None,
+               nice: int = 0) -> Role:
         ready = self.workdir / f"{name}.ready.json"
         role = Role(name, [sys.executable, *argv, "--ready-file", str(ready)], ready)
         stdout: IO[bytes] | int | None = None
@@ -135,7 +152,10 @@ class LocalCluster:
             role.log_file = open(role.log_path, "ab")  # noqa: SIM115 - closed in stop()
             stdout = role.log_file
         role.proc = subprocess.Popen(role.argv, stdout=stdout, stderr=subprocess.STDOUT
-                                     if stdout else None, env=self.env)
+                                     if stdout else None, env=env or self.env,
+                                     # In the child before exec: every thread it starts
+                                     # inherits the priority.
+                                     preexec_fn=(lambda: os.nice(nice)) if nice else None)
         self.roles.append(role)
         log.info("started %-10s pid %d", name, role.proc.pid)
         return role
@@ -171,13 +191,18 @@ class LocalCluster:
                        "--max-model-len", str(o.max_model_len), "--threads", str(o.threads)]
         prefill_cpus, decode_cpus = (split_cpus(o.prefill_engines, o.decode_engines) if o.pin
                                      else ([""] * o.prefill_engines, [""] * o.decode_engines))
+        # Shared CPUs: an engine's OpenMP threads that wait would otherwise spin on the cores
+        # the other engine is computing on.
+        engine_env = self.env if o.pin else {"OMP_WAIT_POLICY": "PASSIVE", **self.env}
         engines: dict[str, list[Role]] = {"prefill": [], "decode": []}
         for kind, cpus in (("prefill", prefill_cpus), ("decode", decode_cpus)):
+            extra = ["--chunk-tokens", str(o.decode_chunk_tokens)] if kind == "decode" else []
             for i, cpu in enumerate(cpus):
                 engines[kind].append(self._start(
                     role_name(kind, i, len(cpus)),
                     ["-m", "pantry", kind, *engine_args, "--engine-id", f"{kind}-{i}",
-                     "--cpus", cpu]))
+                     "--cpus", cpu, *extra], env=engine_env,
+                    nice=o.prefill_nice if kind == "prefill" and not o.pin else 0))
         for role in [*engines["prefill"], *engines["decode"]]:
             self._wait_ready(role, deadline)
         conductor = self._start("conductor", [

@@ -299,7 +299,8 @@ def test_cancel_running_sequence_frees_its_blocks(make_engine: EngineFactory) ->
     events = handle.events(timeout=EVENT_TIMEOUT)
     first = next(events)
     assert first.token_ids and not first.finish_reason
-    assert alloc.num_free == free - engine.core.blocks_for(MAX_MODEL_LEN)
+    # Blocks grow with the output (exact counts: tests/decode/test_preemption.py).
+    assert alloc.num_free < free
     assert metric(engine.core, "pantry_engine_kv_free_blocks") == alloc.num_free
     handle.cancel()
     rest = list(events)

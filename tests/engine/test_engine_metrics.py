@@ -62,6 +62,7 @@ def core(tiny_llama: Path, pool_address: str) -> Iterator[EngineCore]:
 def test_metrics_server_serves_the_core_registry_until_closed(core: EngineCore) -> None:
     PrefillEngine(core).prefill(
         PrefillJob("r", prompt(40, seed=1), "", SamplingParams(temperature=0.0, max_tokens=4)))
+    core.flush_writes()  # prefill answers before its blocks are written
     server = start_metrics(core)
     try:
         assert server.url == f"http://127.0.0.1:{server.port}/metrics"

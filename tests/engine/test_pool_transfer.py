@@ -5,7 +5,9 @@ pool-client metrics count every block and byte of it."""
 from __future__ import annotations
 
 import socket
+from collections.abc import Sequence
 
+import numpy as np
 import pytest
 import torch
 from prometheus_client import CollectorRegistry
@@ -13,10 +15,13 @@ from prometheus_client import CollectorRegistry
 from engine.engine_metrics import PoolClientMetrics
 from engine.kv_cache import PagedKVCache
 from engine.pool_transfer import PoolTransfer
-from kvstore.block_object import RAW_DTYPE, RAW_FINGERPRINT, encoded_size
+from kvstore.block_object import RAW_DTYPE, RAW_FINGERPRINT, BlockLayout, encoded_size
 from kvstore.client import KVStoreClient
 from kvstore.config import ClientConfig
 from kvstore.hashing import PoolAddressing
+from kvstore.prefix_match import PrefixMatch
+from kvstore.reader import Fetched
+from pantry.common.config_flags import MIB
 from tests.decode.engine_rig import pool_client, running_pool
 
 
@@ -93,11 +98,11 @@ def test_corrupt_object_ends_the_prefix(pool_address: str) -> None:
     with pool_client(pool_address) as client:
         client.put_many([(keys[1], b"\x00" * 4096)])  # plain bytes, not a block, under block 1
         Xfer(client, src, "fp-test").transfer.store(keys, [0, 1, 2])
-        before = dst.read_block(4).clone()
         reader = Xfer(client, dst, "fp-test")
         assert reader.transfer.load(keys, [3, 4, 5]) == 1
     assert torch.equal(dst.read_block(3), src.read_block(0))
-    assert torch.equal(dst.read_block(4), before)  # untouched: the engine computes it
+    # Blocks 4 and 5 are not loaded: the engine computes them. A pull lands straight in the
+    # (fresh) blocks, so what they hold until then is unspecified.
     # All three objects were fetched; the second failed its checks, so the third goes unused.
     assert reader.blocks() == (1, 1, 1, 0)
     raw_bytes = encoded_size(RAW_FINGERPRINT, RAW_DTYPE, (4096,), 4096)
@@ -138,3 +143,43 @@ def test_unreachable_pool_is_a_miss_not_an_error() -> None:
     # Both calls were tried (and timed); nothing moved.
     assert xfer.blocks() == (0, 3, 0, 0)
     assert xfer.io() == (1, 0, 1, 0)
+
+
+class RecordingClient(KVStoreClient):
+    """The real client, noting where `read_into` was asked to land each payload, and whether
+    the copying `read` was used."""
+
+    def __init__(self, address: str) -> None:
+        super().__init__(address, host_id="host-a",
+                         config=ClientConfig(max_object_bytes=4 * MIB, rpc_timeout_s=5.0))
+        self.landed: list[int] = []
+        self.copying_reads = 0
+
+    def read_into(self, target: PrefixMatch | Sequence[str], buffers: Sequence[object],
+                  layout: BlockLayout | None = None) -> Fetched:
+        self.landed += [np.frombuffer(b, dtype=np.uint8).ctypes.data  # type: ignore[call-overload]
+                        for b in buffers]
+        return super().read_into(target, buffers, layout)
+
+    def read(self, match: PrefixMatch, layout: BlockLayout | None = None) -> Fetched:
+        self.copying_reads += 1
+        return super().read(match, layout)
+
+
+def test_pull_lands_straight_in_the_cache_blocks(pool_address: str) -> None:
+    """Over shm (same host) the payload's one copy is out of the segment into the block."""
+    keys = PoolAddressing("fp-test", 16).block_keys(list(range(400, 448)), tenant="t")
+    src, dst = _cache(11), _cache(12)
+    with pool_client(pool_address) as client:
+        assert Xfer(client, src, "fp-test").transfer.store(keys, [0, 1, 2]) == 3
+    client = RecordingClient(pool_address)
+    with client:
+        reader = Xfer(client, dst, "fp-test")
+        assert reader.transfer.load(keys, [6, 2, 4]) == 3
+        assert client.transport_name(next(iter(client.status().nodes)).node) == "shm"
+    assert client.landed == [dst.block_view(b).data_ptr() for b in (6, 2, 4)]
+    assert client.copying_reads == 0
+    for s, d in ((0, 6), (1, 2), (2, 4)):
+        assert torch.equal(dst.read_block(d), src.read_block(s))
+    assert reader.blocks() == (3, 0, 0, 0)
+    assert reader.io() == (1, 3 * OBJECT_BYTES, 0, 0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -12,7 +13,7 @@ from engine.role_core import EngineCore
 from pantry.common.errors import InvalidRequest
 from pantry.common.sampling import SamplingParams
 from prefill.config import PrefillLimits
-from prefill.engine import PrefillEngine, PrefillJob
+from prefill.engine import PrefillEngine, PrefillJob, PrefillStopped
 from tests.decode.engine_rig import (
     BLOCK,
     MAX_MODEL_LEN,
@@ -48,6 +49,7 @@ def test_miss_then_hit(core: EngineCore, tiny_llama: Path) -> None:
     first = engine.prefill(job(ids))
     assert first.first_token == expected_first
     assert (first.pool_tokens, first.computed_tokens, first.stored_blocks) == (0, 40, 2)
+    core.flush_writes()  # the first token came back before the blocks were written
     assert core.runner.allocator.num_free == free
 
     keys = core.addressing.block_keys(ids, "")
@@ -74,6 +76,7 @@ def test_metrics_count_a_miss_then_a_hit(core: EngineCore) -> None:
     ids = prompt(40, seed=1)
     engine.prefill(job(ids))
     engine.prefill(job(ids, rid="r2"))
+    core.flush_writes()
 
     def m(name: str) -> float | None:
         return metric(core, name)
@@ -155,6 +158,7 @@ def test_blocks_stored_by_one_engine_are_used_by_another(
 ) -> None:
     ids = prompt(48, seed=9)
     PrefillEngine(core).prefill(job(ids))
+    core.flush_writes()
     other_core = make_core(tiny_llama, pool_address, "prefill", "prefill-1")
     try:
         out = PrefillEngine(other_core).prefill(job(ids))
@@ -205,5 +209,87 @@ def test_concurrent_prefills_are_serialised_and_correct(core: EngineCore,
         assert out.first_token == hf_greedy(tiny_llama, ids, 1)[0]
         assert (out.pool_tokens, out.computed_tokens) == (0, len(ids))
     assert engine.waiting == 0
+    core.flush_writes()
     assert core.runner.allocator.num_free == free
     assert core.counters().requests_total == 4
+
+
+def test_first_token_returns_before_the_blocks_are_written(core: EngineCore,
+                                                           tiny_llama: Path) -> None:
+    engine = PrefillEngine(core)
+    ids = prompt(40, seed=11)
+    keys = core.addressing.block_keys(ids, "")
+    gate = threading.Event()
+    # Holds the background writer (test-only reach into the core): the put queues behind it.
+    core._writer.submit(gate.wait)
+    try:
+        out = engine.prefill(job(ids))
+        assert out.first_token == hf_greedy(tiny_llama, ids, 1)[0]
+        assert out.stored_blocks == 2
+        assert core.pending_writes == 1
+        with pool_client(core.config.kv_master) as c:
+            assert c.exists(keys) == [False, False]
+    finally:
+        gate.set()
+    core.flush_writes()
+    assert core.pending_writes == 0
+    with pool_client(core.config.kv_master) as c:
+        assert c.exists(keys) == [True, True]
+    assert core.runner.allocator.num_free == core.runner.kv.num_blocks
+
+
+def test_queued_prompts_share_token_budgeted_passes(core: EngineCore, tiny_llama: Path) -> None:
+    """Three 40-token prompts under a 48-token budget: pass 1 computes p1 and 8 tokens of p2,
+    pass 2 the rest of p2 and 16 of p3, pass 3 the rest of p3; each pass puts the blocks it
+    completed (2, then 3, then 1)."""
+    engine = PrefillEngine(core, PrefillLimits(chunk_tokens=48), background=False)
+    prompts = [prompt(40, seed=20 + i) for i in range(3)]
+    futures = [engine.submit(job(ids, rid=f"r{i}")) for i, ids in enumerate(prompts)]
+    assert engine.load() == (3, 0)
+    # Test-only reach into the loop: all three admitted and their (missing) prefixes pulled
+    # before the first pass, so which tokens share a pass is exact.
+    engine._admit()
+    engine._puller.submit(lambda: None).result()
+    assert engine.load() == (0, 3)
+    loop = threading.Thread(target=engine.run)
+    loop.start()
+    try:
+        outs = [f.result(timeout=30) for f in futures]
+    finally:
+        engine.stop()
+        loop.join()
+    for ids, out in zip(prompts, outs, strict=True):
+        assert out.first_token == hf_greedy(tiny_llama, ids, 1)[0]
+        assert (out.pool_tokens, out.computed_tokens, out.stored_blocks) == (0, 40, 2)
+    pool = "pantry_pool_client_"
+    assert metric(core, f"{pool}write_seconds_count") == 3
+    assert metric(core, f"{pool}blocks_stored_total") == 6
+    assert core.runner.allocator.num_free == core.runner.kv.num_blocks
+
+
+def test_stop_fails_queued_prompts(core: EngineCore) -> None:
+    engine = PrefillEngine(core, background=False)
+    future = engine.submit(job(prompt(20, seed=30)))
+    engine.request_stop()
+    engine.run()  # returns at once: stop was asked before any pass
+    with pytest.raises(PrefillStopped):
+        future.result(timeout=5)
+    with pytest.raises(PrefillStopped):
+        engine.submit(job(prompt(20, seed=31)))
+    assert core.runner.allocator.num_free == core.runner.kv.num_blocks
+
+
+def test_local_blocks_the_pool_evicted_are_written_again(core: EngineCore) -> None:
+    engine = PrefillEngine(core)
+    ids = prompt(40, seed=12)
+    keys = core.addressing.block_keys(ids, "")
+    engine.prefill(job(ids))
+    core.flush_writes()
+    with pool_client(core.config.kv_master) as c:
+        assert c.remove(keys[1:]) == 1  # the pool evicted the second block
+        again = engine.prefill(job(ids, rid="again"))
+        # Both blocks held here: nothing computed but the tail, and the lost one stored again.
+        assert (again.pool_tokens, again.computed_tokens, again.stored_blocks) == (32, 8, 2)
+        core.flush_writes()
+        assert c.exists(keys) == [True, True]
+    assert metric(core, "pantry_pool_client_blocks_stored_total") == 3

@@ -1,0 +1,123 @@
+"""Decode tokens per second on CUDA through the engine's ModelRunner, for a model of SmolLM2-135M's
+shape (random weights: the embedded GGUF is too large to travel to a lent GPU machine, and speed
+does not depend on the weights' values), float32 and bfloat16, at 1, 8 and 64 streams.
+
+In the same run and process, the baseline: decode attention through the torch reference
+(`reference_paged_decode_attention`, gather + einsum on the GPU) instead of the Triton kernel.
+Each step brings the sampled ids back to the host, as serving does.
+
+    python3 bench/gpu_check.py [--context 256] [--steps 64] [--streams 1 8 64] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+import engine.attention as attention  # noqa: E402
+from engine import triton_kernels  # noqa: E402
+from engine.loader import load_model  # noqa: E402
+from engine.runner import ModelRunner, SeqStep  # noqa: E402
+
+# SmolLM2-135M's config.json, the fields that set the work per token.
+SMOLLM2_SHAPE: dict[str, Any] = dict(
+    vocab_size=49152, hidden_size=576,
+    intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+    max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=100000.0,
+    tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
+)
+
+
+def smollm2_shaped(root: Path) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**SMOLLM2_SHAPE))
+    path = root / "smollm2-shaped"
+    model.save_pretrained(path)
+    return path
+
+
+def decode_rate(runner: ModelRunner, streams: int, context: int, steps: int, seed: int) -> float:
+    rng = random.Random(seed)
+    bs = runner.block_size
+    tokens = [[rng.randrange(1000, 40000) for _ in range(context)] for _ in range(streams)]
+    tables = [runner.allocator.allocate(-(-(context + steps + 1) // bs)) for _ in range(streams)]
+    try:
+        runner.step([SeqStep(tuple(t), 0, tuple(b)) for t, b in zip(tokens, tables, strict=True)])
+        lens = [context] * streams
+        last = [t[-1] for t in tokens]
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(steps):
+            logits = runner.step([SeqStep((tok,), n, tuple(b))
+                                  for tok, n, b in zip(last, lens, tables, strict=True)])
+            last = logits.argmax(-1).tolist()  # the sampled ids: the step's one sync
+            lens = [n + 1 for n in lens]
+        return streams * steps / (time.perf_counter() - start)
+    finally:
+        for table in tables:
+            runner.allocator.free(table)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--context", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--streams", type=int, nargs="+", default=[1, 8, 64])
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--json", default=None)
+    ns = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("no CUDA device: torch.cuda.is_available() is False", file=sys.stderr)
+        return 2
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, SmolLM2-135M shape, "
+          f"context {ns.context}, {ns.steps} steps, median of {ns.reps}")
+    kernels: dict[str, Callable[..., torch.Tensor]] = {
+        "triton": triton_kernels.paged_decode_attention,
+        "torch-ref": triton_kernels.reference_paged_decode_attention,
+    }
+    rows: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = smollm2_shaped(Path(tmp))
+        for dtype in (torch.float32, torch.bfloat16):
+            dname = str(dtype).removeprefix("torch.")
+            loaded = load_model(path, dtype=dtype, device="cuda")
+            blocks = max(ns.streams) * (-(-(ns.context + ns.steps + 1) // 16)) + 1
+            runner = ModelRunner(loaded, num_blocks=blocks, block_size=16)
+            decode_rate(runner, 2, 32, 4, seed=0)  # warm-up: compiles the kernels
+            for streams in ns.streams:
+                for name, fn in kernels.items():
+                    attention.paged_decode_attention = fn  # type: ignore[assignment]
+                    try:
+                        decode_rate(runner, streams, 32, 2, seed=1)  # this shape's warm-up
+                        rows[f"{dname} {streams} {name}"] = statistics.median(
+                            decode_rate(runner, streams, ns.context, ns.steps, seed=r)
+                            for r in range(ns.reps))
+                    finally:
+                        attention.paged_decode_attention = kernels["triton"]  # type: ignore[assignment]
+                fast, ref = rows[f"{dname} {streams} triton"], rows[f"{dname} {streams} torch-ref"]
+                print(f"{dname:9} {streams:3} streams: {fast:9.1f} tok/s with the Triton kernel, "
+                      f"{ref:8.1f} with the torch reference attention ({fast / ref:.2f}x)")
+            del runner, loaded
+            torch.cuda.empty_cache()
+    if ns.json:
+        Path(ns.json).write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
