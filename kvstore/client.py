@@ -14,12 +14,10 @@ the old one (a stale shared-memory mapping keeps a dead segment's memory alive).
 
 from __future__ import annotations
 
-import enum
 import functools
 import logging
 import os
 import threading
-from collections import defaultdict
 from collections.abc import Collection, Sequence
 from types import TracebackType
 
@@ -27,9 +25,8 @@ import grpc
 from prometheus_client import CollectorRegistry
 
 from kvstore.auth import token_from_env
-from kvstore.block_object import BlockLayout, BlockObject, encode_object, encode_parts
+from kvstore.block_object import BlockLayout, BlockObject
 from kvstore.config import ClientConfig
-from kvstore.errors import ObjectTooLargeError
 from kvstore.hostid import default_host_id
 from kvstore.limits import check_key
 from kvstore.master_link import MasterLink
@@ -37,7 +34,7 @@ from kvstore.metadata import BlockLocation, DrainState, NodeInfo, ObjectEntry, P
 from kvstore.metrics import ClientMetrics
 from kvstore.prefix_match import PrefixMatch, compact_from_proto, pack_keys
 from kvstore.reader import CallerBufferError, Fetched, Reader
-from kvstore.transports import Transport, TransportError, WriteData, parts_of
+from kvstore.transports import Transport
 from kvstore.transports.grpc import GrpcTransport
 from kvstore.transports.rdma import RdmaTransport, RdmaUnavailable, has_rdma_device
 from kvstore.transports.shm import ShmTransport
@@ -45,12 +42,12 @@ from kvstore.transports.ssd import SsdReader
 from kvstore.transports.tcp import TcpTransport
 from kvstore.wire import (
     drain_from_proto,
-    grant_from_proto,
     location_from_proto,
     node_from_proto,
     object_from_proto,
     status_from_proto,
 )
+from kvstore.writer import PutResult, Writer
 from pantry.v1 import kvstore_pb2 as pb
 from pantry.v1 import kvstore_pb2_grpc as pb_grpc
 
@@ -58,20 +55,6 @@ log = logging.getLogger(__name__)
 
 __all__ = ["BlockLayout", "BlockLocation", "DrainState", "Fetched", "KVStoreClient",
            "ObjectEntry", "PoolStatus", "PrefixMatch", "PutResult"]
-
-
-class PutResult(enum.Enum):
-    """How one object of a put (or a move) ended."""
-
-    STORED = "stored"  # written and sealed, or already sealed
-    NO_SPACE = "no_space"
-    GONE = "gone"  # a move of an object no longer on the node
-    BUSY = "busy"  # another put of the key is under way
-    FAILED = "failed"  # a write failed or the seal was refused: nothing stored by this put
-
-
-_RESULTS = {pb.PUT_STATE_EXISTS: PutResult.STORED, pb.PUT_STATE_NO_SPACE: PutResult.NO_SPACE,
-            pb.PUT_STATE_GONE: PutResult.GONE, pb.PUT_STATE_IN_PROGRESS: PutResult.BUSY}
 
 
 class KVStoreClient:
@@ -241,30 +224,14 @@ class KVStoreClient:
         False); raises InvalidKeyError for a key outside the key syntax and ObjectTooLargeError
         for an object above max_object_bytes, before anything is allocated.
         """
-        if not items:
-            return []
-        keys = [k for k, _ in items]
-        for i, key in enumerate(keys):
-            check_key(key, f"items[{i}]")
-        # Header and payload as two parts: the payload is copied only onto the wire or into
-        # the segment, never to join them.
-        objects = [encode_parts(k, layout or BlockLayout.raw(memoryview(d).nbytes), d)
-                   for k, d in items]
-        results = self._put_encoded(keys, objects, replicas=replicas or 0)
-        # A key named twice is stored once: every item of it is then stored.
-        stored = {k for k, r in zip(keys, results, strict=True) if r is PutResult.STORED}
-        return [k in stored for k in keys]
+        return self._writer.put_many(items, layout, replicas)
 
     def move(self, objects: Sequence[BlockObject], from_node: str) -> list[PutResult]:
         """Copy each (checked) object to a node that holds no replica of it; once sealed, the
         copy replaces the object's replica on `from_node` (kvstore drain). Per object: STORED
         (moved), NO_SPACE (no node can take it), GONE (no replica there any more), BUSY (a put
         of it is under way) or FAILED (a write failed; try again)."""
-        if not objects:
-            return []
-        keys = [o.key for o in objects]
-        encoded = [encode_object(o.key, o.layout, o.payload) for o in objects]
-        return self._put_encoded(keys, encoded, replace_node=from_node)
+        return self._writer.move(objects, from_node)
 
     def drain(self, node_id: str, limit: int = 1024, drop: Sequence[str] = (),
               cancel: bool = False) -> DrainState:
@@ -276,74 +243,10 @@ class KVStoreClient:
                                   timeout=self.config.rpc_timeout_s)
         return drain_from_proto(node_id, resp)
 
-    def _put_encoded(self, keys: Sequence[str], objects: Sequence[WriteData], replicas: int = 0,
-                     replace_node: str = "") -> list[PutResult]:
-        """Two-phase put of encoded objects: allocate every replica, write each, abort the
-        replicas whose write failed, seal the rest of each put together."""
-        sizes = [sum(p.nbytes for p in parts_of(o)) for o in objects]
-        limit = self.config.max_object_bytes
-        for key, size in zip(keys, sizes, strict=True):
-            if size > limit:
-                raise ObjectTooLargeError(
-                    f"object {key} is {size} bytes; max_object_bytes is {limit}")
-        resp = self._master.PutStart(
-            pb.PutStartRequest(keys=keys, sizes=sizes, client_host_id=self.host_id,
-                               replicas=replicas, replace_node=replace_node),
-            timeout=self.config.rpc_timeout_s)
-        self._saw_membership(resp.membership)
-        nodes = {n.node_id: node_from_proto(n) for n in resp.nodes}
-        results = [PutResult.FAILED] * len(keys)
-        # Per node, the (item, replica) writes it gets.
-        by_node: dict[str, list[tuple[int, pb.ReplicaGrant]]] = defaultdict(list)
-        too_large: list[str] = []
-        for i, slot in enumerate(resp.slots):
-            if slot.state == pb.PUT_STATE_ALLOCATED:
-                reps = list(slot.replicas) or [pb.ReplicaGrant(location=slot.location,
-                                                               grant=slot.grant)]
-                for r in reps:
-                    by_node[r.location.node_id].append((i, r))
-                if len(reps) < slot.wanted:
-                    log.debug("%s: %d of %d replicas (the pool has fewer nodes with room)",
-                              keys[i], len(reps), slot.wanted)
-            elif slot.state == pb.PUT_STATE_TOO_LARGE:
-                too_large.append(keys[i])
-            else:
-                results[i] = _RESULTS.get(slot.state, PutResult.FAILED)
-        written: set[int] = set()
-        failed: list[pb.PutTicket] = []
-        for node_id, reps in by_node.items():
-            transport = None if too_large or node_id not in nodes else self._transport(
-                nodes[node_id])
-            if transport is not None:
-                ops = [(grant_from_proto(r.grant), objects[i]) for i, r in reps]
-                try:
-                    transport.write(ops)
-                    written.update(i for i, _ in reps)
-                    continue
-                except TransportError as e:
-                    log.warning("write to node %s failed: %s", node_id, e)
-                    self._drop_transport(nodes[node_id], "error")
-            # Only this node's replicas are given up: the put lives on in the others.
-            failed.extend(pb.PutTicket(key=keys[i], token=r.grant.token, node_id=node_id)
-                          for i, r in reps)
-        if failed:
-            self._master.PutAbort(pb.PutFinishRequest(puts=failed),
-                                  timeout=self.config.rpc_timeout_s)
-        if written:
-            order = sorted(written)
-            sealed = self._master.PutEnd(
-                pb.PutFinishRequest(puts=[pb.PutTicket(key=keys[i],
-                                                       token=resp.slots[i].grant.token)
-                                          for i in order]),
-                timeout=self.config.rpc_timeout_s).sealed
-            for i, ok in zip(order, sealed, strict=True):
-                if ok:
-                    results[i] = PutResult.STORED
-        if too_large:
-            raise ObjectTooLargeError(
-                f"master rejected {too_large[0]} as larger than its max_object_bytes "
-                f"{resp.max_object_bytes}")
-        return results
+    @functools.cached_property
+    def _writer(self) -> Writer:
+        return Writer(self._master, self.config, self.host_id, self._transport,
+                      self._drop_transport, self._saw_membership)
 
     def get_objects(self, keys: Sequence[str], layout: BlockLayout | None = None) -> Fetched:
         """The checked object per key (key, `layout` when given, length, checksum); a key whose
@@ -358,8 +261,7 @@ class KVStoreClient:
         """One leased location per key (None: not stored) and the nodes they name."""
         resp = self._master.GetReplicas(self._keys(keys), timeout=self.config.rpc_timeout_s)
         self._saw_membership(resp.membership)
-        return ([location_from_proto(r.location) if r.found else None for r in resp.replicas],
-                [node_from_proto(n) for n in resp.nodes])
+        return _replicas_from_proto(resp)
 
     def read(self, match: PrefixMatch, layout: BlockLayout | None = None) -> Fetched:
         """The objects at the locations of a prefix match, checked like `get_objects`, without
@@ -419,8 +321,7 @@ class KVStoreClient:
         except grpc.RpcError as e:
             log.warning("no other replica asked for %d keys: %s", len(keys), e)
             return [None] * len(keys), []
-        return ([location_from_proto(r.location) if r.found else None for r in resp.replicas],
-                [node_from_proto(n) for n in resp.nodes])
+        return _replicas_from_proto(resp)
 
     def get_many(self, keys: Sequence[str],
                  layout: BlockLayout | None = None) -> list[bytes | None]:
@@ -452,3 +353,10 @@ class KVStoreClient:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.close()
+
+
+def _replicas_from_proto(resp: pb.GetReplicasResponse
+                         ) -> tuple[list[BlockLocation | None], list[NodeInfo]]:
+    """A GetReplicas answer: the location per key (None: none found) and the nodes named."""
+    return ([location_from_proto(r.location) if r.found else None for r in resp.replicas],
+            [node_from_proto(n) for n in resp.nodes])

@@ -31,7 +31,7 @@ from kvstore.config import master_addresses
 
 log = logging.getLogger(__name__)
 
-# A standby's answer names the leader in these words (kvstore.master_service says them).
+# A standby's answer names the leader in these words (kvstore.master_role says them).
 STANDBY_PREFIX = "standby; leader is "
 _LEADER = re.compile(re.escape(STANDBY_PREFIX) + r"(\S+:\d+)")
 # Lease TTL (3 s by default) + the standby's next try + rebuilding from Redis, with room.

@@ -1,5 +1,5 @@
 """Whether this master serves the pool: the leader/standby role of a master process, for its
-gRPC edge (`kvstore.master_service`).
+gRPC edge (`kvstore.master_servicer`).
 
 A master on the memory backend (or handed a `Master`) always leads. With Redis metadata the one
 holding the leader lease (`kvstore.leader`) serves and the others stand by, answering every call

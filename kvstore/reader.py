@@ -242,12 +242,7 @@ class Reader:
         """`one_node(node, indices)` for every node holding some of the locations, in parallel
         when there are several; the bytes they moved."""
         nodes = {n.node_id: n for n in node_list}
-        by_node: dict[str, list[int]] = defaultdict(list)
-        for i, loc in enumerate(locations[: len(keys)]):
-            node = None if loc is None else nodes.get(loc.node_id)
-            # A location is read only from the registration it was handed out for.
-            if loc is not None and node is not None and node.epoch == loc.epoch:
-                by_node[loc.node_id].append(i)
+        by_node = _by_node(locations[: len(keys)], nodes)
         jobs = [(nodes[nid], idxs) for nid, idxs in by_node.items()]
         if len(jobs) <= 1:
             return sum(one_node(node, idxs) for node, idxs in jobs)
@@ -262,12 +257,7 @@ class Reader:
         that cannot be asked leaves its locations misses."""
         ssd = self._ssd
         nodes = {n.node_id: n for n in node_list}
-        by_node: dict[str, list[int]] = defaultdict(list)
-        for i, loc in enumerate(locations[: len(keys)]):
-            node = None if loc is None else nodes.get(loc.node_id)
-            if (loc is not None and loc.tier == SSD and node is not None
-                    and node.epoch == loc.epoch):
-                by_node[loc.node_id].append(i)
+        by_node = _by_node(locations[: len(keys)], nodes, tier=SSD)
         if ssd is None or not by_node:
             return 0
         moved = 0
@@ -332,3 +322,16 @@ def _writable(buffer: object, i: int) -> memoryview:
     if not view.c_contiguous:
         raise CallerBufferError(f"buffers[{i}] is not contiguous")
     return view.cast("B")
+
+
+def _by_node(locations: Sequence[BlockLocation | None], nodes: dict[str, NodeInfo],
+             tier: str | None = None) -> dict[str, list[int]]:
+    """The indices of `locations` (of `tier`, when given) per node id, of the nodes in
+    `nodes` only: a location is read only from the registration it was handed out for."""
+    by_node: dict[str, list[int]] = defaultdict(list)
+    for i, loc in enumerate(locations):
+        node = None if loc is None else nodes.get(loc.node_id)
+        if (loc is not None and node is not None and node.epoch == loc.epoch
+                and (tier is None or loc.tier == tier)):
+            by_node[loc.node_id].append(i)
+    return by_node

@@ -7,9 +7,10 @@ size, at most 4 KiB), so a block of any model wastes well under 5%; later sizes 
 are carved from slab pages of `per_page` slots each (about `page_bytes`, like memcached's 1 MiB
 pages, or one slot for objects larger than that), each rounded up to a 4 KiB boundary (a tail
 of under 4 KiB, so pages, and the 4 KiB-granule slots of large objects, stay page-aligned for
-DMA and O_DIRECT). Pages and the free gaps between them tile the segment: a page is carved from
-the lowest gap that holds it and goes back to the gaps (merged with its neighbours) as soon as
-its last slot is freed, so space one class stops using serves any other.
+DMA and O_DIRECT). Pages and the free gaps between them tile the segment (the map is
+`kvstore.slab_pages`): a page is carved from the lowest gap that holds it and goes back to the
+gaps (merged with its neighbours) as soon as its last slot is freed, so space one class stops
+using serves any other.
 
 When a class has no free slot and no gap holds a slot of it, it first takes the free tail of
 another class's page (slots nobody uses: nothing is evicted). Failing that, rebalancing
@@ -33,7 +34,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from kvstore.slab_classes import (
     ALIGN,
@@ -45,29 +46,8 @@ from kvstore.slab_classes import (
     round_up,
     slot_bytes,
 )
+from kvstore.slab_pages import Page, SegmentMap, SlabClass
 from kvstore.slab_rebalance import Block, idlest_run
-
-
-@dataclass(eq=False)
-class _Class:
-    slot: int
-    per_page: int
-    pages: int = 0
-    # Offsets of the free slots in this class's pages, ascending.
-    free: list[int] = field(default_factory=list)
-
-
-@dataclass(eq=False)
-class _Page:
-    start: int
-    end: int  # the last slot's end, then the tail up to a PAGE_ALIGN boundary
-    slots: int
-    cls: _Class
-    used: int = 0
-
-    @property
-    def slots_end(self) -> int:
-        return self.start + self.slots * self.cls.slot
 
 
 @dataclass(frozen=True)
@@ -87,15 +67,10 @@ class SlabAllocator:
         self.max_classes = max_classes
         self.capacity = max(0, capacity - capacity % ALIGN)
         self.used = 0
-        self._classes: dict[int, _Class] = {}
+        self._classes: dict[int, SlabClass] = {}
         self._slots: list[int] = []  # slot sizes of the classes, ascending
-        self._page_starts: list[int] = []
-        self._pages: dict[int, _Page] = {}
-        self._gap_starts: list[int] = []
-        self._gap_end: dict[int, int] = {}
-        self._allocated: dict[int, _Page] = {}
-        if self.capacity:
-            self._add_gap(0, self.capacity)
+        self._map = SegmentMap(self.capacity)
+        self._allocated: dict[int, Page] = {}
 
     # ---- introspection ----------------------------------------------------------------------
 
@@ -108,30 +83,31 @@ class SlabAllocator:
         out = []
         for slot in self._slots:
             c = self._classes[slot]
-            pages = [p for p in self._pages.values() if p.cls is c]
+            pages = [p for p in self._map.pages.values() if p.cls is c]
             out.append(ClassStats(slot, c.pages, sum(p.slots for p in pages),
                                   sum(p.used for p in pages)))
         return out
 
     def pages(self) -> list[tuple[int, int, int]]:
         """(start, slot size, slots) of every page, by address."""
-        return [(s, self._pages[s].cls.slot, self._pages[s].slots) for s in self._page_starts]
+        pages = self._map.pages
+        return [(s, pages[s].cls.slot, pages[s].slots) for s in self._map.page_starts]
 
     def gaps(self) -> list[tuple[int, int]]:
         """(start, end) of every free gap, by address."""
-        return [(s, self._gap_end[s]) for s in self._gap_starts]
+        return self._map.gaps()
 
     def entries(self) -> int:
         """Entries the allocator holds (classes, pages, gaps, free and used slots): what
         bounds its memory."""
-        return (len(self._classes) + len(self._pages) + len(self._gap_starts)
+        return (len(self._classes) + len(self._map.pages) + len(self._map.gap_starts)
                 + sum(len(c.free) for c in self._classes.values()) + len(self._allocated))
 
     def check(self) -> None:
         """Assert every invariant (for tests): pages and gaps tile the segment, gaps are
         merged, each page's free and used slots add up, and `used` is the slots in use."""
         blocks = sorted([(s, e, False) for s, e in self.gaps()]
-                        + [(p.start, p.end, True) for p in self._pages.values()])
+                        + [(p.start, p.end, True) for p in self._map.pages.values()])
         at, prev_gap = 0, False
         for start, end, is_page in blocks:
             assert start == at < end, f"hole or overlap at {at}: block [{start}, {end})"
@@ -139,7 +115,7 @@ class SlabAllocator:
             at, prev_gap = end, not is_page
         assert at == self.capacity, f"blocks end at {at}, not {self.capacity}"
         used = 0
-        for page in self._pages.values():
+        for page in self._map.pages.values():
             cls = page.cls
             assert self._classes.get(cls.slot) is cls and page.slots >= 1
             assert page.slots_end <= page.end < page.slots_end + PAGE_ALIGN
@@ -153,7 +129,7 @@ class SlabAllocator:
         assert self._slots == sorted(self._classes)
         for cls in self._classes.values():
             assert cls.free == sorted(cls.free)
-            assert cls.pages == sum(p.cls is cls for p in self._pages.values()) >= 1
+            assert cls.pages == sum(p.cls is cls for p in self._map.pages.values()) >= 1
 
     # ---- classes ----------------------------------------------------------------------------
 
@@ -168,104 +144,74 @@ class SlabAllocator:
                 return slot, True
         return new, False
 
-    def _class_for(self, length: int) -> _Class:
+    def _class_for(self, length: int) -> SlabClass:
         slot, exists = self._class_slot(length)
         if exists:
             return self._classes[slot]
-        cls = self._classes[slot] = _Class(slot, max(1, self.page_bytes // slot))
+        cls = self._classes[slot] = SlabClass(slot, max(1, self.page_bytes // slot))
         bisect.insort(self._slots, slot)
         return cls
 
-    def _drop_if_unused(self, cls: _Class) -> None:
+    def _drop_if_unused(self, cls: SlabClass) -> None:
         if cls.pages == 0 and self._classes.get(cls.slot) is cls:
             del self._classes[cls.slot]
             self._slots.remove(cls.slot)
 
     # ---- gaps and pages ---------------------------------------------------------------------
 
-    def _add_gap(self, start: int, end: int) -> None:
-        """Give [start, end) back to the gaps, merged with the gaps it touches."""
-        i = bisect.bisect_left(self._gap_starts, start)
-        if i > 0 and self._gap_end[self._gap_starts[i - 1]] == start:
-            i -= 1
-            start = self._gap_starts[i]
-            del self._gap_starts[i]
-            del self._gap_end[start]
-        if i < len(self._gap_starts) and self._gap_starts[i] == end:
-            end = self._gap_end.pop(self._gap_starts[i])
-            del self._gap_starts[i]
-        self._gap_starts.insert(i, start)
-        self._gap_end[start] = end
-
-    def _gap_at(self, offset: int) -> int | None:
-        i = bisect.bisect_right(self._gap_starts, offset) - 1
-        if i >= 0 and offset < self._gap_end[self._gap_starts[i]]:
-            return self._gap_starts[i]
-        return None
-
-    def _page_at(self, offset: int) -> _Page | None:
-        i = bisect.bisect_right(self._page_starts, offset) - 1
-        if i >= 0:
-            page = self._pages[self._page_starts[i]]
-            if offset < page.end:
-                return page
-        return None
-
-    def _open_page(self, cls: _Class, gap: int, start: int) -> _Page:
+    def _open_page(self, cls: SlabClass, gap: int, start: int) -> Page:
         """A page of `cls` at `start` inside the gap beginning at `gap`, as many slots as the
         class's pages hold or the gap has room for."""
-        end = self._gap_end.pop(gap)
-        self._gap_starts.remove(gap)
+        end = self._map.take_gap(gap)
         slots = min(cls.per_page, (end - start) // cls.slot)
         assert slots >= 1, "a page holds at least one slot"
-        page = _Page(start, min(end, round_up(start + slots * cls.slot, PAGE_ALIGN)), slots, cls)
+        page = Page(start, min(end, round_up(start + slots * cls.slot, PAGE_ALIGN)), slots, cls)
         if gap < start:
-            self._add_gap(gap, start)
+            self._map.add_gap(gap, start)
         if page.end < end:
-            self._add_gap(page.end, end)
-        bisect.insort(self._page_starts, start)
-        self._pages[start] = page
+            self._map.add_gap(page.end, end)
+        self._map.add_page(page)
         cls.pages += 1
         free = range(start, page.slots_end, cls.slot)
         i = bisect.bisect_left(cls.free, start)
         cls.free[i:i] = free
         return page
 
-    def _carve(self, cls: _Class) -> bool:
+    def _carve(self, cls: SlabClass) -> bool:
         """Open a page of `cls` in the lowest gap that holds a slot of it; failing that, in
         the free tail of the lowest page of another class whose tail (with the gap after it)
         holds one: trimming slots nobody uses evicts nothing."""
-        for gap in self._gap_starts:
-            if self._gap_end[gap] - gap >= cls.slot:
+        for gap in self._map.gap_starts:
+            if self._map.gap_end[gap] - gap >= cls.slot:
                 self._open_page(cls, gap, gap)
                 return True
         for start in self._pages_with_free_slots(but=cls):
-            page = self._pages[start]
+            page = self._map.pages[start]
             keep = self._slots_in_use_to(page)
             cut = min(page.end, round_up(page.start + keep * page.cls.slot, PAGE_ALIGN))
-            room = self._gap_end.get(page.end, page.end) - cut
+            room = self._map.gap_end.get(page.end, page.end) - cut
             if room >= cls.slot:
                 self._shrink(page, keep, cut)
-                freed = self._gap_at(cut)
+                freed = self._map.gap_at(cut)
                 assert freed == cut, "the trimmed tail starts a gap"
                 self._open_page(cls, cut, cut)
                 return True
         return False
 
-    def _pages_with_free_slots(self, but: _Class) -> list[int]:
+    def _pages_with_free_slots(self, but: SlabClass) -> list[int]:
         """Starts of the pages of other classes than `but` that have a free slot, ascending
         (found from the free lists: a full pool with one class looks at nothing)."""
         starts = []
         for cls in self._classes.values():
             i = 0
             while cls is not but and i < len(cls.free):
-                page = self._page_at(cls.free[i])
+                page = self._map.page_at(cls.free[i])
                 assert page is not None and page.cls is cls
                 starts.append(page.start)
                 i = bisect.bisect_left(cls.free, page.slots_end, lo=i)
         return sorted(starts)
 
-    def _slots_in_use_to(self, page: _Page) -> int:
+    def _slots_in_use_to(self, page: Page) -> int:
         """How many of the page's slots come before the end of its last slot in use."""
         free = page.cls.free
         hi = bisect.bisect_left(free, page.slots_end)
@@ -276,7 +222,7 @@ class SlabAllocator:
             keep -= 1
         return keep
 
-    def _shrink(self, page: _Page, slots: int, end: int | None = None) -> None:
+    def _shrink(self, page: Page, slots: int, end: int | None = None) -> None:
         """Cut `page` down to its first `slots` slots (those past them are free), ending at
         `end` (default: right after them); the rest goes back to the gaps, and a page cut to
         nothing is gone."""
@@ -288,13 +234,12 @@ class SlabAllocator:
         del cls.free[lo:hi]
         page.end = page.start + slots * cls.slot if end is None else end
         if slots == 0:
-            self._page_starts.remove(page.start)
-            del self._pages[page.start]
+            self._map.remove_page(page)
             cls.pages -= 1
             self._drop_if_unused(cls)
         page.slots = slots
         if page.end < old_end:
-            self._add_gap(page.end, old_end)
+            self._map.add_gap(page.end, old_end)
 
     # ---- the interface the master uses ------------------------------------------------------
 
@@ -308,12 +253,12 @@ class SlabAllocator:
             self._drop_if_unused(cls)
             return None
         offset = cls.free.pop(0)
-        page = self._page_at(offset)
+        page = self._map.page_at(offset)
         assert page is not None and page.cls is cls
         self._take(page, offset)
         return offset, cls.slot
 
-    def _take(self, page: _Page, offset: int) -> None:
+    def _take(self, page: Page, offset: int) -> None:
         page.used += 1
         self._allocated[offset] = page
         self.used += page.cls.slot
@@ -323,7 +268,7 @@ class SlabAllocator:
         exists there); its size, or None when the space is taken."""
         if offset < 0 or offset % ALIGN or length <= 0 or offset + length > self.capacity:
             return None
-        page = self._page_at(offset)
+        page = self._map.page_at(offset)
         if page is not None:
             slot, _ = self._class_slot(length)
             index, misaligned = divmod(offset - page.start, page.cls.slot)
@@ -341,11 +286,11 @@ class SlabAllocator:
             if any(cut <= o for o in self._allocated_in(page)):
                 return None
             self._shrink(page, index)
-        gap = self._gap_at(offset)
+        gap = self._map.gap_at(offset)
         if gap is None:
             return None
         cls = self._class_for(length)
-        if offset + cls.slot > self._gap_end[gap]:
+        if offset + cls.slot > self._map.gap_end[gap]:
             self._drop_if_unused(cls)
             return None
         page = self._open_page(cls, gap, offset)
@@ -355,7 +300,7 @@ class SlabAllocator:
         self._take(page, offset)
         return cls.slot
 
-    def _allocated_in(self, page: _Page) -> Iterable[int]:
+    def _allocated_in(self, page: Page) -> Iterable[int]:
         taken = set(range(page.start, page.slots_end, page.cls.slot)).difference(
             page.cls.free[bisect.bisect_left(page.cls.free, page.start):
                           bisect.bisect_left(page.cls.free, page.end)])
@@ -374,10 +319,9 @@ class SlabAllocator:
         hi = bisect.bisect_left(cls.free, page.end)
         assert hi - lo == page.slots - 1, "every other slot of an emptied page is free"
         del cls.free[lo:hi]
-        self._page_starts.remove(page.start)
-        del self._pages[page.start]
+        self._map.remove_page(page)
         cls.pages -= 1
-        self._add_gap(page.start, page.end)
+        self._map.add_gap(page.start, page.end)
         self._drop_if_unused(cls)
 
     def eviction_plan(self, length: int, candidates: Iterable[int],
@@ -422,17 +366,10 @@ class SlabAllocator:
         # The segment in address order as (start, end, latest use, victims); a page holding
         # an object that may not be evicted, or one used since, blocks every run through it.
         blocks: list[Block | None] = []
-        gap_i = page_i = 0
-        while gap_i < len(self._gap_starts) or page_i < len(self._page_starts):
-            next_gap = self._gap_starts[gap_i] if gap_i < len(self._gap_starts) else None
-            next_page = self._page_starts[page_i] if page_i < len(self._page_starts) else None
-            if next_page is None or (next_gap is not None and next_gap < next_page):
-                assert next_gap is not None
-                blocks.append((next_gap, self._gap_end[next_gap], -1, []))
-                gap_i += 1
+        for start, end, page in self._map.in_address_order():
+            if page is None:
+                blocks.append((start, end, -1, []))
                 continue
-            page = self._pages[next_page]
-            page_i += 1
             mine = held.get(page.start, [])
             if len(mine) == page.used and all(evictable(o) for _, o in mine):
                 blocks.append((page.start, page.end, max(i for i, _ in mine),

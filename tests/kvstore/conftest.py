@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from kv_helpers import RedisServer, wait_for
+from kv_helpers import RedisServer, wait_registered
 
 from kvstore.client import KVStoreClient
 from kvstore.config import ClientConfig, MasterConfig, NodeConfig
@@ -47,13 +47,7 @@ def node_factory(master_address: str) -> Iterator[Callable[..., NodeServer]]:
         srv = start_node(cfg)
         nodes.append(srv)
         if wait:
-            with KVStoreClient(master_address, host_id="probe") as c:
-                # The node must know its registration too, not just the master: before, a
-                # write could reach it before its grant key did.
-                wait_for(lambda: any(n.node.node_id == cfg.node_id
-                                     and n.node.epoch == srv.node.epoch
-                                     for n in c.status().nodes),
-                         what=f"node {cfg.node_id} registered")
+            wait_registered(master_address, srv)
         return srv
 
     yield make

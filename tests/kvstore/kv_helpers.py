@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import glob
 import json
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from kvstore.node_service import NodeServer
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -22,6 +29,28 @@ def wait_for(cond: Callable[[], bool], timeout: float = 10.0, what: str = "condi
             return
         time.sleep(0.02)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+class Clock:
+    """A clock that stands still until a test moves it (`clock.t += 5`), for a `Master`."""
+
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def wait_registered(master_address: str, srv: NodeServer) -> None:
+    """Until the master lists `srv` in its current registration. The node then knows its
+    registration too, not just the master: before, a write could reach it before its grant
+    key did."""
+    from kvstore.client import KVStoreClient
+
+    node_id = srv.node.config.node_id
+    with KVStoreClient(master_address, host_id="probe") as c:
+        wait_for(lambda: any(n.node.node_id == node_id and n.node.epoch == srv.node.epoch
+                             for n in c.status().nodes), what=f"node {node_id} registered")
 
 
 def raw_size(nbytes: int, key: str) -> int:
@@ -72,6 +101,39 @@ def spawn(tmp: Path, name: str, *args: str) -> tuple[subprocess.Popen[bytes], di
     info = json.loads(ready.read_text())
     assert info["pid"] == proc.pid
     return proc, info
+
+
+ProcessPool = tuple[str, list[str], list[subprocess.Popen[bytes]]]
+
+
+@contextmanager
+def two_node_pool(tmp: Path, tag: str, node_timeout_s: float) -> Iterator[ProcessPool]:
+    """A `kvstore master` (replicas 2, --node-timeout `node_timeout_s`) and two `kvstore node`
+    processes on hosts host-a and host-b: (master address, node ids, processes, master first).
+    Stopped with SIGTERM (a node unlinks its segment); the segment files of a node a test
+    SIGKILLed are unlinked here."""
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    procs: list[subprocess.Popen[bytes]] = []
+    master, _ = spawn(tmp, "master", "master", "--port", str(port), "--reap-interval", "0.1",
+                      "--node-timeout", str(node_timeout_s), "--replicas", "2")
+    procs.append(master)
+    ids = [f"{tag}-{x}-{os.getpid()}" for x in "ab"]
+    try:
+        for node_id, host in zip(ids, ("host-a", "host-b"), strict=True):
+            proc, _ = spawn(tmp, node_id, "node", "--master", address, "--node-id", node_id,
+                            "--dram-bytes", "8MiB", "--heartbeat", "0.2", "--host-id", host,
+                            "--no-prefault")
+            procs.append(proc)
+        yield address, ids, procs
+    finally:
+        for proc in reversed(procs):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(timeout=20)
+        for node_id in ids:
+            for path in shm_files(node_id):
+                os.unlink(path)
 
 
 class RedisServer:

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import grpc
 import pytest
-from test_replicas import holders, pool, put, reader_gets, used
+from test_replicas import holders, lapse_leases, pool, put, reader_gets, used
 
 from kvstore.cli import main as kvstore_main
 from kvstore.client import KVStoreClient
@@ -49,10 +49,7 @@ def test_a_move_replaces_the_replica_in_one_step_and_keeps_the_old_slot_for_its_
     assert used(m)["n1"] == 4 * KIB
     state = m.drain("n1")
     assert (state.keys, state.replicas) == ((), 0)
-    clock.t += 1.5
-    for n in ("n1", "n2", "n3"):
-        m.heartbeat(n, m.node(n).epoch)
-    m.reap()
+    lapse_leases(m, clock)
     assert used(m)["n1"] == 0
     assert [n.draining for n in m.status().nodes] == [True, False, False]
     assert not m.drain("n1", cancel=True).draining

@@ -3,19 +3,12 @@
 from __future__ import annotations
 
 import pytest
+from kv_helpers import Clock
 
 from kvstore.config import KIB, MIB, MasterConfig
 from kvstore.master import Master, PutOutcome
 from kvstore.metadata import NodeInfo
 from pantry.common.errors import ConfigError
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.t = 1000.0
-
-    def __call__(self) -> float:
-        return self.t
 
 
 def make_master(capacity: int = 64 * KIB, **cfg: float) -> tuple[Master, Clock]:

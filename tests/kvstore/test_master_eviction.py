@@ -6,20 +6,13 @@ from __future__ import annotations
 import argparse
 
 import pytest
+from kv_helpers import Clock
 
 from kvstore.config import KIB, MasterConfig
 from kvstore.master import Master, PutOutcome
 from kvstore.metadata import NodeInfo
 from pantry.common.config_flags import add_config_flags, config_from_args
 from pantry.common.errors import ConfigError
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.t = 1000.0
-
-    def __call__(self) -> float:
-        return self.t
 
 
 def make_master(eviction: str) -> tuple[Master, Clock]:

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from kv_helpers import free_port, shm_files, spawn, wait_for
+from kv_helpers import ProcessPool, two_node_pool, wait_for
 
 from kvstore.client import KVStoreClient
 from kvstore.config import ClientConfig, MasterConfig
@@ -67,34 +66,14 @@ def test_a_damaged_replica_is_refused_and_the_other_one_read(
 
 
 @pytest.fixture
-def pool(tmp_path: Path) -> Iterator[tuple[str, list[str], list[subprocess.Popen[bytes]]]]:
+def pool(tmp_path: Path) -> Iterator[ProcessPool]:
     """A master (replicas 2, node timeout 6 s) and two `kvstore node` processes."""
-    address = f"127.0.0.1:{free_port()}"
-    procs: list[subprocess.Popen[bytes]] = []
-    master, _ = spawn(tmp_path, "master", "master", "--port", address.rpartition(":")[2],
-                      "--reap-interval", "0.1", "--node-timeout", str(NODE_TIMEOUT_S),
-                      "--replicas", "2")
-    procs.append(master)
-    ids = [f"fo-{x}-{os.getpid()}" for x in "ab"]
-    try:
-        for node_id, host in zip(ids, ("host-a", "host-b"), strict=True):
-            proc, _ = spawn(tmp_path, node_id, "node", "--master", address, "--node-id",
-                            node_id, "--dram-bytes", "8MiB", "--heartbeat", "0.2", "--host-id",
-                            host, "--no-prefault")
-            procs.append(proc)
-        yield address, ids, procs
-    finally:
-        for proc in reversed(procs):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                proc.wait(timeout=20)
-        for node_id in ids:
-            for path in shm_files(node_id):
-                os.unlink(path)  # the SIGKILLed node's
+    with two_node_pool(tmp_path, "fo", node_timeout_s=NODE_TIMEOUT_S) as pool:
+        yield pool
 
 
 def test_reads_succeed_inside_the_node_timeout_window_after_a_node_sigkill(
-        pool: tuple[str, list[str], list[subprocess.Popen[bytes]]]) -> None:
+        pool: ProcessPool) -> None:
     address, ids, procs = pool
     with KVStoreClient(address, host_id="host-c", config=ClientConfig(rpc_timeout_s=2.0)) as c:
         wait_for(lambda: len(c.status().nodes) == 2, what="both nodes registered")

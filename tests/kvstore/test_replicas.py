@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from kv_helpers import free_port, shm_files, spawn, wait_for
+from kv_helpers import Clock, ProcessPool, two_node_pool, wait_for
 
 from kvstore.client import KVStoreClient
 from kvstore.config import ClientConfig, MasterConfig
@@ -21,14 +20,6 @@ from kvstore.metadata import HeldObject, NodeInfo
 from kvstore.replicas import NodeView, choose_replica, placement_order
 from pantry.common.config_flags import KIB, MIB
 from pantry.common.errors import ConfigError
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.t = 1000.0
-
-    def __call__(self) -> float:
-        return self.t
 
 
 def node(node_id: str, host: str, size: int) -> NodeInfo:
@@ -111,6 +102,15 @@ def test_pure_choices_on_hand_made_views() -> None:
     assert choose_replica(reps, {}, "x") is None
 
 
+def lapse_leases(m: Master, clock: Clock) -> None:
+    """Past every reader's lease (lease_ms 1000), every node still heartbeating; then a reap
+    frees the slots the leases kept."""
+    clock.t += 1.5
+    for n in ("n1", "n2", "n3"):
+        m.heartbeat(n, m.node(n).epoch)
+    m.reap()
+
+
 def used(m: Master) -> dict[str, int]:
     return {n.node.node_id: n.used_bytes for n in m.status().nodes}
 
@@ -128,10 +128,7 @@ def test_reads_same_host_first_else_spread_and_leases_per_replica() -> None:
     assert m.remove(["k"]) == 1 and m.exists(["k"]) == [False]
     # n1's slot is free at once; n2's stays taken until its reader's lease ends.
     assert used(m) == {"n1": 0, "n2": 4 * KIB, "n3": 0}
-    clock.t += 1.5
-    for n in ("n1", "n2", "n3"):
-        m.heartbeat(n, m.node(n).epoch)
-    m.reap()
+    lapse_leases(m, clock)
     assert used(m) == {"n1": 0, "n2": 0, "n3": 0}
 
 
@@ -208,38 +205,15 @@ def test_redis_records_replicas_and_a_new_master_recovers_them(redis_url: str) -
     new.close()
 
 
-Pool = tuple[str, list[str], list[subprocess.Popen[bytes]]]
-
-
 @pytest.fixture
-def two_node_processes(tmp_path: Path) -> Iterator[Pool]:
+def two_node_processes(tmp_path: Path) -> Iterator[ProcessPool]:
     """A master and two `kvstore node` processes (hosts a and b), node timeout 1 s."""
-    port = free_port()
-    address = f"127.0.0.1:{port}"
-    procs: list[subprocess.Popen[bytes]] = []
-    master, _ = spawn(tmp_path, "master", "master", "--port", str(port), "--reap-interval", "0.1",
-                      "--node-timeout", "1", "--replicas", "2")
-    procs.append(master)
-    ids = [f"rep-{x}-{os.getpid()}" for x in "ab"]
-    for node_id, host in zip(ids, ("host-a", "host-b"), strict=True):
-        proc, _ = spawn(tmp_path, node_id, "node", "--master", address, "--node-id", node_id,
-                        "--dram-bytes", "8MiB", "--heartbeat", "0.2", "--host-id", host,
-                        "--no-prefault")
-        procs.append(proc)
-    try:
-        yield address, ids, procs
-    finally:
-        for proc in reversed(procs):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)  # a node unlinks its segment
-                proc.wait(timeout=20)
-        for node_id in ids:
-            for path in shm_files(node_id):
-                os.unlink(path)  # the SIGKILLed node's
+    with two_node_pool(tmp_path, "rep", node_timeout_s=1) as pool:
+        yield pool
 
 
 def test_node_sigkilled_every_object_reads_from_its_other_replica(
-        two_node_processes: Pool) -> None:
+        two_node_processes: ProcessPool) -> None:
     address, ids, procs = two_node_processes
     # A third host's client: it reads over TCP from whichever replica it is handed.
     with KVStoreClient(address, host_id="host-c", config=ClientConfig(rpc_timeout_s=2.0)) as c:

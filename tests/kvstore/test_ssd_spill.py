@@ -15,7 +15,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from kv_helpers import free_port, sample, scrape, spawn, wait_for
+from kv_helpers import free_port, sample, scrape, spawn, wait_for, wait_registered
 
 from kvstore.cli import build_parser
 from kvstore.client import KVStoreClient
@@ -51,9 +51,7 @@ def ssd_node(master_address: str, tmp_path: Path) -> Iterator[NodeFactory]:
                          ssd_bytes=ssd_bytes)
         srv = start_node(cfg)
         nodes.append(srv)
-        with KVStoreClient(master_address, host_id="probe") as c:
-            wait_for(lambda: any(n.node.node_id == cfg.node_id and n.node.epoch == srv.node.epoch
-                                 for n in c.status().nodes), what="node registered")
+        wait_registered(master_address, srv)
         return srv
 
     yield make

@@ -3,18 +3,12 @@ and what each report from a node does to the records."""
 
 from __future__ import annotations
 
+from kv_helpers import Clock
+
 from kvstore.config import KIB, MasterConfig
 from kvstore.master import Master, PutOutcome
 from kvstore.metadata import DRAM, SSD, HeldObject, NodeInfo
 from kvstore.tiering import SpillCandidate, TierDone, TierOp, TierOrder, spill_candidates
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.t = 1000.0
-
-    def __call__(self) -> float:
-        return self.t
 
 
 def make_master(**cfg: float) -> tuple[Master, int]:

@@ -1,0 +1,5 @@
+import sys
+
+from kvstore.cli.parser import main
+
+sys.exit(main())

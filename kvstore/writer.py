@@ -1,0 +1,146 @@
+"""The client's write path: the two-phase put of encoded objects (allocate every replica, write
+each, abort the replicas whose write failed, seal the rest of each put together), for a plain
+put (`Writer.put_many`) and for a drain's move of an object off a node (`Writer.move`)."""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+
+from kvstore.block_object import BlockLayout, BlockObject, encode_object, encode_parts
+from kvstore.config import ClientConfig
+from kvstore.errors import ObjectTooLargeError
+from kvstore.limits import check_key
+from kvstore.reader import DropTransport, TransportFor
+from kvstore.transports import TransportError, WriteData, parts_of
+from kvstore.wire import grant_from_proto, node_from_proto
+from pantry.v1 import kvstore_pb2 as pb
+from pantry.v1 import kvstore_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+
+class PutResult(enum.Enum):
+    """How one object of a put (or a move) ended."""
+
+    STORED = "stored"  # written and sealed, or already sealed
+    NO_SPACE = "no_space"
+    GONE = "gone"  # a move of an object no longer on the node
+    BUSY = "busy"  # another put of the key is under way
+    FAILED = "failed"  # a write failed or the seal was refused: nothing stored by this put
+
+
+_RESULTS = {pb.PUT_STATE_EXISTS: PutResult.STORED, pb.PUT_STATE_NO_SPACE: PutResult.NO_SPACE,
+            pb.PUT_STATE_GONE: PutResult.GONE, pb.PUT_STATE_IN_PROGRESS: PutResult.BUSY}
+
+
+class Writer:
+    """Puts for one client: `master` is its stub, `transport_for(node)` gives the node's
+    transport (None: the client holds a newer registration of it), `drop(node, reason)` lets go
+    of a transport whose write failed, `saw_membership` hears the master's membership number."""
+
+    def __init__(self, master: pb_grpc.KVMasterStub, config: ClientConfig, host_id: str,
+                 transport_for: TransportFor, drop: DropTransport,
+                 saw_membership: Callable[[int], None]) -> None:
+        self._master = master
+        self._config = config
+        self._host_id = host_id
+        self._transport_for = transport_for
+        self._drop = drop
+        self._saw_membership = saw_membership
+
+    def put_many(self, items: Sequence[tuple[str, bytes | memoryview]],
+                 layout: BlockLayout | None, replicas: int | None) -> list[bool]:
+        """`KVStoreClient.put_many`: True per item that is now stored."""
+        if not items:
+            return []
+        keys = [k for k, _ in items]
+        for i, key in enumerate(keys):
+            check_key(key, f"items[{i}]")
+        # Header and payload as two parts: the payload is copied only onto the wire or into
+        # the segment, never to join them.
+        objects = [encode_parts(k, layout or BlockLayout.raw(memoryview(d).nbytes), d)
+                   for k, d in items]
+        results = self.put(keys, objects, replicas=replicas or 0)
+        # A key named twice is stored once: every item of it is then stored.
+        stored = {k for k, r in zip(keys, results, strict=True) if r is PutResult.STORED}
+        return [k in stored for k in keys]
+
+    def move(self, objects: Sequence[BlockObject], from_node: str) -> list[PutResult]:
+        """`KVStoreClient.move`: each object copied to a node that holds no replica of it."""
+        if not objects:
+            return []
+        keys = [o.key for o in objects]
+        encoded = [encode_object(o.key, o.layout, o.payload) for o in objects]
+        return self.put(keys, encoded, replace_node=from_node)
+
+    def put(self, keys: Sequence[str], objects: Sequence[WriteData], replicas: int = 0,
+            replace_node: str = "") -> list[PutResult]:
+        """Two-phase put of encoded objects: allocate every replica, write each, abort the
+        replicas whose write failed, seal the rest of each put together."""
+        sizes = [sum(p.nbytes for p in parts_of(o)) for o in objects]
+        limit = self._config.max_object_bytes
+        for key, size in zip(keys, sizes, strict=True):
+            if size > limit:
+                raise ObjectTooLargeError(
+                    f"object {key} is {size} bytes; max_object_bytes is {limit}")
+        timeout = self._config.rpc_timeout_s
+        resp = self._master.PutStart(
+            pb.PutStartRequest(keys=keys, sizes=sizes, client_host_id=self._host_id,
+                               replicas=replicas, replace_node=replace_node),
+            timeout=timeout)
+        self._saw_membership(resp.membership)
+        nodes = {n.node_id: node_from_proto(n) for n in resp.nodes}
+        results = [PutResult.FAILED] * len(keys)
+        # Per node, the (item, replica) writes it gets.
+        by_node: dict[str, list[tuple[int, pb.ReplicaGrant]]] = defaultdict(list)
+        too_large: list[str] = []
+        for i, slot in enumerate(resp.slots):
+            if slot.state == pb.PUT_STATE_ALLOCATED:
+                reps = list(slot.replicas) or [pb.ReplicaGrant(location=slot.location,
+                                                               grant=slot.grant)]
+                for r in reps:
+                    by_node[r.location.node_id].append((i, r))
+                if len(reps) < slot.wanted:
+                    log.debug("%s: %d of %d replicas (the pool has fewer nodes with room)",
+                              keys[i], len(reps), slot.wanted)
+            elif slot.state == pb.PUT_STATE_TOO_LARGE:
+                too_large.append(keys[i])
+            else:
+                results[i] = _RESULTS.get(slot.state, PutResult.FAILED)
+        written: set[int] = set()
+        failed: list[pb.PutTicket] = []
+        for node_id, reps in by_node.items():
+            transport = None if too_large or node_id not in nodes else self._transport_for(
+                nodes[node_id])
+            if transport is not None:
+                ops = [(grant_from_proto(r.grant), objects[i]) for i, r in reps]
+                try:
+                    transport.write(ops)
+                    written.update(i for i, _ in reps)
+                    continue
+                except TransportError as e:
+                    log.warning("write to node %s failed: %s", node_id, e)
+                    self._drop(nodes[node_id], "error")
+            # Only this node's replicas are given up: the put lives on in the others.
+            failed.extend(pb.PutTicket(key=keys[i], token=r.grant.token, node_id=node_id)
+                          for i, r in reps)
+        if failed:
+            self._master.PutAbort(pb.PutFinishRequest(puts=failed), timeout=timeout)
+        if written:
+            order = sorted(written)
+            sealed = self._master.PutEnd(
+                pb.PutFinishRequest(puts=[pb.PutTicket(key=keys[i],
+                                                       token=resp.slots[i].grant.token)
+                                          for i in order]),
+                timeout=timeout).sealed
+            for i, ok in zip(order, sealed, strict=True):
+                if ok:
+                    results[i] = PutResult.STORED
+        if too_large:
+            raise ObjectTooLargeError(
+                f"master rejected {too_large[0]} as larger than its max_object_bytes "
+                f"{resp.max_object_bytes}")
+        return results
