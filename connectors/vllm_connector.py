@@ -1,6 +1,7 @@
 """PantryConnector: vLLM's KV connector (KVConnectorBase_V1, vLLM 0.32) on Pantry's KV pool.
 
-The only module of Pantry that imports vLLM. vLLM loads it by module path:
+The only module of Pantry that imports vLLM, with its `connectors.vllm_metrics`. vLLM loads it
+by module path:
 
     --kv-transfer-config '{"kv_connector": "PantryConnector",
         "kv_connector_module_path": "connectors.vllm_connector", "kv_role": "kv_both",
@@ -9,7 +10,9 @@ The only module of Pantry that imports vLLM. vLLM loads it by module path:
 (`pantry vllm-serve` writes that line.) Extra config: `kv_master` (required), `tenant` (""),
 `hash_seed` (0), `token_file` (the pool's service token; $PANTRY_TOKEN_FILE when unset),
 `rpc_timeout_s` (2.0), `retry_after_s` (5.0: how long a failed pool is not asked),
-`max_pending_save_bytes` (512 MiB), `model_digest` (override the digest of the model's files).
+`max_pending_save_bytes` (512 MiB), `load_staging_bytes` (32 MiB: the worker's reused buffer
+that pool reads land in), `model_digest` (override the digest of the model's files).
+PANTRY_CONNECTOR_TRACE=1 in vLLM's environment logs each lookup, load and save with its times.
 
 What is stored: one pool object per vLLM block, all layers, the pages copied as the attention
 backend keeps them (`connectors.vllm_pages`: the CPU backend's page is not token-major, so
@@ -21,19 +24,24 @@ How the hooks are used:
   prompt's full blocks (at most prompt - 1 tokens); `update_state_after_alloc` records which
   vLLM blocks to fill; `build_connector_meta` hands the worker this step's loads and the blocks
   this step completes (prompt blocks the pool did not have); `request_finished` forgets.
-- worker: `start_load_kv` reads and verifies the blocks (key, layout, length, checksum) and
-  copies them in before the forward (loads are synchronous, so `wait_for_layer_load` has nothing
-  to wait for); a block that is missing or refused is reported by
+- worker: `start_load_kv` reads the blocks from the locations the scheduler's lookup returned
+  (handed over in the step's metadata: one master round trip per hit, not two), verifies them
+  (key, layout, length, checksum) and copies them in before the forward (`connectors.
+  vllm_loader`; loads are synchronous, so `wait_for_layer_load` has nothing to wait for); a
+  block that is missing or refused is reported by
   `get_block_ids_with_load_errors` and vLLM recomputes from it (the connector sets
   kv_load_failure_policy=recompute: a pool failure never fails a request). `save_kv_layer` does
   nothing: on CPU the layers run on this thread, so a per-layer copy would overlap nothing; after
   the forward `wait_for_save` copies the completed blocks' pages out (the only time it holds the
-  step) and a background thread puts them.
+  step) and a background thread puts them. `get_kv_connector_stats` reports what moved
+  (`connectors.vllm_metrics`: vllm:pantry_*_total on vLLM's /metrics).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -46,16 +54,21 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 
 from connectors.pool_breaker import PoolBreaker
 from connectors.vllm_addressing import VllmAddressing, VllmLayout, model_digest
+from connectors.vllm_loader import PoolLoader, select
+from connectors.vllm_metrics import PantryConnectorStats, PantryPromMetrics
 from connectors.vllm_pages import PagedKV
-from connectors.vllm_saver import BackgroundSaver, SaveBatch
+from connectors.vllm_saver import BackgroundSaver
 from kvstore.auth import load_token
-from kvstore.block_object import Rejection
-from kvstore.client import KVStoreClient
+from kvstore.client import KVStoreClient, PrefixMatch
 from kvstore.config import ClientConfig
 from pantry.common.errors import ConfigError
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
+    from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
+        KVConnectorPromMetrics,
+        KVConnectorStats,
+    )
     from vllm.forward_context import ForwardContext
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
@@ -69,9 +82,8 @@ if not logging.getLogger("connectors").handlers:
     logging.getLogger("connectors").setLevel(logging.INFO)
     logging.getLogger("connectors").propagate = False
 
-# Bytes read back that are damaged (not merely of another writer): removed, so a later save
-# puts a good copy under the key instead of every reader recomputing it forever.
-_DAMAGED = (Rejection.CHECKSUM, Rejection.LENGTH, Rejection.FORMAT)
+# PANTRY_CONNECTOR_TRACE=1: one log line per hook call that did work, with its phases' times.
+_TRACE = os.environ.get("PANTRY_CONNECTOR_TRACE") == "1"
 
 
 @dataclass(frozen=True)
@@ -81,9 +93,19 @@ class BlockTransfer:
     block_ids: tuple[int, ...]
 
 
+@dataclass(frozen=True)
+class BlockLoad:
+    """Blocks to fill from the pool: where the scheduler's lookup found them (leased for the
+    master's lease_ms, so the worker reads them in this step without asking the master)."""
+
+    req_id: str
+    match: PrefixMatch
+    block_ids: tuple[int, ...]
+
+
 @dataclass
 class PantryConnectorMetadata(KVConnectorMetadata):  # type: ignore[misc]
-    loads: list[BlockTransfer] = field(default_factory=list)
+    loads: list[BlockLoad] = field(default_factory=list)
     saves: list[BlockTransfer] = field(default_factory=list)
 
 
@@ -91,12 +113,16 @@ class PantryConnectorMetadata(KVConnectorMetadata):  # type: ignore[misc]
 class _Tracked:
     """A request as the scheduler side follows it."""
 
-    req_id: str
-    keys: tuple[str, ...]
-    prompt_blocks: int
+    request: Request  # vLLM's, alive until request_finished; its tokens grow as it generates
+    keys: tuple[str, ...]  # of its full blocks so far (prompt, then generated)
     saved: int  # blocks [0, saved) are in the pool or already handed to the worker to save
     block_ids: list[int] = field(default_factory=list)
     hit_tokens: int = 0
+    match: PrefixMatch | None = None
+
+    @property
+    def req_id(self) -> str:
+        return str(self.request.request_id)
 
 
 def _extra(config: VllmConfig, name: str, default: Any) -> Any:
@@ -149,15 +175,18 @@ class PantryConnector(KVConnectorBase_V1):  # type: ignore[misc]
             config=ClientConfig(rpc_timeout_s=float(_extra(vllm_config, "rpc_timeout_s", 2.0))))
         self._num_blocks = kv_cache_config.num_blocks
         self._max_pending = int(_extra(vllm_config, "max_pending_save_bytes", 512 << 20))
+        self._staging_bytes = int(_extra(vllm_config, "load_staging_bytes", 32 << 20))
         # scheduler side
         self._tracked: dict[str, _Tracked] = {}
-        self._loads: list[BlockTransfer] = []
+        self._loads: list[BlockLoad] = []
         # worker side
         self._paged: PagedKV | None = None
+        self._loader: PoolLoader | None = None
         self._saver: BackgroundSaver | None = None
         self._load_errors: set[int] = set()
         self._failed_reqs: set[str] = set()
-        self.loaded_blocks = 0
+        self._stats = PantryConnectorStats()
+        self._saver_reported = (0, 0)  # the saver's (stored, dropped) already in stats
         if role == KVConnectorRole.SCHEDULER:
             # A block the pool cannot give back is recomputed, never a failed request. The
             # scheduler reads this policy just after constructing its connector.
@@ -172,15 +201,22 @@ class PantryConnector(KVConnectorBase_V1):  # type: ignore[misc]
         prompt = request.prompt_token_ids
         if not prompt:
             return 0, False
+        t0 = time.perf_counter()
         pk = self.addressing.prompt_keys(prompt, request.cache_salt)
-        matched = 0
+        t1 = time.perf_counter()
+        match = None
         if pk.keys and self.breaker.allows():
             try:
-                matched = self.client.match_prefix(list(pk.keys)).matched
+                match = self.client.match_prefix(list(pk.keys))
                 self.breaker.succeeded()
             except Exception as e:  # the pool is an accelerator: down means compute
                 self.breaker.failed("lookup", e)
-        tracked = _Tracked(request.request_id, pk.keys, len(pk.keys), saved=matched)
+        matched = 0 if match is None else match.matched
+        if _TRACE:
+            log.info("trace %.3f match %s: %d tokens, %d/%d blocks, hash %.1f ms, match %.1f "
+                     "ms", time.time() % 1000, request.request_id, len(prompt), matched,
+                     len(pk.keys), 1e3 * (t1 - t0), 1e3 * (time.perf_counter() - t1))
+        tracked = _Tracked(request, pk.keys, saved=matched, match=match)
         hit = min(matched, pk.max_hit_blocks) * self.block_size
         tracked.hit_tokens = hit
         self._tracked[request.request_id] = tracked
@@ -191,12 +227,13 @@ class PantryConnector(KVConnectorBase_V1):  # type: ignore[misc]
         tracked = self._tracked.get(request.request_id)
         if num_external_tokens <= 0 or tracked is None:
             return
+        assert tracked.match is not None, "a hit comes from a match"
         block_ids = blocks.get_block_ids()[0]
         end = tracked.hit_tokens // self.block_size
         start = (tracked.hit_tokens - num_external_tokens) // self.block_size
         assert (tracked.hit_tokens - num_external_tokens) % self.block_size == 0
-        self._loads.append(BlockTransfer(tracked.req_id, tracked.keys[start:end],
-                                         tuple(block_ids[start:end])))
+        self._loads.append(BlockLoad(tracked.req_id, select(tracked.match, range(start, end)),
+                                     tuple(block_ids[start:end])))
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         meta = PantryConnectorMetadata(loads=self._loads)
@@ -222,9 +259,15 @@ class PantryConnector(KVConnectorBase_V1):  # type: ignore[misc]
 
     def _add_saves(self, meta: PantryConnectorMetadata, tracked: _Tracked,
                    computed_after_step: int) -> None:
-        """The prompt blocks this step completes that the pool does not have yet."""
-        upto = min(computed_after_step // self.block_size, tracked.prompt_blocks,
-                   len(tracked.block_ids))
+        """The blocks this step completes that the pool does not have yet: the prompt's, then
+        those generated tokens fill (keyed on the same chain, so a later prompt that repeats
+        prompt and answer hits them)."""
+        upto = min(computed_after_step // self.block_size, len(tracked.block_ids))
+        if upto > len(tracked.keys):
+            tokens = tracked.request.all_token_ids[: upto * self.block_size]
+            tracked.keys = tuple(self.addressing.hasher(tracked.request.cache_salt)
+                                 .block_keys(tokens))
+        upto = min(upto, len(tracked.keys))
         if upto > tracked.saved:
             meta.saves.append(BlockTransfer(tracked.req_id, tracked.keys[tracked.saved:upto],
                                             tuple(tracked.block_ids[tracked.saved:upto])))
@@ -239,10 +282,11 @@ class PantryConnector(KVConnectorBase_V1):  # type: ignore[misc]
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         self._paged = PagedKV(kv_caches, self._num_blocks, self.fingerprint)
+        self._loader = PoolLoader(self.client, self._paged, self._staging_bytes)
         self._saver = BackgroundSaver(self.client, self._paged.layout, self.breaker,
-                                      self._max_pending)
-        log.info("PantryConnector: %d layers, page %s %s, %d bytes per block",
-                 len(self._paged.layers), self._paged.page_shape, self._paged.dtype,
+                                      self._max_pending, self._paged.new_pages)
+        log.info("PantryConnector: %d layers, %d-byte pages of %s, %d bytes per block",
+                 self._paged.num_layers, self._paged.page_nbytes, self._paged.dtype,
                  self._paged.block_nbytes)
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
@@ -250,35 +294,36 @@ class PantryConnector(KVConnectorBase_V1):  # type: ignore[misc]
         assert isinstance(meta, PantryConnectorMetadata)
         self._failed_reqs = {load.req_id for load in meta.loads if not self._load(load)}
 
-    def _load(self, load: BlockTransfer) -> bool:
+    def _load(self, load: BlockLoad) -> bool:
         """Whether every block of the load is in place."""
-        paged = self._paged
-        assert paged is not None, "register_kv_caches was not called"
+        assert self._loader is not None, "register_kv_caches was not called"
+        t0 = time.perf_counter()
         try:
-            fetched = self.client.get_objects(list(load.keys), paged.layout)
+            got = self._loader.load(load.match, load.block_ids)
         except Exception as e:
             self.breaker.failed("read", e)
             self._load_errors.update(load.block_ids)
+            self._stats.add("failed_blocks", len(load.block_ids))
             return False
-        good = [(bid, obj) for bid, obj in zip(load.block_ids, fetched.objects, strict=True)
-                if obj is not None]
-        failed = [bid for bid, obj in zip(load.block_ids, fetched.objects, strict=True)
-                  if obj is None]
-        if good:
-            paged.scatter([bid for bid, _ in good],
-                          paged.from_payloads([obj.payload for _, obj in good]))
-        self.loaded_blocks += len(good)
-        if failed:
-            self._load_errors.update(failed)
+        for name, value in (("loaded_blocks", got.loaded), ("failed_blocks", len(got.failed)),
+                            ("load_bytes", got.nbytes),
+                            ("load_seconds", time.perf_counter() - t0)):
+            self._stats.add(name, value)
+        if _TRACE:
+            log.info("trace %.3f load %s: %d blocks, %d bytes in %.1f ms, transports %s",
+                     time.time() % 1000, load.req_id, got.loaded, got.nbytes,
+                     1e3 * (time.perf_counter() - t0),
+                     sorted({self.client.transport_name(n) for n in load.match.nodes}))
+        if got.failed:
+            self._load_errors.update(got.failed)
             log.warning("%d of %d pool blocks missing or refused; vLLM recomputes them",
-                        len(failed), len(load.block_ids))
-        damaged = [k for k, why in zip(load.keys, fetched.rejected, strict=True) if why in _DAMAGED]
-        if damaged:
+                        len(got.failed), len(load.block_ids))
+        if got.damaged:
             try:
-                self.client.remove(damaged)
+                self.client.remove(got.damaged)
             except Exception as e:
                 self.breaker.failed("remove", e)
-        return not failed
+        return not got.failed
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return  # start_load_kv loads every layer before the forward
@@ -292,6 +337,8 @@ class PantryConnector(KVConnectorBase_V1):  # type: ignore[misc]
             return
         meta = self._get_connector_metadata()
         assert isinstance(meta, PantryConnectorMetadata)
+        if _TRACE and meta.loads:
+            log.info("trace %.3f forward done", time.time() % 1000)
         if not meta.saves or self._paged is None or self._saver is None:
             return
         # A request whose load failed ran this forward on blocks vLLM will recompute: what it
@@ -302,7 +349,38 @@ class PantryConnector(KVConnectorBase_V1):  # type: ignore[misc]
         ids = [b for s in saves for b in s.block_ids]
         if not keys:
             return
-        self._saver.submit(SaveBatch(keys, self._paged.gather(ids)))
+        t0 = time.perf_counter()
+        paged = self._paged
+        try:
+            self._saver.submit(keys, lambda out: paged.gather(ids, out), paged.block_nbytes)
+        except Exception:  # a save that cannot be made is a later miss, never a failed step
+            log.exception("saving %d blocks failed; they are not stored", len(keys))
+        if _TRACE:
+            log.info("trace %.3f save: %d blocks gathered in %.1f ms", time.time() % 1000, len(ids),
+                     1e3 * (time.perf_counter() - t0))
+
+    def get_kv_connector_stats(self) -> KVConnectorStats | None:
+        if self._saver is not None:
+            stored, dropped = self._saver.stored, self._saver.dropped
+            self._stats.add("saved_blocks", stored - self._saver_reported[0])
+            self._stats.add("dropped_blocks", dropped - self._saver_reported[1])
+            self._saver_reported = (stored, dropped)
+        if self._stats.is_empty():
+            return None
+        stats, self._stats = self._stats, PantryConnectorStats()
+        return stats
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None
+                                 ) -> KVConnectorStats | None:
+        return PantryConnectorStats(data=dict(data or {}))
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config: VllmConfig, metric_types: dict[type, type],
+                           labelnames: list[str],
+                           per_engine_labelvalues: dict[int, list[object]]
+                           ) -> KVConnectorPromMetrics | None:
+        return PantryPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         errors, self._load_errors = self._load_errors, set()

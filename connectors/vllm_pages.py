@@ -5,12 +5,16 @@ layer's KV tensor, bytes as the attention backend keeps them (the CPU backend's 
 [num_kv_heads, block_size, 2 * head_size], head-major and K|V interleaved per token: not
 token-major, so it is never reinterpreted, only copied back into a page of the same layout).
 Payload shape (num_layers, page_elements) in the KV dtype, layer-major (DESIGN section 3).
+
+Pages move as bytes through numpy views of the KV tensors: numpy's fancy-index copies run a
+memcpy per page, where torch's index_copy_ on a strided source ran at a third of that speed;
+and the buffers they move through are reused, already touched memory (`new_pages`): a fresh
+100 MB buffer costs more in page faults than the copy into it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -18,19 +22,14 @@ import torch
 from kvstore.block_object import BlockLayout
 
 
-@dataclass(frozen=True)
-class _Layer:
-    tensor: torch.Tensor
-    block_dim: int
-
-
 class PagedKV:
-    """The KV tensors of one worker, gathered from and scattered into by block id."""
+    """The KV tensors of one worker (CPU), gathered from and scattered into by block id."""
 
     def __init__(self, kv_caches: dict[str, torch.Tensor], num_blocks: int,
                  fingerprint: str) -> None:
-        layers: list[_Layer] = []
+        rows: list[np.ndarray] = []
         seen: set[int] = set()
+        dtype: torch.dtype | None = None
         for name, t in kv_caches.items():
             # Layers that share one tensor (cross-layer KV sharing) are stored once.
             if t.data_ptr() in seen:
@@ -38,49 +37,50 @@ class PagedKV:
             seen.add(t.data_ptr())
             dims = [d for d, n in enumerate(t.shape) if n == num_blocks]
             assert dims, f"layer {name}: no dimension of {num_blocks} blocks in {tuple(t.shape)}"
-            layers.append(_Layer(t, dims[0]))
-        assert layers, "no KV cache tensors registered"
-        first = layers[0].tensor
-        self.page_shape = tuple(s for d, s in enumerate(first.shape) if d != layers[0].block_dim)
-        self.page_elements = first.numel() // num_blocks
-        for layer in layers:
-            t = layer.tensor
-            assert t.dtype == first.dtype and t.numel() // num_blocks == self.page_elements, (
-                "KV tensors of different layouts in one connector")
-        self.dtype = first.dtype
-        self.layers = tuple(layers)
-        self.layout = BlockLayout(fingerprint, str(first.dtype).removeprefix("torch."),
-                                  (len(layers), self.page_elements))
+            assert dtype is None or t.dtype == dtype, "KV tensors of different dtypes"
+            dtype = t.dtype
+            # Block first, as bytes (any dtype, numpy has no bfloat16): row b is block b's page,
+            # strided as the tensor is; writes through it land in the tensor.
+            by_block = t.movedim(dims[0], 0)
+            assert by_block.stride(-1) == 1, f"layer {name}: innermost dimension not contiguous"
+            rows.append(by_block.view(torch.uint8).numpy())
+        assert rows and dtype is not None, "no KV cache tensors registered"
+        self.page_nbytes = rows[0][0].nbytes
+        assert all(r[0].nbytes == self.page_nbytes for r in rows), (
+            "KV tensors of different layouts in one connector")
+        self.dtype = dtype
+        self.page_elements = self.page_nbytes // dtype.itemsize
+        self.num_layers = len(rows)
+        self._rows = tuple(rows)
+        self.layout = BlockLayout(fingerprint, str(dtype).removeprefix("torch."),
+                                  (len(rows), self.page_elements))
 
     @property
     def block_nbytes(self) -> int:
-        return len(self.layers) * self.page_elements * self.dtype.itemsize
+        return self.num_layers * self.page_nbytes
 
-    def gather(self, block_ids: Sequence[int]) -> torch.Tensor:
-        """A copy of the blocks' pages, shape (n, num_layers, page_elements): after this returns
-        vLLM may overwrite the blocks; the copy is what gets stored."""
-        ids = torch.tensor(list(block_ids), dtype=torch.long)
-        out = torch.empty((len(block_ids), len(self.layers), self.page_elements),
-                          dtype=self.dtype)
-        for i, layer in enumerate(self.layers):
-            pages = layer.tensor.index_select(layer.block_dim, ids)
-            out[:, i] = pages.movedim(layer.block_dim, 0).reshape(len(block_ids), -1)
-        return out
+    def new_pages(self, n: int) -> np.ndarray:
+        """A buffer for n blocks, (n, num_layers, page bytes) uint8, written through so its
+        memory is faulted in now rather than inside a step (np.zeros would map it lazily)."""
+        pages = np.empty((n, self.num_layers, self.page_nbytes), np.uint8)
+        pages.fill(0)
+        return pages
 
-    def scatter(self, block_ids: Sequence[int], pages: torch.Tensor) -> None:
-        """Write pages (n, num_layers, page_elements) into the blocks."""
-        assert pages.shape == (len(block_ids), len(self.layers), self.page_elements)
-        ids = torch.tensor(list(block_ids), dtype=torch.long)
-        for i, layer in enumerate(self.layers):
-            src = pages[:, i].reshape(len(block_ids), *self.page_shape)
-            layer.tensor.index_copy_(layer.block_dim, ids, src.movedim(0, layer.block_dim))
+    def gather(self, block_ids: Sequence[int], out: np.ndarray | None = None) -> np.ndarray:
+        """The blocks' pages copied into `out` (or a new buffer), (n, num_layers, page bytes):
+        after this returns vLLM may overwrite the blocks; the copy is what gets stored."""
+        n = len(block_ids)
+        pages = self.new_pages(n) if out is None else out[:n]
+        assert pages.shape == (n, self.num_layers, self.page_nbytes)
+        ids = np.asarray(block_ids, dtype=np.intp)
+        for i, rows in enumerate(self._rows):
+            pages[:, i] = rows[ids].reshape(n, -1)
+        return pages
 
-    def from_payloads(self, payloads: Sequence[memoryview | bytes]) -> torch.Tensor:
-        """Stack verified payloads (each exactly one block) into (n, num_layers, page_elements)."""
-        out = torch.empty((len(payloads), len(self.layers), self.page_elements),
-                          dtype=self.dtype)
-        # Through numpy: torch.frombuffer warns on the read-only buffers the pool hands back.
-        flat = out.view(len(payloads), -1).view(torch.uint8).numpy()
-        for i, p in enumerate(payloads):
-            flat[i] = np.frombuffer(p, dtype=np.uint8)
-        return out
+    def scatter(self, block_ids: Sequence[int], pages: np.ndarray) -> None:
+        """Write pages (n, num_layers, page bytes) into the blocks."""
+        n = len(block_ids)
+        assert pages.shape == (n, self.num_layers, self.page_nbytes)
+        ids = np.asarray(block_ids, dtype=np.intp)
+        for i, rows in enumerate(self._rows):
+            rows[ids] = pages[:, i].reshape(n, *rows.shape[1:])

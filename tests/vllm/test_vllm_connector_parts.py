@@ -7,13 +7,14 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from connectors.pool_breaker import PoolBreaker
 from connectors.vllm_addressing import VllmAddressing, VllmLayout, model_digest
 from connectors.vllm_pages import PagedKV
-from connectors.vllm_saver import BackgroundSaver, SaveBatch
+from connectors.vllm_saver import BackgroundSaver
 from kvstore.block_object import BlockLayout
 from kvstore.client import KVStoreClient
 from kvstore.hashing import BlockHasher, make_namespace
@@ -74,6 +75,11 @@ def _cpu_caches(num_blocks: int) -> dict[str, torch.Tensor]:
     return {f"layers.{i}.attn": torch.randn(num_blocks, 3, 32, 8, generator=g) for i in range(4)}
 
 
+def _payload(caches: dict[str, torch.Tensor], block: int) -> bytes:
+    """What a stored block holds: that block's page of every layer, layer after layer."""
+    return b"".join(t[block].numpy().tobytes() for t in caches.values())
+
+
 def test_pages_round_trip_between_instances() -> None:
     src_caches, dst_caches = _cpu_caches(10), {k: torch.zeros(10, 3, 32, 8)
                                                for k in _cpu_caches(10)}
@@ -81,12 +87,23 @@ def test_pages_round_trip_between_instances() -> None:
     assert src.layout == BlockLayout("fp", "float32", (4, 3 * 32 * 8))
     assert src.block_nbytes == 4 * 3 * 32 * 8 * 4
     pages = src.gather([7, 2])
-    payloads = [bytes(pages[i].numpy().tobytes()) for i in range(2)]
-    dst.scatter([1, 5], dst.from_payloads(payloads))
+    assert [pages[i].tobytes() for i in range(2)] == [_payload(src_caches, 7),
+                                                      _payload(src_caches, 2)]
+    dst.scatter([1, 5], pages)
     for name in src_caches:
         assert torch.equal(dst_caches[name][1], src_caches[name][7])
         assert torch.equal(dst_caches[name][5], src_caches[name][2])
         assert torch.count_nonzero(dst_caches[name][0]) == 0
+
+
+def test_pages_gather_into_a_buffer_of_more_blocks() -> None:
+    caches = _cpu_caches(6)
+    paged = PagedKV(caches, 6, "fp")
+    out = paged.new_pages(4)
+    pages = paged.gather([5, 0], out)
+    assert pages.base is out or pages.base is out.base
+    assert out[0].tobytes() == _payload(caches, 5) and out[1].tobytes() == _payload(caches, 0)
+    assert not out[2:].any()
 
 
 def test_pages_of_a_layout_with_kv_first() -> None:
@@ -94,11 +111,16 @@ def test_pages_of_a_layout_with_kv_first() -> None:
     caches = {"l0": torch.arange(2 * 6 * 4, dtype=torch.float32).view(2, 6, 4)}
     paged = PagedKV(caches, 6, "fp")
     pages = paged.gather([3])
-    assert pages.shape == (1, 1, 8)
-    assert pages[0, 0].tolist() == caches["l0"][:, 3].reshape(-1).tolist()
+    assert pages.shape == (1, 1, 32)
+    assert pages[0, 0].view(np.float32).tolist() == caches["l0"][:, 3].reshape(-1).tolist()
     caches["l0"][:, 3] = 0
     paged.scatter([3], pages)
-    assert caches["l0"][:, 3].reshape(-1).tolist() == pages[0, 0].tolist()
+    assert caches["l0"][:, 3].reshape(-1).tolist() == pages[0, 0].view(np.float32).tolist()
+
+
+def _save(saver: BackgroundSaver, paged: PagedKV, keys: tuple[str, ...],
+          ids: list[int]) -> bool:
+    return saver.submit(keys, lambda out: paged.gather(ids, out), paged.block_nbytes)
 
 
 def test_saver_stores_verified_pages_and_drops_past_its_backlog(pool_address: str) -> None:
@@ -106,17 +128,39 @@ def test_saver_stores_verified_pages_and_drops_past_its_backlog(pool_address: st
     paged = PagedKV(caches, 4, "vllm:test")
     with KVStoreClient(pool_address, host_id="saver-test") as client:
         saver = BackgroundSaver(client, paged.layout, PoolBreaker(5.0),
-                                max_pending_bytes=2 * paged.block_nbytes)
+                                max_pending_bytes=2 * paged.block_nbytes,
+                                new_pages=paged.new_pages)
         keys = ("a" * 32, "b" * 32)
-        assert saver.submit(SaveBatch(keys, paged.gather([0, 3])))
+        assert _save(saver, paged, keys, [0, 3])
         assert saver.flush(30)
         assert (saver.stored, saver.dropped) == (2, 0)
         got = client.get_objects(list(keys), paged.layout)
-        assert [o is not None for o in got.objects] == [True, True]
-        back = paged.from_payloads([o.payload for o in got.objects if o is not None])
-        assert torch.equal(back, paged.gather([0, 3]))
-        assert not saver.submit(SaveBatch(("c" * 32,) * 3, paged.gather([0, 1, 2])))
+        assert [bytes(o.payload) for o in got.objects if o is not None] == [
+            _payload(caches, 0), _payload(caches, 3)]
+        assert not _save(saver, paged, ("c" * 32,) * 3, [0, 1, 2])
         assert saver.dropped == 3
+        saver.close()
+
+
+def test_saver_reuses_its_buffers(pool_address: str) -> None:
+    caches = _cpu_caches(4)
+    paged = PagedKV(caches, 4, "vllm:test")
+    made: list[np.ndarray] = []
+
+    def new_pages(n: int) -> np.ndarray:
+        made.append(paged.new_pages(n))
+        return made[-1]
+
+    with KVStoreClient(pool_address, host_id="saver-test") as client:
+        saver = BackgroundSaver(client, paged.layout, PoolBreaker(5.0), 1 << 30, new_pages)
+        for i, ids in enumerate(([0, 1], [1, 2, 3], [3, 2, 1], [0], [1, 2, 3, 0])):
+            assert _save(saver, paged, tuple(f"{i}{j}".ljust(32, "d") for j in ids), ids)
+            assert saver.flush(30)
+        # Blocks rounded up to a power of two: a buffer of 2 and one of 4 served all five saves.
+        assert [len(b) for b in made] == [2, 4]
+        assert (saver.stored, saver.dropped) == (13, 0)
+        got = client.get_many(["23".ljust(32, "d"), "30".ljust(32, "d")], paged.layout)
+        assert got == [_payload(caches, 3), _payload(caches, 0)]
         saver.close()
 
 
@@ -125,12 +169,12 @@ def test_saver_drops_while_the_pool_is_down() -> None:
     paged = PagedKV(caches, 2, "vllm:test")
     breaker = PoolBreaker(60.0)
     with KVStoreClient("127.0.0.1:1", host_id="down") as client:
-        saver = BackgroundSaver(client, paged.layout, breaker, 1 << 30)
-        assert saver.submit(SaveBatch(("a" * 32,), paged.gather([0])))
+        saver = BackgroundSaver(client, paged.layout, breaker, 1 << 30, paged.new_pages)
+        assert _save(saver, paged, ("a" * 32,), [0])
         assert saver.flush(30)
         assert (saver.stored, saver.dropped, breaker.failures) == (0, 1, 1)
         assert not breaker.allows()
-        assert not saver.submit(SaveBatch(("b" * 32,), paged.gather([1])))
+        assert not _save(saver, paged, ("b" * 32,), [1])
         assert (saver.dropped, breaker.failures) == (2, 1)
         saver.close()
 

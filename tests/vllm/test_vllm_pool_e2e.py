@@ -100,7 +100,8 @@ def system(tmp_path_factory: pytest.TempPathFactory, vllm_installed: None) -> It
 def prompts() -> dict[str, list[int]]:
     cases = {name: _prompt(i, n) for i, (name, n) in enumerate(LENGTHS.items())}
     cases.update(corrupt=_prompt(4, 5 * BLOCK + 3), layout=_prompt(5, 4 * BLOCK + 1),
-                 other_model=_prompt(6, 3 * BLOCK + 5), pool_down=_prompt(7, 3 * BLOCK + 2))
+                 other_model=_prompt(6, 3 * BLOCK + 5), pool_down=_prompt(7, 3 * BLOCK + 2),
+                 generated=_prompt(8, 2 * BLOCK - 4))
     return cases
 
 
@@ -143,6 +144,23 @@ def test_b_counts_every_hit_as_external(served: dict[str, tuple[dict, dict]],
     hits = sum((len(prompts[c]) - 1) // BLOCK * BLOCK for c in LENGTHS)
     assert system.b.metric("vllm:external_prefix_cache_hits_total") == hits
     assert system.a.metric("vllm:external_prefix_cache_hits_total") == 0
+    # The connector's own counters: every hit block was read and put in place, none refused.
+    assert system.b.metric("vllm:pantry_loaded_blocks_total") == hits // BLOCK
+    assert system.b.metric("vllm:pantry_failed_blocks_total") == 0
+    assert system.a.metric("vllm:pantry_loaded_blocks_total") == 0
+
+
+def test_blocks_generated_tokens_fill_are_saved_and_hit(served: dict, system: System,
+                                                        prompts: dict[str, list[int]]) -> None:
+    prompt = prompts["generated"]  # 60 tokens: the second block is filled by generated ones
+    before = system.objects()
+    out = _tokens(system.a.complete(prompt, MAX_TOKENS))
+    # 60 prompt tokens and 7 generated ones went through the model: two full blocks.
+    _wait(lambda: system.objects() == before + 2, "A's generated block reaches the pool")
+    follow = prompt + out[:5]  # the conversation goes on, on B: both blocks are hits
+    b = system.b.complete(follow, 3)
+    assert _cached(b) == 2 * BLOCK
+    assert _tokens(b) == out[5:8]
 
 
 def _entries(client: KVStoreClient) -> dict[str, object]:
