@@ -15,9 +15,9 @@ client. For 2 MiB and 16 MiB objects it measures:
 - the pool's SSD tier: a second master and node (node --ssd-dir in the baseline's directory,
   master spilling everything, never promoting): objects put, spilled to SSD in the background,
   evicted from DRAM, then `read_into` (a client on the node's host reads the files; one on
-  another host, through the node). Neither this nor the file-read baseline can drop the page
-  cache (no root): both read files just written, so both are likely served from memory; the
-  output says so;
+  another host, through the node's TCP server). Neither this nor the file-read baseline can
+  drop the page cache (no root): both read files just written, so both are likely served from
+  memory; the output says so;
 - `match_prefix` over 8,192 block keys end to end over gRPC (the compact form, and the full
   per-location form the master still answers), against redis-server's multi-key EXISTS.
 

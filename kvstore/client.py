@@ -74,7 +74,8 @@ class KVStoreClient:
         self._channel = MasterLink(master_address, self._token)
         # Reads of SSD replicas: same host from the node's files, else through the node.
         self._ssd = SsdReader(self.host_id, self._token, self.config.rpc_timeout_s,
-                              self.config.max_message_bytes)
+                              self.config.max_message_bytes, self.config.enable_tcp,
+                              self.config.batch_bytes)
         self._master = pb_grpc.KVMasterStub(self._channel)
         self._lock = threading.Lock()
         # Per node id, the registration (NodeInfo with its epoch) a transport was opened for.

@@ -146,6 +146,14 @@ class StorageNode:
         got = None if self.ssd is None else self.ssd.read_into(key)
         return b"" if got is None else bytes(got)
 
+    def read_ssd(self, key: str, length: int, buffer: memoryview) -> memoryview | None:
+        """The checked object of `key` on the SSD tier, read into `buffer` (of `length` bytes,
+        the object's size the reader was told): None for a miss, a file of another size
+        included (the key was stored again since)."""
+        if self.ssd is None or self.ssd.size_of(key) != length:
+            return None
+        return self.ssd.read_into(key, buffer)
+
     def info(self) -> NodeInfo:
         assert self.address, "address is known only once the node's server is bound"
         return NodeInfo(self.config.node_id, self.host_id, self.address, self.segment.path,

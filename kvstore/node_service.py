@@ -16,7 +16,7 @@ from kvstore.node import StorageNode
 from kvstore.transports import READ, WRITE
 from kvstore.transports.rdma import RdmaServer, open_rdma_server
 from kvstore.transports.rdma_exchange import RdmaError, connect_response, endpoint_from_proto
-from kvstore.transports.tcp import TcpServer
+from kvstore.transports.tcp_server import TcpServer
 from kvstore.wire import grant_from_proto
 from pantry.common.errors import InvalidRequest
 from pantry.common.metrics import MetricsServer

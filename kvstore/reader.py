@@ -48,9 +48,10 @@ _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
 
 
-def _executor() -> ThreadPoolExecutor:
-    """One pool for every client of the process: idle threads cost nothing, and a client
-    need not own (and close) one."""
+def executor() -> ThreadPoolExecutor:
+    """One pool for every client of the process (its parallel reads, and the writer's master
+    calls overlapped with hashing): idle threads cost nothing, and a client need not own (and
+    close) one."""
     global _pool
     with _pool_lock:
         if _pool is None:
@@ -185,12 +186,14 @@ class Reader:
             return sum(heads[i] + views[i].nbytes for i in idxs)
 
         def one_ssd(node: NodeInfo, idxs: list[int], ssd: SsdReader) -> int:
+            # The node's objects in one call (one request when they come over tcp).
+            scratch = {i: memoryview(bytearray(heads[i])) for i in idxs}
+            got = ssd.read_many_into(node, [(keys[i], [scratch[i], views[i]]) for i in idxs])
             moved = 0
-            for i in idxs:
-                scratch = memoryview(bytearray(heads[i]))
-                if ssd.read_into(node, keys[i], scratch, views[i]):
-                    got = check_parts(scratch, views[i], keys[i], layouts[i])
-                    self._settle(i, keys[i], got, objects, rejected)
+            for i, ok in zip(idxs, got, strict=True):
+                if ok:
+                    self._settle(i, keys[i], check_parts(scratch[i], views[i], keys[i],
+                                                         layouts[i]), objects, rejected)
                     moved += heads[i] + views[i].nbytes
             return moved
 
@@ -246,7 +249,7 @@ class Reader:
         jobs = [(nodes[nid], idxs) for nid, idxs in by_node.items()]
         if len(jobs) <= 1:
             return sum(one_node(node, idxs) for node, idxs in jobs)
-        futures = [_executor().submit(one_node, node, idxs) for node, idxs in jobs]
+        futures = [executor().submit(one_node, node, idxs) for node, idxs in jobs]
         return sum(f.result() for f in futures)
 
     def _each_ssd_node(self, keys: Sequence[str], locations: Sequence[BlockLocation | None],

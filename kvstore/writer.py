@@ -8,12 +8,21 @@ import enum
 import logging
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 
-from kvstore.block_object import BlockLayout, BlockObject, encode_object, encode_parts
+import grpc
+
+from kvstore.block_object import (
+    BlockLayout,
+    BlockObject,
+    encode_object,
+    encode_parts,
+    header_size,
+)
 from kvstore.config import ClientConfig
-from kvstore.errors import ObjectTooLargeError
+from kvstore.errors import KVStoreError, ObjectTooLargeError
 from kvstore.limits import check_key
-from kvstore.reader import DropTransport, TransportFor
+from kvstore.reader import DropTransport, TransportFor, executor
 from kvstore.transports import TransportError, WriteData, parts_of
 from kvstore.wire import grant_from_proto, node_from_proto
 from pantry.v1 import kvstore_pb2 as pb
@@ -59,14 +68,44 @@ class Writer:
         keys = [k for k, _ in items]
         for i, key in enumerate(keys):
             check_key(key, f"items[{i}]")
-        # Header and payload as two parts: the payload is copied only onto the wire or into
-        # the segment, never to join them.
-        objects = [encode_parts(k, layout or BlockLayout.raw(memoryview(d).nbytes), d)
-                   for k, d in items]
-        results = self.put(keys, objects, replicas=replicas or 0)
+        views = [memoryview(d).cast("B") for _, d in items]
+        layouts = [layout or BlockLayout.raw(v.nbytes) for v in views]
+        sizes = [header_size(k, lay) + v.nbytes
+                 for k, lay, v in zip(keys, layouts, views, strict=True)]
+        # The master allocates while this thread hashes the payloads: the allocation needs
+        # only the sizes, and the wait for it is a wait on another process.
+        start = executor().submit(self._start, keys, sizes, replicas or 0, "")
+        try:
+            # Header and payload as two parts: the payload is copied only onto the wire or
+            # into the segment, never to join them.
+            objects = [encode_parts(k, lay, v)
+                       for k, lay, v in zip(keys, layouts, views, strict=True)]
+        except BaseException:
+            self._abandon(keys, start)
+            raise
+        resp = start.result()
+        assert [sum(p.nbytes for p in parts_of(o)) for o in objects] == sizes, (
+            "header_size is the encoded header's length")
+        results = self._write_and_seal(keys, objects, resp)
         # A key named twice is stored once: every item of it is then stored.
         stored = {k for k, r in zip(keys, results, strict=True) if r is PutResult.STORED}
         return [k in stored for k in keys]
+
+    def _abandon(self, keys: Sequence[str], start: Future[pb.PutStartResponse]) -> None:
+        """Give back what an allocation under way got, for a put that cannot go on (a layout
+        its header cannot hold): its slots return now, not when their grants run out."""
+        try:
+            resp = start.result()
+        except (grpc.RpcError, KVStoreError) as e:
+            log.debug("put abandoned before its allocation answered: %s", e)
+            return
+        tickets = [pb.PutTicket(key=keys[i], token=r.grant.token, node_id=r.location.node_id)
+                   for i, slot in enumerate(resp.slots) if slot.state == pb.PUT_STATE_ALLOCATED
+                   for r in (list(slot.replicas) or [pb.ReplicaGrant(location=slot.location,
+                                                                     grant=slot.grant)])]
+        if tickets:
+            self._master.PutAbort(pb.PutFinishRequest(puts=tickets),
+                                  timeout=self._config.rpc_timeout_s)
 
     def move(self, objects: Sequence[BlockObject], from_node: str) -> list[PutResult]:
         """`KVStoreClient.move`: each object copied to a node that holds no replica of it."""
@@ -81,17 +120,29 @@ class Writer:
         """Two-phase put of encoded objects: allocate every replica, write each, abort the
         replicas whose write failed, seal the rest of each put together."""
         sizes = [sum(p.nbytes for p in parts_of(o)) for o in objects]
+        resp = self._start(keys, sizes, replicas, replace_node)
+        return self._write_and_seal(keys, objects, resp)
+
+    def _start(self, keys: Sequence[str], sizes: Sequence[int], replicas: int,
+               replace_node: str) -> pb.PutStartResponse:
+        """The master's allocation of every replica of objects of `sizes` (refused at once
+        when one is larger than this client's max_object_bytes)."""
         limit = self._config.max_object_bytes
         for key, size in zip(keys, sizes, strict=True):
             if size > limit:
                 raise ObjectTooLargeError(
                     f"object {key} is {size} bytes; max_object_bytes is {limit}")
-        timeout = self._config.rpc_timeout_s
-        resp = self._master.PutStart(
+        resp: pb.PutStartResponse = self._master.PutStart(
             pb.PutStartRequest(keys=keys, sizes=sizes, client_host_id=self._host_id,
                                replicas=replicas, replace_node=replace_node),
-            timeout=timeout)
+            timeout=self._config.rpc_timeout_s)
         self._saw_membership(resp.membership)
+        return resp
+
+    def _write_and_seal(self, keys: Sequence[str], objects: Sequence[WriteData],
+                        resp: pb.PutStartResponse) -> list[PutResult]:
+        """Write each allocated replica, abort those whose write failed, seal the rest."""
+        timeout = self._config.rpc_timeout_s
         nodes = {n.node_id: node_from_proto(n) for n in resp.nodes}
         results = [PutResult.FAILED] * len(keys)
         # Per node, the (item, replica) writes it gets.

@@ -248,3 +248,51 @@ def test_tcp_transport_errors_keep_the_stream_framed(node_factory: NodeFactory,
         assert node.node.segment.read(0, 3) == b"abc"
     finally:
         t.close()
+
+
+def test_tcp_pipelines_a_calls_batches_and_a_refusal_midway_is_an_error(
+        node_factory: NodeFactory, master_address: str) -> None:
+    from kvstore.transports import TransportError
+    from kvstore.transports.tcp import TcpTransport
+    from kvstore.wire import grant_from_proto
+
+    node = node_factory("n")
+    # Batches of at most 4 KiB: each op below is a request of its own, all sent before the
+    # first answer is read.
+    t = TcpTransport(node.node.tcp_address, timeout_s=5, epoch=node.node.epoch,
+                     batch_bytes=4096)
+    with grpc.insecure_channel(master_address) as ch:
+        r = pb_grpc.KVMasterStub(ch).PutStart(
+            pb.PutStartRequest(keys=["a", "b", "c"], sizes=[3000, 3000, 3000],
+                               client_host_id="x"))
+    a, b, c = (grant_from_proto(s.grant) for s in r.slots)
+    data = [os.urandom(3000) for _ in range(3)]
+    try:
+        t.write([(a, data[0]), (b, data[1]), (c, data[2])])
+        bufs = [bytearray(3000) for _ in range(3)]
+        t.read_into([(g.offset, [memoryview(buf)]) for g, buf in zip((a, b, c), bufs,
+                                                                       strict=True)])
+        assert [bytes(x) for x in bufs] == data
+        assert t.read([(g.offset, 3000) for g in (c, a)]) == [data[2], data[0]]
+        # The second of three requests is refused (a forged grant): the call fails, the
+        # first request's bytes landed, and the next call works on a fresh connection.
+        forged = replace(b, mac=b"\0" * 16)
+        with pytest.raises(TransportError, match="write grant is not valid"):
+            t.write([(a, b"\x07" * 3000), (forged, b"\x08" * 3000), (c, b"\x09" * 3000)])
+        assert t.read([(a.offset, 3000), (b.offset, 3000)]) == [b"\x07" * 3000, data[1]]
+        assert node.node.segment.read(b.offset, 3000) == data[1]
+    finally:
+        t.close()
+
+
+def test_a_put_whose_header_cannot_hold_its_layout_gives_its_slots_back(
+        node_factory: NodeFactory, client_factory: ClientFactory) -> None:
+    node_factory("n")
+    c = client_factory("host-b")
+    # The master allocates while the client hashes; the header then refuses the layout.
+    with pytest.raises(ValueError, match="shorter than 65536"):
+        c.put_many([("k", b"x" * 3000)], layout=BlockLayout("f" * 70_000, "uint8", (3000,)))
+    # The allocation was aborted at once: the key is not busy, and the slot is free again.
+    assert c.status().nodes[0].used_bytes == 0
+    assert c.put_many([("k", b"y" * 3000)], layout=LAYOUT) == [True]
+    assert c.get_many(["k"]) == [b"y" * 3000]

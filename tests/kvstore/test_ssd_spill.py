@@ -88,7 +88,7 @@ def test_spill_then_read_from_ssd_after_dram_eviction(
     assert evicted == N
     assert all(tiers(local, k) == [SSD] for k in items)
     keys = list(items)
-    # Same host: straight from the node's files. Another host: through the node's gRPC Read.
+    # Same host: straight from the node's files. Another host: through the node's TCP server.
     assert local.get_many(keys) == [items[k] for k in keys]
     assert remote.get_many(keys[:2]) == [items[k] for k in keys[:2]]
     buf = bytearray(PAYLOAD)
@@ -96,8 +96,37 @@ def test_spill_then_read_from_ssd_after_dram_eviction(
     assert got.objects[0] is not None and bytes(buf) == items[keys[3]]
     # Only the remote client's read went through the node (one request), none of the local.
     m = scrape(node.metrics.url)
-    assert sample(m, "pantry_kv_node_requests_total", transport="grpc", op="read") == 1
+    assert sample(m, "pantry_kv_node_requests_total", transport="tcp", op="read") == 1
+    assert sample(m, "pantry_kv_node_read_bytes_total", transport="tcp") == 2 * (
+        PAYLOAD + 64)  # and each object's 64-byte header
     assert sample(m, "pantry_kv_node_ssd_corrupted_total") == 0
+
+
+def test_remote_ssd_reads_go_over_tcp_straight_into_buffers_and_grpc_without_it(
+        ssd_node: NodeFactory, client_factory: Callable[..., KVStoreClient],
+        master_address: str) -> None:
+    node = ssd_node()
+    local = client_factory("host-a")
+    items = stored_and_spilled(local)
+    local.evict(nbytes=1 << 40)
+    keys = list(items)
+    remote = client_factory("host-b")
+    bufs = [bytearray(PAYLOAD) for _ in keys]
+    got = remote.read_into(keys, bufs)
+    assert [o is not None for o in got.objects] == [True] * N
+    assert [bytes(b) for b in bufs] == [items[k] for k in keys]
+    assert got.nbytes == N * (PAYLOAD + 64)
+    m = scrape(node.metrics.url)
+    # Every object of the call in one request.
+    assert sample(m, "pantry_kv_node_requests_total", transport="tcp", op="read") == 1
+    # A client without tcp reads them through the node's gRPC Read, the same bytes, in
+    # messages of at most its batch_bytes: two objects each here.
+    with KVStoreClient(master_address, host_id="host-c",
+                       config=ClientConfig(enable_tcp=False, batch_bytes=250_000)) as plain:
+        assert plain.get_many(keys) == [items[k] for k in keys]
+    m = scrape(node.metrics.url)
+    assert sample(m, "pantry_kv_node_requests_total", transport="grpc", op="read") == 2
+    assert sample(m, "pantry_kv_node_requests_total", transport="tcp", op="read") == 1
 
 
 def test_status_shows_both_tiers(ssd_node: NodeFactory, master_address: str,
