@@ -14,6 +14,10 @@ Setups:
   passive      as shared, OMP_WAIT_POLICY=PASSIVE: an engine waiting at a barrier sleeps
   nice         as passive, prefill at nice +10: decode's steps take the CPUs first when both run
   spin         as nice, but a waiting thread spins briefly (GOMP_SPINCOUNT=20000) before it sleeps
+  split-wait   prefill as nice, decode as spin. On a machine with nothing else running, decode
+               alone is faster than under nice (no thread to wake per parallel region); but
+               with prefill or any other process computing, its spinning team waits on a
+               preempted thread and TBT triples, hence not `pantry local`'s default
 
     .venv/bin/python bench/cpu_split.py [--setups pinned passive nice] [--quick]
 """
@@ -42,6 +46,7 @@ class Setup:
     passive: bool
     prefill_nice: int = 0
     spincount: int = 0  # GOMP_SPINCOUNT: a waiting thread spins this long, then sleeps
+    decode_spins: bool = False  # decode spins (spincount) while prefill waits passively
 
 
 SETUPS = {
@@ -50,6 +55,8 @@ SETUPS = {
     "passive": Setup("passive", pin=False, passive=True),
     "nice": Setup("nice", pin=False, passive=True, prefill_nice=10),
     "spin": Setup("spin", pin=False, passive=False, prefill_nice=10, spincount=20000),
+    "split-wait": Setup("split-wait", pin=False, passive=True, prefill_nice=10,
+                        spincount=20000, decode_spins=True),
 }
 
 
@@ -141,9 +148,10 @@ class Worker:
         if role == "prefill" and setup.prefill_nice:
             args += ["--nice", str(setup.prefill_nice)]
         env = {**os.environ, "PYTHONPATH": str(REPO)}
-        if setup.passive:
+        spins = role == "decode" if setup.decode_spins else not setup.passive
+        if setup.passive and not spins:
             env["OMP_WAIT_POLICY"] = "PASSIVE"
-        if setup.spincount:
+        if setup.spincount and spins:
             env["GOMP_SPINCOUNT"] = str(setup.spincount)
         self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      text=True, env=env, cwd=REPO)

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from engine.attention import AttentionBatch, AttentionFn, batched_paged_attention
 from engine.config import ModelConfig
 from engine.kv_cache import PagedKVCache
-from engine.rope import RotaryEmbedding, apply_rotary
+from engine.rope import RotaryEmbedding, apply_rotary, rotary_factors
 
 
 class RMSNorm(nn.Module):
@@ -25,6 +25,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         dtype = x.dtype
+        if dtype == torch.float32:
+            # One fused op instead of six: the same formula, ~60 per decode step.
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         x = x.to(torch.float32)
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
@@ -60,11 +63,15 @@ class Attention(nn.Module):
     ) -> Tensor:
         t = x.shape[0]
         if self.qkv_proj is None:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            qk = torch.cat((self.q_proj(x), self.k_proj(x)), dim=-1)
+            v = self.v_proj(x)
         else:
-            q, k, v = self.qkv_proj(x).split(self._split, dim=-1)
-        q = apply_rotary(q.view(t, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rotary(k.view(t, self.num_kv_heads, self.head_dim), cos, sin)
+            q_dim, kv_dim, _ = self._split
+            qkv = self.qkv_proj(x)
+            qk, v = qkv[:, : q_dim + kv_dim], qkv[:, q_dim + kv_dim :]
+        # Q and K side by side are [T, heads + kv heads, head_dim]: rotated in one pass.
+        qk = apply_rotary(qk.view(t, self.num_heads + self.num_kv_heads, self.head_dim), cos, sin)
+        q, k = qk.split((self.num_heads, self.num_kv_heads), dim=1)
         v = v.view(t, self.num_kv_heads, self.head_dim)
         out = attention_fn(q, k, v, kv.k[self.layer_idx], kv.v[self.layer_idx], batch, self.scale)
         return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
@@ -152,6 +159,7 @@ class CausalLM(nn.Module):
         """Hidden states [T, hidden] for flattened tokens of several sequences."""
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.model.rotary_emb(positions)
+        cos, sin = rotary_factors(cos, sin, x.dtype)
         for layer in self.model.layers:
             x = layer(x, cos, sin, batch, kv, self.attention_fn)
         return self.model.norm(x)
