@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import collections
 import logging
-import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import wait
 
 import torch
 
 from engine.block_keys import KeyChain
+from engine.engine_loop import EngineLoop
 from engine.role_core import EngineCore
 from engine.runner import SeqStep
 from engine.sampling import Sampler, make_generator
@@ -67,7 +67,7 @@ class SequenceHandle:
         self._engine._wake()
 
 
-class DecodeEngine:
+class DecodeEngine(EngineLoop):
     """`background=True` runs the loop on a thread of its own (in-process use). A server runs it
     on the main thread instead (`run()`): torch's OpenMP pool parallelises the many small ops
     of a decode step only there, a decode step on another thread takes ~1.7x as long."""
@@ -75,27 +75,15 @@ class DecodeEngine:
     def __init__(
         self, core: EngineCore, limits: DecodeLimits | None = None, *, background: bool = True
     ) -> None:
-        self.core = core
+        # Pulling a long prompt's blocks takes about as long as a decode step: done on the
+        # loop's puller, so the sequences already generating do not wait for it.
+        super().__init__(core, "decode")
         self.limits = limits or DecodeLimits()
         self._sampler = Sampler()
         self._stops = StopChecker(core.description.eos_token_ids)
-        self._cv = threading.Condition()
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._active: list[Sequence] = []
-        self._stopped = False
-        # Pulling a long prompt's blocks takes about as long as a decode step: done beside the
-        # loop, so the sequences already generating do not wait for it.
-        # Its copies run single-threaded: a second OpenMP team, spinning beside the loop's,
-        # slows every later decode step by ~1.7x on a small machine.
-        self._puller = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="decode-pull",
-            initializer=lambda: torch.set_num_threads(1),
-        )
-        core.metrics.watch_load(self.load)
-        self._thread: threading.Thread | None = None
-        if background:
-            self._thread = threading.Thread(target=self.run, name="decode-loop", daemon=True)
-            self._thread.start()
+        self._begin(background)
 
     # ---- called from server threads -------------------------------------------------------
     def submit(self, job: DecodeJob) -> SequenceHandle:
@@ -121,19 +109,6 @@ class DecodeEngine:
     def load(self) -> tuple[int, int]:
         with self._cv:
             return len(self._waiting), len(self._active)
-
-    def request_stop(self) -> None:
-        """Safe from a signal handler on the thread running the loop (the lock is reentrant)."""
-        with self._cv:
-            self._stopped = True
-            self._cv.notify()
-
-    def stop(self) -> None:
-        self.request_stop()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-        self._puller.shutdown(wait=True)
-        self.core.flush_writes()
 
     def _wake(self) -> None:
         with self._cv:

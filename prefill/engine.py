@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import collections
 import logging
-import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, wait
 from dataclasses import dataclass, field
 
-import torch
-
+from engine.engine_loop import EngineLoop
 from engine.errors import OutOfBlocks
 from engine.role_core import EngineCore
 from engine.runner import SeqStep
@@ -78,30 +76,20 @@ class _Prompt:
         return self.job.token_ids
 
 
-class PrefillEngine:
+class PrefillEngine(EngineLoop):
     """`background=True` runs the loop on a thread of its own (in-process use). A server runs it
     on the main thread instead (`run()`), where torch's OpenMP pool serves it best."""
 
     def __init__(self, core: EngineCore, limits: PrefillLimits | None = None, *,
                  background: bool = True) -> None:
-        self.core = core
+        # A prompt's cached prefix is pulled on the loop's puller while the passes of the
+        # others go on.
+        super().__init__(core, "prefill")
         self.chunk_tokens = (limits or PrefillLimits()).chunk_tokens
         self._sampler = Sampler()
-        self._cv = threading.Condition()
         self._queue: collections.deque[_Prompt] = collections.deque()
         self._running: list[_Prompt] = []
-        self._stopped = False
-        # A prompt's cached prefix is pulled here while the passes of the others go on. Its
-        # copies run single-threaded: a second OpenMP team would spin beside the loop's.
-        self._puller = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="prefill-pull",
-            initializer=lambda: torch.set_num_threads(1),
-        )
-        core.metrics.watch_load(self.load)
-        self._thread: threading.Thread | None = None
-        if background:
-            self._thread = threading.Thread(target=self.run, name="prefill-loop", daemon=True)
-            self._thread.start()
+        self._begin(background)
 
     # ---- called from server threads -------------------------------------------------------
     @property
@@ -134,19 +122,6 @@ class PrefillEngine:
     def prefill(self, job: PrefillJob) -> PrefillOutcome:
         """The first token of `job`, once its last pass is computed."""
         return self.submit(job).result()
-
-    def request_stop(self) -> None:
-        """Safe from a signal handler on the thread running the loop (the lock is reentrant)."""
-        with self._cv:
-            self._stopped = True
-            self._cv.notify()
-
-    def stop(self) -> None:
-        self.request_stop()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-        self._puller.shutdown(wait=True)
-        self.core.flush_writes()
 
     # ---- the loop ------------------------------------------------------------------------
     def run(self) -> None:
