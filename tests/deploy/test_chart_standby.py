@@ -9,6 +9,8 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from kvstore.client import KVStoreClient
 from kvstore.master_service import start_master
 from kvstore.node_service import start_node
@@ -125,6 +127,7 @@ def _config(ms: list[Manifest], kind: str, role: str, **local: Any) -> Any:
     return dataclasses.replace(config, host="127.0.0.1", port=0, metrics_port=0, **local)
 
 
+@pytest.mark.slow
 def test_rendered_standby_takes_over_when_the_leader_stops(tmp_path: Path) -> None:
     """Two masters from the chart's command lines on one real redis-server (advertising their
     loopback addresses, as the pods advertise their DNS names): one leads, a node given both

@@ -121,6 +121,7 @@ def wait_ready(proc: subprocess.Popen[bytes], ready: Path) -> dict[str, object]:
     return info
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("role", ["prefill", "decode"])
 def test_role_process_announces_and_serves_its_metrics(
     role: str, tiny_llama: Path, pool_address: str, tmp_path: Path

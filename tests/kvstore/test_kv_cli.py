@@ -50,6 +50,7 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
                 p.wait()
 
 
+@pytest.mark.slow
 def test_cli_roundtrip_and_sigterm_cleanup(cluster: Cluster, tmp_path: Path) -> None:
     addr, node_id, node, minfo, ninfo = cluster
     assert len(shm_files(node_id)) == 1
@@ -93,6 +94,7 @@ def test_cli_roundtrip_and_sigterm_cleanup(cluster: Cluster, tmp_path: Path) -> 
     assert shm_files(node_id) == []
 
 
+@pytest.mark.slow
 def test_cli_sigint_and_errors(cluster: Cluster) -> None:
     addr, node_id, node, _, _ = cluster
     stop(node, signal.SIGINT)

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 from kv_helpers import ROOT, raw_size, spawn, wait_for
 
 from kvstore.slab_allocator import slot_bytes
@@ -29,6 +30,7 @@ def one_json(*args: str, rc: int = 0) -> dict[str, Any]:
     return out
 
 
+@pytest.mark.slow
 def test_read_commands_print_json(tmp_path: Path) -> None:
     master, minfo = spawn(tmp_path, "master", "master", "--port", "0", "--min-slot-bytes",
                           "4KiB")

@@ -132,6 +132,7 @@ def test_full_pool_returns_false_not_raise(
     assert c.get_many(["b0"]) == [big[0][1]]
 
 
+@pytest.mark.slow
 def test_node_death_is_a_miss_not_wrong_data(
     node_factory: NodeFactory, client_factory: ClientFactory, master_address: str
 ) -> None:

@@ -26,6 +26,7 @@ def _stop(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
         proc.wait(timeout=20)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["memory", "redis"])
 def test_a_sigkilled_master_serves_every_sealed_object_again(
     backend: str, tmp_path: Path, request: pytest.FixtureRequest

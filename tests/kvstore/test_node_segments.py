@@ -8,6 +8,8 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from kvstore.block_object import BlockLayout, encode_object
 from kvstore.config import NodeConfig
 from kvstore.node import remove_stale_segments
@@ -36,6 +38,7 @@ def test_leftover_segments_of_dead_or_own_pids_are_removed(tmp_path: Path) -> No
         [alive.name, other.name, odd.name])
 
 
+@pytest.mark.slow
 def test_a_node_restarted_with_its_own_pid_starts(tmp_path: Path) -> None:
     # Before: O_EXCL on the leftover file made the node exit, and the container crash-looped.
     cfg = NodeConfig(master_address="127.0.0.1:1", node_id="again", shm_dir=str(tmp_path),

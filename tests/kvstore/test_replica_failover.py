@@ -72,6 +72,7 @@ def pool(tmp_path: Path) -> Iterator[ProcessPool]:
         yield pool
 
 
+@pytest.mark.slow
 def test_reads_succeed_inside_the_node_timeout_window_after_a_node_sigkill(
         pool: ProcessPool) -> None:
     address, ids, procs = pool

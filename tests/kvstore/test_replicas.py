@@ -212,6 +212,7 @@ def two_node_processes(tmp_path: Path) -> Iterator[ProcessPool]:
         yield pool
 
 
+@pytest.mark.slow
 def test_node_sigkilled_every_object_reads_from_its_other_replica(
         two_node_processes: ProcessPool) -> None:
     address, ids, procs = two_node_processes
