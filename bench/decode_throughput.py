@@ -21,6 +21,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -31,8 +32,10 @@ from engine.runner import ModelRunner, SeqStep
 HERE = Path(__file__).resolve()
 
 
-def decode_rate(runner: ModelRunner, streams: int, context: int, steps: int, seed: int) -> float:
-    """Tokens per second over `steps` greedy decode steps of `streams` sequences together."""
+def decode_rate(runner: ModelRunner, streams: int, context: int, steps: int, seed: int,
+                sync: Callable[[], None] = lambda: None) -> float:
+    """Tokens per second over `steps` greedy decode steps of `streams` sequences together.
+    `sync`: waits for the device before the clock starts (`torch.cuda.synchronize` on a GPU)."""
     rng = random.Random(seed)
     bs = runner.block_size
     tokens = [[rng.randrange(1000, 40000) for _ in range(context)] for _ in range(streams)]
@@ -41,6 +44,7 @@ def decode_rate(runner: ModelRunner, streams: int, context: int, steps: int, see
         runner.step([SeqStep(tuple(t), 0, tuple(b)) for t, b in zip(tokens, tables, strict=True)])
         lens = [context] * streams
         last = [t[-1] for t in tokens]
+        sync()
         start = time.perf_counter()
         for _ in range(steps):
             logits = runner.step([SeqStep((tok,), n, tuple(b))

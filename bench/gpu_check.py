@@ -13,23 +13,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
+from decode_throughput import decode_rate  # noqa: E402
 
 import engine.attention as attention  # noqa: E402
 from engine import triton_kernels  # noqa: E402
 from engine.loader import load_model  # noqa: E402
-from engine.runner import ModelRunner, SeqStep  # noqa: E402
+from engine.runner import ModelRunner  # noqa: E402
 
 # SmolLM2-135M's config.json, the fields that set the work per token.
 SMOLLM2_SHAPE: dict[str, Any] = dict(
@@ -48,28 +48,6 @@ def smollm2_shaped(root: Path) -> Path:
     path = root / "smollm2-shaped"
     model.save_pretrained(path)
     return path
-
-
-def decode_rate(runner: ModelRunner, streams: int, context: int, steps: int, seed: int) -> float:
-    rng = random.Random(seed)
-    bs = runner.block_size
-    tokens = [[rng.randrange(1000, 40000) for _ in range(context)] for _ in range(streams)]
-    tables = [runner.allocator.allocate(-(-(context + steps + 1) // bs)) for _ in range(streams)]
-    try:
-        runner.step([SeqStep(tuple(t), 0, tuple(b)) for t, b in zip(tokens, tables, strict=True)])
-        lens = [context] * streams
-        last = [t[-1] for t in tokens]
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(steps):
-            logits = runner.step([SeqStep((tok,), n, tuple(b))
-                                  for tok, n, b in zip(last, lens, tables, strict=True)])
-            last = logits.argmax(-1).tolist()  # the sampled ids: the step's one sync
-            lens = [n + 1 for n in lens]
-        return streams * steps / (time.perf_counter() - start)
-    finally:
-        for table in tables:
-            runner.allocator.free(table)
 
 
 def main() -> int:
@@ -98,14 +76,17 @@ def main() -> int:
             loaded = load_model(path, dtype=dtype, device="cuda")
             blocks = max(ns.streams) * (-(-(ns.context + ns.steps + 1) // 16)) + 1
             runner = ModelRunner(loaded, num_blocks=blocks, block_size=16)
-            decode_rate(runner, 2, 32, 4, seed=0)  # warm-up: compiles the kernels
+            # Warm-up: compiles the kernels.
+            decode_rate(runner, 2, 32, 4, seed=0, sync=torch.cuda.synchronize)
             for streams in ns.streams:
                 for name, fn in kernels.items():
                     attention.paged_decode_attention = fn  # type: ignore[assignment]
                     try:
-                        decode_rate(runner, streams, 32, 2, seed=1)  # this shape's warm-up
+                        # This shape's warm-up.
+                        decode_rate(runner, streams, 32, 2, seed=1, sync=torch.cuda.synchronize)
                         rows[f"{dname} {streams} {name}"] = statistics.median(
-                            decode_rate(runner, streams, ns.context, ns.steps, seed=r)
+                            decode_rate(runner, streams, ns.context, ns.steps, seed=r,
+                                        sync=torch.cuda.synchronize)
                             for r in range(ns.reps))
                     finally:
                         attention.paged_decode_attention = kernels["triton"]  # type: ignore[assignment]
