@@ -215,14 +215,19 @@ class TcpServer:
                 scratch[0] = bytearray(largest)
         buf = memoryview(scratch[0])
         moved = 0
-        for key, (n, _) in zip(keys, table, strict=True):
+        for i, (key, (n, _)) in enumerate(zip(keys, table, strict=True)):
             got = self._node.read_ssd(key, n, buf[:n])
+            moved += 0 if got is None else got.nbytes
+            if i == len(keys) - 1:
+                # Counted before the last answer goes out, so a client that has its answer
+                # sees the count (as for writes).
+                self._record(READ, moved)
             if got is None:
                 conn.sendall(RESP.pack(MAGIC, MISS, 0))
-                continue
-            send_parts(conn, [RESP.pack(MAGIC, OK, got.nbytes), got])
-            moved += got.nbytes
-        self._record(READ, moved)
+            else:
+                send_parts(conn, [RESP.pack(MAGIC, OK, got.nbytes), got])
+        if not keys:
+            self._record(READ, 0)
         return True
 
     @staticmethod
