@@ -196,6 +196,10 @@ class NodeConfig:
         "help": "fraction of ssd_bytes in use above which least recently used files go"})
     ssd_low_watermark: float = field(default=0.85, metadata={
         "help": "fraction of ssd_bytes that SSD eviction brings the tier down to"})
+    ssd_fsync: bool = field(default=True, metadata={
+        "help": "flush each spilled file and the directory entry to the device before the "
+                "copy counts as stored, so a power loss cannot leave a damaged file (off: "
+                "faster spills; a damaged file is still a miss by its checksum)"})
 
     def __post_init__(self) -> None:
         if not self.master_address:

@@ -90,7 +90,7 @@ class StorageNode:
         # is created. Its files are re-indexed now and reported when the node registers.
         self.ssd = None if config.ssd_dir is None else SsdTier(
             config.ssd_dir, config.ssd_bytes, config.ssd_high_watermark,
-            config.ssd_low_watermark)
+            config.ssd_low_watermark, fsync=config.ssd_fsync)
         try:
             self.segment = Segment(segment_path(config), config.dram_bytes, config.prefault)
         except BaseException:

@@ -5,8 +5,10 @@ names its key and lengths, a checksum covers the payload), so a node restarted o
 directory re-indexes it from the headers alone, and every read is checked before it counts as a
 hit: a damaged file is a miss, deleted and counted, never returned.
 
-Files are written under a temporary name and renamed, so a crash never leaves half an object
-under a key's name; temporary files left by a crash are removed at start. One node owns a
+Files are written under a temporary name, flushed to the device (file, then the directory
+entry after the rename; `fsync=False` skips both) and renamed, so neither a crash nor a power
+loss leaves half an object under a key's name; temporary files left by a crash are removed at
+start. One node owns a
 directory at a time (an flock on `.lock`). The tier never calls the master: what it stored and
 what it dropped are drained by the node and reported in its next heartbeat.
 """
@@ -113,13 +115,14 @@ class SsdStats:
 
 class SsdTier:
     def __init__(self, directory: str, capacity_bytes: int, high_watermark: float = 0.95,
-                 low_watermark: float = 0.85) -> None:
+                 low_watermark: float = 0.85, fsync: bool = True) -> None:
         assert capacity_bytes > 0 and 0 < low_watermark <= high_watermark <= 1, \
             "NodeConfig validates the SSD tier's settings"
         self.directory = os.path.abspath(directory)
         self.capacity_bytes = capacity_bytes
         self.high_watermark = high_watermark
         self.low_watermark = low_watermark
+        self.fsync = fsync
         os.makedirs(self.directory, exist_ok=True)
         self._lock_fd = os.open(os.path.join(self.directory, _LOCK_NAME),
                                 os.O_RDWR | os.O_CREAT, 0o600)
@@ -130,6 +133,7 @@ class SsdTier:
             raise SsdDirInUseError(
                 f"ssd_dir {self.directory} is in use by another node; give each node its "
                 "own --ssd-dir") from None
+        self._dir_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
         self._lock = threading.Lock()
         # key -> object bytes, least recently used first.
         self._lru: OrderedDict[str, int] = OrderedDict()
@@ -255,9 +259,14 @@ class SsdTier:
                 done = 0
                 while done < n:
                     done += os.write(fd, view[done:])
+                if self.fsync:
+                    os.fsync(fd)
             finally:
                 os.close(fd)
             os.rename(tmp_path, self.path(key))
+            if self.fsync:
+                # The rename itself is durable only once the directory is flushed.
+                os.fsync(self._dir_fd)
         except OSError as e:
             log.warning("spill of %s to %s failed: %s", key, self.directory, e)
             self._unlink(tmp)
@@ -350,4 +359,5 @@ class SsdTier:
         if self._closed:
             return
         self._closed = True
+        os.close(self._dir_fd)
         os.close(self._lock_fd)  # releases the flock

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -135,3 +136,21 @@ def test_one_node_per_directory(tmp_path: Path) -> None:
         SsdTier(str(tmp_path), SIZE)
     tier.close()
     SsdTier(str(tmp_path), SIZE).close()
+
+
+@pytest.mark.parametrize("fsync", [True, False])
+def test_a_spill_is_flushed_file_then_directory_unless_told_not_to(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fsync: bool) -> None:
+    flushed: list[str] = []
+    real_fsync = os.fsync
+
+    def record(fd: int) -> None:
+        st = os.fstat(fd)
+        flushed.append("dir" if stat.S_ISDIR(st.st_mode) else f"file of {st.st_size} B")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", record)
+    tier = SsdTier(str(tmp_path), 10 * SIZE, fsync=fsync)
+    assert tier.spill("k00", obj("k00")) is Spill.STORED
+    assert flushed == ([f"file of {SIZE} B", "dir"] if fsync else [])
+    tier.close()
