@@ -51,6 +51,7 @@ class MasterAdmin(MasterState):
                         assert meta is not None, key
                         victims.append(meta)
                         total += meta.slot_bytes
+                        self._spill_outlives(meta)
             for meta in victims:
                 self._delete(meta)
                 self.events.emit(EventKind.EVICTED, meta.key, meta.node_id, meta.tier)

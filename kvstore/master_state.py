@@ -188,8 +188,16 @@ class MasterState:
         node.by_offset.pop(meta.offset, None)
         node.leases.pop(key, None)
         node.allocator.free(meta.offset)
+        self._spill_outlives(meta)
         self.evictions += 1
         self.events.emit(EventKind.EVICTED, key, node.info.node_id, meta.tier)
+
+    def _spill_outlives(self, meta: ObjectMeta) -> None:
+        """The DRAM replica `meta` is evicted: a copy of it to its node's SSD under way is kept
+        when it lands (see `MasterTiers._spill_done`)."""
+        ssd = self._ssd.nodes.get(meta.node_id)
+        if ssd is not None and meta.key in ssd.spilling:
+            ssd.evicted_while_spilling[meta.key] = meta.token
 
     def _enforce_watermark(self, node: PoolNode) -> None:
         alloc = node.allocator

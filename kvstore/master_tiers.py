@@ -115,6 +115,7 @@ class MasterTiers(MasterState):
         node_id = node.info.node_id
         ssd = self._ssd.nodes[node_id]
         ssd.spilling.discard(d.key)
+        evicted = ssd.evicted_while_spilling.pop(d.key, None) == d.token
         if not d.ok:
             ssd.refused.add((d.key, d.token))
             return
@@ -122,13 +123,18 @@ class MasterTiers(MasterState):
         if obj is not None and obj.on(node_id, SSD) is not None:
             return
         dram = None if obj is None else obj.on(node_id)
-        if obj is None or dram is None or dram.token != d.token or dram.length != d.length:
+        copied = dram is not None and dram.token == d.token and dram.length == d.length
+        # DRAM eviction overtook the copy: the file still holds the key's bytes (the node
+        # checked them before writing), so it is kept unless the key now names other lengths.
+        kept = evicted and (obj is None or all(r.length == d.length for r in obj.replicas))
+        if not (copied or kept):
             # The replica it was copied from is gone: the file belongs to no listed replica.
             ssd.orders.append(TierOrder(TierOp.DROP, d.key))
             return
-        self._backend.put(obj.with_replica(ObjectMeta(
-            d.key, node_id, 0, d.length, 0, ObjectState.SEALED, 0.0, node.info.epoch, d.token,
-            SSD)))
+        meta = ObjectMeta(d.key, node_id, 0, d.length, 0, ObjectState.SEALED, 0.0,
+                          node.info.epoch, d.token, SSD)
+        self._backend.put(StoredObject(d.key, (meta,)) if obj is None
+                          else obj.with_replica(meta))
         self._ssd.stored(node_id, d.key, d.length)
         self.events.emit(EventKind.STORED, d.key, node_id, SSD)
         self._ssd.spilled += 1

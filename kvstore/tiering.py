@@ -87,6 +87,9 @@ class NodeSsd:
     # SSD replicas on the node: key -> object bytes.
     keys: dict[str, int] = field(default_factory=dict)
     spilling: set[str] = field(default_factory=set)
+    # Spilling keys whose DRAM replica was evicted before the copy landed: key -> that
+    # replica's token. The file is still kept when it lands (the node checked its bytes).
+    evicted_while_spilling: dict[str, int] = field(default_factory=dict)
     # Promotions under way: key -> the pending DRAM replica's token.
     promoting: dict[str, int] = field(default_factory=dict)
     # Reads served from an SSD replica since it was stored or last promoted.

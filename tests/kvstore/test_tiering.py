@@ -89,6 +89,34 @@ def test_after_dram_eviction_reads_go_to_ssd_then_hot_objects_are_promoted() -> 
     assert loc is not None and (loc.tier, loc.offset) == (DRAM, promote.offset)
 
 
+def test_a_spill_overtaken_by_dram_eviction_keeps_its_file() -> None:
+    m, epoch = make_master()
+    _, token_a = put(m, "a")
+    _, token_b = put(m, "b")
+    assert [o.key for o in m.tier_heartbeat("n1", epoch)] == ["a", "b"]
+    assert m.evict(nbytes=8 * KIB) == (2, 8 * KIB)  # both DRAM replicas, copies under way
+    seq = m.events.last_seq + 1
+    orders = m.tier_heartbeat("n1", epoch, [
+        TierDone(TierOp.SPILL, "a", token_a, True, 4 * KIB),
+        TierDone(TierOp.SPILL, "b", token_b + 1, True, 4 * KIB)])  # not the evicted replica
+    assert replicas(m, "a") == [(SSD, "sealed")]
+    (loc,) = m.get_replicas(["a"])
+    assert loc is not None and (loc.tier, loc.length) == (SSD, 4 * KIB)
+    assert TierOrder(TierOp.DROP, "b") in orders and m.exists(["b"]) == [False]
+    assert [(e.kind.value, e.key, e.tier) for e in m.events.read(seq)[1]] == [
+        ("stored", "a", SSD)]
+
+
+def test_a_put_that_evicts_a_spilling_object_keeps_its_copy() -> None:
+    m, epoch = make_master(high_watermark=1.0, low_watermark=1.0)
+    tokens = [put(m, f"k{i:02d}")[1] for i in range(64)]  # 256 KiB: the node is full
+    assert [o.key for o in m.tier_heartbeat("n1", epoch)] == ["k00", "k01", "k02"]
+    put(m, "new")  # evicts the coldest, k00, whose copy is under way
+    assert m.exists(["k00", "k01"]) == [False, True]
+    m.tier_heartbeat("n1", epoch, [TierDone(TierOp.SPILL, "k00", tokens[0], True, 4 * KIB)])
+    assert replicas(m, "k00") == [(SSD, "sealed")]
+
+
 def test_a_failed_promotion_frees_its_slot() -> None:
     m, epoch = make_master(promote_after_hits=1)
     _, token = put(m, "a")
