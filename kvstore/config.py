@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass, field
 
 from kvstore.eviction import POLICIES as EVICTION_POLICIES
+from kvstore.slab_classes import MAX_CLASSES, PAGE_ALIGN, PAGE_BYTES
 from pantry.common.config_flags import GIB, KIB, MIB
 from pantry.common.errors import ConfigError
 
@@ -83,6 +84,12 @@ class MasterConfig:
         "help": "most spills one node has under way at once"})
     min_slot_bytes: int = field(default=4 * KIB, metadata={
         "size": True, "help": "smallest slot the allocator hands out (a power of two)"})
+    slab_page_bytes: int = field(default=PAGE_BYTES, metadata={
+        "size": True, "help": "bytes of slots in one slab page, the unit that moves between "
+                              "size classes (a multiple of 4 KiB; larger objects get a page "
+                              "of one slot)"})
+    slab_classes: int = field(default=MAX_CLASSES, metadata={
+        "help": "most size classes per node; past it a size takes the smallest larger class"})
     max_object_bytes: int = field(default=DEFAULT_MAX_OBJECT_BYTES, metadata={
         "size": True, "help": "largest object a put may store"})
     reap_interval_s: float = field(default=1.0, metadata={
@@ -147,6 +154,10 @@ class MasterConfig:
             # 64: objects start on their header's 64-byte alignment.
             raise ConfigError(
                 f"min_slot_bytes must be a power of two >= 64, got {self.min_slot_bytes}")
+        if self.slab_page_bytes < PAGE_ALIGN or self.slab_page_bytes % PAGE_ALIGN:
+            raise ConfigError(f"slab_page_bytes must be a positive multiple of {PAGE_ALIGN}, "
+                              f"got {self.slab_page_bytes}")
+        _positive("slab_classes", self.slab_classes)
         _positive("max_object_bytes", self.max_object_bytes)
         if self.metadata != "memory" and not self.metadata.startswith("redis://"):
             raise ConfigError(

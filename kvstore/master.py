@@ -54,6 +54,7 @@ from kvstore.metadata import (
     NodeStatus,
     PoolStatus,
 )
+from kvstore.slab_allocator import ClassStats
 
 __all__ = ["Master", "MasterStats", "PutGrant", "PutOutcome", "Registration", "Ticket"]
 
@@ -195,6 +196,11 @@ class Master(MasterRecovery, MasterPuts, MasterReads, MasterAdmin, MasterTiers):
                 hits=self.hits, misses=self.misses, evictions=self.evictions, puts=self.puts,
                 membership=self.membership,
             )
+
+    def slab_classes(self) -> dict[str, list[ClassStats]]:
+        """Each node's live size classes, by node id (for /metrics)."""
+        with self._lock:
+            return {node_id: n.allocator.classes() for node_id, n in sorted(self._nodes.items())}
 
     def stats(self) -> MasterStats:
         with self._lock:

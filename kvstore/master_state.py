@@ -130,8 +130,9 @@ class MasterState:
                 self._backend.commit()
 
     def _new_node(self, info: NodeInfo, now: float, grant_key: bytes) -> PoolNode:
-        return PoolNode(info, SlabAllocator(info.segment_size, self.config.min_slot_bytes),
-                        now, grant_key, make_policy(self.config.eviction))
+        allocator = SlabAllocator(info.segment_size, self.config.min_slot_bytes,
+                                  self.config.slab_page_bytes, self.config.slab_classes)
+        return PoolNode(info, allocator, now, grant_key, make_policy(self.config.eviction))
 
     def _hint(self, key: str) -> BlockHint:
         """Where `key` sits in its prompt, as far as a prefix match that missed it told."""

@@ -66,6 +66,24 @@ class _MasterCollector(Collector):
         for kind, n in master.tier_counts().items():
             tiers.add_metric([kind], n)
         yield tiers
+        slabs = {
+            "pages": GaugeMetricFamily("pantry_kv_master_slab_pages",
+                                       "slab pages a size class holds on a node",
+                                       labels=["node", "slot_bytes"]),
+            "slots": GaugeMetricFamily("pantry_kv_master_slab_slots",
+                                       "slots in a size class's pages on a node",
+                                       labels=["node", "slot_bytes"]),
+            "used_slots": GaugeMetricFamily("pantry_kv_master_slab_used_slots",
+                                            "slots of a size class holding an object",
+                                            labels=["node", "slot_bytes"]),
+        }
+        for node_id, classes in master.slab_classes().items():
+            for c in classes:
+                labels = [node_id, str(c.slot_bytes)]
+                slabs["pages"].add_metric(labels, c.pages)
+                slabs["slots"].add_metric(labels, c.slots)
+                slabs["used_slots"].add_metric(labels, c.used_slots)
+        yield from slabs.values()
 
 
 class _LeaderCollector(Collector):

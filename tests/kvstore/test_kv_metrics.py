@@ -56,6 +56,11 @@ def test_master_metrics_after_puts_hit_miss_match_and_abort(
                 "puts_aborted": 1, "puts_expired": 0, "match_prefix_calls": 1,
                 "blocks_matched": 2}
     assert {k: sample(m, f"pantry_kv_master_{k}") for k in gauges} == gauges
+    # One class, one page of it: 1,044,480 bytes (1 MiB down to a 4 KiB boundary) of slots.
+    slab = {k: sample(m, f"pantry_kv_master_slab_{k}", node=f"n-{os.getpid()}",
+                      slot_bytes="10112")
+            for k in ("pages", "slots", "used_slots")}
+    assert slab == {"pages": 1, "slots": 1_044_480 // 10_112, "used_slots": 3}
     assert {k: sample(m, f"pantry_kv_master_{k}_total") for k in counters} == counters
     rpcs = {"PutStart": 2, "PutEnd": 1, "PutAbort": 1, "GetReplicas": 2, "MatchPrefix": 1,
             "Exists": 0, "Remove": 0, "List": 0}

@@ -8,6 +8,7 @@ from kv_helpers import Clock
 from kvstore.config import KIB, MIB, MasterConfig
 from kvstore.master import Master, PutOutcome
 from kvstore.metadata import NodeInfo
+from kvstore.slab_allocator import ClassStats
 from pantry.common.errors import ConfigError
 
 
@@ -128,6 +129,21 @@ def test_config_validation_names_setting() -> None:
         MasterConfig(put_timeout_s=0)
     with pytest.raises(ConfigError, match="min_slot_bytes"):
         MasterConfig(min_slot_bytes=3000)
+    with pytest.raises(ConfigError, match="slab_page_bytes must be a positive multiple of 4096"):
+        MasterConfig(slab_page_bytes=5000)
+    with pytest.raises(ConfigError, match="slab_classes"):
+        MasterConfig(slab_classes=0)
+
+
+def test_slab_flags_reach_each_nodes_allocator() -> None:
+    m = Master(MasterConfig(slab_page_bytes=64 * KIB, slab_classes=1), clock=Clock())
+    m.register_node(NodeInfo("n1", "h1", "127.0.0.1:1", "/dev/shm/x", 1 * MIB))
+    for key, size in (("a", 30_000), ("b", 10_000)):
+        (g,) = m.put_start([key], [size], "h1")
+        assert g.location is not None
+    # One class at most: b takes a's class (30,000 rounded up to a 256-byte granule), two
+    # slots to a 64 KiB page.
+    assert m.slab_classes() == {"n1": [ClassStats(30_208, 1, 2, 2)]}
 
 
 def test_stats_count_every_put_outcome_prefix_match_and_lease() -> None:
