@@ -4,12 +4,12 @@ a time."""
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from itertools import repeat
 from operator import attrgetter
-from types import NoneType
-from typing import cast
 
 from kvstore.eviction import MIDDLE, BlockHint
 from kvstore.master_state import MAX_HINTS, MasterState
@@ -18,19 +18,64 @@ from kvstore.metadata import (
     SSD,
     NodeInfo,
     ObjectMeta,
+    ObjectState,
 )
+from kvstore.object_index import LONE_FIELDS
 from kvstore.replicas import NodeView, choose_replica
 
-_NODE_ID = attrgetter("node_id")  # at C speed, over thousands of replicas at once
+# The columns of the index's packed lone replicas (`kvstore.object_index.LONE_LOCATION`).
+_WIDTH = len(LONE_FIELDS)
+_OFF, _LEN, _NODE, _SLOT, _TOKEN = map(LONE_FIELDS.index,
+                                       ("offset", "length", "node", "slot_bytes", "token"))
+_OFFSET, _LENGTH = attrgetter("offset"), attrgetter("length")  # at C speed, over a column
 
 
 @dataclass(frozen=True)
 class PrefixRun:
-    """A prefix match as the master answers it, read under one hold of its lock."""
+    """A prefix match as the master answers it, read under one hold of its lock: the
+    locations of `keys` (the matched ones, the leading run of those asked) as columns, the
+    way the answer carries them, so that no Python object per key is made on the way out.
 
-    replicas: Sequence[ObjectMeta]  # one per matched key, in order
-    nodes: tuple[NodeInfo, ...]  # the nodes holding them, by id: each replica's epoch is its
-    dram_only: bool  # every replica is in DRAM
+    `keys[i]` is at (nodes[node_index[i]], offsets[i], lengths[i]) of its node's current
+    registration (nodes[...].epoch: a live node's replicas all carry it), in tier tiers[i]."""
+
+    keys: Sequence[str]
+    nodes: tuple[NodeInfo, ...]  # the nodes holding them, by id
+    offsets: array[int]  # "Q"
+    lengths: array[int]  # "Q"
+    node_index: array[int] | None  # "I"; None: every location is on nodes[0]
+    tiers: tuple[str, ...]  # () when every location is in DRAM
+    # The rest of each replica, for `replicas`: the lone ones' packed fields (`_WIDTH` per
+    # replica, those of the leading keys), then the replicas of the keys after them.
+    lone: array[int]
+    rest: tuple[ObjectMeta, ...]
+
+    def __post_init__(self) -> None:
+        n = len(self.keys)
+        assert len(self.offsets) == len(self.lengths) == n, "one location per matched key"
+        assert self.node_index is None or len(self.node_index) == n, "one node per location"
+        assert not self.tiers or len(self.tiers) == n, "one tier per location, or none"
+        assert len(self.lone) // _WIDTH + len(self.rest) == n, "one replica per location"
+
+    @property
+    def matched(self) -> int:
+        return len(self.keys)
+
+    @property
+    def dram_only(self) -> bool:
+        return not self.tiers
+
+    @cached_property
+    def replicas(self) -> tuple[ObjectMeta, ...]:
+        """One replica per matched key, in order (built only for a caller that asks)."""
+        n = len(self.lone) // _WIDTH
+        at = self.node_index or repeat(0)
+        lone = (ObjectMeta(key, self.nodes[i].node_id, off, length, slot, ObjectState.SEALED,
+                           0.0, self.nodes[i].epoch, token, DRAM)
+                for key, i, off, length, slot, token in zip(
+                    self.keys[:n], at, self.offsets, self.lengths, self.lone[_SLOT::_WIDTH],
+                    self.lone[_TOKEN::_WIDTH], strict=False))
+        return (*lone, *self.rest)
 
 
 class MasterReads(MasterState):
@@ -65,35 +110,32 @@ class MasterReads(MasterState):
             node.order.touch(meta.key, hint)
         self._reads[meta.node_id] = self._reads.get(meta.node_id, 0) + 1
 
-    def _lease_and_touch_lone(self, metas: list[ObjectMeta], keys: Sequence[str],
+    def _lease_and_touch_lone(self, keys: Sequence[str], numbers: array[int], asked: int,
                               now: float) -> set[str]:
-        """`_lease_and_touch` of `metas`, the lone replicas of the first keys of a prefix match
-        of `keys`: a few dict updates at C speed when they are all on one node (the usual
-        case). Every lease runs lease_ms from the monotonic clock, so a new one never ends
-        before one already held: no max() needed, unlike one at a time. The ids of the nodes
-        that hold them."""
+        """`_lease_and_touch` of the lone replicas of `keys`, the first of a prefix match of
+        `asked` keys, on the nodes numbered `numbers` (the index's): a few dict updates at C
+        speed when they are all on one node (the usual case). Every lease runs lease_ms from
+        the monotonic clock, so a new one never ends before one already held: no max() needed,
+        unlike one at a time. The ids of the nodes that hold them."""
         until = now + self.config.lease_ms / 1000.0
-        if not metas:
+        if not keys:
             return set()
-        if len(self._nodes) == 1:  # a pool of one node: no need to look
-            node_ids, holders = [], {metas[0].node_id}
-        else:
-            node_ids = list(map(_NODE_ID, metas))
-            holders = set(node_ids)
-        if len(holders) == 1:
-            node_id = metas[0].node_id
+        node_id_of = self._backend.node_id_of
+        # One node in the pool, or every replica on the first one's: nothing more to look up.
+        if len(self._nodes) == 1 or numbers.count(numbers[0]) == len(numbers):
+            node_id = node_id_of(numbers[0])
             node = self._nodes[node_id]
-            run = keys[: len(metas)]
-            node.leases.update(zip(run, repeat(until)))
-            node.order.touch_many(run, 0, len(keys))
-            self._reads[node_id] = self._reads.get(node_id, 0) + len(run)
-            return holders
-        for i, (key, node_id) in enumerate(zip(keys, node_ids, strict=False)):
+            node.leases.update(zip(keys, repeat(until)))
+            node.order.touch_many(keys, 0, asked)
+            self._reads[node_id] = self._reads.get(node_id, 0) + len(keys)
+            return {node_id}
+        node_ids = list(map(node_id_of, numbers))
+        for i, (key, node_id) in enumerate(zip(keys, node_ids, strict=True)):
             node = self._nodes[node_id]
             node.leases[key] = until
-            node.order.touch(key, BlockHint(i, i == len(keys) - 1))
+            node.order.touch(key, BlockHint(i, i == asked - 1))
             self._reads[node_id] = self._reads.get(node_id, 0) + 1
-        return holders
+        return set(node_ids)
 
     def get_replicas(self, keys: Sequence[str], client_host_id: str = "",
                      exclude: Collection[str] = ()) -> list[ObjectMeta | None]:
@@ -122,39 +164,53 @@ class MasterReads(MasterState):
 
         Engines ask for thousands of keys at once (8,192 for a 128k-token prompt), so the
         leading run of objects with a lone replica (nothing to choose: the usual case) is
-        looked up, leased and touched a column at a time at C speed; what follows it, key by
-        key, as long as it is sealed."""
+        looked up, leased and touched and its columns built at C speed, from the index's
+        packed replicas; what follows it, key by key, as long as it is sealed."""
         with self._lock:
             now = self._clock()
-            out = self._backend.lone_many(keys)
-            kinds = list(map(type, out))
-            if NoneType in kinds:
-                del out[kinds.index(NoneType):]
-            metas = cast(list[ObjectMeta], out)
-            holders = self._lease_and_touch_lone(metas, keys, now)
-            dram_only = True
-            for i in range(len(metas), len(keys)):
+            lone = array("Q")
+            lone.frombytes(self._backend.lone_run(keys))
+            n = len(lone) // _WIDTH
+            numbers = lone[_NODE::_WIDTH]
+            holders = self._lease_and_touch_lone(keys[:n], numbers, len(keys), now)
+            rest: list[ObjectMeta] = []
+            for i in range(n, len(keys)):
                 meta = self._sealed(keys[i], client_host_id)
                 if meta is None:
                     break
                 self._lease_and_touch(meta, now, BlockHint(i, i == len(keys) - 1))
-                metas.append(meta)
+                rest.append(meta)
                 holders.add(meta.node_id)
-                dram_only = dram_only and meta.tier == DRAM
-            if self._uses_hints and len(metas) < len(keys):
+            matched = n + len(rest)
+            if self._uses_hints and matched < len(keys):
                 # The keys missed are about to be put: their puts touch them with these.
                 if len(self._hints) > MAX_HINTS:
                     self._hints.clear()
-                n = len(keys)
-                depths = range(len(metas), n)
-                self._hints.update(zip(keys[len(metas):], zip(depths, repeat(n), strict=False),
-                                       strict=True))
+                depths = range(matched, len(keys))
+                self._hints.update(zip(keys[matched:], zip(depths, repeat(len(keys)),
+                                                           strict=False), strict=True))
             self.match_prefix_calls += 1
-            self.blocks_matched += len(metas)
+            self.blocks_matched += matched
             # A live node's replicas all carry its current epoch (a new registration drops
-            # the old one's), so these are the epochs of `metas` too.
-            nodes = tuple(self._nodes[n].info for n in sorted(holders))
-        return PrefixRun(metas, nodes, dram_only)
+            # the old one's), so these are the epochs of the locations too.
+            ids = sorted(holders)
+            nodes = tuple(self._nodes[x].info for x in ids)
+            node_index = None
+            if len(ids) > 1:
+                at = dict(zip(ids, range(len(ids)), strict=True))
+                # Numbers of nodes that hold none of these (0) are never looked up.
+                by_number = [at.get(self._backend.node_id_of(i), 0)
+                             for i in range(max(numbers, default=-1) + 1)]
+                node_index = array("I", map(by_number.__getitem__, numbers))
+                node_index.extend(at[m.node_id] for m in rest)
+        offsets, lengths = lone[_OFF::_WIDTH], lone[_LEN::_WIDTH]
+        offsets.extend(map(_OFFSET, rest))
+        lengths.extend(map(_LENGTH, rest))
+        tiers: tuple[str, ...] = ()
+        if any(m.tier != DRAM for m in rest):
+            tiers = (DRAM,) * n + tuple(m.tier for m in rest)
+        return PrefixRun(keys[:matched], nodes, offsets, lengths, node_index, tiers, lone,
+                         tuple(rest))
 
     def exists(self, keys: Sequence[str]) -> list[bool]:
         with self._lock:

@@ -26,7 +26,7 @@ from kvstore.master import Master, PutOutcome, Ticket
 from kvstore.master_role import MasterRole
 from kvstore.metadata import ObjectMeta
 from kvstore.metrics import MasterMetrics
-from kvstore.prefix_match import compact_to_proto, unpack_keys
+from kvstore.prefix_match import run_to_locations, run_to_proto, unpack_keys
 from kvstore.wire import (
     drain_to_proto,
     event_to_proto,
@@ -252,16 +252,13 @@ class MasterServicer(MasterRole, pb_grpc.KVMasterServicer):
         keys = (unpack_keys(request.packed_keys, self.master.config.max_keys_per_request)
                 if request.packed_keys else self._keys(request.keys))
         run = self.master.match_run(keys, request.client_host_id)
-        metas = run.replicas
-        nodes = [node_to_proto(n) for n in run.nodes]
-        resp = pb.MatchPrefixResponse(nodes=nodes, lease_ms=self.master.config.lease_ms,
+        resp = pb.MatchPrefixResponse(nodes=[node_to_proto(n) for n in run.nodes],
+                                      lease_ms=self.master.config.lease_ms,
                                       membership=self.master.membership)
         if request.compact:
-            compact_to_proto(metas, nodes, resp, request.packed_columns, current=True,
-                             dram_only=run.dram_only)
+            run_to_proto(run, resp, request.packed_columns)
         else:
-            resp.matched = len(metas)
-            resp.locations.extend(location_to_proto(m) for m in metas)
+            run_to_locations(run, resp)
         return resp
 
     @_timed

@@ -10,24 +10,34 @@ both directions are compact and cost a few C-level calls rather than Python work
   is not in DRAM). A client that asks for `packed_columns` gets node index, offset and length
   as arrays of little-endian integers in bytes fields: one copy each to build and to read,
   where a repeated field costs a varint and a Python int per location both ways.
-  `PrefixMatch` keeps the columns as arrays (or as they came); `PrefixMatch.locations` builds
-  `BlockLocation`s only for a caller that asks for them.
+  The master builds them as arrays from its index's packed replicas
+  (`kvstore.master_reads.PrefixRun`, `run_to_proto`) and the client keeps them as arrays
+  (`PrefixMatch`); `PrefixMatch.locations` builds `BlockLocation`s only for a caller that asks
+  for them (about 0.8 us each: more than the whole match costs per key).
+
+`compact_to_proto` encodes the same form from replicas; the master no longer uses it (its
+answers come from `run_to_proto`), and it stays as the reference encoder of the form's every
+column (stale epochs, dropped nodes) that the decoder is tested against.
 """
 
 from __future__ import annotations
 
 import sys
 from array import array
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
+from itertools import repeat
 from operator import attrgetter
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 from kvstore.errors import InvalidKeyError, RequestTooLargeError
 from kvstore.metadata import DRAM, BlockLocation, NodeInfo, ObjectMeta
 from kvstore.wire import node_from_proto
 from pantry.v1 import kvstore_pb2 as pb
+
+if TYPE_CHECKING:
+    from kvstore.master_reads import PrefixRun
 
 KEY_BYTES = 16
 _KEY_CHARS = 2 * KEY_BYTES
@@ -74,15 +84,20 @@ class PrefixMatch:
 def pack_keys(keys: Sequence[str]) -> bytes | None:
     """The keys' 16 bytes each, concatenated, when every key is a block key (exactly 32
     lowercase hex characters); None when one is not."""
-    joined = "".join(keys)
-    if len(joined) != _KEY_CHARS * len(keys) or (keys and set(map(len, keys)) != {_KEY_CHARS}):
+    if not keys:
+        return b""
+    # Spaced, the keys are what `bytes.hex` writes with a space every 16 bytes: one C call
+    # each way and a comparison check every key's length and characters at once.
+    spaced = " ".join(keys)
+    if len(spaced) != (_KEY_CHARS + 1) * len(keys) - 1:
         return None
     try:
-        packed = bytes.fromhex(joined)
+        packed = bytes.fromhex(spaced)
     except ValueError:
         return None
-    # fromhex also takes upper case and spaces: only an exact round trip is a block key.
-    return packed if packed.hex() == joined else None
+    # fromhex also takes upper case and spaces between any two bytes: only an exact round
+    # trip is a run of block keys.
+    return packed if packed.hex(" ", KEY_BYTES) == spaced else None
 
 
 def unpack_keys(packed: bytes, max_keys: int) -> list[str]:
@@ -103,8 +118,10 @@ _EPOCH, _TIER = attrgetter("epoch"), attrgetter("tier")
 
 
 def _le(column: array[int]) -> bytes:
-    """The column's bytes, little-endian whatever this machine's order."""
+    """The column's bytes, little-endian whatever this machine's order (the column is left
+    as it was)."""
     if sys.byteorder != "little":
+        column = array(column.typecode, column)
         column.byteswap()
     return column.tobytes()
 
@@ -167,6 +184,41 @@ def compact_to_proto(metas: Sequence[ObjectMeta], nodes: Sequence[pb.NodeInfo],
         resp.tiers.extend(map(at.__getitem__, tiers))
 
 
+def run_to_proto(run: PrefixRun, resp: pb.MatchPrefixResponse, packed: bool = False) -> None:
+    """Fill `resp`'s compact form with the master's answer `run` (its nodes, in order, are
+    `resp.nodes`); `packed`: the columns as packed bytes (fields 12 to 14). The columns are
+    the run's own: a copy each, no Python object per location."""
+    n = resp.matched = run.matched
+    if packed:
+        if run.node_index is not None:  # left out when every location is on the first node
+            resp.node_index_packed = _le(run.node_index)
+        resp.offsets_packed = _le(run.offsets)
+        resp.lengths_packed = _le(run.lengths)
+    else:
+        resp.node_index.extend([0] * n if run.node_index is None else run.node_index)
+        resp.offsets.extend(run.offsets)
+        resp.lengths.extend(run.lengths)
+    # Every location is of its node's current registration: no epoch column.
+    if run.tiers:
+        names = sorted(set(run.tiers))
+        at = {t: i for i, t in enumerate(names)}
+        resp.tier_names.extend(names)
+        resp.tiers.extend(map(at.__getitem__, run.tiers))
+
+
+def run_to_locations(run: PrefixRun, resp: pb.MatchPrefixResponse) -> None:
+    """Fill `resp`'s old form with `run`: a Location message per matched key (a caller that
+    did not ask for the compact form)."""
+    resp.matched = run.matched
+    ids = [n.node_id for n in run.nodes]
+    epochs = [n.epoch for n in run.nodes]  # every location is of its node's registration
+    at: Iterable[int] = repeat(0) if run.node_index is None else run.node_index
+    resp.locations.extend(
+        pb.Location(key=k, node_id=ids[i], offset=off, length=n, epoch=epochs[i], tier=tier)
+        for k, i, off, n, tier in zip(run.keys, at, run.offsets, run.lengths,
+                                      run.tiers or repeat(DRAM), strict=False))
+
+
 def compact_from_proto(keys: Sequence[str], resp: pb.MatchPrefixResponse) -> PrefixMatch:
     """The match `resp` answers for `keys` (the keys asked, in order)."""
     n = resp.matched
@@ -181,8 +233,9 @@ def compact_from_proto(keys: Sequence[str], resp: pb.MatchPrefixResponse) -> Pre
         # Left out when every location is on the first node: n zeros.
         node_index = (_from_le("I", resp.node_index_packed) if resp.node_index_packed
                       else array("I", bytes(4 * n)) if nodes else ())
+    sent = bool(resp.node_index_packed or resp.node_index)  # else zeros: nothing to check
     if not len(node_index) == len(offsets) == len(lengths) == n or (
-            n and max(node_index) >= len(nodes)):
+            n and sent and max(node_index) >= len(nodes)):
         raise ValueError(f"a prefix match of {n} locations with columns of "
                          f"{len(node_index)}, {len(offsets)} and {len(lengths)} over "
                          f"{len(nodes)} nodes")

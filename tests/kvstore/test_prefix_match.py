@@ -4,6 +4,7 @@ out, over a real master and nodes. (How fast it is: bench/pool_throughput.py.)""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 
 import grpc
 import pytest
@@ -14,7 +15,15 @@ from kvstore.config import MasterConfig
 from kvstore.master import Master
 from kvstore.metadata import SSD, NodeInfo, ObjectMeta, ObjectState
 from kvstore.node_service import NodeServer
-from kvstore.prefix_match import compact_from_proto, compact_to_proto, pack_keys, unpack_keys
+from kvstore.object_index import LONE_FIELDS, LONE_LOCATION
+from kvstore.prefix_match import (
+    compact_from_proto,
+    compact_to_proto,
+    pack_keys,
+    run_to_locations,
+    run_to_proto,
+    unpack_keys,
+)
 from kvstore.wire import node_to_proto
 from pantry.v1 import kvstore_pb2 as pb
 from pantry.v1 import kvstore_pb2_grpc as pb_grpc
@@ -170,3 +179,111 @@ def test_a_run_of_lone_replicas_goes_on_key_by_key_past_a_replicated_object() ->
     assert run.dram_only and [n.node_id for n in run.nodes] == ["n1", "n2"]
     assert {x.node_id for x in run.replicas if x.key != "r"} <= {"n1", "n2"}
     assert m.stats().active_leases == 4  # every replica handed out is leased
+
+
+def test_pack_keys_checks_every_key_in_one_round_trip() -> None:
+    a, b = block_key(1), block_key(2)
+    assert pack_keys([a, b]) == bytes.fromhex(a + b)
+    assert pack_keys([a, "ab" * 16]) == bytes.fromhex(a) + b"\xab" * 16
+    assert pack_keys([a, "AB" * 16]) is None  # fromhex takes it; the round trip does not
+    assert pack_keys([a, "0" * 30 + "\t0"]) is None  # whitespace inside a key
+    assert pack_keys([a, "0" * 15 + " " + "0" * 16]) is None  # a space: the length differs
+    assert pack_keys([a[:30] + " " + a[30:], "0" * 31]) is None  # right total, spaces moved
+    assert pack_keys([a, "0" * 31 + "g"]) is None
+
+
+def _lone_master(nodes: int = 1) -> tuple[Master, list[str]]:
+    m = Master(MasterConfig(lease_ms=1000))
+    for n in range(1, nodes + 1):
+        m.register_node(NodeInfo(f"n{n}", "h", "addr", "", 64 * 1024))
+    return m, [block_key(i) for i in range(6)]
+
+
+def _put(m: Master, keys: list[str], sizes: list[int], replicas: int = 1) -> None:
+    grants = m.put_start(keys, sizes, replicas=replicas)
+    tickets = [(g.key, g.location.token) for g in grants if g.location is not None]
+    assert m.put_end(tickets) == [True] * len(keys)
+
+
+def test_the_index_holds_lone_replicas_packed_and_a_run_stops_at_the_first_other() -> None:
+    m, keys = _lone_master()
+    _put(m, keys[:4], [100, 5000, 300, 400])
+    index = m._backend
+    got = index.lone_run([keys[0], keys[1], keys[5], keys[2]])  # keys[5] was never stored
+    assert len(got) == 2 * LONE_LOCATION.size
+    records = [index.get(k).replicas[0] for k in keys[:2]]  # type: ignore[union-attr]
+    assert [LONE_LOCATION.unpack_from(got, i * LONE_LOCATION.size) for i in range(2)] == [
+        (r.offset, r.length, 0, r.slot_bytes, r.token) for r in records]
+    # (Where the slots are is the allocator's business: the index holds what it chose.)
+    assert [r.length for r in records] == [100, 5000] and records[0].offset != records[1].offset
+    assert index.node_id_of(0) == "n1"
+    index.delete(keys[1])
+    assert len(index.lone_run(keys[:3])) == LONE_LOCATION.size
+    assert index.lone_run([]) == b"" and index.lone_run([keys[5]]) == b""
+
+
+def test_a_run_answers_columns_and_replicas_equal_to_the_records() -> None:
+    m, keys = _lone_master(nodes=2)
+    _put(m, keys[:2], [100, 200])  # both nodes empty: placement picks, we read it back
+    _put(m, [keys[2]], [300], replicas=2)  # not lone: matched key by key
+    _put(m, [keys[3]], [400])
+    run = m.match_run([*keys[:4], keys[5], keys[0]])
+    assert run.keys == keys[:4] and run.matched == 4 and run.dram_only
+    records = [m._backend.get(k) for k in keys[:4]]
+    lone = [r.replicas[0] for r in (records[0], records[1], records[3]) if r is not None]
+    # The lone run spans both nodes (leased and touched node by node), and keys[3] is lone
+    # but after the replicated key: the key-by-key part holds it.
+    assert {lone[0].node_id, lone[1].node_id} == {"n1", "n2"}
+    assert m.stats().active_leases == 4
+    assert len(run.lone) == 2 * len(LONE_FIELDS) and len(run.rest) == 2
+    assert list(run.offsets) == [lone[0].offset, lone[1].offset, run.rest[0].offset,
+                                 lone[2].offset]
+    assert list(run.lengths) == [100, 200, 300, 400]
+    assert [n.node_id for n in run.nodes] == ["n1", "n2"]
+    assert run.node_index is not None
+    assert [run.nodes[i].node_id for i in run.node_index] == [
+        lone[0].node_id, lone[1].node_id, run.rest[0].node_id, lone[2].node_id]
+    assert list(run.replicas) == [lone[0], lone[1], run.rest[0], lone[2]]
+    assert m.match_prefix(keys[:2]) == lone[:2]
+    resp = pb.MatchPrefixResponse(nodes=[node_to_proto(n) for n in run.nodes])
+    run_to_proto(run, resp, packed=True)
+    assert resp.matched == 4 and resp.node_index_packed == b"".join(
+        i.to_bytes(4, "little") for i in run.node_index)
+    assert resp.lengths_packed == b"".join(x.to_bytes(8, "little") for x in (100, 200, 300, 400))
+    assert (len(resp.epochs), len(resp.tiers)) == (0, 0)
+    m2 = compact_from_proto(keys, resp)
+    assert [(x.key, x.node_id, x.offset, x.length) for x in m2.locations] == [
+        (r.key, r.node_id, r.offset, r.length) for r in run.replicas]
+    old = pb.MatchPrefixResponse()
+    run_to_locations(run, old)  # the old form, one message per location
+    assert old.matched == 4 and [(x.key, x.node_id, x.offset, x.length, x.epoch, x.tier)
+                                 for x in old.locations] == [
+        (r.key, r.node_id, r.offset, r.length, r.epoch, r.tier) for r in run.replicas]
+
+
+def test_a_run_on_one_node_sends_no_node_column_and_names_an_ssd_tail() -> None:
+    m, keys = _lone_master()
+    _put(m, keys[:3], [100, 200, 300])
+    obj = m._backend.get(keys[2])
+    assert obj is not None
+    ssd = replace(obj.replicas[0], tier=SSD)
+    m._backend.put(replace(obj, replicas=(ssd,)))  # as a spill that dropped the DRAM copy
+    run = m.match_run(keys[:3])
+    assert run.node_index is None and run.tiers == ("dram", "dram", "ssd")
+    assert not run.dram_only and list(run.replicas)[2] == ssd
+    packed = pb.MatchPrefixResponse(nodes=[node_to_proto(run.nodes[0])])
+    run_to_proto(run, packed, packed=True)
+    assert (packed.matched, packed.node_index_packed) == (3, b"")
+    assert list(packed.tier_names) == ["dram", "ssd"] and list(packed.tiers) == [0, 0, 1]
+    plain = pb.MatchPrefixResponse(nodes=[node_to_proto(run.nodes[0])])
+    run_to_proto(run, plain)
+    assert list(plain.node_index) == [0, 0, 0] and list(plain.lengths) == [100, 200, 300]
+    assert list(plain.offsets) == list(run.offsets)
+    assert [x.tier for x in compact_from_proto(keys, packed).locations] == [
+        "dram", "dram", "ssd"]
+    old = pb.MatchPrefixResponse()
+    run_to_locations(run, old)
+    assert [(x.node_id, x.length, x.tier) for x in old.locations] == [
+        ("n1", 100, "dram"), ("n1", 200, "dram"), ("n1", 300, "ssd")]
+    # The leases and touches of the run are those of a key-by-key match.
+    assert m.stats().active_leases == 3 and m.stats().blocks_matched == 3
