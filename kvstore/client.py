@@ -32,6 +32,7 @@ from kvstore.limits import check_key
 from kvstore.master_link import MasterLink
 from kvstore.metadata import BlockLocation, DrainState, NodeInfo, ObjectEntry, PoolStatus
 from kvstore.metrics import ClientMetrics
+from kvstore.placement import Placement
 from kvstore.prefix_match import PrefixMatch, compact_from_proto, pack_keys
 from kvstore.reader import CallerBufferError, Fetched, Reader
 from kvstore.transports import Transport
@@ -267,7 +268,7 @@ class KVStoreClient:
     def read(self, match: PrefixMatch, layout: BlockLayout | None = None) -> Fetched:
         """The objects at the locations of a prefix match, checked like `get_objects`, without
         asking the master again. A location of a node's older epoch is a miss."""
-        return self._reader.read(match.keys, match.locations, match.nodes, layout)
+        return self._reader.read(Placement.of_match(match), layout)
 
     def read_into(self, target: PrefixMatch | Sequence[str], buffers: Sequence[object],
                   layout: BlockLayout | None = None) -> Fetched:
@@ -294,7 +295,10 @@ class KVStoreClient:
         exactly the size of the payload its location holds (the message names the index and
         both sizes)."""
         if isinstance(target, PrefixMatch):
-            return self._reader.read_into(target.keys, target.locations, target.nodes, buffers,
+            if len(buffers) > target.matched:
+                raise CallerBufferError(f"{len(buffers)} buffers for {target.matched} objects")
+            # Straight from the match's columns: no object per location.
+            return self._reader.read_into(Placement.of_match(target, len(buffers)), buffers,
                                           layout)
         keys = list(target)
         if len(buffers) > len(keys):
@@ -303,7 +307,8 @@ class KVStoreClient:
         if not keys:
             return Fetched((), (), 0)
         locations, nodes = self._locate(keys)
-        return self._reader.read_into(keys, locations, nodes, buffers, layout)
+        return self._reader.read_into(Placement.of_locations(keys, locations, nodes), buffers,
+                                      layout)
 
     @functools.cached_property
     def _reader(self) -> Reader:
@@ -332,7 +337,7 @@ class KVStoreClient:
 
     def _read(self, keys: Sequence[str], locations: Sequence[BlockLocation | None],
               node_list: Sequence[NodeInfo], layout: BlockLayout | None) -> Fetched:
-        return self._reader.read(keys, locations, node_list, layout)
+        return self._reader.read(Placement.of_locations(keys, locations, node_list), layout)
 
     # ---- lifecycle --------------------------------------------------------------------------
 

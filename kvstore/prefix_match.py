@@ -13,7 +13,9 @@ both directions are compact and cost a few C-level calls rather than Python work
   The master builds them as arrays from its index's packed replicas
   (`kvstore.master_reads.PrefixRun`, `run_to_proto`) and the client keeps them as arrays
   (`PrefixMatch`); `PrefixMatch.locations` builds `BlockLocation`s only for a caller that asks
-  for them (about 0.8 us each: more than the whole match costs per key).
+  for them (about 0.8 us each: more than the whole match costs per key). Reads of a match
+  (`KVStoreClient.read`, `read_into`) never do: they plan each node's transfers from the
+  columns (`kvstore.placement`).
 
 `compact_to_proto` encodes the same form from replicas; the master no longer uses it (its
 answers come from `run_to_proto`), and it stays as the reference encoder of the form's every

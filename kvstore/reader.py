@@ -11,6 +11,10 @@ node unreachable, its registration gone, the bytes refused by a check) are asked
 again with those nodes excluded, and read from the replica it hands instead, until every key is
 read or has no replica left. So after a node dies, reads go on succeeding from the other
 replicas at once, not only once the master has dropped the dead node (node_timeout_s later).
+
+Reads are planned from columns (`kvstore.placement.Placement`): a prefix match's offsets and
+lengths become each node's transport ops with no object per location, and only the keys that
+fail over are looked at one by one.
 """
 
 from __future__ import annotations
@@ -18,10 +22,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import defaultdict
 from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import TypeVar
 
 from kvstore.block_object import (
@@ -34,8 +38,9 @@ from kvstore.block_object import (
 )
 from kvstore.config import MAX_REPLICAS
 from kvstore.errors import KVStoreError
-from kvstore.metadata import SSD, BlockLocation, NodeInfo
+from kvstore.metadata import DRAM, SSD, BlockLocation, NodeInfo
 from kvstore.metrics import ClientMetrics
+from kvstore.placement import Placement
 from kvstore.transports import ReadInto, Transport, TransportError
 from kvstore.transports.ssd import SsdReader
 
@@ -77,14 +82,15 @@ class Fetched:
 
 
 R = TypeVar("R")
+T = TypeVar("T")
 TransportFor = Callable[[NodeInfo], "Transport | None"]
 DropTransport = Callable[[NodeInfo, str], None]
 # (keys, node ids to avoid) -> a location per key on another node (None: no other replica) and
 # the nodes they are on: the master's GetReplicas with exclude_nodes.
 Relocate = Callable[[Sequence[str], Collection[str]],
                     tuple[list[BlockLocation | None], list[NodeInfo]]]
-# Read again the keys at these indices, from these locations on these nodes.
-ReadAgain = Callable[[list[int], list[BlockLocation | None], list[NodeInfo]], Fetched]
+# Read again the keys at these indices, from these places (one per index, in order).
+ReadAgain = Callable[[list[int], Placement], Fetched]
 
 
 class Reader:
@@ -102,24 +108,21 @@ class Reader:
         self._ssd = ssd  # reads of SSD replicas (tier "ssd"); None: they are misses
         self._relocate = relocate
 
-    def read(self, keys: Sequence[str], locations: Sequence[BlockLocation | None],
-             node_list: Sequence[NodeInfo], layout: BlockLayout | None) -> Fetched:
-        """The object per key at its location, checked (`layout`: any when None); a key whose
+    def read(self, where: Placement, layout: BlockLayout | None) -> Fetched:
+        """The object per key of `where`, checked (`layout`: any when None); a key whose
         location fails is read from another replica."""
-        def again(idxs: list[int], locs: list[BlockLocation | None],
-                  nodes: list[NodeInfo]) -> Fetched:
-            return self._read_once([keys[i] for i in idxs], locs, nodes, layout)
+        def again(idxs: list[int], other: Placement) -> Fetched:
+            return self._read_once(other, layout)
 
-        got = self._read_once(keys, locations, node_list, layout)
-        return self._fail_over(keys, locations, got, again)
+        return self._fail_over(where, self._read_once(where, layout), again)
 
-    def _read_once(self, keys: Sequence[str], locations: Sequence[BlockLocation | None],
-                   node_list: Sequence[NodeInfo], layout: BlockLayout | None) -> Fetched:
-        objects: list[BlockObject | None] = [None] * len(keys)
-        rejected: list[Rejection | None] = [None] * len(keys)
+    def _read_once(self, where: Placement, layout: BlockLayout | None) -> Fetched:
+        keys, n = where.keys, len(where.keys)
+        objects: list[BlockObject | None] = [None] * n
+        rejected: list[Rejection | None] = [None] * n
 
         def one_node(node: NodeInfo, idxs: list[int]) -> int:
-            ops = [(loc.offset, loc.length) for loc in _at(locations, idxs)]
+            ops = list(zip(_at(where.offsets, idxs), _at(where.lengths, idxs), strict=True))
             done, data = self._transfer(node, lambda t: t.read(ops))
             if not done:
                 return 0
@@ -129,99 +132,92 @@ class Reader:
             return sum(len(d) for d in data)
 
         def one_ssd(node: NodeInfo, idxs: list[int], ssd: SsdReader) -> int:
-            locs = _at(locations, idxs)
-            data = ssd.read(node, [keys[i] for i in idxs], [loc.length for loc in locs])
+            data = ssd.read(node, _at(keys, idxs), _at(where.lengths, idxs))
             for i, d in zip(idxs, data, strict=True):
                 self._settle(i, keys[i], check_object(d, keys[i], layout), objects, rejected)
             return sum(len(d) for d in data)
 
-        nbytes = self._each_ssd_node(keys, locations, node_list, one_ssd)
-        nbytes += self._each_node(keys, _in_dram(locations), node_list, one_node)
+        nbytes = self._each_ssd_node(where, n, one_ssd)
+        nbytes += self._each_node(where, n, one_node)
         return Fetched(tuple(objects), tuple(rejected), nbytes)
 
-    def read_into(self, keys: Sequence[str], locations: Sequence[BlockLocation | None],
-                  node_list: Sequence[NodeInfo], buffers: Sequence[object],
+    def read_into(self, where: Placement, buffers: Sequence[object],
                   layout: BlockLayout | None) -> Fetched:
-        """Each object's payload straight into `buffers[i]`; see `KVStoreClient.read_into`. A
-        key whose location fails is read from another replica, into the same buffer."""
-        def again(idxs: list[int], locs: list[BlockLocation | None],
-                  nodes: list[NodeInfo]) -> Fetched:
-            return self._read_into_once([keys[i] for i in idxs], locs, nodes,
-                                        [buffers[i] for i in idxs], layout)
+        """Each object's payload straight into `buffers[i]` (the first len(buffers) keys of
+        `where`); see `KVStoreClient.read_into`. A key whose location fails is read from
+        another replica, into the same buffer."""
+        def again(idxs: list[int], other: Placement) -> Fetched:
+            return self._read_into_once(other, _at(buffers, idxs), layout)
 
-        got = self._read_into_once(keys, locations, node_list, buffers, layout)
-        n = len(buffers)
-        return self._fail_over(keys[:n], locations[:n], got, again)
+        got = self._read_into_once(where, buffers, layout)
+        return self._fail_over(where, got, again)
 
-    def _read_into_once(self, keys: Sequence[str], locations: Sequence[BlockLocation | None],
-                        node_list: Sequence[NodeInfo], buffers: Sequence[object],
+    def _read_into_once(self, where: Placement, buffers: Sequence[object],
                         layout: BlockLayout | None) -> Fetched:
+        keys = where.keys
         if len(buffers) > len(keys):
             raise CallerBufferError(f"{len(buffers)} buffers for {len(keys)} objects")
         n = len(buffers)
         views = [_writable(b, i) for i, b in enumerate(buffers)]
-        layouts = [layout or BlockLayout.raw(v.nbytes) for v in views]
-        heads = [header_size(keys[i], layouts[i]) for i in range(n)]
-        for i in range(n):
-            loc = locations[i]
-            if loc is not None and loc.length != heads[i] + views[i].nbytes:
-                raise CallerBufferError(
-                    f"buffers[{i}] is {views[i].nbytes} bytes; the object of {keys[i]} holds "
-                    f"{loc.length - heads[i]} bytes of payload ({loc.length} with its "
-                    f"{heads[i]}-byte header): pass a buffer of exactly the payload's size")
+        sizes = [v.nbytes for v in views]
+        heads = _header_sizes(keys, sizes, layout)
+        _check_fit(where, heads, sizes)
         objects: list[BlockObject | None] = [None] * n
         rejected: list[Rejection | None] = [None] * n
 
+        def check(i: int, head: memoryview) -> None:
+            got = check_parts(head, views[i], keys[i], layout or BlockLayout.raw(sizes[i]))
+            self._settle(i, keys[i], got, objects, rejected)
+
         def one_node(node: NodeInfo, idxs: list[int]) -> int:
-            # The header lands aside, in a scratch of its exact size; the payload lands where
-            # the caller wants it, so the copy out of the node is the only one.
-            scratch = {i: memoryview(bytearray(heads[i])) for i in idxs}
-            ops: list[ReadInto] = [(loc.offset, (scratch[i], views[i]))
-                                   for i, loc in zip(idxs, _at(locations, idxs), strict=True)]
+            # The headers land aside, in one scratch cut to their exact sizes; each payload
+            # lands where the caller wants it, so the copy out of the node is the only one.
+            scratch = _scratch(_at(heads, idxs))
+            parts = zip(scratch, _at(views, idxs), strict=True)
+            ops: list[ReadInto] = list(zip(_at(where.offsets, idxs), parts, strict=True))
             if not self._transfer(node, lambda t: t.read_into(ops))[0]:
                 return 0
-            for i in idxs:
-                got = check_parts(scratch[i], views[i], keys[i], layouts[i])
-                self._settle(i, keys[i], got, objects, rejected)
-            return sum(heads[i] + views[i].nbytes for i in idxs)
+            for i, head in zip(idxs, scratch, strict=True):
+                check(i, head)
+            return sum(_at(where.lengths, idxs))
 
         def one_ssd(node: NodeInfo, idxs: list[int], ssd: SsdReader) -> int:
             # The node's objects in one call (one request when they come over tcp).
-            scratch = {i: memoryview(bytearray(heads[i])) for i in idxs}
-            got = ssd.read_many_into(node, [(keys[i], [scratch[i], views[i]]) for i in idxs])
+            scratch = _scratch(_at(heads, idxs))
+            got = ssd.read_many_into(node, [(keys[i], [head, views[i]])
+                                            for i, head in zip(idxs, scratch, strict=True)])
             moved = 0
-            for i, ok in zip(idxs, got, strict=True):
+            for i, head, ok in zip(idxs, scratch, got, strict=True):
                 if ok:
-                    self._settle(i, keys[i], check_parts(scratch[i], views[i], keys[i],
-                                                         layouts[i]), objects, rejected)
-                    moved += heads[i] + views[i].nbytes
+                    check(i, head)
+                    moved += heads[i] + sizes[i]
             return moved
 
-        nbytes = self._each_ssd_node(keys[:n], locations[:n], node_list, one_ssd)
-        nbytes += self._each_node(keys[:n], _in_dram(locations[:n]), node_list, one_node)
+        nbytes = self._each_ssd_node(where, n, one_ssd)
+        nbytes += self._each_node(where, n, one_node)
         return Fetched(tuple(objects), tuple(rejected), nbytes)
 
     # ---- shared -----------------------------------------------------------------------------
 
-    def _fail_over(self, keys: Sequence[str], locations: Sequence[BlockLocation | None],
-                   got: Fetched, again: ReadAgain) -> Fetched:
+    def _fail_over(self, where: Placement, got: Fetched, again: ReadAgain) -> Fetched:
         """`got`, with each key that had a location but was not read (node unreachable, not
         the registration the location names, bytes refused) read again from a replica on a
         node not tried yet, for as long as the master hands one. A key read in the end has no
-        rejection; one never read keeps its last."""
-        if self._relocate is None:
+        rejection; one never read keeps its last. Only the keys that failed are looked at
+        one by one."""
+        if self._relocate is None or all(o is not None for o in got.objects):
             return got
         objects, rejected, nbytes = list(got.objects), list(got.rejected), got.nbytes
-        tried = {i: loc for i, loc in enumerate(locations[: len(objects)])
-                 if loc is not None and objects[i] is None}
+        tried = {i: where.node_id(i) for i, obj in enumerate(objects)
+                 if obj is None and where.located(i)}
         excluded: set[str] = set()
         # Each round excludes at least one more node: at most one round per other replica.
         for _ in range(MAX_REPLICAS - 1):
             if not tried:
                 break
-            excluded.update(loc.node_id for loc in tried.values())
+            excluded.update(tried.values())
             idxs = list(tried)
-            locs, nodes = self._relocate([keys[i] for i in idxs], excluded)
+            locs, nodes = self._relocate([where.keys[i] for i in idxs], excluded)
             found = [(i, loc) for i, loc in zip(idxs, locs, strict=True)
                      if loc is not None and loc.node_id not in excluded]
             if not found:
@@ -229,47 +225,42 @@ class Reader:
             self._metrics.read_failovers.inc(len(found))
             log.info("reading %d objects from other replicas (failed on %s)", len(found),
                      ", ".join(sorted(excluded)))
-            res = again([i for i, _ in found], [loc for _, loc in found], nodes)
+            res = again([i for i, _ in found], Placement.of_locations(
+                [where.keys[i] for i, _ in found], [loc for _, loc in found], nodes))
             nbytes += res.nbytes
             tried = {}
             for (i, loc), obj, why in zip(found, res.objects, res.rejected, strict=True):
                 objects[i] = obj
                 rejected[i] = None if obj is not None else why or rejected[i]
                 if obj is None:
-                    tried[i] = loc
+                    tried[i] = loc.node_id
         return Fetched(tuple(objects), tuple(rejected), nbytes)
 
-    def _each_node(self, keys: Sequence[str], locations: Sequence[BlockLocation | None],
-                   node_list: Sequence[NodeInfo],
+    def _each_node(self, where: Placement, n: int,
                    one_node: Callable[[NodeInfo, list[int]], int]) -> int:
-        """`one_node(node, indices)` for every node holding some of the locations, in parallel
-        when there are several; the bytes they moved."""
-        nodes = {n.node_id: n for n in node_list}
-        by_node = _by_node(locations[: len(keys)], nodes)
-        jobs = [(nodes[nid], idxs) for nid, idxs in by_node.items()]
+        """`one_node(node, indices)` for every node holding some of the first `n` locations
+        in DRAM, in parallel when there are several; the bytes they moved."""
+        jobs = where.by_node(DRAM, n)
         if len(jobs) <= 1:
             return sum(one_node(node, idxs) for node, idxs in jobs)
         futures = [executor().submit(one_node, node, idxs) for node, idxs in jobs]
         return sum(f.result() for f in futures)
 
-    def _each_ssd_node(self, keys: Sequence[str], locations: Sequence[BlockLocation | None],
-                       node_list: Sequence[NodeInfo],
+    def _each_ssd_node(self, where: Placement, n: int,
                        one_ssd: Callable[[NodeInfo, list[int], SsdReader], int]) -> int:
-        """`one_ssd(node, indices, reader)` for every node with SSD replicas among the
-        locations (of the registration they were handed out for); the bytes they moved. A node
-        that cannot be asked leaves its locations misses."""
+        """`one_ssd(node, indices, reader)` for every node with SSD replicas among the first
+        `n` locations (of the registration they were handed out for); the bytes they moved.
+        A node that cannot be asked leaves its locations misses."""
         ssd = self._ssd
-        nodes = {n.node_id: n for n in node_list}
-        by_node = _by_node(locations[: len(keys)], nodes, tier=SSD)
-        if ssd is None or not by_node:
+        if ssd is None or not where.tiers:  # no tier column: every location is in DRAM
             return 0
         moved = 0
-        for nid, idxs in by_node.items():
+        for node, idxs in where.by_node(SSD, n):
             start = time.perf_counter()
             try:
-                moved += one_ssd(nodes[nid], idxs, ssd)
+                moved += one_ssd(node, idxs, ssd)
             except TransportError as e:
-                log.warning("SSD read from node %s failed: %s", nid, e)
+                log.warning("SSD read from node %s failed: %s", node.node_id, e)
                 continue
             self._metrics.read_seconds.labels(ssd.name).observe(time.perf_counter() - start)
         return moved
@@ -302,15 +293,40 @@ class Reader:
             objects[i] = got
 
 
-def _in_dram(locations: Sequence[BlockLocation | None]) -> list[BlockLocation | None]:
-    """The locations in DRAM segments; SSD replicas are read by `_each_ssd_node`."""
-    return [None if loc is None or loc.tier == SSD else loc for loc in locations]
+def _at(column: Sequence[T], idxs: list[int]) -> list[T]:
+    return [column[i] for i in idxs]
 
 
-def _at(locations: Sequence[BlockLocation | None], idxs: list[int]) -> list[BlockLocation]:
-    out = [locations[i] for i in idxs]
-    assert all(loc is not None for loc in out), "only found locations are planned"
-    return out  # type: ignore[return-value]
+def _header_sizes(keys: Sequence[str], sizes: list[int],
+                  layout: BlockLayout | None) -> list[int]:
+    """The header's size of each object to read into a buffer of `sizes[i]` bytes. It
+    depends on the key's length only, given the layout (plain bytes, of any size, when None;
+    keys are ASCII): computed once per length, not once per key."""
+    by_len: dict[int, int] = {}
+    out = []
+    for key, size in zip(keys, sizes, strict=False):
+        head = by_len.get(len(key))
+        if head is None:
+            head = by_len[len(key)] = header_size(key, layout or BlockLayout.raw(size))
+        out.append(head)
+    return out
+
+
+def _check_fit(where: Placement, heads: list[int], sizes: list[int]) -> None:
+    """CallerBufferError unless each buffer is exactly the payload its location holds."""
+    lengths = where.lengths
+    for i, (head, size) in enumerate(zip(heads, sizes, strict=True)):
+        if lengths[i] != head + size and where.located(i):
+            raise CallerBufferError(
+                f"buffers[{i}] is {size} bytes; the object of {where.keys[i]} holds "
+                f"{lengths[i] - head} bytes of payload ({lengths[i]} with its {head}-byte "
+                f"header): pass a buffer of exactly the payload's size")
+
+
+def _scratch(heads: list[int]) -> list[memoryview]:
+    """A view per header of one allocation, each of its header's size."""
+    whole = memoryview(bytearray(sum(heads)))
+    return [whole[end - head : end] for end, head in zip(accumulate(heads), heads, strict=True)]
 
 
 def _writable(buffer: object, i: int) -> memoryview:
@@ -325,16 +341,3 @@ def _writable(buffer: object, i: int) -> memoryview:
     if not view.c_contiguous:
         raise CallerBufferError(f"buffers[{i}] is not contiguous")
     return view.cast("B")
-
-
-def _by_node(locations: Sequence[BlockLocation | None], nodes: dict[str, NodeInfo],
-             tier: str | None = None) -> dict[str, list[int]]:
-    """The indices of `locations` (of `tier`, when given) per node id, of the nodes in
-    `nodes` only: a location is read only from the registration it was handed out for."""
-    by_node: dict[str, list[int]] = defaultdict(list)
-    for i, loc in enumerate(locations):
-        node = None if loc is None else nodes.get(loc.node_id)
-        if (loc is not None and node is not None and node.epoch == loc.epoch
-                and (tier is None or loc.tier == tier)):
-            by_node[loc.node_id].append(i)
-    return by_node
