@@ -70,6 +70,8 @@ class _Prompt:
     queued_blocks: int = 0   # leading full blocks indexed here and handed to the writer
     pull: Future[int] | None = None  # loading its cached prefix from the pool, beside the passes
     ready: bool = False      # its cached prefix is in place: it takes part in passes
+    first_pass: float = 0.0  # perf_counter when its first pass began (0: none yet)
+    pass_s: float = 0.0      # seconds of the passes it took part in
 
     @property
     def tokens(self) -> tuple[int, ...]:
@@ -237,7 +239,12 @@ class PrefillEngine(EngineLoop):
             budget -= len(chunk)
             steps.append(SeqStep(chunk, p.num_computed, tuple(p.block_ids)))
             members.append((p, len(chunk)))
+        began = time.perf_counter()
         logits = self.core.runner.step(steps)
+        took = time.perf_counter() - began
+        for p, _ in members:
+            p.first_pass = p.first_pass or began
+            p.pass_s += took
         done: list[tuple[int, _Prompt]] = []
         keys: list[str] = []
         block_ids: list[int] = []
@@ -270,11 +277,16 @@ class PrefillEngine(EngineLoop):
         core.release_blocks(p.block_ids)
         ttft = time.perf_counter() - p.arrived
         core.record(computed=n - p.start, pooled=p.start, ttft_seconds=ttft)
+        # The times split what the engine spent on a prompt: waiting (queue, prefix pull)
+        # before its first pass, and the passes it shared; a client's TTFT beyond their sum
+        # was spent outside this engine.
         log.info(
             "prefill %s: %d tokens, %d blocks held here, %d pulled, %d computed tokens, "
-            "%d new blocks being stored",
+            "%d new blocks being stored; %.1f ms in the engine: %.1f ms before its first "
+            "pass, %.1f ms in passes",
             p.job.request_id, n, p.local, p.loaded - p.local, n - p.start,
-            len(p.keys) - p.loaded,
+            len(p.keys) - p.loaded, ttft * 1e3,
+            ((p.first_pass or p.arrived) - p.arrived) * 1e3, p.pass_s * 1e3,
         )
         p.future.set_result(PrefillOutcome(first, p.start, n - p.start, p.queued_blocks))
 

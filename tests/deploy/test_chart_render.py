@@ -117,7 +117,7 @@ def test_default_command_lines(rendered: Rendered) -> None:
         "--log-level", "INFO", "prefill", *engine_common, "--port", "7100",
         "--metrics-port", "9101", "--block-size", "16", "--hash-seed", "0",
         "--kv-cache-bytes", "1GiB", "--max-model-len", "0", "--threads", "0",
-        "--chunk-tokens", "512", "--token-file", "/var/run/pantry/token",
+        "--chunk-tokens", "2048", "--token-file", "/var/run/pantry/token",
         "--ready-file", "/tmp/ready.json"]
     assert container(ms, "StatefulSet", "decode")["args"] == [
         "--log-level", "INFO", "decode", *engine_common, "--port", "7200",

@@ -36,8 +36,10 @@ def run(impl: object, q_lens: list[int], ctx_lens: list[int], seed: int = 0,
     ([1, 1, 1], [0, 5, 17]),            # decode only, ragged contexts
     ([9], [0]),                          # one plain prefill (causal, nothing cached)
     ([6], [8]),                          # a chunk after a cached prefix
+    ([5], [7]),                          # ... a prefix ending inside a block
     ([7, 3], [0, 4]),                    # two prefill chunks, padded to the longer
     ([1, 5, 1, 12, 1], [3, 0, 16, 2, 0]),  # decode and prefill in one step
+    ([1, 6, 1], [3, 9, 5]),              # decode and a chunk after a cached prefix
 ])
 def test_batched_equals_reference(q_lens: list[int], ctx_lens: list[int]) -> None:
     ours = run(batched_paged_attention, q_lens, ctx_lens)
@@ -85,3 +87,33 @@ def test_step_metadata_is_grouped_once() -> None:
     assert batch.prefill.out_rows.tolist() == [1, 2, 3, 4, 5]
     assert batch.prefill.mask is None  # one sequence, nothing cached: plain causal
     assert batch.slot_mapping.tolist() == [31, 0, 1, 2, 3, 4, 38]
+
+
+@pytest.mark.parametrize(("heads", "kv_heads"), [(9, 3), (4, 4)])
+def test_chunk_after_prefix_merges_to_one_softmax(heads: int, kv_heads: int) -> None:
+    """A lone chunk after a cached prefix is two attention calls merged by log-sum-exp; with
+    SmolLM2's grouping (3 query heads per KV head) and without grouping, it equals one softmax
+    over prefix and chunk."""
+    g = torch.Generator().manual_seed(1)
+    q_len, ctx = 11, 21
+    shape = (NUM_BLOCKS, BLOCK, kv_heads, HD)
+    k_cache, v_cache = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    table = torch.randperm(NUM_BLOCKS, generator=g)[: -(-(q_len + ctx) // BLOCK)].tolist()
+    q = torch.randn(q_len, heads, HD, generator=g) * 3  # sharper softmax: shares far from 1/2
+    k, v = torch.randn(q_len, kv_heads, HD, generator=g), torch.randn(q_len, kv_heads, HD,
+                                                                      generator=g)
+    batch = AttentionBatch.build([q_len], [ctx], [table], BLOCK)
+    assert batch.prefill is not None
+    assert batch.prefill.lone == (0, ctx) and batch.prefill.mask is None
+    ours = batched_paged_attention(q, k, v, k_cache.clone(), v_cache.clone(), batch, HD**-0.5)
+    ref = reference_paged_attention(q, k, v, k_cache, v_cache, batch, HD**-0.5)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_only_a_lone_sequence_skips_the_mask() -> None:
+    two = AttentionBatch.build([3, 5], [4, 0], [[0, 1], [2, 3]], BLOCK)
+    assert two.prefill is not None and two.prefill.lone is None
+    assert two.prefill.mask is not None and two.prefill.mask.shape == (2, 1, 5, 8)
+    after_decode = AttentionBatch.build([1, 5], [3, 6], [[0], [1, 2, 3]], BLOCK)
+    assert after_decode.prefill is not None
+    assert after_decode.prefill.lone == (1, 6) and after_decode.prefill.mask is None
