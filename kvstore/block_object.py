@@ -21,8 +21,10 @@ from __future__ import annotations
 import enum
 import mmap
 import struct
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import overload
 
 import xxhash
 
@@ -30,6 +32,9 @@ MAGIC = b"PKV1"
 FORMAT_VERSION = 2
 HEADER_ALIGN = 64
 _FIXED = struct.Struct("<4sHHHHHIQQ")
+# The payload's checksum is the fixed part's last field.
+_CHECKSUM = struct.Struct("<Q")
+_CHECKSUM_AT = _FIXED.size - _CHECKSUM.size
 _MAX_SHORT = 0xFFFF
 # Pool block keys are the hex of a 128-bit xxh3 digest (kvstore.hashing's default algorithm).
 BLOCK_KEY_CHARS = 32
@@ -120,6 +125,67 @@ def encode_parts(key: str, layout: BlockLayout,
     wire or into the segment. The caller must not change the payload until it is written."""
     view = memoryview(payload).cast("B")
     return _encode_header(key, layout, view.nbytes, xxhash.xxh3_64_intdigest(view)), view
+
+
+class PendingObject(Sequence[memoryview]):
+    """An object whose payload is still to be hashed: its header is built now (key, layout and
+    lengths checked, so a bad one fails before anything is sent) and the checksum written into
+    it by `compute_checksum`, which a writer runs in another thread while earlier objects are
+    on the wire (python-xxhash releases the GIL while it hashes). As write data it is its two
+    parts, header then payload; taking the header waits for the checksum, so no header leaves
+    without it. The payload is not copied; the caller must not change it until written."""
+
+    def __init__(self, key: str, layout: BlockLayout,
+                 payload: bytes | bytearray | memoryview) -> None:
+        self.payload = memoryview(payload).cast("B")
+        self._header = bytearray(_encode_header(key, layout, self.payload.nbytes, 0))
+        self._ready = threading.Event()
+        self._failed: BaseException | None = None
+
+    @property
+    def nbytes(self) -> int:
+        """The encoded object's size, known before its checksum is."""
+        return len(self._header) + self.payload.nbytes
+
+    def compute_checksum(self) -> None:
+        """Hash the payload into the header (once); a failure is raised to whoever takes it."""
+        try:
+            _CHECKSUM.pack_into(self._header, _CHECKSUM_AT,
+                                xxhash.xxh3_64_intdigest(self.payload))
+        except BaseException as e:  # raised to the sender, in its thread
+            self._failed = e
+        finally:
+            self._ready.set()
+
+    def give_up(self) -> None:
+        """For an object that will not be hashed (its put ended first): taking its header
+        raises instead of waiting forever. Called by the thread that would hash it."""
+        if not self._ready.is_set():
+            self._failed = RuntimeError("the put ended before this object's checksum")
+            self._ready.set()
+
+    def header(self) -> memoryview:
+        self._ready.wait()
+        if self._failed is not None:
+            raise self._failed
+        return memoryview(self._header)
+
+    def __len__(self) -> int:
+        return 2
+
+    @overload
+    def __getitem__(self, i: int) -> memoryview: ...
+    @overload
+    def __getitem__(self, i: slice) -> Sequence[memoryview]: ...
+
+    def __getitem__(self, i: int | slice) -> memoryview | Sequence[memoryview]:
+        if isinstance(i, slice):
+            return [self.header(), self.payload][i]
+        if i in (0, -2):
+            return self.header()
+        if i in (1, -1):
+            return self.payload
+        raise IndexError(i)
 
 
 def header_size(key: str, layout: BlockLayout) -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import threading
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
@@ -15,8 +16,8 @@ import grpc
 from kvstore.block_object import (
     BlockLayout,
     BlockObject,
+    PendingObject,
     encode_object,
-    encode_parts,
     header_size,
 )
 from kvstore.config import ClientConfig
@@ -29,6 +30,10 @@ from pantry.v1 import kvstore_pb2 as pb
 from pantry.v1 import kvstore_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
+
+# Below this many payload bytes a put hashes in the calling thread, before any write: handing
+# the hashing to another thread would cost more than it overlaps.
+HASH_BEHIND_BYTES = 1 << 20
 
 
 class PutResult(enum.Enum):
@@ -72,21 +77,67 @@ class Writer:
         layouts = [layout or BlockLayout.raw(v.nbytes) for v in views]
         sizes = [header_size(k, lay) + v.nbytes
                  for k, lay, v in zip(keys, layouts, views, strict=True)]
-        # The master allocates while this thread hashes the payloads: the allocation needs
-        # only the sizes, and the wait for it is a wait on another process.
-        start = executor().submit(self._start, keys, sizes, replicas or 0, "")
+        # Small puts hash in this thread, before any write; larger ones in another thread,
+        # behind the writes, and are allocated in two parts: the first batch alone, so its
+        # bytes go out while the master allocates the rest.
+        behind = len(items) > 1 and sum(v.nbytes for v in views) >= HASH_BEHIND_BYTES
+        parts = _allocation_parts(sizes, self._config.batch_bytes if behind else 0)
+        self._check_sizes(keys, sizes)  # before any part is allocated
+        # The master allocates while the payloads are hashed: the allocation needs only the
+        # sizes, and the wait for it is a wait on another process. The second part is asked
+        # for once the first is answered (the master allocates one put at a time: asked
+        # together, the small first part could wait behind the large second one).
+        starts: list[Future[pb.PutStartResponse]] = []
+        for a, b in parts:
+            starts.append(executor().submit(self._start_after, starts[-1] if starts else None,
+                                            keys[a:b], sizes[a:b], replicas or 0))
         try:
             # Header and payload as two parts: the payload is copied only onto the wire or
-            # into the segment, never to join them.
-            objects = [encode_parts(k, lay, v)
+            # into the segment, never to join them. The headers are built (and checked) now,
+            # their checksums filled in below.
+            objects = [PendingObject(k, lay, v)
                        for k, lay, v in zip(keys, layouts, views, strict=True)]
         except BaseException:
-            self._abandon(keys, start)
+            for (a, b), start in zip(parts, starts, strict=True):
+                self._abandon(keys[a:b], start)
             raise
-        resp = start.result()
-        assert [sum(p.nbytes for p in parts_of(o)) for o in objects] == sizes, (
-            "header_size is the encoded header's length")
-        results = self._write_and_seal(keys, objects, resp)
+        assert [o.nbytes for o in objects] == sizes, "header_size is the encoded header's length"
+        stop = threading.Event()
+        if behind:
+            # Object i+1 is hashed while object i is on the wire: a transport takes an
+            # object's header, and waits for its checksum, only when the object goes out.
+            hashing = executor().submit(_checksums_in_order, objects, stop)
+        else:
+            _checksums_in_order(objects, stop)
+        results: list[PutResult] = []
+        done = 0  # parts written (or given up) and sealed
+        try:
+            for (a, b), start in zip(parts, starts, strict=True):
+                resp = start.result()
+                if a == 0 and resp.max_object_bytes and max(sizes) > resp.max_object_bytes:
+                    # The master takes less than this client: refused as a whole, as an
+                    # allocation in one part would be, before any part is written.
+                    self._abandon(keys[a:b], start)
+                    i = next(i for i, n in enumerate(sizes) if n > resp.max_object_bytes)
+                    raise ObjectTooLargeError(
+                        f"master rejected {keys[i]} as larger than its max_object_bytes "
+                        f"{resp.max_object_bytes}")
+                results += self._write_and_seal(keys[a:b], objects[a:b], resp)
+                done += 1
+        except BaseException:
+            # The parts after the one that failed were allocated but not written: given back
+            # now, not when their grants run out.
+            for (a, b), start in zip(parts[done + 1:], starts[done + 1:], strict=True):
+                try:
+                    self._abandon(keys[a:b], start)
+                except grpc.RpcError as e:
+                    log.debug("could not give back an allocation: %s", e)
+            raise
+        finally:
+            # No thread reads the caller's payloads once the put returns.
+            stop.set()
+            if behind:
+                hashing.result()
         # A key named twice is stored once: every item of it is then stored.
         stored = {k for k, r in zip(keys, results, strict=True) if r is PutResult.STORED}
         return [k in stored for k in keys]
@@ -127,17 +178,28 @@ class Writer:
                replace_node: str) -> pb.PutStartResponse:
         """The master's allocation of every replica of objects of `sizes` (refused at once
         when one is larger than this client's max_object_bytes)."""
-        limit = self._config.max_object_bytes
-        for key, size in zip(keys, sizes, strict=True):
-            if size > limit:
-                raise ObjectTooLargeError(
-                    f"object {key} is {size} bytes; max_object_bytes is {limit}")
+        self._check_sizes(keys, sizes)
         resp: pb.PutStartResponse = self._master.PutStart(
             pb.PutStartRequest(keys=keys, sizes=sizes, client_host_id=self._host_id,
                                replicas=replicas, replace_node=replace_node),
             timeout=self._config.rpc_timeout_s)
         self._saw_membership(resp.membership)
         return resp
+
+    def _start_after(self, before: Future[pb.PutStartResponse] | None, keys: Sequence[str],
+                     sizes: Sequence[int], replicas: int) -> pb.PutStartResponse:
+        """`_start` of a put's part once the allocation of the part `before` it has ended
+        (a job the executor took earlier, so this wait cannot deadlock)."""
+        if before is not None:
+            before.exception()  # its outcome is the caller's to see; only its end matters
+        return self._start(keys, sizes, replicas, "")
+
+    def _check_sizes(self, keys: Sequence[str], sizes: Sequence[int]) -> None:
+        limit = self._config.max_object_bytes
+        for key, size in zip(keys, sizes, strict=True):
+            if size > limit:
+                raise ObjectTooLargeError(
+                    f"object {key} is {size} bytes; max_object_bytes is {limit}")
 
     def _write_and_seal(self, keys: Sequence[str], objects: Sequence[WriteData],
                         resp: pb.PutStartResponse) -> list[PutResult]:
@@ -195,3 +257,24 @@ class Writer:
                 f"master rejected {too_large[0]} as larger than its max_object_bytes "
                 f"{resp.max_object_bytes}")
         return results
+
+
+def _allocation_parts(sizes: Sequence[int], first_bytes: int) -> list[tuple[int, int]]:
+    """[start, end) of the parts a put is allocated in: with `first_bytes`, the leading
+    objects that fit in it (at least one) and then the rest; else the whole put at once."""
+    n = len(sizes)
+    first, total = 0, 0
+    while first_bytes and first < n and (first == 0 or total + sizes[first] <= first_bytes):
+        total += sizes[first]
+        first += 1
+    return [(0, first), (first, n)] if 0 < first < n else [(0, n)]
+
+
+def _checksums_in_order(objects: Sequence[PendingObject], stop: threading.Event) -> None:
+    """Each object's checksum in turn, the order they are written in; once `stop` is set
+    (the put is over) the rest are given up."""
+    for o in objects:
+        if stop.is_set():
+            o.give_up()
+        else:
+            o.compute_checksum()

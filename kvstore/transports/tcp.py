@@ -8,6 +8,12 @@ their answers are read after, as the plain socket loop it is measured against st
 bytes, instead of the link idling for a round trip per batch. Reads are pipelined only as far
 as their requests fit in the socket's buffers (the node answers with bulk while it is not
 reading), so neither side can wait on the other.
+
+A write's parts are taken from each op only when its batch goes out: an object whose payload
+is still being hashed (the writer's `PendingObject`) holds back only its own batch, so the
+hashing of later objects runs while earlier ones are on the wire. Every request is split to
+the node's limits (asked for with the handshake), so the node never has to refuse a write too
+large to drain, which it answers by dropping the connection.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import queue
 import socket
 import struct
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TypeVar
 
 from kvstore.grants import WriteGrant
@@ -25,10 +31,12 @@ from kvstore.transports.tcp_frames import (
     AUTH,
     AUTH_MAGIC,
     GRANT,
+    LIMITS,
     MAGIC,
     MISS,
     OK,
     OP,
+    OP_LIMITS,
     OP_READ,
     OP_SSD_READ,
     OP_WRITE,
@@ -46,7 +54,9 @@ from kvstore.transports.tcp_frames import (
 _READ_AHEAD_BYTES = 32 * 1024
 
 T = TypeVar("T")
-Frame = list[bytes | bytearray | memoryview]  # one request: its head, then any payload
+U = TypeVar("U")
+# One request: its head, then what a write carries (each op's parts, taken when it is sent).
+Frame = list[WriteData]
 Receive = Callable[[socket.socket, int], T]  # the answer to request i, read off the socket
 
 
@@ -77,6 +87,9 @@ class TcpTransport:
         self._timeout = timeout_s
         self._epoch = epoch
         self._batch_bytes = batch_bytes
+        # The node's (largest object, most ops, most bytes) per request, from the first
+        # handshake; None until then.
+        self._limits: tuple[int, int, int] | None = None
         self._pool: queue.SimpleQueue[socket.socket] = queue.SimpleQueue()
         self._closed = False
 
@@ -91,34 +104,52 @@ class TcpTransport:
             raise TransportError(f"tcp connect to {self._addr} failed: {e}") from e
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
-            s.sendall(AUTH.pack(AUTH_MAGIC, len(self._token)) + self._token)
-            magic, status, length = RESP.unpack(recv_exact(s, RESP.size))
-            body = recv_exact(s, length) if magic == MAGIC else b""
+            # The limits request rides with the handshake: no round trip of its own.
+            s.sendall(AUTH.pack(AUTH_MAGIC, len(self._token)) + self._token
+                      + REQ.pack(MAGIC, OP_LIMITS, 0, 0))
+            # The handshake's answer, then (unless it was refused and the connection closed)
+            # the limits'.
+            for _ in range(2):
+                magic, status, length = RESP.unpack(recv_exact(s, RESP.size))
+                body = recv_exact(s, length) if magic == MAGIC else b""
+                if magic != MAGIC or status != OK:
+                    break
         except (OSError, struct.error) as e:
             s.close()
             raise TransportError(f"tcp handshake with {self._addr} failed: {e}") from e
-        if magic != MAGIC or status != 0:
+        if magic != MAGIC or status != OK or length != LIMITS.size:
             s.close()
-            raise TransportError(f"node refused: {body.decode(errors='replace')}")
+            why = body.decode(errors="replace") if status != OK else "no limits in its answer"
+            raise TransportError(f"node refused: {why}")
+        self._limits = LIMITS.unpack(body)
         return s
 
-    def _exchange(self, frames: Sequence[Frame], receive: Receive[T],
-                  ahead_bytes: int | None = None) -> list[T]:
-        """Send the requests and read their answers in order (`receive(sock, i)` for request
-        i), sending ahead of the answers read at most `ahead_bytes` of request heads (None:
-        every request first, for writes, whose answers are a few bytes each)."""
-        s = self._conn()
+    def _batches(self, items: Sequence[U], sizes: Sequence[int]) -> list[list[U]]:
+        """Consecutive groups of `items` that fit one request of this client (batch_bytes)
+        and of the node (its most bytes and ops per request)."""
+        assert self._limits is not None, "known once a connection is open"
+        _, max_ops, max_bytes = self._limits
+        return [b[i : i + max_ops]
+                for b in batches(items, sizes, min(self._batch_bytes, max_bytes))
+                for i in range(0, len(b), max_ops)]
+
+    def _exchange(self, s: socket.socket, frames: Iterable[Frame], count: int,
+                  receive: Receive[T], ahead_bytes: int | None = None) -> list[T]:
+        """Send the `count` requests over `s` (from `_conn`) and read their answers in order
+        (`receive(sock, i)` for request i), sending ahead of the answers read at most
+        `ahead_bytes` of request heads (None: every request first, for writes, whose answers
+        are a few bytes each)."""
         out: list[T] = []
         unread: deque[int] = deque()  # head bytes of the requests sent but not answered yet
         try:
             for frame in frames:
-                head = memoryview(frame[0]).nbytes
+                head = parts_of(frame[0])[0].nbytes
                 while ahead_bytes is not None and unread and sum(unread) + head > ahead_bytes:
                     out.append(receive(s, len(out)))
                     unread.popleft()
-                send_parts(s, frame)
+                send_parts(s, [p for data in frame for p in parts_of(data)])
                 unread.append(head)
-            while len(out) < len(frames):
+            while len(out) < count:
                 out.append(receive(s, len(out)))
         except _Refused as e:
             # Answers of later requests may be unread: the connection is not reused.
@@ -127,38 +158,60 @@ class TcpTransport:
         except (OSError, struct.error, ConnectionError) as e:
             s.close()
             raise TransportError(f"tcp request to {self._addr} failed: {e}") from e
-        except TransportError:
+        except BaseException:
+            # A frame given up half sent (a failed hash, an interrupt): the stream is lost.
             s.close()
             raise
+        self._release(s)
+        return out
+
+    def _release(self, s: socket.socket) -> None:
+        """Back to the pool, for the next call (closed once the transport is)."""
         if self._closed:
             s.close()
         else:
             self._pool.put(s)
-        return out
 
     def write(self, ops: Sequence[tuple[WriteGrant, WriteData]]) -> None:
-        """The parts of each op go onto the wire as they are (sendmsg gathers them); every
-        batch is sent before the first answer is read."""
-        pairs = [(g, parts_of(d)) for g, d in ops]
-        sizes = [sum(p.nbytes for p in parts) for _, parts in pairs]
-        for (grant, _), n in zip(pairs, sizes, strict=True):
-            if n != grant.length:
-                raise TransportError(f"{n} bytes to write under a grant of {grant.length}")
-        frames: list[Frame] = []
-        for batch in batches(pairs, sizes, self._batch_bytes):
-            head = REQ.pack(MAGIC, OP_WRITE, len(batch), 0) + b"".join(
-                GRANT.pack(g.offset, g.length, g.epoch, g.token, g.expires_unix_ms, g.mac)
-                for g, _ in batch)
-            frames.append([head, *(p for _, parts in batch for p in parts)])
+        """The parts of each op go onto the wire as they are (sendmsg gathers them), taken
+        from the op only when its batch goes out; every batch is sent before the first answer
+        is read. An object larger than the node takes is refused here, before anything is
+        sent (TransportError with the node's limit)."""
+        s = self._conn()
+        assert self._limits is not None, "_conn learned them"
+        largest = self._limits[0]
+        for grant, _ in ops:
+            if grant.length > largest:
+                self._release(s)
+                raise TransportError(f"object of {grant.length} bytes exceeds node "
+                                     f"{self._addr[0]}:{self._addr[1]}'s max_object_bytes "
+                                     f"{largest}")
+        groups = self._batches(ops, [g.length for g, _ in ops])
+
+        def frames() -> Iterator[Frame]:
+            for batch in groups:
+                head = REQ.pack(MAGIC, OP_WRITE, len(batch), 0) + b"".join(
+                    GRANT.pack(g.offset, g.length, g.epoch, g.token, g.expires_unix_ms, g.mac)
+                    for g, _ in batch)
+                frame: Frame = [head]
+                for grant, data in batch:
+                    parts = parts_of(data)  # waits for a header whose checksum is pending
+                    n = sum(p.nbytes for p in parts)
+                    if n != grant.length:
+                        raise TransportError(f"{n} bytes to write under a grant of "
+                                             f"{grant.length}")
+                    frame.extend(parts)
+                yield frame
 
         def acked(sock: socket.socket, i: int) -> None:
             _, length = _answer(sock)
             drain(sock, length)
 
-        self._exchange(frames, acked)
+        self._exchange(s, frames(), len(groups), acked)
 
     def read(self, ops: Sequence[tuple[int, int]]) -> list[bytes]:
-        groups = list(batches(ops, [n for _, n in ops], self._batch_bytes))
+        s = self._conn()
+        groups = self._batches(ops, [n for _, n in ops])
         frames: list[Frame] = [
             [REQ.pack(MAGIC, OP_READ, len(b), self._epoch) + b"".join(OP.pack(o, n)
                                                                     for o, n in b)]
@@ -168,8 +221,8 @@ class TcpTransport:
             return recv_exact(sock, _answer(sock)[1])
 
         out: list[bytes] = []
-        for group, data in zip(groups, self._exchange(frames, body, _READ_AHEAD_BYTES),
-                               strict=True):
+        for group, data in zip(groups, self._exchange(s, frames, len(frames), body,
+                                                      _READ_AHEAD_BYTES), strict=True):
             if len(data) != sum(n for _, n in group):
                 raise TransportError(f"tcp peer answered {len(data)} bytes for a read of "
                                      f"{sum(n for _, n in group)}")
@@ -181,8 +234,9 @@ class TcpTransport:
 
     def read_into(self, ops: Sequence[ReadInto]) -> None:
         """recv_into the caller's views: the kernel's copy out of the socket is the only one."""
+        s = self._conn()
         sized = [(off, views, sum(v.nbytes for v in views)) for off, views in ops]
-        groups = list(batches(sized, [n for _, _, n in sized], self._batch_bytes))
+        groups = self._batches(sized, [n for _, _, n in sized])
         frames: list[Frame] = [
             [REQ.pack(MAGIC, OP_READ, len(b), self._epoch) + b"".join(OP.pack(o, n)
                                                                     for o, _, n in b)]
@@ -197,14 +251,15 @@ class TcpTransport:
                 for v in views:
                     recv_into(sock, v)
 
-        self._exchange(frames, land, _READ_AHEAD_BYTES)
+        self._exchange(s, frames, len(frames), land, _READ_AHEAD_BYTES)
 
     def read_ssd_into(self, ops: Sequence[tuple[str, Sequence[memoryview]]]) -> list[bool]:
         """Objects of the node's SSD tier by key, each straight into its views (their sizes
         add up to the object's length): True per object received, False for a miss (the
         node's file gone, of another length, or damaged). Refused like `read`."""
+        s = self._conn()
         sized = [(key, views, sum(v.nbytes for v in views)) for key, views in ops]
-        groups = list(batches(sized, [n for _, _, n in sized], self._batch_bytes))
+        groups = self._batches(sized, [n for _, _, n in sized])
         frames: list[Frame] = []
         for b in groups:
             names = [k.encode("ascii") for k, _, _ in b]
@@ -226,7 +281,8 @@ class TcpTransport:
                     got.append(False)
             return got
 
-        return [ok for group in self._exchange(frames, land, _READ_AHEAD_BYTES)
+        return [ok for group in self._exchange(s, frames, len(frames), land,
+                                               _READ_AHEAD_BYTES)
                 for ok in group]
 
     def close(self) -> None:

@@ -27,11 +27,13 @@ from kvstore.transports.tcp_frames import (
     AUTH_MAGIC,
     ERROR,
     GRANT,
+    LIMITS,
     MAGIC,
     MAX_OPS,
     MISS,
     OK,
     OP,
+    OP_LIMITS,
     OP_READ,
     OP_SSD_READ,
     OP_WRITE,
@@ -149,8 +151,16 @@ class TcpServer:
         if len(head) < REQ.size:
             return False
         magic, op, count, epoch = REQ.unpack(head)
-        if magic != MAGIC or op not in (OP_READ, OP_WRITE, OP_SSD_READ) or count > MAX_OPS:
+        if (magic != MAGIC or op not in (OP_READ, OP_WRITE, OP_SSD_READ, OP_LIMITS)
+                or count > MAX_OPS):
             return False  # not our protocol: drop the connection rather than guess
+        if op == OP_LIMITS:
+            # What a client must split its requests to: it asks with its handshake.
+            if count:
+                return False
+            self._reply(conn, None, [memoryview(LIMITS.pack(self._max, self._max_ops,
+                                                            self._max_bytes))])
+            return True
         if op == OP_READ:
             raw = recv_exact(conn, count * OP.size)
             ops = [OP.unpack_from(raw, i * OP.size) for i in range(count)]
