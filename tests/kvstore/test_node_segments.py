@@ -69,3 +69,14 @@ def test_a_segment_reports_the_intact_objects_it_holds(tmp_path: Path) -> None:
             ("a", 0, len(a)), ("b", 8 * KIB, len(b)), ("c", 32 * KIB, 64 + 200)]
     finally:
         seg.close()
+
+
+@pytest.mark.parametrize("prefault", [True, False])
+def test_a_prefaulted_segment_has_every_page_allocated_at_start(prefault: bool) -> None:
+    path = f"/dev/shm/pantry-test-prefault-{os.getpid()}-{prefault}"
+    seg = Segment(path, 4 * MIB, prefault=prefault)
+    try:
+        assert os.stat(path).st_blocks * 512 == (4 * MIB if prefault else 0)
+    finally:
+        seg.close()
+    assert not os.path.exists(path)
