@@ -293,9 +293,11 @@ class DecodeEngine(EngineLoop):
             elif seq.status is SeqStatus.RUNNING:
                 to_sample.append((row, seq))
         if to_sample:
-            rows = torch.tensor([r for r, _ in to_sample], device=logits.device)
+            if len(to_sample) < logits.shape[0]:  # a chunk mid-prompt samples nothing
+                rows = torch.tensor([r for r, _ in to_sample], device=logits.device)
+                logits = logits.index_select(0, rows)
             tokens = self._sampler.sample(
-                logits.index_select(0, rows),
+                logits,
                 [s.job.sampling for _, s in to_sample],
                 [s.generator for _, s in to_sample],
             )

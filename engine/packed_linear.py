@@ -29,6 +29,11 @@ class PackedLinear(nn.Module):
         self.bias = None if bias is None else bias.detach().contiguous()
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 2 and x.is_contiguous():
+            # The engine's case ([tokens, features]): no reshape around the call, three fewer
+            # dispatches a matmul, 121 matmuls a step.
+            return torch.ops.mkldnn._linear_pointwise(  # type: ignore[no-any-return]
+                x, self.weight_packed, self.bias, "none", [], "")
         lead = x.shape[:-1]
         y = torch.ops.mkldnn._linear_pointwise(
             x.reshape(-1, x.shape[-1]).contiguous(), self.weight_packed, self.bias, "none",

@@ -87,7 +87,6 @@ class ModelRunner:
             device=self.device,
             sliding_window=self.config.sliding_window,
         )
-        last = torch.tensor(batch.cu_query_lens[1:], dtype=torch.int64, device=self.device) - 1
         with torch.inference_mode():
             hidden = self.model(
                 torch.tensor(ids, dtype=torch.int64, device=self.device),
@@ -95,5 +94,9 @@ class ModelRunner:
                 batch,
                 self.kv,
             )
-            logits = self.model.compute_logits(hidden.index_select(0, last))
+            if len(ids) > len(seqs):  # some sequence computed several tokens: keep its last
+                last = torch.tensor(batch.cu_query_lens[1:], dtype=torch.int64,
+                                    device=self.device) - 1
+                hidden = hidden.index_select(0, last)
+            logits = self.model.compute_logits(hidden)
         return logits.float()

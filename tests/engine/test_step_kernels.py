@@ -51,6 +51,12 @@ def test_packed_linear_matches_f_linear(rows: int, bias: bool) -> None:
     torch.testing.assert_close(PackedLinear(linear)(wide),
                                F.linear(wide, linear.weight, linear.bias).detach(),
                                atol=1e-5, rtol=1e-5)
+    # A 2-D input that is not contiguous takes the copying path, not the direct call.
+    strided = torch.randn(rows, 1152)[:, ::2]
+    assert strided.dim() == 2 and not strided.is_contiguous()
+    torch.testing.assert_close(PackedLinear(linear)(strided),
+                               F.linear(strided, linear.weight, linear.bias).detach(),
+                               atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.skipif(not can_pack(nn.Linear(2, 2)), reason="oneDNN is not available")
