@@ -13,6 +13,7 @@ Setups:
   shared       no pinning, every engine one torch thread per CPU, OpenMP's default (spinning) waits
   passive      as shared, OMP_WAIT_POLICY=PASSIVE: an engine waiting at a barrier sleeps
   nice         as passive, prefill at nice +10: decode's steps take the CPUs first when both run
+  idle         as passive, prefill under SCHED_IDLE: it computes only on cycles nobody else wants
   spin         as nice, but a waiting thread spins briefly (GOMP_SPINCOUNT=20000) before it sleeps
   split-wait   prefill as nice, decode as spin. On a machine with nothing else running, decode
                alone is faster than under nice (no thread to wake per parallel region); but
@@ -47,6 +48,7 @@ class Setup:
     prefill_nice: int = 0
     spincount: int = 0  # GOMP_SPINCOUNT: a waiting thread spins this long, then sleeps
     decode_spins: bool = False  # decode spins (spincount) while prefill waits passively
+    prefill_idle: bool = False  # prefill under SCHED_IDLE
 
 
 SETUPS = {
@@ -54,6 +56,7 @@ SETUPS = {
     "shared": Setup("shared", pin=False, passive=False),
     "passive": Setup("passive", pin=False, passive=True),
     "nice": Setup("nice", pin=False, passive=True, prefill_nice=10),
+    "idle": Setup("idle", pin=False, passive=True, prefill_nice=10, prefill_idle=True),
     "spin": Setup("spin", pin=False, passive=False, prefill_nice=10, spincount=20000),
     "split-wait": Setup("split-wait", pin=False, passive=True, prefill_nice=10,
                         spincount=20000, decode_spins=True),
@@ -71,6 +74,8 @@ def worker(ns: argparse.Namespace) -> int:
         os.sched_setaffinity(0, [int(c) for c in ns.cpus.split(",")])
     if ns.nice:
         os.nice(ns.nice)
+    if ns.idle:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     torch.set_num_threads(ns.threads)
     runner = ModelRunner(load_model("smollm2"), num_blocks=8 * 40 + 2 * 130)
     rng = random.Random(0)
@@ -147,6 +152,8 @@ class Worker:
             args += ["--threads", str(ncpu)]
         if role == "prefill" and setup.prefill_nice:
             args += ["--nice", str(setup.prefill_nice)]
+        if role == "prefill" and setup.prefill_idle:
+            args += ["--idle"]
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         spins = role == "decode" if setup.decode_spins else not setup.passive
         if setup.passive and not spins:
@@ -226,6 +233,7 @@ def main() -> int:
     ap.add_argument("--cpus", default="", help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--nice", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--idle", action="store_true", help=argparse.SUPPRESS)
     ns = ap.parse_args()
     if ns.worker:
         return worker(ns)

@@ -17,13 +17,23 @@ and the streams' tok/s; a table and a PNG (TBT over time, one panel per setup).
 Target (issue 8): disaggregated p99 TBT at most 1.5x its own p50.
 
     .venv/bin/python bench/interference.py [--quick] [--png bench/out/interference.png]
+
+A/B of `pantry local` flags: `--variant NAME=FLAGS` (repeatable) runs every setup once per
+variant, `--rounds N` repeats them all in turn (the order rotated each round, so no variant
+always follows another); `--setups disaggregated` runs only that one. Rows pool every round's
+gaps; with several rounds the p99/p50 column adds the median [min-max] of the rounds' own.
+
+    .venv/bin/python bench/interference.py --quick --setups disaggregated --rounds 3 \
+        --variant idle= --variant nice=--no-prefill-idle
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
+import shlex
 import statistics
 import subprocess
 import sys
@@ -44,15 +54,16 @@ REPO = Path(__file__).resolve().parent.parent
 
 @dataclass(frozen=True)
 class Setup:
+    key: str
     name: str
     disaggregated: bool
     decode_chunk_tokens: int
 
 
 SETUPS = (
-    Setup("colocated", False, 8192),
-    Setup("colocated, chunked", False, 256),
-    Setup("disaggregated", True, 256),
+    Setup("colocated", "colocated", False, 8192),
+    Setup("chunked", "colocated, chunked", False, 256),
+    Setup("disaggregated", "disaggregated", True, 256),
 )
 
 
@@ -63,14 +74,14 @@ class Run:
     window: tuple[float, float] = (0.0, 0.0)                  # first arrival .. last first token
 
 
-def start_local(workdir: Path, setup: Setup, max_len: int) -> tuple[subprocess.Popen[bytes],
-                                                                     dict[str, str]]:
+def start_local(workdir: Path, setup: Setup, max_len: int, flags: list[str]
+                ) -> tuple[subprocess.Popen[bytes], dict[str, str]]:
     ready = workdir / "ready.json"
     proc = subprocess.Popen(
         [sys.executable, "-m", "pantry", "local", "--model", "smollm2", "--http-port", "0",
          "--grpc-port", "0", "--max-model-len", str(max_len), "--ready-file", str(ready),
          "--log-dir", str(workdir / "logs"),
-         "--decode-chunk-tokens", str(setup.decode_chunk_tokens)],
+         "--decode-chunk-tokens", str(setup.decode_chunk_tokens), *flags],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO,
     )
     while not ready.exists():
@@ -109,10 +120,10 @@ class Engines:
                 on_token.append(time.perf_counter())
 
 
-def measure(setup: Setup, ns: argparse.Namespace, rng: random.Random) -> Run:
+def measure(setup: Setup, flags: list[str], ns: argparse.Namespace, rng: random.Random) -> Run:
     run = Run()
     with tempfile.TemporaryDirectory(prefix="pantry-interference-") as tmp:
-        proc, addresses = start_local(Path(tmp), setup, max(ns.lengths) + 64)
+        proc, addresses = start_local(Path(tmp), setup, max(ns.lengths) + 64, flags)
         engines = Engines(addresses)
         try:
             # Warm-up: first-call costs belong to no setup.
@@ -179,20 +190,32 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def plot(results: dict[str, Run], path: Path) -> None:
+def pooled(runs: list[Run]) -> tuple[list[float], list[tuple[float, float]]]:
+    """gaps_in over every round, concatenated."""
+    gaps: list[float] = []
+    points: list[tuple[float, float]] = []
+    for run in runs:
+        g, p = gaps_in(run)
+        gaps += g
+        points += p
+    return gaps, points
+
+
+def plot(results: dict[str, list[Run]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(len(results), 1, figsize=(9, 2.6 * len(results)), sharex=True)
-    for ax, (name, run) in zip(axes, results.items(), strict=True):
-        _, points = gaps_in(run)
+    fig, axes = plt.subplots(len(results), 1, figsize=(9, 2.6 * len(results)), sharex=True,
+                             squeeze=False)
+    for ax, (name, runs) in zip(axes[:, 0], results.items(), strict=True):
+        _, points = pooled(runs)
         ax.plot([p[0] for p in points], [1000 * p[1] for p in points], ".", ms=3)
         ax.set_title(name)
         ax.set_ylabel("TBT ms")
         ax.set_yscale("log")
-    axes[-1].set_xlabel("seconds since the first long prompt arrived")
+    axes[-1, 0].set_xlabel("seconds since the first long prompt arrived")
     fig.suptitle("Steady decode streams while 2k-4k-token prompts arrive (SmolLM2-135M, CPU)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -213,27 +236,45 @@ def main() -> int:
     ap.add_argument("--interval-s", type=float, default=4.0)
     ap.add_argument("--settle-s", type=float, default=3.0)
     ap.add_argument("--png", type=Path, default=REPO / "bench/out/interference.png")
+    ap.add_argument("--setups", nargs="+", default=[s.key for s in SETUPS],
+                    choices=[s.key for s in SETUPS])
+    ap.add_argument("--variant", action="append", default=[],
+                    help="NAME=FLAGS: extra `pantry local` flags (repeatable; default: none)")
+    ap.add_argument("--rounds", type=int, default=1)
     ns = ap.parse_args()
     if ns.quick:
         ns.streams, ns.prompts, ns.lengths, ns.interval_s = 2, 3, [2048], 3.0
+    variants = [(name, shlex.split(flags)) for name, _, flags in
+                (spec.partition("=") for spec in ns.variant or ["="])]
+    cells = [(setup, name, flags) for setup in SETUPS if setup.key in ns.setups
+             for name, flags in variants]
     rng = random.Random(8)
-    results: dict[str, Run] = {}
-    for setup in SETUPS:
-        print(f"{setup.name}: running", flush=True)
-        results[setup.name] = measure(setup, ns, rng)
+    rounds: dict[str, list[Run]] = {}
+    print(f"load average before: {os.getloadavg()[0]:.1f}", flush=True)
+    for r in range(ns.rounds):
+        for setup, name, flags in cells[r % len(cells):] + cells[: r % len(cells)]:
+            label = f"{setup.name} {name}".strip()
+            print(f"round {r + 1}: {label}: running", flush=True)
+            rounds.setdefault(label, []).append(measure(setup, flags, ns, rng))
     print(f"\n{ns.streams} streams decoding while {ns.prompts} prompts of "
-          f"{'/'.join(map(str, ns.lengths))} tokens arrive every {ns.interval_s:.1f} s")
-    print(f"{'setup':<20} {'TBT p50':>8} {'p99':>8} {'max':>8} {'p99/p50':>8} "
-          f"{'TTFT p50':>9} {'p99':>8} {'tok/s':>7}")
-    for name, run in results.items():
-        gaps, _ = gaps_in(run)
-        secs = run.window[1] - run.window[0]
+          f"{'/'.join(map(str, ns.lengths))} tokens arrive every {ns.interval_s:.1f} s; "
+          f"{ns.rounds} round(s); load average after: {os.getloadavg()[0]:.1f}")
+    width = max(20, *map(len, rounds))
+    print(f"{'setup':<{width}} {'TBT p50':>8} {'p99':>8} {'max':>8} {'p99/p50':>8} "
+          f"{'TTFT p50':>9} {'p99':>8} {'tok/s':>7}  rounds' p99/p50")
+    for label, runs in rounds.items():
+        gaps, _ = pooled(runs)
+        ttfts = [t for r in runs for t in r.ttfts]
+        secs = sum(r.window[1] - r.window[0] for r in runs)
         p50, p99 = pct(gaps, 0.5), pct(gaps, 0.99)
-        print(f"{name:<20} {1000 * p50:>8.1f} {1000 * p99:>8.1f} {1000 * max(gaps):>8.1f} "
-              f"{p99 / p50:>8.2f} {statistics.median(run.ttfts):>9.2f} "
-              f"{pct(run.ttfts, 0.99):>8.2f} {len(gaps) / secs:>7.1f}")
+        ratios = sorted(pct(g, 0.99) / pct(g, 0.5) for g in (gaps_in(r)[0] for r in runs))
+        each = (f"{statistics.median(ratios):.2f} [{ratios[0]:.2f}-{ratios[-1]:.2f}]"
+                if len(ratios) > 1 else "")
+        print(f"{label:<{width}} {1000 * p50:>8.1f} {1000 * p99:>8.1f} {1000 * max(gaps):>8.1f} "
+              f"{p99 / p50:>8.2f} {statistics.median(ttfts):>9.2f} "
+              f"{pct(ttfts, 0.99):>8.2f} {len(gaps) / secs:>7.1f}  {each}")
     print("(TBT in ms, TTFT in s; tok/s: the streams' tokens inside the arrival window)")
-    plot(results, ns.png)
+    plot(rounds, ns.png)
     print(f"plot: {ns.png}")
     return 0
 

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -71,6 +72,18 @@ class LocalOptions:
     prefill_nice: int = field(default=PREFILL_NICE, metadata={
         "help": "how much lower prefill's scheduling priority is than decode's (nice), when "
                 "the CPUs are shared"})
+    # SCHED_IDLE (CFS weight 3, against nice 10's 110), measured in bench/interference.py and
+    # bench/cpu_split.py on 2 cores: decode's p99/p50 TBT no better (2.40 vs 2.30 at low load),
+    # prompts arriving under decode load waited longer for their first token (17.8 vs 13.4 s),
+    # and with other processes running a cold prefill took 1.3x to 2.9x as long: an idle-class
+    # prefill yields to every process on the machine, not only to decode.
+    prefill_idle: bool = field(default=False, metadata={
+        "help": "run prefill under SCHED_IDLE when the CPUs are shared: it computes only on "
+                "cycles that decode and every other process leave free"})
+    # Measured: one decode thread does not make steps steadier while prompts arrive (p99/p50
+    # 5.0 against 3.5 with two), and halves the tok/s of a decode alone.
+    decode_threads: int = field(default=0, metadata={
+        "help": "torch threads of each decode engine; 0 = as --threads"})
     decode_chunk_tokens: int = field(default=default_of(DecodeLimits, "chunk_tokens"), metadata={
         "help": "prompt tokens decode computes per step itself (when no prefill engine "
                 "answers)"})
@@ -83,6 +96,8 @@ class LocalOptions:
         for name in ("prefill_engines", "decode_engines"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be at least 1")
+        if self.decode_threads < 0:
+            raise ConfigError("decode_threads: must be 0 (as --threads) or positive")
         if not 0 <= self.prefill_nice <= 19:
             raise ConfigError(f"prefill_nice: {self.prefill_nice} is not a nice increment "
                               "from 0 to 19")
@@ -105,6 +120,20 @@ def _share(cpus: list[int], engines: int) -> list[str]:
         return [str(cpus[i % len(cpus)]) for i in range(engines)]
     bounds = [len(cpus) * i // engines for i in range(engines + 1)]
     return [",".join(map(str, cpus[bounds[i]:bounds[i + 1]])) for i in range(engines)]
+
+
+def lower_priority(nice: int, idle: bool) -> Callable[[], None] | None:
+    """What the child runs before exec, so every thread it starts inherits the priority."""
+    if not nice and not idle:
+        return None
+
+    def lower() -> None:
+        if nice:
+            os.nice(nice)
+        if idle:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+
+    return lower
 
 
 def role_name(kind: str, index: int, count: int) -> str:
@@ -142,7 +171,7 @@ class LocalCluster:
         self.env = {**os.environ, TOKEN_FILE_ENV: str(self.token_file)}
 
     def _start(self, name: str, argv: list[str], env: dict[str, str] | None = None,
-               nice: int = 0) -> Role:
+               nice: int = 0, idle: bool = False) -> Role:
         ready = self.workdir / f"{name}.ready.json"
         role = Role(name, [sys.executable, *argv, "--ready-file", str(ready)], ready)
         stdout: IO[bytes] | int | None = None
@@ -153,9 +182,7 @@ class LocalCluster:
             stdout = role.log_file
         role.proc = subprocess.Popen(role.argv, stdout=stdout, stderr=subprocess.STDOUT
                                      if stdout else None, env=env or self.env,
-                                     # In the child before exec: every thread it starts
-                                     # inherits the priority.
-                                     preexec_fn=(lambda: os.nice(nice)) if nice else None)
+                                     preexec_fn=lower_priority(nice, idle))
         self.roles.append(role)
         log.info("started %-10s pid %d", name, role.proc.pid)
         return role
@@ -197,12 +224,15 @@ class LocalCluster:
         engines: dict[str, list[Role]] = {"prefill": [], "decode": []}
         for kind, cpus in (("prefill", prefill_cpus), ("decode", decode_cpus)):
             extra = ["--chunk-tokens", str(o.decode_chunk_tokens)] if kind == "decode" else []
+            if kind == "decode" and o.decode_threads:
+                extra += ["--threads", str(o.decode_threads)]  # the later flag wins
             for i, cpu in enumerate(cpus):
                 engines[kind].append(self._start(
                     role_name(kind, i, len(cpus)),
                     ["-m", "pantry", kind, *engine_args, "--engine-id", f"{kind}-{i}",
                      "--cpus", cpu, *extra], env=engine_env,
-                    nice=o.prefill_nice if kind == "prefill" and not o.pin else 0))
+                    nice=o.prefill_nice if kind == "prefill" and not o.pin else 0,
+                    idle=o.prefill_idle and kind == "prefill" and not o.pin))
         for role in [*engines["prefill"], *engines["decode"]]:
             self._wait_ready(role, deadline)
         conductor = self._start("conductor", [

@@ -1,6 +1,6 @@
 """`pantry local`'s CPU split, read back from the running engine processes: by default every
-engine may use every CPU, their OpenMP threads wait passively, and prefill runs at a lower
-priority than decode; `--pin` gives each role its own CPUs instead."""
+engine may use every CPU, their OpenMP threads wait passively, and prefill runs at nice 10
+(under SCHED_IDLE too with `--prefill-idle`); `--pin` gives each role its own CPUs instead."""
 
 from __future__ import annotations
 
@@ -21,12 +21,22 @@ def nice_of(pid: int) -> int:
     return os.getpriority(os.PRIO_PROCESS, pid)
 
 
-def split_of(system: LocalSystem) -> dict[str, tuple[int, frozenset[int], str | None]]:
+def threads_flag(pid: int) -> str:
+    """The engine's --threads as it parses it: the last one on its command line wins."""
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+    return [argv[i + 1] for i, a in enumerate(argv) if a == "--threads"][-1]
+
+
+Split = tuple[int, int, frozenset[int], str | None]
+
+
+def split_of(system: LocalSystem) -> dict[str, Split]:
+    """Per engine: (its nice above ours, scheduling policy, CPUs, OMP_WAIT_POLICY)."""
     out = {}
     for role in ("prefill", "decode"):
         pid = int(system.role(role)["pid"])
-        out[role] = (nice_of(pid) - nice_of(0), frozenset(os.sched_getaffinity(pid)),
-                     environ(pid).get("OMP_WAIT_POLICY"))
+        out[role] = (nice_of(pid) - nice_of(0), os.sched_getscheduler(pid),
+                     frozenset(os.sched_getaffinity(pid)), environ(pid).get("OMP_WAIT_POLICY"))
     return out
 
 
@@ -35,20 +45,31 @@ def test_default_shares_the_cpus_and_pin_splits_them(
         tmp_path_factory: pytest.TempPathFactory, tiny_dirs: dict[str, Path]) -> None:
     if "OMP_WAIT_POLICY" in os.environ:
         pytest.skip("OMP_WAIT_POLICY is set in this environment; the engines inherit it")
+    if os.sched_getscheduler(0) != os.SCHED_OTHER:
+        pytest.skip("this test runs under a real-time or idle policy; the engines inherit it")
     cpus = sorted(os.sched_getaffinity(0))
     half = len(cpus) // 2
+    every = frozenset(cpus)
+    other, idle = os.SCHED_OTHER, os.SCHED_IDLE
     args = ("--kv-cache-bytes", "16MiB", "--pool-bytes", "64MiB")
-    for extra, expected in [
-        ((), {"prefill": (10, frozenset(cpus), "PASSIVE"),
-              "decode": (0, frozenset(cpus), "PASSIVE")}),
-        (("--pin",), {"prefill": (0, frozenset(cpus[:half]), None),
-                      "decode": (0, frozenset(cpus[half:]), None)}),
-    ]:
+    expectations: list[tuple[tuple[str, ...], dict[str, Split]]] = [
+        ((), {"prefill": (10, other, every, "PASSIVE"),
+              "decode": (0, other, every, "PASSIVE")}),
+        (("--prefill-idle", "--decode-threads", "1"), {"prefill": (10, idle, every, "PASSIVE"),
+                                                       "decode": (0, other, every, "PASSIVE")}),
+        # Pinned roles have CPUs of their own: nothing to yield to, --prefill-idle is moot.
+        (("--pin", "--prefill-idle"), {"prefill": (0, other, frozenset(cpus[:half]), None),
+                                       "decode": (0, other, frozenset(cpus[half:]), None)}),
+    ]
+    for extra, expected in expectations:
         system = start_local(str(tiny_dirs["llama"]), tmp_path_factory.mktemp("cpu-split"),
                              *args, *extra)
         try:
             assert split_of(system) == expected
-            # The engines serve under either split.
+            decode_threads = "1" if "--decode-threads" in extra else "0"
+            assert threads_flag(int(system.role("decode")["pid"])) == decode_threads
+            assert threads_flag(int(system.role("prefill")["pid"])) == "0"
+            # The engines serve under every split.
             out = system.complete(list(range(10, 50)), 3)
             assert out["usage"]["completion_tokens"] == 3
         finally:
