@@ -23,7 +23,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Collection, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import accumulate
 from typing import TypeVar
@@ -51,6 +51,23 @@ log = logging.getLogger(__name__)
 READ_THREADS = 8
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
+
+
+# A node's read at least this large has its objects checked on `checker()` threads as they
+# land, while the next ones arrive; below it, one by one after the transfer (a thread's
+# hand-off would cost more than the checks).
+OVERLAP_CHECK_BYTES = 1 << 20
+_checker: ThreadPoolExecutor | None = None
+
+
+def checker() -> ThreadPoolExecutor:
+    """Threads that check objects as they land (apart from `executor()`, whose threads wait
+    for these checks). xxh3 releases the GIL, so a check runs beside the next receive."""
+    global _checker
+    with _pool_lock:
+        if _checker is None:
+            _checker = ThreadPoolExecutor(2, thread_name_prefix="kv-check")
+        return _checker
 
 
 def executor() -> ThreadPoolExecutor:
@@ -175,21 +192,46 @@ class Reader:
             scratch = _scratch(_at(heads, idxs))
             parts = zip(scratch, _at(views, idxs), strict=True)
             ops: list[ReadInto] = list(zip(_at(where.offsets, idxs), parts, strict=True))
-            if not self._transfer(node, lambda t: t.read_into(ops))[0]:
+            moved = sum(_at(where.lengths, idxs))
+            checks: list[Future[None]] = []
+
+            def landed(j: int) -> None:
+                checks.append(checker().submit(check, idxs[j], scratch[j]))
+
+            overlap = moved >= OVERLAP_CHECK_BYTES
+            ok = self._transfer(node, lambda t: t.read_into(ops, landed if overlap else None))[0]
+            for f in checks:  # objects that landed whole stand even if the transfer then failed
+                f.result()
+            if not ok:
                 return 0
-            for i, head in zip(idxs, scratch, strict=True):
-                check(i, head)
-            return sum(_at(where.lengths, idxs))
+            if overlap:
+                assert len(checks) == len(idxs), "a transport tells of every op it filled"
+            else:
+                for i, head in zip(idxs, scratch, strict=True):
+                    check(i, head)
+            return moved
 
         def one_ssd(node: NodeInfo, idxs: list[int], ssd: SsdReader) -> int:
             # The node's objects in one call (one request when they come over tcp).
             scratch = _scratch(_at(heads, idxs))
-            got = ssd.read_many_into(node, [(keys[i], [head, views[i]])
-                                            for i, head in zip(idxs, scratch, strict=True)])
+            checked: dict[int, Future[None]] = {}
+
+            def landed(j: int) -> None:
+                checked[j] = checker().submit(check, idxs[j], scratch[j])
+
+            overlap = sum(_at(sizes, idxs)) >= OVERLAP_CHECK_BYTES
+            try:
+                got = ssd.read_many_into(node, [(keys[i], [head, views[i]]) for i, head
+                                                in zip(idxs, scratch, strict=True)],
+                                         landed if overlap else None)
+            finally:
+                for f in checked.values():
+                    f.result()
             moved = 0
-            for i, head, ok in zip(idxs, scratch, got, strict=True):
+            for j, (i, head, ok) in enumerate(zip(idxs, scratch, got, strict=True)):
                 if ok:
-                    check(i, head)
+                    if j not in checked:
+                        check(i, head)
                     moved += heads[i] + sizes[i]
             return moved
 

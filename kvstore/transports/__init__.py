@@ -7,7 +7,7 @@ misses (reads) or not-stored (writes).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol, TypeVar
 
 from kvstore.errors import KVStoreError
@@ -27,6 +27,9 @@ Buffer = bytes | bytearray | memoryview
 WriteData = Buffer | Sequence[Buffer]
 # One scatter read: the bytes from an offset on, landing in these views in turn.
 ReadInto = tuple[int, Sequence[memoryview]]
+# Told the index of each read op once all its views are filled, in order, so a caller can
+# check an object while the next ones are still arriving.
+Landed = Callable[[int], None]
 
 
 def parts_of(data: WriteData) -> list[memoryview]:
@@ -44,10 +47,10 @@ class Transport(Protocol):
     def read(self, ops: Sequence[tuple[int, int]]) -> list[bytes]:
         """The bytes at each (offset, length), of the node's epoch the transport was made
         for: a node in another epoch refuses (TransportError)."""
-    def read_into(self, ops: Sequence[ReadInto]) -> None:
+    def read_into(self, ops: Sequence[ReadInto], landed: Landed | None = None) -> None:
         """Each op's views filled, in turn, with the bytes from its offset on (their sizes add
-        up to the op's length), with no copy on the way: the caller owns the views. Refused
-        like `read`; a failure may leave views partly written."""
+        up to the op's length), with no copy on the way: the caller owns the views; `landed(i)`
+        once op i's are. Refused like `read`; a failure may leave views partly written."""
     def close(self) -> None: ...
 
 

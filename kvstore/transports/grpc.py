@@ -8,7 +8,14 @@ import grpc
 
 from kvstore.auth import open_channel
 from kvstore.grants import WriteGrant
-from kvstore.transports import ReadInto, TransportError, WriteData, batches, parts_of
+from kvstore.transports import (
+    Landed,
+    ReadInto,
+    TransportError,
+    WriteData,
+    batches,
+    parts_of,
+)
 from kvstore.wire import grant_to_proto
 from pantry.v1 import kvstore_pb2 as pb
 from pantry.v1 import kvstore_pb2_grpc as pb_grpc
@@ -51,11 +58,11 @@ class GrpcTransport:
             out.extend(resp.data)
         return out
 
-    def read_into(self, ops: Sequence[ReadInto]) -> None:
+    def read_into(self, ops: Sequence[ReadInto], landed: Landed | None = None) -> None:
         """The fallback: one copy out of each response into the caller's views."""
         sized = [(off, views, sum(v.nbytes for v in views)) for off, views in ops]
         got = self.read([(off, n) for off, _, n in sized])
-        for (_, views, n), data in zip(sized, got, strict=True):
+        for i, ((_, views, n), data) in enumerate(zip(sized, got, strict=True)):
             if len(data) != n:
                 raise TransportError(f"node answered {len(data)} bytes for a read of {n}")
             src = memoryview(data)
@@ -63,6 +70,8 @@ class GrpcTransport:
             for v in views:
                 v[:] = src[pos : pos + v.nbytes]
                 pos += v.nbytes
+            if landed is not None:
+                landed(i)
 
     def close(self) -> None:
         self._channel.close()

@@ -36,7 +36,7 @@ import grpc
 
 from kvstore.auth import open_channel
 from kvstore.grants import WriteGrant
-from kvstore.transports import ReadInto, TransportError, WriteData, parts_of
+from kvstore.transports import Landed, ReadInto, TransportError, WriteData, parts_of
 from kvstore.transports.rdma_exchange import (
     MAX_SEND_WR,
     PORT,
@@ -293,7 +293,7 @@ class RdmaTransport:
         self.read_into([(off, [memoryview(b)]) for (off, _), b in zip(ops, out, strict=True)])
         return [bytes(b) for b in out]
 
-    def read_into(self, ops: Sequence[ReadInto]) -> None:
+    def read_into(self, ops: Sequence[ReadInto], landed: Landed | None = None) -> None:
         sized = [(off, sum(v.nbytes for v in views)) for off, views in ops]
         with self._lock:
             stage = self.regions.get("stage")
@@ -302,6 +302,9 @@ class RdmaTransport:
                 for wr in rnd:
                     at = wr.remote_addr - self._remote.addr - ops[wr.op][0]
                     scatter(ops[wr.op][1], at, self._staged(wr))
+        if landed is not None:  # an op may span rounds: told once all of them are in
+            for i in range(len(ops)):
+                landed(i)
 
     def close(self) -> None:
         with self._lock:

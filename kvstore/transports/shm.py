@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from kvstore.grants import WriteGrant
-from kvstore.transports import ReadInto, TransportError, WriteData, parts_of
+from kvstore.transports import Landed, ReadInto, TransportError, WriteData, parts_of
 
 # Copies up to this size hold the GIL (a few microseconds at most).
 _SMALL_COPY = 64 * 1024
@@ -69,13 +69,15 @@ class ShmTransport:
             out.append(bytes(self._view[offset : offset + length]))
         return out
 
-    def read_into(self, ops: Sequence[ReadInto]) -> None:
+    def read_into(self, ops: Sequence[ReadInto], landed: Landed | None = None) -> None:
         """One memcpy per view, out of the segment."""
-        for offset, views in ops:
+        for i, (offset, views) in enumerate(ops):
             self._check(offset, sum(v.nbytes for v in views))
             for v in views:
                 copy_into(v, self._view[offset : offset + v.nbytes])
                 offset += v.nbytes
+            if landed is not None:
+                landed(i)
 
     def close(self) -> None:
         self._view.release()

@@ -20,7 +20,7 @@ import grpc
 from kvstore.auth import open_channel
 from kvstore.metadata import SSD, NodeInfo
 from kvstore.ssd_tier import file_name
-from kvstore.transports import TransportError, batches
+from kvstore.transports import Landed, TransportError, batches
 from kvstore.transports.tcp import TcpTransport
 from pantry.v1 import kvstore_pb2 as pb
 from pantry.v1 import kvstore_pb2_grpc as pb_grpc
@@ -59,10 +59,11 @@ class SsdReader:
         got = self.read_many_into(node, [(k, [b]) for k, b in zip(keys, bufs, strict=True)])
         return [bytes(b) if ok else b"" for b, ok in zip(bufs, got, strict=True)]
 
-    def read_many_into(self, node: NodeInfo,
-                       ops: list[tuple[str, list[memoryview]]]) -> list[bool]:
+    def read_many_into(self, node: NodeInfo, ops: list[tuple[str, list[memoryview]]],
+                       landed: Landed | None = None) -> list[bool]:
         """Each object of `ops` (key, the views its bytes fill in turn: exact sizes), True per
-        object received, False for a miss; TransportError when the node cannot be asked."""
+        object received, False for a miss; TransportError when the node cannot be asked.
+        `landed(i)` as each file of this host's is read (the node's come after)."""
         out = [False] * len(ops)
         remote: list[int] = []
         for i, (key, views) in enumerate(ops):
@@ -71,6 +72,8 @@ class SsdReader:
                 remote.append(i)
             else:
                 out[i] = self._pread(path, views)
+                if out[i] and landed is not None:
+                    landed(i)
         if not remote:
             return out
         tcp = self._tcp_for(node)

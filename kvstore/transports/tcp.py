@@ -26,7 +26,14 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TypeVar
 
 from kvstore.grants import WriteGrant
-from kvstore.transports import ReadInto, TransportError, WriteData, batches, parts_of
+from kvstore.transports import (
+    Landed,
+    ReadInto,
+    TransportError,
+    WriteData,
+    batches,
+    parts_of,
+)
 from kvstore.transports.tcp_frames import (
     AUTH,
     AUTH_MAGIC,
@@ -232,24 +239,27 @@ class TcpTransport:
                 pos += n
         return out
 
-    def read_into(self, ops: Sequence[ReadInto]) -> None:
+    def read_into(self, ops: Sequence[ReadInto], landed: Landed | None = None) -> None:
         """recv_into the caller's views: the kernel's copy out of the socket is the only one."""
         s = self._conn()
-        sized = [(off, views, sum(v.nbytes for v in views)) for off, views in ops]
-        groups = self._batches(sized, [n for _, _, n in sized])
+        sized = [(off, views, sum(v.nbytes for v in views), j)
+                 for j, (off, views) in enumerate(ops)]
+        groups = self._batches(sized, [n for _, _, n, _ in sized])
         frames: list[Frame] = [
             [REQ.pack(MAGIC, OP_READ, len(b), self._epoch) + b"".join(OP.pack(o, n)
-                                                                    for o, _, n in b)]
+                                                                    for o, _, n, _ in b)]
             for b in groups]
 
         def land(sock: socket.socket, i: int) -> None:
             length = _answer(sock)[1]
-            want = sum(n for _, _, n in groups[i])
+            want = sum(n for _, _, n, _ in groups[i])
             if length != want:
                 raise TransportError(f"tcp peer answered {length} bytes for a read of {want}")
-            for _, views, _ in groups[i]:
+            for _, views, _, j in groups[i]:
                 for v in views:
                     recv_into(sock, v)
+                if landed is not None:
+                    landed(j)
 
         self._exchange(s, frames, len(frames), land, _READ_AHEAD_BYTES)
 

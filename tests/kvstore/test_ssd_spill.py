@@ -17,6 +17,7 @@ import grpc
 import pytest
 from kv_helpers import free_port, sample, scrape, spawn, wait_for, wait_registered
 
+from kvstore.block_object import Rejection
 from kvstore.cli import build_parser
 from kvstore.client import KVStoreClient
 from kvstore.config import ClientConfig, MasterConfig, NodeConfig
@@ -268,3 +269,24 @@ def test_sigkilled_master_and_node_serve_ssd_objects_again(tmp_path: Path) -> No
         for p in procs:
             p.send_signal(signal.SIGTERM)
             p.wait(timeout=20)
+
+
+def test_ssd_files_read_into_buffers_are_checked_as_they_land(
+        ssd_node: NodeFactory, client_factory: Callable[..., KVStoreClient],
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("kvstore.reader.OVERLAP_CHECK_BYTES", 1)  # every read overlaps
+    ssd_node()
+    local = client_factory("host-a")
+    items = stored_and_spilled(local)
+    local.evict(nbytes=1 << 40)
+    path = tmp_path / "ssd" / file_name("obj-1")
+    raw = bytearray(path.read_bytes())
+    raw[-100] ^= 0x01
+    path.write_bytes(raw)
+    keys = list(items)
+    bufs = [bytearray(PAYLOAD) for _ in keys]
+    got = local.read_into(keys, bufs)
+    assert [o is not None for o in got.objects] == [True, False, True, True]
+    assert got.rejected[1] is Rejection.CHECKSUM
+    assert [bytes(b) for i, b in enumerate(bufs) if i != 1] == [
+        items[k] for i, k in enumerate(keys) if i != 1]

@@ -84,21 +84,23 @@ def test_read_into_by_keys_with_a_layout_fills_a_numpy_array(
     assert got.objects == (None,) and got.rejected == (Rejection.LAYOUT,)
 
 
+# 600,000 bytes: two objects pass OVERLAP_CHECK_BYTES, so each is checked as it lands.
+@pytest.mark.parametrize("size", [4096, 600_000])
 @pytest.mark.parametrize("transport", list(TRANSPORTS))
 def test_a_corrupted_object_read_into_a_buffer_is_a_miss(
         node_factory: Callable[..., NodeServer], client_factory: Callable[..., KVStoreClient],
-        transport: str) -> None:
+        transport: str, size: int) -> None:
     node = node_factory("n")
     c = make_client(client_factory, transport)
     keys = [block_key(i) for i in range(2)]
-    assert c.put_many([(k, payload(i, 4096)) for i, k in enumerate(keys)]) == [True, True]
+    assert c.put_many([(k, payload(i, size)) for i, k in enumerate(keys)]) == [True, True]
     m = c.match_prefix(keys)
     loc = m.locations[1]
-    at = loc.offset + header_size(keys[1], BlockLayout.raw(4096)) + 100
+    at = loc.offset + header_size(keys[1], BlockLayout.raw(size)) + 100
     node.node.segment.view[at] ^= 0xFF
-    buffers = [bytearray(4096), bytearray(4096)]
+    buffers = [bytearray(size), bytearray(size)]
     got = c.read_into(m, buffers)
-    assert bytes(buffers[0]) == payload(0, 4096)
+    assert bytes(buffers[0]) == payload(0, size)
     assert got.objects[0] is not None
     assert got.objects[1] is None and got.rejected[1] is Rejection.CHECKSUM
     assert c.metrics.registry.get_sample_value(
