@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
+from concurrent.futures import wait
 from pathlib import Path
 
 from decode.config import DecodeLimits
@@ -38,6 +39,10 @@ def run_to_end(engine: DecodeEngine, jobs: list[DecodeJob]) -> list[list[DecodeE
     """Drives a loop-less engine step by step; every job is queued before the first step."""
     handles = [engine.submit(j) for j in jobs]
     while engine.load() != (0, 0):
+        # Every admitted sequence's pool lookup done before the step, so which sequences a
+        # step computes does not depend on the puller thread's timing.
+        engine._admit()
+        wait([s.pull for s in engine._active if s.pull is not None])
         if not engine._iteration():
             engine._wait_for_pulls()
     return [list(h.events(timeout=0)) for h in handles]
@@ -57,6 +62,9 @@ def test_blocks_grow_with_the_output(tiny_llama: Path, pool_address: str) -> Non
         while engine.load() != (0, 0):
             if not engine._iteration():
                 engine._wait_for_pulls()
+            # The writer references the blocks it is putting until the put ends: counted
+            # once it has, so only the sequence's own blocks are.
+            core.flush_writes()
             held.append(alloc.num_blocks - alloc.num_free)
         events = list(handle.events(timeout=0))
         assert len(tokens_of(events)) == 40
