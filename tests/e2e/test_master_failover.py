@@ -186,7 +186,10 @@ def test_a_paused_leader_is_standby_when_it_wakes(tmp_path: Path) -> None:
             procs.append(proc)
             if i == 0:
                 wait_for(lambda: _serves(addresses[0]), what="first master leading")
-        assert _refusal(addresses[1]) == f"standby; leader is {addresses[0]}"
+        # A standby names the leader once it has read the lease (its first read may come
+        # after it starts serving refusals).
+        wait_for(lambda: _refusal(addresses[1]) == f"standby; leader is {addresses[0]}",
+                 timeout=10, what="the standby names the leader")
         procs[0].send_signal(signal.SIGSTOP)
         wait_for(lambda: _serves(addresses[1]), timeout=15, what="standby took over")
         procs[0].send_signal(signal.SIGCONT)
