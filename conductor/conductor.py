@@ -21,7 +21,13 @@ from pantry.common.sampling import SamplingParams
 from .config import ConductorConfig
 from .engines import DecodeClient, PrefillClient, PrefillResult
 from .fleet import Fleet
-from .metrics import DECODE_DIRECT, DECODE_FALLBACK, PREFILL_THEN_DECODE, ConductorMetrics
+from .metrics import (
+    DECODE_DIRECT,
+    DECODE_FALLBACK,
+    DECODE_SHORT,
+    PREFILL_THEN_DECODE,
+    ConductorMetrics,
+)
 from .requests import (
     GenerationEvent,
     GenerationFinished,
@@ -206,8 +212,7 @@ class Conductor:
         keys = self.addressing.block_keys(prompt, req.tenant)
         block_hosts = await self._cached_blocks(keys)
         matched = len(block_hosts)
-        # A full hit leaves at most a partial block to compute: decode does that itself.
-        route = DECODE_DIRECT if matched == len(keys) else PREFILL_THEN_DECODE
+        route = self._route(len(prompt), matched, len(keys))
         placement = None
         if route == PREFILL_THEN_DECODE:
             placement = self.scheduler.choose_prefill(
@@ -265,6 +270,14 @@ class Conductor:
             prefill_skipped=route != PREFILL_THEN_DECODE,
         )
         yield GenerationFinished(state.finish or "stop", out.flush(), usage)
+
+    def _route(self, prompt_tokens: int, matched_blocks: int, full_blocks: int) -> str:
+        if matched_blocks == full_blocks:
+            return DECODE_DIRECT  # at most a partial block is left: decode computes it
+        left = prompt_tokens - matched_blocks * self.addressing.block_size
+        if left <= self.config.decode_prefill_tokens:
+            return DECODE_SHORT
+        return PREFILL_THEN_DECODE
 
     def _admit_on_slos(self, placement: Placement[object] | None, prompt_tokens: int,
                        params: SamplingParams) -> None:

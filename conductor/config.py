@@ -51,6 +51,13 @@ class ConductorConfig:
         "help": "how engines are chosen: random, round_robin, load (shortest predicted "
                 "queue), cache (longest prefix on the engine's host), pantry (lowest predicted "
                 "TTFT: queue + compute of what is not cached + moving what is)"})
+    # Dynamo's conditional disaggregation: a short prompt costs decode one longer step, less
+    # than a hop through prefill and the pool; on shared CPUs it also skips the second
+    # process streaming the weights (measured in bench/interference.py and side_by_side.sh).
+    decode_prefill_tokens: int = field(default=0, metadata={
+        "help": "prompts with at most this many tokens left to compute after the pool's "
+                "prefix skip the prefill engine: their decode engine computes them in its own "
+                "batch, in chunks between decode steps (0 = every miss goes through prefill)"})
     engine_timeout_s: float = field(default=600.0, metadata={
         "help": "deadline of one prefill or decode call to an engine, in seconds"})
     ready_file: str | None = field(default=None, metadata={
@@ -76,6 +83,8 @@ class ConductorConfig:
             raise ConfigError("max_request_bytes: must be at least 1024")
         if self.max_concurrent_requests < 1:
             raise ConfigError("max_concurrent_requests: must be at least 1")
+        if self.decode_prefill_tokens < 0:
+            raise ConfigError("decode_prefill_tokens: must be 0 (off) or positive")
         for name in ("ttft_slo_s", "tbt_slo_s"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must be 0 (off) or positive")

@@ -25,7 +25,8 @@ from .scheduler import EngineState
 PREFILL_THEN_DECODE = "prefill_then_decode"
 DECODE_DIRECT = "decode_direct"        # every full block was in the pool: no prefill
 DECODE_FALLBACK = "decode_fallback"    # no prefill engine could take it: decode computed it
-ROUTES = (PREFILL_THEN_DECODE, DECODE_DIRECT, DECODE_FALLBACK)
+DECODE_SHORT = "decode_short"          # little left to compute: decode computed it by choice
+ROUTES = (PREFILL_THEN_DECODE, DECODE_DIRECT, DECODE_FALLBACK, DECODE_SHORT)
 
 # Why a request failed: the `kind` label of the error counter.
 ERROR_KINDS = ("invalid", "overloaded", "slo", "unavailable")

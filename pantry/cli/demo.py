@@ -61,8 +61,13 @@ def _ask(http: str, model: str, label: str) -> Answer:
     usage = result.usage
     cached = usage.get("prompt_tokens_details", {}).get("cached_tokens", 0)
     print(f"\n  time to first token: {result.ttft_s * 1000:8.1f} ms")
-    print(f"  prompt tokens: {usage.get('prompt_tokens')}, from the pool: {cached}, "
-          f"prefill {'skipped' if usage.get('prefill_skipped') else 'ran'}")
+    if not usage.get("prefill_skipped"):
+        where = "prefill engine ran"
+    elif cached:
+        where = "prefill skipped: decode pulled the prefix from the pool"
+    else:  # pantry local's --decode-prefill-tokens: a short prompt stays on decode
+        where = "prefill skipped: a short prompt, computed by decode in its own batch"
+    print(f"  prompt tokens: {usage.get('prompt_tokens')}, from the pool: {cached}, {where}")
     return Answer(result.ttft_s, int(cached), result.text)
 
 
@@ -73,7 +78,7 @@ def main() -> int:
         try:
             http, model = str(info["http"]), str(info["model"])
             print(f"serving {model}: OpenAI API at {http}/v1, gRPC Generate at {info['address']}")
-            cold = _ask(http, model, "first request: cold, prefill computes the whole prompt")
+            cold = _ask(http, model, "first request: cold, the whole prompt is computed")
             hot = _ask(http, model, "same prompt again: served from the pool")
             print("\n== summary")
             print(f"  TTFT cold {cold.ttft_s * 1000:.1f} ms -> from the pool "

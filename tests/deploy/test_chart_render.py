@@ -108,7 +108,8 @@ def test_default_command_lines(rendered: Rendered) -> None:
         "--decode", "t-pantry-decode-0.t-pantry-decode:7200",
         "--host", "0.0.0.0", "--grpc-port", "50051", "--http-port", "8000",
         "--default-max-tokens", "256", "--max-request-bytes", "8MiB",
-        "--max-concurrent-requests", "256", "--ttft-slo", "0", "--engine-timeout-s", "600",
+        "--max-concurrent-requests", "256", "--ttft-slo", "0",
+        "--decode-prefill-tokens", "0", "--engine-timeout-s", "600",
         "--token-file", "/var/run/pantry/token", "--ready-file", "/tmp/ready.json"]
     engine_common = [
         "--model", "smollm2", "--kv-master", "t-pantry-kvstore-master:7000",

@@ -83,9 +83,12 @@ def start_local(model: str, workdir: Path, *extra: str) -> LocalSystem:
     ready = workdir / "ready.json"
     log_dir = workdir / "logs"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    # Every prompt with a miss goes through prefill and the pool, the path these tests are
+    # about; a test of short prompts computed by decode passes its own (a later flag wins).
     proc = subprocess.Popen(
         [sys.executable, "-m", "pantry", "local", "--model", model, "--http-port", "0",
-         "--grpc-port", "0", "--ready-file", str(ready), "--log-dir", str(log_dir), *extra],
+         "--grpc-port", "0", "--ready-file", str(ready), "--log-dir", str(log_dir),
+         "--decode-prefill-tokens", "0", *extra],
         stdout=open(workdir / "local.out", "wb"), stderr=subprocess.STDOUT, env=env,  # noqa: SIM115
     )
     deadline = time.monotonic() + START_TIMEOUT_S
