@@ -84,6 +84,14 @@ class LocalOptions:
     # 5.0 against 3.5 with two), and halves the tok/s of a decode alone.
     decode_threads: int = field(default=0, metadata={
         "help": "torch threads of each decode engine; 0 = as --threads"})
+    # A decode step is ~150 OpenMP regions of well under a millisecond; a sleeping thread takes
+    # long to wake for each. Measured on 2 cores, one decode step alone (8 streams): spinning
+    # 44-50 ms, sleeping 69 ms, the same as one thread. Through `pantry local` on a quiet
+    # machine, spinning 10000 gave 1 stream 19 -> 23-24 tok/s; with other processes running,
+    # `vllm bench serve` fell 2.5x (spin 10000) and 10-25% (1000): it stays off by default.
+    decode_spin: int = field(default=0, metadata={
+        "help": "busy-wait loops of decode's waiting OpenMP threads before they sleep "
+                "(GOMP_SPINCOUNT; 10000 is ~0.25 ms here); 0 = sleep at once"})
     decode_chunk_tokens: int = field(default=default_of(DecodeLimits, "chunk_tokens"), metadata={
         "help": "prompt tokens decode computes per step itself (when no prefill engine "
                 "answers)"})
@@ -104,6 +112,8 @@ class LocalOptions:
         for name in ("prefill_engines", "decode_engines"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be at least 1")
+        if self.decode_spin < 0:
+            raise ConfigError("decode_spin: must be 0 (sleep at once) or positive")
         if self.decode_threads < 0:
             raise ConfigError("decode_threads: must be 0 (as --threads) or positive")
         if not 0 <= self.prefill_nice <= 19:
@@ -232,13 +242,16 @@ class LocalCluster:
         engines: dict[str, list[Role]] = {"prefill": [], "decode": []}
         for kind, cpus in (("prefill", prefill_cpus), ("decode", decode_cpus)):
             extra = ["--chunk-tokens", str(o.decode_chunk_tokens)] if kind == "decode" else []
+            env = engine_env
+            if kind == "decode" and o.decode_spin and not o.pin:
+                env = {**engine_env, "GOMP_SPINCOUNT": str(o.decode_spin)}
             if kind == "decode" and o.decode_threads:
                 extra += ["--threads", str(o.decode_threads)]  # the later flag wins
             for i, cpu in enumerate(cpus):
                 engines[kind].append(self._start(
                     role_name(kind, i, len(cpus)),
                     ["-m", "pantry", kind, *engine_args, "--engine-id", f"{kind}-{i}",
-                     "--cpus", cpu, *extra], env=engine_env,
+                     "--cpus", cpu, *extra], env=env,
                     nice=o.prefill_nice if kind == "prefill" and not o.pin else 0,
                     idle=o.prefill_idle and kind == "prefill" and not o.pin))
         for role in [*engines["prefill"], *engines["decode"]]:
