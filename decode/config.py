@@ -19,13 +19,19 @@ class DecodeLimits:
     chunk_tokens: int = field(
         default=256,
         metadata={"help": "prompt tokens computed per step while other sequences decode"})
+    # No running sequence has a time between tokens to protect: a prompt then takes one pass
+    # (prefill's default chunk), not several of chunk_tokens.
+    idle_chunk_tokens: int = field(
+        default=2048,
+        metadata={"help": "prompt tokens computed per step while no sequence is decoding "
+                          "(at least --chunk-tokens)"})
     handoff_wait_s: float = field(
         default=0.5,
         metadata={"help": "how long a pull waits for blocks the prefill engine is still writing "
                           "(after the last one that appeared) before computing them instead"})
 
     def __post_init__(self) -> None:
-        for name in ("max_running", "max_waiting", "chunk_tokens"):
+        for name in ("max_running", "max_waiting", "chunk_tokens", "idle_chunk_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be at least 1, got {getattr(self, name)}")
         if not self.handoff_wait_s >= 0:

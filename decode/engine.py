@@ -145,6 +145,8 @@ class DecodeEngine(EngineLoop):
         steps: list[SeqStep] = []
         members: list[tuple[Sequence, int]] = []
         budget = self.limits.chunk_tokens
+        if not any(s.status is SeqStatus.RUNNING for s in self._active):
+            budget = max(budget, self.limits.idle_chunk_tokens)
         for seq in self._active:
             table = tuple(seq.block_ids)
             if seq.status is SeqStatus.RUNNING:

@@ -173,7 +173,7 @@ def test_concurrent_sequences_each_match_their_own_transformers_output(
     make_engine: EngineFactory, tiny_llama: Path
 ) -> None:
     # Small chunks: long prompts fill over several steps while the short ones already decode.
-    engine = make_engine(DecodeLimits(max_running=8, chunk_tokens=24))
+    engine = make_engine(DecodeLimits(max_running=8, chunk_tokens=24, idle_chunk_tokens=24))
     free = engine.core.runner.allocator.num_free
     cases = [(prompt(n, seed=100 + n), m) for n, m in
              [(3, 12), (17, 9), (40, 15), (64, 7), (90, 11), (33, 1)]]
@@ -189,7 +189,7 @@ def test_concurrent_sequences_each_match_their_own_transformers_output(
 def test_more_sequences_than_max_running_queue_and_still_match(
     make_engine: EngineFactory, tiny_llama: Path
 ) -> None:
-    engine = make_engine(DecodeLimits(max_running=2, chunk_tokens=16))
+    engine = make_engine(DecodeLimits(max_running=2, chunk_tokens=16, idle_chunk_tokens=16))
     free = engine.core.runner.allocator.num_free
     cases = [prompt(10 + 7 * i, seed=200 + i) for i in range(5)]
     handles = [engine.submit(decode_job(ids, 6, rid=f"q{i}")) for i, ids in enumerate(cases)]
@@ -418,3 +418,26 @@ def test_engine_keeps_serving_after_a_batch(make_engine: EngineFactory, tiny_lla
     a, b = prompt(30, seed=28), prompt(30, seed=29)
     assert tokens_of(collect(engine.submit(decode_job(a, 5)))) == hf_greedy(tiny_llama, a, 5)
     assert tokens_of(collect(engine.submit(decode_job(b, 5)))) == hf_greedy(tiny_llama, b, 5)
+
+
+def test_prompt_takes_one_pass_while_nothing_decodes(make_engine: EngineFactory,
+                                                     tiny_llama: Path) -> None:
+    """chunk_tokens protects running sequences' steps; with none running, a prompt takes
+    idle_chunk_tokens at once. Recorded from the real runner's calls."""
+    engine = make_engine(DecodeLimits(chunk_tokens=16, idle_chunk_tokens=64))
+    runner = engine.core.runner
+    step = runner.step
+    sizes: list[list[int]] = []
+    runner.step = lambda seqs: (sizes.append([len(s.token_ids) for s in seqs]),  # type: ignore[method-assign]
+                                step(seqs))[1]
+    alone = prompt(40, seed=19)
+    assert tokens_of(collect(engine.submit(decode_job(alone, 2, rid="a")))) == hf_greedy(
+        tiny_llama, alone, 2)
+    assert sizes == [[40], [1]]
+    # A 100-token prompt alone: 64 at once, then the 36 left; its first token is sampled from
+    # the second pass.
+    sizes.clear()
+    long = prompt(100, seed=20)
+    assert tokens_of(collect(engine.submit(decode_job(long, 2, rid="b")))) == hf_greedy(
+        tiny_llama, long, 2)
+    assert sizes == [[64], [36], [1]]
