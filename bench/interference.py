@@ -5,12 +5,15 @@ on this machine's CPUs, in three setups measured in the same run:
                        step as the streams' next tokens (decode's own chunk set past the prompt)
   colocated, chunked   the same engine computing prompts 256 tokens per step between decode steps
   disaggregated        a prefill engine computes the prompts and stores their blocks; the decode
-                       engine pulls them from the pool (pantry local's CPU split)
+                       engine pulls them from the pool (pantry local's CPU split). As the
+                       conductor routes them, the streams' own short prompts (at most
+                       --decode-prefill-tokens, pantry local's default) go straight to decode
 
 Every setup runs under `pantry local` (so the same processes, pool and CPU split); this script
 drives the engines' gRPC APIs itself, as the conductor does: colocated setups send the prompt
 straight to decode (the route the conductor takes when no prefill engine answers), the
-disaggregated one calls prefill, then decode with the first token. Per setup it prints TBT
+disaggregated one calls prefill, then decode with the first token (for prompts longer than
+--decode-prefill-tokens; 0 sends every prompt through prefill). Per setup it prints TBT
 p50/p99/max of the steady streams while prompts arrive, TTFT p50/p99 of the arriving prompts,
 and the streams' tok/s; a table and a PNG (TBT over time, one panel per setup).
 
@@ -45,6 +48,8 @@ from pathlib import Path
 
 import grpc
 
+from pantry.cli.local import LocalOptions
+from pantry.common.config_flags import default_of
 from pantry.common.sampling import SamplingParams
 from pantry.common.wire import sampling_to_proto
 from pantry.v1 import engine_pb2, engine_pb2_grpc
@@ -104,7 +109,8 @@ class Engines:
 
     def generate(self, ids: list[int], max_tokens: int, disaggregated: bool,
                  on_token: list[float], rid: str) -> None:
-        """Tokens of one request, their arrival times appended to `on_token` as they come."""
+        """Tokens of one request, their arrival times appended to `on_token` as they come.
+        `disaggregated`: through prefill first (the caller applies the short-prompt route)."""
         sampling = sampling_to_proto(SamplingParams(temperature=0.0, max_tokens=max_tokens,
                                                     ignore_eos=True))
         req = engine_pb2.DecodeRequest(request_id=rid, token_ids=ids, sampling=sampling)
@@ -136,7 +142,9 @@ def measure(setup: Setup, flags: list[str], ns: argparse.Namespace, rng: random.
                     stamps: list[float] = []
                     run.stamps.append(stamps)
                     engines.generate([rng.randrange(1000, 40000) for _ in range(64)],
-                                     ns.stream_tokens, setup.disaggregated, stamps, f"s{i}")
+                                     ns.stream_tokens,
+                                     setup.disaggregated and 64 > ns.decode_prefill_tokens,
+                                     stamps, f"s{i}")
 
             threads = [threading.Thread(target=stream, args=(i,), daemon=True)
                        for i in range(ns.streams)]
@@ -151,8 +159,9 @@ def measure(setup: Setup, flags: list[str], ns: argparse.Namespace, rng: random.
                 def arrive(ids: list[int] = ids, k: int = k) -> None:
                     t0 = time.perf_counter()
                     got: list[float] = []
-                    engines.generate(ids, ns.arrival_tokens, setup.disaggregated, got,
-                                     f"p{k}")
+                    engines.generate(ids, ns.arrival_tokens,
+                                     setup.disaggregated and len(ids) > ns.decode_prefill_tokens,
+                                     got, f"p{k}")
                     run.ttfts.append(got[0] - t0)
 
                 arrival = threading.Thread(target=arrive, daemon=True)
@@ -241,6 +250,10 @@ def main() -> int:
     ap.add_argument("--variant", action="append", default=[],
                     help="NAME=FLAGS: extra `pantry local` flags (repeatable; default: none)")
     ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--decode-prefill-tokens", type=int,
+                    default=default_of(LocalOptions, "decode_prefill_tokens"),
+                    help="disaggregated: prompts up to this long go straight to decode, as the "
+                         "conductor sends them (default: pantry local's)")
     ns = ap.parse_args()
     if ns.quick:
         ns.streams, ns.prompts, ns.lengths, ns.interval_s = 2, 3, [2048], 3.0
