@@ -58,6 +58,8 @@ from pantry.v1 import kvstore_pb2 as pb
 
 ROOT = Path(__file__).resolve().parent.parent
 MATCH_KEYS = 8192
+# Calls of each match_prefix form (and of Redis EXISTS) per round.
+MATCH_CALLS_PER_ROUND = 4
 # A SmolLM2-135M block of 16 tokens as the pool stores it: 737,280 bytes of KV + its header.
 SMOLLM2_OBJECT_BYTES = 737_408
 # Removed objects keep their slots until their read lease lapses: short leases, fast reaping.
@@ -178,7 +180,8 @@ def ssd_gets(tmp: Path, ssd_dir: Path, sizes: Sequence[int], per_size: int, roun
 
 
 def match_prefix_us(c: KVStoreClient, r: redis.Redis, rounds: int) -> dict[str, float]:
-    """us/key of match_prefix over MATCH_KEYS block keys, compact and full, and Redis EXISTS."""
+    """us/key of match_prefix over MATCH_KEYS block keys, compact and full, and Redis EXISTS:
+    the best of MATCH_CALLS_PER_ROUND calls of each per round (20 by default), interleaved."""
     keys = [os.urandom(16).hex() for _ in range(MATCH_KEYS)]
     for i in range(0, MATCH_KEYS, 1024):
         if not all(c.put_many([(k, b"m" * 64) for k in keys[i : i + 1024]])):
@@ -213,8 +216,15 @@ def match_prefix_us(c: KVStoreClient, r: redis.Redis, rounds: int) -> dict[str, 
         assert n == MATCH_KEYS
         return took
 
-    out = {name: best_of(max(rounds, 5), fn) / MATCH_KEYS * 1e6
-           for name, fn in (("compact", compact), ("full", full), ("redis_exists", exists))}
+    # Calls interleaved (compact, full, EXISTS, compact, ...), the best of each kept: a call
+    # is a few ms, so a burst of outside load on this shared machine hits some calls of each
+    # rather than all of one.
+    fns = {"compact": compact, "full": full, "redis_exists": exists}
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(max(rounds, 5) * MATCH_CALLS_PER_ROUND):
+        for name, fn in fns.items():
+            best[name] = min(best[name], fn())
+    out = {name: took / MATCH_KEYS * 1e6 for name, took in best.items()}
     c.remove(keys)
     r.delete(*keys)
     return out

@@ -10,6 +10,7 @@ import threading
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
+from dataclasses import dataclass
 
 import grpc
 
@@ -44,6 +45,18 @@ class PutResult(enum.Enum):
     GONE = "gone"  # a move of an object no longer on the node
     BUSY = "busy"  # another put of the key is under way
     FAILED = "failed"  # a write failed or the seal was refused: nothing stored by this put
+
+
+@dataclass
+class _Written:
+    """A part of a put once written: its result per key so far, the indexes (into results) of
+    the keys written and their tickets, in the same order, to seal, and the tickets of the
+    replicas whose write failed, to abort."""
+
+    results: list[PutResult]
+    sealing: list[int]
+    tickets: list[pb.PutTicket]
+    failed: list[pb.PutTicket]
 
 
 _RESULTS = {pb.PUT_STATE_EXISTS: PutResult.STORED, pb.PUT_STATE_NO_SPACE: PutResult.NO_SPACE,
@@ -109,8 +122,8 @@ class Writer:
             hashing = executor().submit(_checksums_in_order, objects, stop)
         else:
             _checksums_in_order(objects, stop)
-        results: list[PutResult] = []
-        done = 0  # parts written (or given up) and sealed
+        written: list[_Written] = []
+        done = 0  # parts written (or given up)
         try:
             for (a, b), start in zip(parts, starts, strict=True):
                 resp = start.result()
@@ -122,22 +135,26 @@ class Writer:
                     raise ObjectTooLargeError(
                         f"master rejected {keys[i]} as larger than its max_object_bytes "
                         f"{resp.max_object_bytes}")
-                results += self._write_and_seal(keys[a:b], objects[a:b], resp)
+                written.append(self._write(keys[a:b], objects[a:b], resp))
                 done += 1
         except BaseException:
-            # The parts after the one that failed were allocated but not written: given back
-            # now, not when their grants run out.
+            # The parts after the one that failed were allocated but not written, and those
+            # written are not to be sealed: all given back now, not when their grants run out.
             for (a, b), start in zip(parts[done + 1:], starts[done + 1:], strict=True):
                 try:
                     self._abandon(keys[a:b], start)
                 except grpc.RpcError as e:
                     log.debug("could not give back an allocation: %s", e)
+            self._give_back(written)
             raise
         finally:
             # No thread reads the caller's payloads once the put returns.
             stop.set()
             if behind:
                 hashing.result()
+        # Every part sealed at once, once all are written: one master call on the put's way
+        # out rather than one between its parts, where the stream would wait for it.
+        results = self._seal(written)
         # A key named twice is stored once: every item of it is then stored.
         stored = {k for k, r in zip(keys, results, strict=True) if r is PutResult.STORED}
         return [k in stored for k in keys]
@@ -204,7 +221,11 @@ class Writer:
     def _write_and_seal(self, keys: Sequence[str], objects: Sequence[WriteData],
                         resp: pb.PutStartResponse) -> list[PutResult]:
         """Write each allocated replica, abort those whose write failed, seal the rest."""
-        timeout = self._config.rpc_timeout_s
+        return self._seal([self._write(keys, objects, resp)])
+
+    def _write(self, keys: Sequence[str], objects: Sequence[WriteData],
+               resp: pb.PutStartResponse) -> _Written:
+        """Write each allocated replica; what is left to seal and to abort (`_seal`)."""
         nodes = {n.node_id: node_from_proto(n) for n in resp.nodes}
         results = [PutResult.FAILED] * len(keys)
         # Per node, the (item, replica) writes it gets.
@@ -240,23 +261,51 @@ class Writer:
             # Only this node's replicas are given up: the put lives on in the others.
             failed.extend(pb.PutTicket(key=keys[i], token=r.grant.token, node_id=node_id)
                           for i, r in reps)
-        if failed:
-            self._master.PutAbort(pb.PutFinishRequest(puts=failed), timeout=timeout)
-        if written:
-            order = sorted(written)
-            sealed = self._master.PutEnd(
-                pb.PutFinishRequest(puts=[pb.PutTicket(key=keys[i],
-                                                       token=resp.slots[i].grant.token)
-                                          for i in order]),
-                timeout=timeout).sealed
-            for i, ok in zip(order, sealed, strict=True):
-                if ok:
-                    results[i] = PutResult.STORED
         if too_large:
+            # Nothing was written: the allocations are given back before the put fails.
+            if failed:
+                self._master.PutAbort(pb.PutFinishRequest(puts=failed),
+                                      timeout=self._config.rpc_timeout_s)
             raise ObjectTooLargeError(
                 f"master rejected {too_large[0]} as larger than its max_object_bytes "
                 f"{resp.max_object_bytes}")
-        return results
+        order = sorted(written)
+        return _Written(results, order, [pb.PutTicket(key=keys[i],
+                                                      token=resp.slots[i].grant.token)
+                                         for i in order], failed)
+
+    def _seal(self, parts: Sequence[_Written]) -> list[PutResult]:
+        """Abort the replicas of `parts` whose write failed and seal the objects written, each
+        with one master call for every part; the result per key of the parts, in order."""
+        timeout = self._config.rpc_timeout_s
+        failed = [t for p in parts for t in p.failed]
+        if failed:
+            self._master.PutAbort(pb.PutFinishRequest(puts=failed), timeout=timeout)
+        tickets = [t for p in parts for t in p.tickets]
+        if tickets:
+            sealed = self._master.PutEnd(pb.PutFinishRequest(puts=tickets),
+                                         timeout=timeout).sealed
+            assert len(sealed) == len(tickets), "one answer per ticket"
+            at = 0
+            for p in parts:
+                for i, ok in zip(p.sealing, sealed[at : at + len(p.sealing)], strict=True):
+                    if ok:
+                        p.results[i] = PutResult.STORED
+                at += len(p.sealing)
+        return [r for p in parts for r in p.results]
+
+    def _give_back(self, parts: Sequence[_Written]) -> None:
+        """Abort every replica of `parts`, written or not (a put that fails after writing
+        them), so their slots return now; best effort."""
+        tickets = [t for p in parts for t in p.failed]
+        for p in parts:
+            tickets += [pb.PutTicket(key=t.key, token=t.token) for t in p.tickets]
+        if tickets:
+            try:
+                self._master.PutAbort(pb.PutFinishRequest(puts=tickets),
+                                      timeout=self._config.rpc_timeout_s)
+            except grpc.RpcError as e:
+                log.debug("could not give back written parts: %s", e)
 
 
 def _allocation_parts(sizes: Sequence[int], first_bytes: int) -> list[tuple[int, int]]:
