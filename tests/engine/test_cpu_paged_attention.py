@@ -1,0 +1,61 @@
+"""The C paged decode kernel against the torch paths, on a real paged cache: scattered blocks,
+mixed lengths, grouped heads and a sliding window."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine import cpu_paged_attention as kernel
+from engine.attention import AttentionBatch, reference_paged_attention
+from engine.kv_cache import PagedKVCache
+
+pytestmark = pytest.mark.skipif(not kernel.available(),
+                                reason=f"no CPU kernel: {kernel.unavailable_reason()}")
+
+BLOCK = 16
+
+
+@pytest.mark.parametrize(("heads", "kv_heads"), [(9, 3), (4, 4), (8, 2)])
+@pytest.mark.parametrize(("lens", "window"), [
+    ([1], None),                       # the new token alone
+    ([5, 16, 17, 100, 33], None),      # inside a block, exactly one, one past, many
+    ([300, 2, 64], 40),                # a window shorter than some sequences
+    ([700, 3, 1000, 16], None),        # mixed lengths: what the torch path pads
+])
+def test_matches_the_reference(heads: int, kv_heads: int, lens: list[int],
+                               window: int | None) -> None:
+    torch.manual_seed(len(lens) + heads)
+    hd, layers, blocks = 64, 3, 200
+    kv = PagedKVCache(layers, blocks, BLOCK, kv_heads, hd, torch.float32)
+    kv.blocks.normal_()
+    free = list(range(blocks))
+    random.Random(heads).shuffle(free)  # blocks scattered over the cache, in no order
+    tables = [[free.pop() for _ in range(-(-n // BLOCK))] for n in lens]
+    batch = AttentionBatch.build([1] * len(lens), [n - 1 for n in lens], tables, BLOCK,
+                                 sliding_window=window)
+    assert batch.decode is not None and batch.decode.seq_lens is not None
+    q = torch.randn(len(lens), heads, hd)
+    k, v = torch.randn(len(lens), kv_heads, hd), torch.randn(len(lens), kv_heads, hd)
+    layer = 1
+    # The reference writes the new K/V into the cache, then attends: the kernel reads it there.
+    expected = reference_paged_attention(q, k, v, kv.k[layer], kv.v[layer], batch, hd ** -0.5)
+    got = kernel.paged_decode_attention_cpu(
+        q, kv.k[layer], kv.v[layer], batch.decode.block_table.view(len(lens), -1),
+        batch.decode.seq_lens, hd ** -0.5, window)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_cached_library_is_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Built once per source, flags and CPU: a second build finds the file and compiles
+    nothing."""
+    monkeypatch.setenv("PANTRY_KERNEL_CACHE", str(tmp_path))
+    kernel._build()
+    built = sorted(p.name for p in tmp_path.iterdir())
+    assert len(built) == 1 and built[0].startswith("paged_decode-") and built[0].endswith(".so")
+    monkeypatch.setenv("CC", "/nonexistent/cc")  # would fail if it compiled again
+    kernel._build()
+    assert sorted(p.name for p in tmp_path.iterdir()) == built
