@@ -23,6 +23,9 @@ class DecodeGroup:
     block_table: Tensor   # [B * max_blocks] int64, padded with each row's own first block
     key_mask: Tensor      # [B, 1, 1, max_blocks * block_size] bool: key position < seq length
     max_blocks: int
+    # key_mask as float32 0 / -inf, what SDPA turns a bool mask into on every call: made once a
+    # step here instead of once a layer (float32 queries take it; other dtypes the bool mask).
+    key_bias: Tensor | None = None
     # For the Triton kernel (CUDA): keys per sequence, the new token included; and the window.
     seq_lens: Tensor | None = None  # [B] int64
     sliding_window: int | None = None
@@ -59,6 +62,9 @@ class AttentionBatch:
     block_tables: tuple[tuple[int, ...], ...]
     slot_mapping: Tensor  # [T] int64: flat cache slot (block_id * block_size + offset) per token
     block_size: int
+    # slot_mapping as (block ids, offsets in the block): what `write_kv` indexes the cache with,
+    # split once a step rather than once a layer. None: split on each write.
+    slot_index: tuple[Tensor, Tensor] | None = None
     sliding_window: int | None = None
     # The batched implementation's view of the same step, built once per step (not per layer):
     # sequences with one new token, and sequences with several (prefill chunks).
@@ -96,18 +102,24 @@ class AttentionBatch:
             cu.append(cu[-1] + q)
         decode_rows = [i for i, q in enumerate(query_lens) if q == 1]
         prefill_rows = [i for i, q in enumerate(query_lens) if q > 1]
+        slot_mapping = torch.tensor(slots, dtype=torch.int64, device=device)
         return cls(
             query_lens=tuple(query_lens),
             context_lens=tuple(context_lens),
             block_tables=tuple(tuple(t) for t in block_tables),
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+            slot_mapping=slot_mapping,
             block_size=block_size,
+            slot_index=_slot_index(slot_mapping, block_size),
             sliding_window=sliding_window,
             decode=_decode_group(decode_rows, cu, context_lens, block_tables, block_size,
                                  device, sliding_window),
             prefill=_prefill_group(prefill_rows, cu, query_lens, context_lens, block_tables,
                                    block_size, device, sliding_window),
         )
+
+
+def _slot_index(slot_mapping: Tensor, block_size: int) -> tuple[Tensor, Tensor]:
+    return slot_mapping // block_size, slot_mapping % block_size
 
 
 def _padded_tables(
@@ -141,6 +153,8 @@ def _decode_group(
         block_table=torch.tensor(flat, dtype=torch.int64, device=device),
         key_mask=key_mask[:, None, None, :],
         max_blocks=max_blocks,
+        key_bias=torch.zeros(key_mask.shape, device=device).masked_fill_(
+            ~key_mask, float("-inf"))[:, None, None, :],
         seq_lens=lens,
         sliding_window=sliding_window,
     )
@@ -208,8 +222,11 @@ def write_kv(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mappin
     """Scatter new K/V [T, n_kv, hd] into one layer's cache [num_blocks, block_size, n_kv, hd].
     The cache is a view strided over blocks (engine.kv_cache keeps blocks block-major), so it
     is indexed by (block, offset), never reshaped: a reshape would copy and the write be lost."""
-    block_size = k_cache.shape[1]
-    index = (slot_mapping // block_size, slot_mapping % block_size)
+    _scatter_kv(k, v, k_cache, v_cache, _slot_index(slot_mapping, k_cache.shape[1]))
+
+
+def _scatter_kv(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
+                index: tuple[Tensor, Tensor]) -> None:
     k_cache.index_put_(index, k.to(k_cache.dtype))
     v_cache.index_put_(index, v.to(v_cache.dtype))
 
@@ -227,7 +244,10 @@ def batched_paged_attention(
     """Paged attention with one SDPA call for every decoding sequence and one for every prefill
     chunk of the step: q [T, H, hd], k/v [T, n_kv, hd] -> [T, H, hd]. Same results as
     `reference_paged_attention`, which loops over sequences."""
-    write_kv(k, v, k_cache, v_cache, batch.slot_mapping)
+    if batch.slot_index is None:
+        write_kv(k, v, k_cache, v_cache, batch.slot_mapping)
+    else:
+        _scatter_kv(k, v, k_cache, v_cache, batch.slot_index)
     num_heads, hd = q.shape[1:]
     n_kv = k_cache.shape[-2]
     dec, pre = batch.decode, batch.prefill
@@ -311,8 +331,10 @@ def _decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, dec: DecodeGroup, scale
     n_kv = k_cache.shape[-2]
     keys = _gather(k_cache, dec.block_table, b).to(q.dtype)
     values = _gather(v_cache, dec.block_table, b).to(q.dtype)
+    bias = dec.key_bias
     attn = F.scaled_dot_product_attention(
-        q.view(b, n_kv, num_heads // n_kv, hd), keys, values, attn_mask=dec.key_mask,
+        q.view(b, n_kv, num_heads // n_kv, hd), keys, values,
+        attn_mask=bias if bias is not None and bias.dtype == q.dtype else dec.key_mask,
         scale=scale,
     )
     return attn.reshape(b, num_heads, hd)

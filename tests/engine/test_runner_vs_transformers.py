@@ -10,6 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from engine.loader import LoadedModel, load_model
+from engine.packed_linear import PackedLinear
 from engine.runner import ModelRunner, SeqStep
 from tests.helpers.tiny_models import VARIANTS, make_tiny_model
 
@@ -194,3 +195,23 @@ def test_mistral_sliding_window_matches_transformers(
     with torch.no_grad():
         ref = hf(torch.tensor([prompt])).logits[0, -1]
     torch.testing.assert_close(first_logits, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_one_thread_one_row_path_matches_transformers(tiny_model_dirs: dict[str, Path],
+                                                      models: dict, variant: str) -> None:
+    """On one thread the loader keeps each weight's one-row copy and decode steps of one
+    sequence go through it (engine.packed_linear): still transformers' tokens."""
+    _, hf = models[variant]
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        loaded = load_model(tiny_model_dirs[variant])
+        linears = [m for m in loaded.model.modules() if isinstance(m, PackedLinear)]
+        assert linears and all(m.one_row is not None for m in linears)
+        assert {m.wide for m in linears} == {True, False}  # both one-row kinds are exercised
+        prompt = prompt_ids(17, seed=17)
+        ours, _ = run_greedy(loaded, prompt, new_tokens=2 * NEW_TOKENS)
+    finally:
+        torch.set_num_threads(before)
+    assert ours == hf_greedy(hf, prompt, 2 * NEW_TOKENS)

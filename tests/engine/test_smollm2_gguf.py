@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from engine.loader import LoadedModel, load_model
 from engine.model_files import load_model_config, load_tokenizer
+from engine.packed_linear import PackedLinear
 from engine.runner import ModelRunner, SeqStep
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from tests.helpers.tiny_models import smollm2_gguf_path
@@ -84,6 +85,29 @@ def test_logits_and_greedy_match_transformers(
     with torch.no_grad():
         expected = hf_model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=20)
     assert out == expected[0, len(ids):].tolist()
+    assert out == _greedy_on_one_thread(ids, 20)
+
+
+def _greedy_on_one_thread(ids: list[int], n: int) -> list[int]:
+    """Greedy tokens from a model loaded and run on one thread: its decode steps take the
+    one-row weight copies (engine.packed_linear), a different matmul than on two threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        loaded = load_model("smollm2")
+        head = loaded.model.lm_head
+        assert isinstance(head, PackedLinear) and head.one_row is not None
+        runner = ModelRunner(loaded, num_blocks=16)
+        blocks = tuple(runner.allocator.allocate(8))
+        logits = runner.step([SeqStep(tuple(ids), 0, blocks)])
+        tokens, out = list(ids), []
+        for _ in range(n):
+            out.append(int(logits[0].argmax()))
+            tokens.append(out[-1])
+            logits = runner.step([SeqStep((out[-1],), len(tokens) - 1, blocks)])
+        return out
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_gguf_tokenizer_encodes_like_transformers(
