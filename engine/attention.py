@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from engine import cpu_paged_attention
 from engine.triton_kernels import paged_decode_attention
 
 
@@ -328,6 +329,13 @@ def _decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, dec: DecodeGroup, scale
     if q.is_cuda and dec.seq_lens is not None:
         return paged_decode_attention(q, k_cache, v_cache, dec.block_table.view(b, -1),
                                       dec.seq_lens, scale, dec.sliding_window)
+    if (dec.seq_lens is not None and q.dtype == k_cache.dtype == torch.float32
+            and cpu_paged_attention.available()):
+        # Reads each block in place: no copy of every sequence's context, padded to the
+        # longest, each layer of each step.
+        return cpu_paged_attention.paged_decode_attention_cpu(
+            q, k_cache, v_cache, dec.block_table.view(b, -1), dec.seq_lens, scale,
+            dec.sliding_window)
     n_kv = k_cache.shape[-2]
     keys = _gather(k_cache, dec.block_table, b).to(q.dtype)
     values = _gather(v_cache, dec.block_table, b).to(q.dtype)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from engine import cpu_paged_attention
 from engine.attention import AttentionBatch
 from engine.block_manager import BlockPool
 from engine.config import ModelConfig
@@ -47,6 +48,8 @@ class ModelRunner:
             device=str(self.device),
         )
         self.allocator = BlockPool(num_blocks)
+        if self.device.type == "cpu":
+            cpu_paged_attention.available()  # built now (~0.2 s), not in a first decode step
 
     def _validate(self, seq: SeqStep) -> None:
         if not seq.token_ids:

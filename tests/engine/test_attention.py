@@ -1,5 +1,6 @@
 """The batched paged attention equals the per-sequence reference on every kind of step: decode
-only, one plain prefill, prefill after a cached prefix, and mixes of all of them."""
+only, one plain prefill, prefill after a cached prefix, and mixes of all of them. Every test
+runs twice: decode through the CPU kernel (engine.cpu_paged_attention) and through torch."""
 
 from __future__ import annotations
 
@@ -8,11 +9,21 @@ import dataclasses
 import pytest
 import torch
 
+from engine import cpu_paged_attention
 from engine.attention import AttentionBatch, batched_paged_attention, reference_paged_attention
 
 BLOCK = 4
 HEADS, KV_HEADS, HD = 4, 2, 8
 NUM_BLOCKS = 40
+
+
+@pytest.fixture(autouse=True, params=["cpu-kernel", "torch"])
+def decode_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    if request.param == "torch":
+        monkeypatch.setattr(cpu_paged_attention, "available", lambda: False)
+    elif not cpu_paged_attention.available():
+        pytest.skip(f"no CPU kernel: {cpu_paged_attention.unavailable_reason()}")
+    return str(request.param)
 
 
 def run(impl: object, q_lens: list[int], ctx_lens: list[int], seed: int = 0,
