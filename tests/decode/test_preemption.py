@@ -131,7 +131,9 @@ def test_pull_waits_for_the_blocks_prefill_is_still_writing(tiny_llama: Path,
         # Both full blocks came from the pool once written: only the 8-token tail computed.
         assert (events[0].pool_tokens, events[0].computed_tokens) == (32, 8)
         waited = metric(dcore, "pantry_engine_handoff_wait_seconds_total")
-        assert waited is not None and 0.3 <= waited < 10.0
+        # The wait starts after the pull's first look, a moment after submit: at least most
+        # of the 0.3 s slept (it measured 0.2991 s once under load), far under the limit.
+        assert waited is not None and 0.2 <= waited < 10.0
     finally:
         gate.set()
         pcore.close()
