@@ -12,6 +12,7 @@ import pytest
 from tests.e2e.conftest import _system
 from tests.e2e.local_system import LocalSystem
 from tests.e2e.test_tiny_oracle import BLOCK, NEW_TOKENS, hf_greedy, prompt
+from tests.kvstore.kv_helpers import wait_for
 
 THRESHOLD = 2 * BLOCK + 8
 
@@ -36,12 +37,16 @@ def test_short_prompt_skips_prefill_then_hits_the_pool(short_system: LocalSystem
     ids = prompt(THRESHOLD, seed=901)  # 2 full blocks and 8 tokens: at the threshold
     expected = hf_greedy(tiny_dirs["llama"], ids, NEW_TOKENS)
     routes, load = _routes(short_system), short_system.prefill_load()
+    sealed = short_system.metrics("kv-master")["pantry_kv_master_puts_sealed_total"]
     miss = short_system.complete(ids, NEW_TOKENS)
     assert miss["choices"][0]["token_ids"] == expected
     assert miss["usage"]["prefill_skipped"] is True
     assert miss["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
     assert short_system.prefill_load().requests_total == load.requests_total
-    # Decode stored the prompt's full blocks (in the background): the repeat finds them.
+    # Decode stores the prompt's full blocks on its background writer, in order, before the
+    # one its output completes: once two are sealed, the repeat finds them in the pool.
+    wait_for(lambda: short_system.metrics("kv-master")["pantry_kv_master_puts_sealed_total"]
+             >= sealed + 2, timeout=30)
     hit = short_system.complete(ids, NEW_TOKENS)
     assert hit["choices"][0]["token_ids"] == expected
     assert hit["usage"]["prompt_tokens_details"]["cached_tokens"] == 2 * BLOCK
