@@ -39,6 +39,13 @@ _SOURCE = r"""
 #include <stdlib.h>
 #include <string.h>
 
+/* The next block lies anywhere in the cache: its rows are asked for before they are due. */
+static inline void prefetch_rows(const float *row, int64_t rows, int64_t stride, int64_t dim)
+{
+    for (int64_t t = 0; t < rows; t++)
+        for (int64_t d = 0; d < dim; d += 16) __builtin_prefetch(row + t * stride + d);
+}
+
 void pantry_paged_decode(
     const float *restrict q, const float *restrict k_base, const float *restrict v_base,
     int64_t block_stride, int64_t token_stride, int64_t head_stride,
@@ -68,14 +75,9 @@ void pantry_paged_decode(
                     const int64_t off = tab[p / block_size] * block_stride
                                         + (p % block_size) * token_stride + kh * head_stride;
                     const float *k = k_base + off;
-                    if (p % block_size == 0 && p / block_size + 1 < max_blocks) {
-                        /* the next block lies anywhere: ask for its rows before they are due */
-                        const float *nk = k_base + tab[p / block_size + 1] * block_stride
-                                          + kh * head_stride;
-                        for (int64_t t = 0; t < block_size; t++)
-                            for (int64_t d = 0; d < dim; d += 16)
-                                __builtin_prefetch(nk + t * token_stride + d);
-                    }
+                    if (p % block_size == 0 && p / block_size + 1 < max_blocks)
+                        prefetch_rows(k_base + tab[p / block_size + 1] * block_stride
+                                      + kh * head_stride, block_size, token_stride, dim);
                     for (int64_t g = 0; g < group; g++) {
                         const float *qh = qg + g * dim;
                         float s = 0.f;
@@ -97,13 +99,9 @@ void pantry_paged_decode(
                     const int64_t off = tab[p / block_size] * block_stride
                                         + (p % block_size) * token_stride + kh * head_stride;
                     const float *v = v_base + off;
-                    if (p % block_size == 0 && p / block_size + 1 < max_blocks) {
-                        const float *nv = v_base + tab[p / block_size + 1] * block_stride
-                                          + kh * head_stride;
-                        for (int64_t t = 0; t < block_size; t++)
-                            for (int64_t d = 0; d < dim; d += 16)
-                                __builtin_prefetch(nv + t * token_stride + d);
-                    }
+                    if (p % block_size == 0 && p / block_size + 1 < max_blocks)
+                        prefetch_rows(v_base + tab[p / block_size + 1] * block_stride
+                                      + kh * head_stride, block_size, token_stride, dim);
                     for (int64_t g = 0; g < group; g++) {
                         float *o = out + (b * heads + kh * group + g) * dim;
                         const float w = scores[g * n + (p - start)];
