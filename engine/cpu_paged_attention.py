@@ -46,6 +46,18 @@ static inline void prefetch_rows(const float *row, int64_t rows, int64_t stride,
         for (int64_t d = 0; d < dim; d += 16) __builtin_prefetch(row + t * stride + d);
 }
 
+/* Position p's row of one KV head (`head` floats into each token), K or V by `base`; at the
+   start of a block, the next block's rows are prefetched. */
+static inline const float *row_at(const float *base, const int64_t *tab, int64_t p,
+                                  int64_t max_blocks, int64_t block_size, int64_t block_stride,
+                                  int64_t token_stride, int64_t head, int64_t dim)
+{
+    const int64_t blk = p / block_size, at = p % block_size;
+    if (at == 0 && blk + 1 < max_blocks)
+        prefetch_rows(base + tab[blk + 1] * block_stride + head, block_size, token_stride, dim);
+    return base + tab[blk] * block_stride + at * token_stride + head;
+}
+
 void pantry_paged_decode(
     const float *restrict q, const float *restrict k_base, const float *restrict v_base,
     int64_t block_stride, int64_t token_stride, int64_t head_stride,
@@ -72,12 +84,8 @@ void pantry_paged_decode(
                 const int64_t *tab = table + b * max_blocks;
                 const float *qg = q + (b * heads + kh * group) * dim;
                 for (int64_t p = start; p < len; p++) {
-                    const int64_t off = tab[p / block_size] * block_stride
-                                        + (p % block_size) * token_stride + kh * head_stride;
-                    const float *k = k_base + off;
-                    if (p % block_size == 0 && p / block_size + 1 < max_blocks)
-                        prefetch_rows(k_base + tab[p / block_size + 1] * block_stride
-                                      + kh * head_stride, block_size, token_stride, dim);
+                    const float *k = row_at(k_base, tab, p, max_blocks, block_size, block_stride,
+                                            token_stride, kh * head_stride, dim);
                     for (int64_t g = 0; g < group; g++) {
                         const float *qh = qg + g * dim;
                         float s = 0.f;
@@ -96,12 +104,8 @@ void pantry_paged_decode(
                     memset(out + (b * heads + kh * group + g) * dim, 0, sizeof(float) * dim);
                 }
                 for (int64_t p = start; p < len; p++) {
-                    const int64_t off = tab[p / block_size] * block_stride
-                                        + (p % block_size) * token_stride + kh * head_stride;
-                    const float *v = v_base + off;
-                    if (p % block_size == 0 && p / block_size + 1 < max_blocks)
-                        prefetch_rows(v_base + tab[p / block_size + 1] * block_stride
-                                      + kh * head_stride, block_size, token_stride, dim);
+                    const float *v = row_at(v_base, tab, p, max_blocks, block_size, block_stride,
+                                            token_stride, kh * head_stride, dim);
                     for (int64_t g = 0; g < group; g++) {
                         float *o = out + (b * heads + kh * group + g) * dim;
                         const float w = scores[g * n + (p - start)];
