@@ -4,8 +4,11 @@ The torch path (`engine.attention._decode`) gathers every decoding sequence's ke
 out of the cache into new tensors for each layer, then calls SDPA: the gather copies the whole
 context each layer of each step (a 4k-token sequence: ~180 MB a step for SmolLM2), so a step
 slows down with every long sequence in the batch. This kernel reads each block where it lies,
-one pass per (sequence, KV head) on torch's own OpenMP threads, with the query heads that share
-a KV head scored together (no head repeated). The same role as the Triton kernel plays on CUDA.
+in cache order, every KV head of a token's row at once, on torch's own OpenMP threads; a long
+sequence is split into spans over the threads and merged (flash-decoding), and the exps are
+computed eight at a time. Head sizes 64 and 128 with up to 8 query heads per KV head get loops
+unrolled at compile time; any other shape runs the same steps in scalar loops. The same role as
+the Triton kernel plays on CUDA.
 
 It is C compiled on first use with the machine's C compiler (`cc`, or $CC) into a cache
 directory ($PANTRY_KERNEL_CACHE, default ~/.cache/pantry/kernels), keyed by source, compiler
@@ -31,31 +34,201 @@ from torch import Tensor
 
 log = logging.getLogger(__name__)
 
-# Two passes per (sequence, KV head): scores of every position for the group's query heads,
-# then softmax and the weighted sum of values. Scores live in a per-thread buffer.
+# Per span of up to SPAN positions of a sequence: scores of every query head (each token's row
+# of every KV head read once, in cache order), their exps, then the weighted sum of values;
+# a sequence's spans merged by their max scores. Spans are the threads' work items.
 _SOURCE = r"""
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-/* The next block lies anywhere in the cache: its rows are asked for before they are due. */
-static inline void prefetch_rows(const float *row, int64_t rows, int64_t stride, int64_t dim)
+/* Eight floats (GCC/Clang vector extensions: one AVX register where the CPU has it), loaded
+   from and stored to any float address. */
+typedef float vf __attribute__((vector_size(32)));
+typedef float vfu __attribute__((vector_size(32), aligned(4)));
+typedef int32_t vi __attribute__((vector_size(32)));
+#define VW 8
+#define INLINE static inline __attribute__((always_inline))
+
+INLINE vf ld(const float *p) { return *(const vfu *)p; }
+INLINE void st(float *p, vf v) { *(vfu *)p = v; }
+INLINE vf splat(float x) { return (vf){0} + x; }
+INLINE float hsum(vf v)
 {
-    for (int64_t t = 0; t < rows; t++)
-        for (int64_t d = 0; d < dim; d += 16) __builtin_prefetch(row + t * stride + d);
+    float s = 0.f;
+    for (int i = 0; i < VW; i++) s += v[i];
+    return s;
 }
 
-/* Position p's row of one KV head (`head` floats into each token), K or V by `base`; at the
-   start of a block, the next block's rows are prefetched. */
-static inline const float *row_at(const float *base, const int64_t *tab, int64_t p,
-                                  int64_t max_blocks, int64_t block_size, int64_t block_stride,
-                                  int64_t token_stride, int64_t head, int64_t dim)
+/* e^x for x <= 0 (a score minus its row's maximum) within a few ulp, eight at a time: libm's
+   expf is one call per score. x = n ln2 + r, e^r by Cephes' polynomial on |r| <= ln2 / 2,
+   2^n written into the exponent bits. */
+INLINE vf exp_nonpositive(vf x)
 {
-    const int64_t blk = p / block_size, at = p % block_size;
-    if (at == 0 && blk + 1 < max_blocks)
-        prefetch_rows(base + tab[blk + 1] * block_stride + head, block_size, token_stride, dim);
-    return base + tab[blk] * block_stride + at * token_stride + head;
+    const vf lo = splat(-87.f);
+    const vi under = x < lo;
+    x = (vf)(((vi)x & ~under) | ((vi)lo & under));
+    /* y - 0.5 <= 0, so truncating it rounds y to nearest. */
+    const vi n = __builtin_convertvector(x * splat(1.44269504088896341f) - splat(0.5f), vi);
+    const vf fn = __builtin_convertvector(n, vf);
+    const vf r = x - fn * splat(0.693359375f) - fn * splat(-2.12194440e-4f);
+    vf p = splat(1.9875691500e-4f);
+    p = p * r + splat(1.3981999507e-3f);
+    p = p * r + splat(8.3334519073e-3f);
+    p = p * r + splat(4.1665795894e-2f);
+    p = p * r + splat(1.6666665459e-1f);
+    p = p * r + splat(5.0000001201e-1f);
+    p = p * (r * r) + r + splat(1.f);
+    return p * (vf)((n + 127) << 23);
+}
+
+/* Scores -> exp(score - max) in place; the max and the sum of the exps out. */
+static void exp_scores(float *s, int64_t n, float *max_out, float *sum_out)
+{
+    float m = -INFINITY;
+    for (int64_t i = 0; i < n; i++) m = s[i] > m ? s[i] : m;
+    vf acc = splat(0.f);
+    int64_t i = 0;
+    for (; i + VW <= n; i += VW) {
+        const vf e = exp_nonpositive(ld(s + i) - splat(m));
+        st(s + i, e);
+        acc += e;
+    }
+    float sum = hsum(acc);
+    for (; i < n; i++) { s[i] = expf(s[i] - m); sum += s[i]; }
+    *max_out = m;
+    *sum_out = sum;
+}
+
+/* The next block lies anywhere in the cache: a token's row of it is asked for one block
+   ahead of its use, spread over the block's tokens (all at once stalls on the fill
+   buffers). */
+INLINE void prefetch(const float *p, int64_t floats)
+{
+    for (int64_t i = 0; i < floats; i += 16) __builtin_prefetch(p + i);
+}
+
+/* Positions per work item: a long sequence is split over threads, its spans merged after. */
+#define SPAN 512
+
+typedef struct {
+    const float *q, *k_base, *v_base;
+    int64_t block_stride, token_stride, head_stride;
+    const int64_t *table;
+    int64_t max_blocks, heads, kv_heads, block_size;
+    float scale;
+} args_t;
+
+/* Positions [s, e) of sequence b for every query head, reading each token's row of every KV
+   head once, in cache order. `part` gets per query head the unnormalised sum of values (dim
+   floats), then the max score and the sum of the exps. Inlined with constant dim and group:
+   loops unroll and a KV head's row is held in registers. */
+INLINE void attend_span(const args_t *a, int64_t b, int64_t s, int64_t e, float *scores,
+                        float *part, const int dim, const int group)
+{
+    const int nv = dim / VW;
+    const int64_t n = e - s, bs = a->block_size, kvh = a->kv_heads, heads = a->heads;
+    const int64_t row = kvh * a->head_stride, stride = dim + 2;
+    const int64_t *tab = a->table + b * a->max_blocks;
+    const float *q = a->q + b * heads * dim;
+    for (int64_t blk = s / bs; blk * bs < e; blk++) {
+        const float *rows = a->k_base + tab[blk] * a->block_stride;
+        const float *next = (blk + 1) * bs < e ? a->k_base + tab[blk + 1] * a->block_stride : 0;
+        const int64_t t0 = blk * bs < s ? s - blk * bs : 0;
+        const int64_t t1 = (blk + 1) * bs > e ? e - blk * bs : bs;
+        for (int64_t t = t0; t < t1; t++) {
+            const int64_t p = blk * bs + t - s;
+            if (next) prefetch(next + t * a->token_stride, row);
+            for (int64_t kh = 0; kh < kvh; kh++) {
+                const float *k = rows + t * a->token_stride + kh * a->head_stride;
+                vf kv[16];
+                for (int i = 0; i < nv; i++) kv[i] = ld(k + i * VW);
+                for (int g = 0; g < group; g++) {
+                    const float *qh = q + (kh * group + g) * dim;
+                    vf s0 = ld(qh) * kv[0], s1 = splat(0.f);
+                    for (int i = 1; i < nv; i += 2) {
+                        s1 += ld(qh + i * VW) * kv[i];
+                        if (i + 1 < nv) s0 += ld(qh + (i + 1) * VW) * kv[i + 1];
+                    }
+                    scores[(kh * group + g) * SPAN + p] = hsum(s0 + s1) * a->scale;
+                }
+            }
+        }
+    }
+    for (int64_t h = 0; h < heads; h++) {
+        float *ph = part + h * stride;
+        exp_scores(scores + h * SPAN, n, ph + dim, ph + dim + 1);
+        memset(ph, 0, sizeof(float) * dim);
+    }
+    /* The sums stay in L1 (heads * dim floats) while the values stream past in cache order:
+       holding them in registers instead means several passes over each block. */
+    for (int64_t blk = s / bs; blk * bs < e; blk++) {
+        const float *rows = a->v_base + tab[blk] * a->block_stride;
+        const float *next = (blk + 1) * bs < e ? a->v_base + tab[blk + 1] * a->block_stride : 0;
+        const int64_t t0 = blk * bs < s ? s - blk * bs : 0;
+        const int64_t t1 = (blk + 1) * bs > e ? e - blk * bs : bs;
+        for (int64_t t = t0; t < t1; t++) {
+            const int64_t p = blk * bs + t - s;
+            if (next) prefetch(next + t * a->token_stride, row);
+            for (int64_t kh = 0; kh < kvh; kh++) {
+                const float *v = rows + t * a->token_stride + kh * a->head_stride;
+                vf vv[16];
+                for (int i = 0; i < nv; i++) vv[i] = ld(v + i * VW);
+                for (int g = 0; g < group; g++) {
+                    float *o = part + (kh * group + g) * stride;
+                    const vf w = splat(scores[(kh * group + g) * SPAN + p]);
+                    for (int i = 0; i < nv; i++) st(o + i * VW, ld(o + i * VW) + w * vv[i]);
+                }
+            }
+        }
+    }
+}
+
+/* Any other head size or group: the same, in scalar loops. */
+static void attend_span_any(const args_t *a, int64_t b, int64_t s, int64_t e, float *scores,
+                            float *part, int64_t dim, int64_t group)
+{
+    const int64_t n = e - s, bs = a->block_size, heads = a->heads, stride = dim + 2;
+    const int64_t *tab = a->table + b * a->max_blocks;
+    const float *q = a->q + b * heads * dim;
+    for (int64_t p = s; p < e; p++) {
+        const float *row = a->k_base + tab[p / bs] * a->block_stride + (p % bs) * a->token_stride;
+        for (int64_t h = 0; h < heads; h++) {
+            const float *k = row + (h / group) * a->head_stride;
+            float acc = 0.f;
+            for (int64_t d = 0; d < dim; d++) acc += q[h * dim + d] * k[d];
+            scores[h * SPAN + (p - s)] = acc * a->scale;
+        }
+    }
+    for (int64_t h = 0; h < heads; h++) {
+        float *ph = part + h * stride;
+        exp_scores(scores + h * SPAN, n, ph + dim, ph + dim + 1);
+        memset(ph, 0, sizeof(float) * dim);
+    }
+    for (int64_t p = s; p < e; p++) {
+        const float *row = a->v_base + tab[p / bs] * a->block_stride + (p % bs) * a->token_stride;
+        for (int64_t h = 0; h < heads; h++) {
+            const float *v = row + (h / group) * a->head_stride;
+            const float w = scores[h * SPAN + (p - s)];
+            for (int64_t d = 0; d < dim; d++) part[h * stride + d] += w * v[d];
+        }
+    }
+}
+
+#define CASE(D, G) case (D) * 16 + (G): attend_span(a, b, s, e, scores, part, D, G); return;
+
+static void attend(const args_t *a, int64_t b, int64_t s, int64_t e, float *scores,
+                   float *part, int64_t dim, int64_t group)
+{
+    if (group <= 8)
+        switch (dim * 16 + group) {
+            CASE(64, 1) CASE(64, 2) CASE(64, 3) CASE(64, 4)
+            CASE(64, 5) CASE(64, 6) CASE(64, 7) CASE(64, 8)
+            CASE(128, 1) CASE(128, 2) CASE(128, 3) CASE(128, 4)
+            CASE(128, 5) CASE(128, 6) CASE(128, 7) CASE(128, 8)
+        }
+    attend_span_any(a, b, s, e, scores, part, dim, group);
 }
 
 void pantry_paged_decode(
@@ -65,57 +238,60 @@ void pantry_paged_decode(
     int64_t batch, int64_t heads, int64_t kv_heads, int64_t dim, int64_t block_size,
     float scale, int64_t window, float *restrict out)
 {
-    const int64_t group = heads / kv_heads;
+    const int64_t group = heads / kv_heads, stride = dim + 2;
+    const args_t a = {q, k_base, v_base, block_stride, token_stride, head_stride, table,
+                      max_blocks, heads, kv_heads, block_size, scale};
+    int64_t items = 0;
+    for (int64_t b = 0; b < batch; b++) {
+        const int64_t len = lens[b], start = (window > 0 && len > window) ? len - window : 0;
+        items += (len - start + SPAN - 1) / SPAN;
+    }
+    int64_t *item_b = (int64_t *)malloc(sizeof(int64_t) * 3 * items);
+    int64_t *item_s = item_b + items, *item_e = item_s + items;
+    float *parts = (float *)malloc(sizeof(float) * items * heads * stride);
+    int64_t i = 0;
+    for (int64_t b = 0; b < batch; b++) {
+        const int64_t len = lens[b], start = (window > 0 && len > window) ? len - window : 0;
+        for (int64_t s = start; s < len; s += SPAN, i++) {
+            item_b[i] = b;
+            item_s[i] = s;
+            item_e[i] = s + SPAN < len ? s + SPAN : len;
+        }
+    }
     #pragma omp parallel
     {
-        int64_t cap = 0;
-        float *scores = NULL;
-        #pragma omp for collapse(2) schedule(static)
-        for (int64_t b = 0; b < batch; b++) {
-            for (int64_t kh = 0; kh < kv_heads; kh++) {
-                const int64_t len = lens[b];
-                const int64_t start = (window > 0 && len > window) ? len - window : 0;
-                const int64_t n = len - start;
-                if (n * group > cap) {
-                    free(scores);
-                    cap = n * group;
-                    scores = (float *)malloc(sizeof(float) * cap);
-                }
-                const int64_t *tab = table + b * max_blocks;
-                const float *qg = q + (b * heads + kh * group) * dim;
-                for (int64_t p = start; p < len; p++) {
-                    const float *k = row_at(k_base, tab, p, max_blocks, block_size, block_stride,
-                                            token_stride, kh * head_stride, dim);
-                    for (int64_t g = 0; g < group; g++) {
-                        const float *qh = qg + g * dim;
-                        float s = 0.f;
-                        for (int64_t d = 0; d < dim; d++) s += qh[d] * k[d];
-                        scores[g * n + (p - start)] = s * scale;
-                    }
-                }
-                for (int64_t g = 0; g < group; g++) {
-                    float *sg = scores + g * n;
-                    float m = -INFINITY;
-                    for (int64_t i = 0; i < n; i++) m = sg[i] > m ? sg[i] : m;
-                    float sum = 0.f;
-                    for (int64_t i = 0; i < n; i++) { sg[i] = expf(sg[i] - m); sum += sg[i]; }
-                    const float inv = 1.f / sum;
-                    for (int64_t i = 0; i < n; i++) sg[i] *= inv;
-                    memset(out + (b * heads + kh * group + g) * dim, 0, sizeof(float) * dim);
-                }
-                for (int64_t p = start; p < len; p++) {
-                    const float *v = row_at(v_base, tab, p, max_blocks, block_size, block_stride,
-                                            token_stride, kh * head_stride, dim);
-                    for (int64_t g = 0; g < group; g++) {
-                        float *o = out + (b * heads + kh * group + g) * dim;
-                        const float w = scores[g * n + (p - start)];
-                        for (int64_t d = 0; d < dim; d++) o[d] += w * v[d];
-                    }
-                }
-            }
-        }
+        float *scores = (float *)malloc(sizeof(float) * heads * SPAN);
+        #pragma omp for schedule(dynamic, 1)
+        for (int64_t it = 0; it < items; it++)
+            attend(&a, item_b[it], item_s[it], item_e[it], scores, parts + it * heads * stride,
+                   dim, group);
         free(scores);
     }
+    /* A sequence's spans merged by their max scores: the softmax over all its positions. */
+    i = 0;
+    for (int64_t b = 0; b < batch; b++) {
+        const int64_t first = i;
+        while (i < items && item_b[i] == b) i++;
+        for (int64_t h = 0; h < heads; h++) {
+            float m = -INFINITY, l = 0.f;
+            for (int64_t j = first; j < i; j++) {
+                const float mj = parts[(j * heads + h) * stride + dim];
+                m = mj > m ? mj : m;
+            }
+            float *o = out + (b * heads + h) * dim;
+            memset(o, 0, sizeof(float) * dim);
+            for (int64_t j = first; j < i; j++) {
+                const float *pj = parts + (j * heads + h) * stride;
+                const float w = expf(pj[dim] - m);
+                l += w * pj[dim + 1];
+                for (int64_t d = 0; d < dim; d++) o[d] += w * pj[d];
+            }
+            const float inv = 1.f / l;
+            for (int64_t d = 0; d < dim; d++) o[d] *= inv;
+        }
+    }
+    free(parts);
+    free(item_b);
 }
 """
 

@@ -49,7 +49,7 @@ class ModelRunner:
         )
         self.allocator = BlockPool(num_blocks)
         if self.device.type == "cpu":
-            cpu_paged_attention.available()  # built now (~0.2 s), not in a first decode step
+            cpu_paged_attention.available()  # built now (~3 s, once a machine), not in a first step
 
     def _validate(self, seq: SeqStep) -> None:
         if not seq.token_ids:

@@ -19,17 +19,21 @@ pytestmark = pytest.mark.skipif(not kernel.available(),
 BLOCK = 16
 
 
-@pytest.mark.parametrize(("heads", "kv_heads"), [(9, 3), (4, 4), (8, 2)])
+# SmolLM2's shape, one KV head per query head, Llama's group of 8, head size 128 (each unrolled
+# at compile time), and head size 32 with a group of 12 (the scalar loops).
+@pytest.mark.parametrize(("heads", "kv_heads", "hd"),
+                         [(9, 3, 64), (4, 4, 64), (8, 1, 64), (8, 2, 128), (12, 1, 32)])
 @pytest.mark.parametrize(("lens", "window"), [
     ([1], None),                       # the new token alone
     ([5, 16, 17, 100, 33], None),      # inside a block, exactly one, one past, many
     ([300, 2, 64], 40),                # a window shorter than some sequences
-    ([700, 3, 1000, 16], None),        # mixed lengths: what the torch path pads
+    ([700, 3, 1000, 16], None),        # longer than a span (512): spans merged
+    ([1500, 9], 600),                  # a window over two spans, starting mid-block
 ])
-def test_matches_the_reference(heads: int, kv_heads: int, lens: list[int],
+def test_matches_the_reference(heads: int, kv_heads: int, hd: int, lens: list[int],
                                window: int | None) -> None:
     torch.manual_seed(len(lens) + heads)
-    hd, layers, blocks = 64, 3, 200
+    layers, blocks = 3, 200
     kv = PagedKVCache(layers, blocks, BLOCK, kv_heads, hd, torch.float32)
     kv.blocks.normal_()
     free = list(range(blocks))
