@@ -18,3 +18,14 @@ class KeyChain:
         key = self._hasher.extend(self.keys[-1] if self.keys else None, block)
         self.keys.append(key)
         return key
+
+    def tail_key(self, tokens: Sequence[int]) -> str | None:
+        """The tail key of `tokens`' partial last block (None: they fill whole blocks). The
+        chain's leading keys must be those of `tokens`' full blocks, as when it was built from
+        them (or from tokens they begin)."""
+        bs = self._hasher.block_size
+        full = len(tokens) // bs
+        if full * bs == len(tokens):
+            return None
+        assert len(self.keys) >= full, f"the chain has {len(self.keys)} keys, {full} needed"
+        return self._hasher.tail_key(self.keys[full - 1] if full else None, tokens[full * bs :])

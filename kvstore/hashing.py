@@ -1,4 +1,5 @@
-"""Block addressing (DESIGN section 3): chained 128-bit hashes of full token blocks.
+"""Block addressing (DESIGN section 3): chained 128-bit hashes of full token blocks, and the tail
+key of a prompt's partial last block.
 
 A key names the whole prefix up to and including its block, so equal keys mean equal prefixes
 (within a namespace) and a cache lookup is a walk along the key list.
@@ -17,6 +18,11 @@ from kvstore.errors import InvalidTokenError
 from pantry.common.errors import ConfigError
 
 _ROOT_TAG = b"pantry-kv-v1\x00"
+# A tail key hashes prev + this tag + 4 bytes per token; a full key hashes prev + 4 bytes per
+# token. The tag's length is not a multiple of 4, so the two inputs never have the same length
+# and a tail key can never be a full block's key, whatever the tokens.
+_TAIL_TAG = b"pantry-kv-tail\x00"
+assert len(_TAIL_TAG) % 4, "a tail's hashed input must never be as long as a full block's"
 _MAX_TOKEN = 2**32
 ALGORITHMS = ("xxh3_128", "sha256")
 # Tokens per addressed block unless a deployment says otherwise: the one place this is written.
@@ -75,15 +81,29 @@ class BlockHasher:
         if len(block) != self.block_size:
             raise ValueError(f"a block has {self.block_size} tokens, got {len(block)}")
         prev = bytes.fromhex(prev_key) if prev_key is not None else self._root
-        return self._digest(prev + self._pack(block, index=0)).hex()
+        return self._digest(prev + self._pack(block, 0)).hex()
 
-    def _pack(self, chunk: Sequence[int], index: int) -> bytes:
+    def tail_key(self, prev_key: str | None, tail: Sequence[int]) -> str:
+        """The key of a partial block of exactly `tail` (1 <= len < block_size) that follows the
+        full block keyed `prev_key` (None: the prompt has no full block). It names the whole
+        prompt, as a full key names its prefix, and never equals a full block's key."""
+        if not 0 < len(tail) < self.block_size:
+            raise ValueError(
+                f"a tail has 1 to {self.block_size - 1} tokens, got {len(tail)}")
+        prev = bytes.fromhex(prev_key) if prev_key is not None else self._root
+        fmt = struct.Struct(f"<{len(tail)}I")
+        return self._digest(prev + _TAIL_TAG + self._pack(tail, None, fmt)).hex()
+
+    def _pack(self, chunk: Sequence[int], index: int | None,
+              fmt: struct.Struct | None = None) -> bytes:
+        """`chunk` as little-endian uint32s; `index` names the block in errors (None: a tail)."""
         try:
-            return self._block_fmt.pack(*chunk)
+            return (fmt or self._block_fmt).pack(*chunk)
         except struct.error:
             bad = next((t for t in chunk if not 0 <= int(t) < _MAX_TOKEN), None)
             raise InvalidTokenError(
-                f"token ids must satisfy 0 <= t < 2**32, got {bad!r} in block {index}"
+                f"token ids must satisfy 0 <= t < 2**32, got {bad!r} in "
+                + ("the tail" if index is None else f"block {index}")
             ) from None
 
     def block_keys(self, tokens: Sequence[int]) -> list[str]:
@@ -93,7 +113,7 @@ class BlockHasher:
         prev = self._root
         bs = self.block_size
         for i in range(n_full):
-            prev = self._digest(prev + self._pack(tokens[i * bs : (i + 1) * bs], index=i))
+            prev = self._digest(prev + self._pack(tokens[i * bs : (i + 1) * bs], i))
             keys.append(prev.hex())
         return keys
 

@@ -80,3 +80,44 @@ def test_extend_is_one_step_of_the_chain() -> None:
         h.extend(first, list(range(8)))
     with pytest.raises(InvalidTokenError, match="got -1 in block 0"):
         h.extend(None, [-1] + list(range(15)))
+
+
+def test_tail_key_vectors() -> None:
+    h = BlockHasher(make_namespace("test"), block_size=16, seed=0)
+    full = h.block_keys(list(range(40)))
+    # Tokens 32..39 after block 1 (the DESIGN vectors' prompt), and a prompt with no full block.
+    assert h.tail_key(full[1], list(range(32, 40))) == "48fe41a46552230c6c80332b424b6b06"
+    assert h.tail_key(None, list(range(7))) == "a58e75e53c303ad8af7a76b424bc3d32"
+    assert h.tail_key(full[0], list(range(16, 31))) == "684f951513af12334dea70ea204754f0"
+    sha = BlockHasher(make_namespace("test"), block_size=16, seed=0, algorithm="sha256")
+    assert sha.tail_key(sha.block_keys(list(range(32)))[1], list(range(32, 40))) == (
+        "eaa4c6595f719c8b2feccdf699f568ed34812018493c27e1514b885dc62ea156")
+
+
+def test_tail_key_never_names_a_full_block() -> None:
+    h = BlockHasher(make_namespace("test"), block_size=4, seed=0)
+    tokens = list(range(3, 15))
+    full = h.block_keys(tokens)  # 3 full blocks of 4
+    tails = {h.tail_key(prev, tokens[i * 4 : i * 4 + n])
+             for i, prev in enumerate([None, *full[:-1]]) for n in (1, 2, 3)}
+    assert len(tails) == 9  # each length and position its own key
+    assert tails.isdisjoint(full)
+    # A second tail length, or another token, is another key; the same tail, the same key.
+    assert h.tail_key(full[0], [7, 8]) != h.tail_key(full[0], [7, 8, 9])
+    assert h.tail_key(full[0], [7, 8]) != h.tail_key(full[0], [7, 9])
+    assert h.tail_key(full[0], [7, 8]) == h.tail_key(full[0], (7, 8))
+    # Another tenant's namespace: another key.
+    other = BlockHasher(make_namespace("test", tenant="acme"), block_size=4, seed=0)
+    assert other.tail_key(None, [7]) != h.tail_key(None, [7])
+
+
+def test_tail_key_length_and_tokens_validated() -> None:
+    h = BlockHasher(make_namespace("test"), block_size=16)
+    with pytest.raises(ValueError, match="a tail has 1 to 15 tokens, got 0"):
+        h.tail_key(None, [])
+    with pytest.raises(ValueError, match="a tail has 1 to 15 tokens, got 16"):
+        h.tail_key(None, list(range(16)))
+    with pytest.raises(InvalidTokenError, match="got 4294967296 in the tail"):
+        h.tail_key(None, [1, 2**32])
+    with pytest.raises(InvalidTokenError, match="got -1 in the tail"):
+        h.tail_key(None, [-1])
