@@ -12,7 +12,12 @@ recomputes the rest, then continues where it stopped: the same tokens as without
 
 A request that carries a first token comes from a prefill engine, which answers before its last
 blocks are sealed in the pool: the pull waits for them (`handoff_wait_s` after the last one that
-appeared) rather than recompute them."""
+appeared) rather than recompute them. The prefill engine also stores the prompt's partial last
+block under its tail key (kvstore.hashing), pulled into the block after the full ones. With every
+block of the prompt in place, nothing of it is computed: the first token is given, so the last
+prompt token's logits are not needed, and the sequence starts with the first token's own step,
+one query row like any decode step. The tail is never indexed or stored as a full block: once the
+output fills that block, it is stored under its full key like any block the output completes."""
 
 from __future__ import annotations
 
@@ -93,7 +98,9 @@ class DecodeEngine(EngineLoop):
             raise InvalidRequest("first_token", f"{job.first_token} is outside the vocabulary")
         # Hashed here, on the caller's thread: the loop only extends the chain block by block.
         chain = KeyChain(core.addressing.hasher(job.tenant), job.token_ids)
-        seq = Sequence(job=job, generator=make_generator(job.sampling.seed), chain=chain)
+        tail = chain.tail_key(job.token_ids) if job.first_token is not None else None
+        seq = Sequence(job=job, generator=make_generator(job.sampling.seed), chain=chain,
+                       tail_key=tail)
         with self._cv:
             if self._stopped:
                 raise EngineStopped(f"decode engine {core.config.engine_id} is stopping")
@@ -192,23 +199,45 @@ class DecodeEngine(EngineLoop):
             seq.fill = fill
             seq.block_ids = claim.block_ids
             seq.local_blocks = claim.local
-            if claim.local == len(keys):
-                self._prompt_loaded(seq, claim.local)  # a repeat on this engine: nothing to pull
+            if claim.local == len(keys) and not self._wants_tail(seq):
+                # A repeat on this engine: nothing to pull.
+                self._prompt_loaded(seq, claim.local, whole=self._handoff(seq))
                 continue
             seq.status = SeqStatus.LOADING
             seq.pull = self._puller.submit(self._pull, seq)
             seq.pull.add_done_callback(lambda _f: self._wake())
 
-    def _pull(self, seq: Sequence) -> int:
+    @staticmethod
+    def _handoff(seq: Sequence) -> bool:
+        """A prefill engine computed the prompt, and the sequence has not started. (After a
+        preemption its output has moved on; what is missing then is computed.)"""
+        return seq.job.first_token is not None and not seq.output
+
+    def _wants_tail(self, seq: Sequence) -> bool:
+        """A handoff whose prompt's partial last block may be in the pool."""
+        return seq.tail_key is not None and self._handoff(seq)
+
+    def _pull(self, seq: Sequence) -> tuple[int, bool]:
         """Runs on the puller thread: writes only this sequence's own fresh blocks. Returns the
-        leading blocks now in the cache, local ones included."""
+        leading full blocks now in the cache, local ones included, and whether a handoff's whole
+        prompt is (its tail block, if it has one, landed after them)."""
         transfer = self.core.transfer
         keys = seq.chain.keys[: len(seq.fill) // self.core.block_size]
+        full = len(keys)
+        if self._wants_tail(seq):
+            assert seq.tail_key is not None
+            keys = [*keys, seq.tail_key]  # into the block that follows the full ones
         loaded = seq.local_blocks
         loaded += transfer.load(keys[loaded:], seq.block_ids[loaded : len(keys)])
-        if loaded == len(keys) or seq.job.first_token is None or seq.output:
-            return loaded
-        # A prefill engine computed this prompt and answered before its last blocks were sealed.
+        handoff = self._handoff(seq)
+        if loaded < len(keys) and handoff:
+            loaded = self._await_handoff(seq, keys, loaded)
+        return min(loaded, full), handoff and loaded == len(keys)
+
+    def _await_handoff(self, seq: Sequence, keys: list[str], loaded: int) -> int:
+        """A prefill engine computed this prompt and answered before its last blocks (and its
+        tail, in the same put) were sealed: pulls them as they appear."""
+        transfer = self.core.transfer
         started = last_seen = time.monotonic()
         try:
             while loaded < len(keys) and not seq.cancelled.is_set() and not self._stopped:
@@ -227,20 +256,47 @@ class DecodeEngine(EngineLoop):
                     got = transfer.load(keys[loaded : loaded + sealed],
                                         seq.block_ids[loaded : loaded + sealed])
                     loaded += got
-                    if got:
-                        last_seen = time.monotonic()
+                    if got < sealed:  # sealed but refused by its checks: waiting cannot help
+                        log.warning("%s: a prompt block in the pool failed its checks; "
+                                    "computing from there", seq.job.request_id)
+                        break
+                    last_seen = time.monotonic()
         finally:
             self.core.metrics.handoff_wait_seconds.inc(time.monotonic() - started)
         return loaded
 
-    def _prompt_loaded(self, seq: Sequence, loaded: int) -> None:
-        """`loaded` leading blocks of the fill hold its KV; the rest is computed in chunks."""
+    def _prompt_loaded(self, seq: Sequence, loaded: int, whole: bool = False) -> None:
+        """`loaded` leading blocks of the fill hold its KV; the rest is computed in chunks.
+        `whole`: a handoff's whole prompt does (its tail too, if it has one), so the given first
+        token is emitted at once."""
         seq.stored_blocks = loaded
-        seq.num_computed = self.core.resume_point(loaded, len(seq.fill))
+        if whole:
+            seq.num_computed = len(seq.fill)
+            if seq.tail_key is not None:
+                self.core.metrics.tails_pulled.inc()
+        else:
+            seq.num_computed = self.core.resume_point(loaded, len(seq.fill))
         if not seq.output:
             seq.pool_tokens = seq.num_computed
         seq.status = SeqStatus.FILLING
         self._index_full_blocks(seq)
+        if whole:
+            self._start_from_first_token(seq)
+
+    def _start_from_first_token(self, seq: Sequence) -> None:
+        """The prompt's KV is all in place: the handoff's first token is emitted without a
+        step, and the next step computes its KV and samples the second token."""
+        sampling = seq.job.sampling
+        if seq.generator is not None and not sampling.greedy:
+            # Every other path samples a first token from this generator (and a handoff
+            # replaces it with the given one). One draw taken the same way (the draws do not
+            # depend on the logits) keeps a seeded request's later tokens the same on all.
+            width = self.core.description.vocab_size
+            self._sampler.sample(torch.zeros(1, width), [sampling], [seq.generator])
+        assert seq.job.first_token is not None
+        self._emit(seq, seq.job.first_token, first=True)
+        if seq.status is SeqStatus.FINISHED:
+            self._release(seq)
 
     def _grow(self) -> None:
         """Every running sequence gets the block its next token goes into, preempting the most
@@ -273,15 +329,15 @@ class DecodeEngine(EngineLoop):
         self.core.metrics.preemptions.inc()
 
     def _collect_pulls(self) -> None:
-        for seq in self._active:
+        for seq in list(self._active):  # a sequence done at its first token leaves at once
             if seq.status is not SeqStatus.LOADING or seq.pull is None or not seq.pull.done():
                 continue
             try:
-                loaded = seq.pull.result()
+                loaded, whole = seq.pull.result()
             except Exception:  # whatever failed, the prompt can still be computed
                 log.exception("pulling %s from the pool failed", seq.job.request_id)
-                loaded = seq.local_blocks
-            self._prompt_loaded(seq, loaded)
+                loaded, whole = seq.local_blocks, False
+            self._prompt_loaded(seq, loaded, whole)
 
     def _advance(self, members: list[tuple[Sequence, int]], logits: torch.Tensor) -> None:
         to_sample: list[tuple[int, Sequence]] = []

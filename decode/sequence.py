@@ -47,6 +47,9 @@ class Sequence:
     job: DecodeJob
     generator: torch.Generator | None
     chain: KeyChain             # the keys of its full blocks, extended as output fills blocks
+    # A prefill handoff's partial last prompt block, stored by the prefill engine under this key
+    # (None: no first token given, or the prompt fills whole blocks).
+    tail_key: str | None = None
     status: SeqStatus = SeqStatus.WAITING
     fill: tuple[int, ...] = ()  # what FILLING computes: fill_tokens() at admission
     preemptions: int = 0
@@ -57,7 +60,9 @@ class Sequence:
     cached_blocks: int = 0      # leading full blocks indexed in this engine's prefix cache
     stored_blocks: int = 0      # leading full blocks known to be in the pool (or being written)
     pool_tokens: int = 0
-    pull: Future[int] | None = None    # the background pull of the prompt's cached blocks
+    # The background pull of the prompt's cached blocks: (leading full blocks loaded, whether a
+    # handoff's whole prompt did, its tail block included).
+    pull: Future[tuple[int, bool]] | None = None
     submitted_at: float = field(default_factory=time.perf_counter)
     last_token_at: float = 0.0  # perf_counter() at the last token emitted
     events: queue.Queue[DecodeEvent] = field(default_factory=queue.Queue)

@@ -105,6 +105,14 @@ class EngineMetrics:
         self.handoff_wait_seconds = counter(
             "pantry_engine_handoff_wait_seconds",
             "Decode: seconds pulls spent waiting for blocks a prefill engine was still writing.")
+        self.tails_stored = counter(
+            "pantry_engine_prompt_tails_stored",
+            "Prefill: prompts whose partial last block went to the pool writer under its tail "
+            "key, with the prompt's last full blocks.")
+        self.tails_pulled = counter(
+            "pantry_engine_prompt_tails_pulled",
+            "Decode: handoffs whose prompt's partial last block came from the pool, so decode "
+            "computed none of the prompt.")
         self.waiting = gauge("pantry_engine_waiting_requests", "Requests queued, not started.")
         self.running = gauge("pantry_engine_running_requests", "Requests being computed.")
         self.free_blocks = gauge("pantry_engine_kv_free_blocks", "Free KV cache blocks.")

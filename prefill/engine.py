@@ -5,9 +5,11 @@ Prompts are computed together in token-budgeted batches: each forward pass takes
 `chunk_tokens` prompt tokens, first-come first-served, so a short prompt queued behind a long one
 shares its passes instead of waiting for all of it, and several short prompts share one pass.
 Every block a pass completes goes to the pool at once, on the core's background writer, while
-the next pass computes. The first token is returned as soon as the last pass ends; the last
-blocks may still be on their way to the pool then. Decode knows (the request carries the first
-token) and waits for them briefly before it computes anything itself (`decode.engine`).
+the next pass computes; the prompt's last pass also sends its partial last block, under its tail
+key, so decode need not compute it. The first token is returned as soon as the last pass ends;
+the last blocks may still be on their way to the pool then. Decode knows (the request carries
+the first token) and waits for them briefly before it computes anything itself
+(`decode.engine`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import time
 from concurrent.futures import Future, wait
 from dataclasses import dataclass, field
 
+from engine.block_keys import KeyChain
 from engine.engine_loop import EngineLoop
 from engine.errors import OutOfBlocks
 from engine.role_core import EngineCore
@@ -62,6 +65,7 @@ class _Prompt:
     arrived: float
     future: Future[PrefillOutcome] = field(default_factory=Future)
     keys: list[str] = field(default_factory=list)
+    tail_key: str | None = None  # its partial last block's (None: it fills whole blocks)
     block_ids: list[int] = field(default_factory=list)
     loaded: int = 0          # leading blocks that held their KV already (local or pool)
     local: int = 0           # of those, found in this engine's own prefix cache
@@ -113,7 +117,8 @@ class PrefillEngine(EngineLoop):
             raise OutOfBlocks(f"a {len(job.token_ids)}-token prompt needs {needed} KV blocks, "
                               f"the cache has {core.runner.kv.num_blocks}")
         p = _Prompt(job, time.perf_counter())
-        p.keys = core.addressing.block_keys(job.token_ids, job.tenant)
+        chain = KeyChain(core.addressing.hasher(job.tenant), job.token_ids)
+        p.keys, p.tail_key = chain.keys, chain.tail_key(job.token_ids)
         with self._cv:
             if self._stopped:
                 raise PrefillStopped(f"prefill engine {core.config.engine_id} is stopping")
@@ -258,7 +263,15 @@ class PrefillEngine(EngineLoop):
                 p.queued_blocks = full
             if p.num_computed == len(p.tokens):
                 done.append((row, p))
-        # One put for every block this pass completed; the writer holds them until written.
+                if p.tail_key is not None:
+                    # Its partial last block, for decode, in the same put as its last full
+                    # ones. Never indexed here: this engine's prefix cache holds full blocks
+                    # only, under their chained keys.
+                    keys.append(p.tail_key)
+                    block_ids.append(p.block_ids[len(p.keys)])
+                    self.core.metrics.tails_stored.inc()
+        # One put for every block this pass completed; the writer holds them until written, so
+        # a tail block released with its prompt is not reused before then.
         self.core.store_in_background(keys, block_ids)
         if not done:
             return
@@ -282,10 +295,10 @@ class PrefillEngine(EngineLoop):
         # was spent outside this engine.
         log.info(
             "prefill %s: %d tokens, %d blocks held here, %d pulled, %d computed tokens, "
-            "%d new blocks being stored; %.1f ms in the engine: %.1f ms before its first "
+            "%d new blocks%s being stored; %.1f ms in the engine: %.1f ms before its first "
             "pass, %.1f ms in passes",
             p.job.request_id, n, p.local, p.loaded - p.local, n - p.start,
-            len(p.keys) - p.loaded, ttft * 1e3,
+            len(p.keys) - p.loaded, "" if p.tail_key is None else " and its tail", ttft * 1e3,
             ((p.first_pass or p.arrived) - p.arrived) * 1e3, p.pass_s * 1e3,
         )
         p.future.set_result(PrefillOutcome(first, p.start, n - p.start, p.queued_blocks))

@@ -138,22 +138,25 @@ def test_first_token_from_prefill_is_used(make_engine: EngineFactory, tiny_llama
         pcore.close()
     assert pre.first_token == expected[0]
 
-    assert pool_blocks(pcore) == [0, 2, 0, 2]
+    assert pool_blocks(pcore) == [0, 2, 0, 3]  # both full blocks and the 8-token tail
     assert metric(pcore, "pantry_engine_time_to_first_token_seconds_count") == 1
 
     engine = make_engine()
     free = engine.core.runner.allocator.num_free
     events = collect(engine.submit(decode_job(ids, 10, first_token=pre.first_token)))
     assert tokens_of(events) == expected
-    # The prefill engine stored both full blocks; decode pulls them and computes the tail.
-    assert (events[0].pool_tokens, events[0].computed_tokens) == (32, 8)
+    # The prefill engine stored both full blocks and the tail; decode pulls all three and
+    # computes nothing of the prompt.
+    assert (events[0].pool_tokens, events[0].computed_tokens) == (40, 0)
     wait_idle(engine, free)
     core = engine.core
-    assert metric(core, "pantry_engine_pool_tokens_total") == 32
-    assert metric(core, "pantry_engine_computed_tokens_total") == 8
-    # KV for 49 tokens: the third block (filled by output) is the only one written back.
-    assert pool_blocks(core) == [2, 0, 0, 1]
-    assert metric(core, "pantry_pool_client_read_bytes_total") == 2 * block_object_bytes(core)
+    assert metric(core, "pantry_engine_pool_tokens_total") == 40
+    assert metric(core, "pantry_engine_computed_tokens_total") == 0
+    assert metric(core, "pantry_engine_prompt_tails_pulled_total") == 1
+    # KV for 49 tokens: the third block (the tail, filled by output) is the only one written
+    # back, under its full key.
+    assert pool_blocks(core) == [3, 0, 0, 1]
+    assert metric(core, "pantry_pool_client_read_bytes_total") == 3 * block_object_bytes(core)
     assert metric(core, "pantry_engine_time_between_tokens_seconds_count") == 9
 
 

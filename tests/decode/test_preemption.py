@@ -108,6 +108,37 @@ def test_preempted_sequences_resume_with_the_same_tokens(tiny_llama: Path,
         small.close()
 
 
+def test_preempted_handoffs_resume_with_the_same_tokens(tiny_llama: Path,
+                                                        pool_address: str) -> None:
+    """The same squeeze with the prompts from a prefill engine: each pulls its 6-token tail and
+    starts at its first token. The preempted one resumes without it (its output has moved past
+    the tail's block, which it stored under its full key) with the same tokens."""
+    prompts = [prompt(70, seed=75 + i) for i in range(3)]
+    pcore = make_core(tiny_llama, pool_address, "prefill", "prefill-p", salt="handoffs")
+    small = make_core(tiny_llama, pool_address, "decode", "decode-p",
+                      kv_cache_bytes=SMALL_CACHE, salt="handoffs")
+    try:
+        prefill = PrefillEngine(pcore)
+        firsts = [prefill.prefill(PrefillJob(f"r{i}", ids, "", job(ids, 16).sampling))
+                  .first_token for i, ids in enumerate(prompts)]
+        prefill.stop()
+        pcore.flush_writes()
+        jobs = [job(ids, 16, rid=f"r{i}", first_token=first)
+                for i, (ids, first) in enumerate(zip(prompts, firsts, strict=True))]
+        squeezed = run_to_end(DecodeEngine(small, background=False), jobs)
+        assert metric(small, "pantry_engine_preemptions_total") == 1
+        assert metric(small, "pantry_engine_prompt_tails_pulled_total") == 3
+        for ids, got in zip(prompts, squeezed, strict=True):
+            assert tokens_of(got) == hf_greedy(tiny_llama, ids, 16)
+            assert got[-1].finish_reason == "length"
+            assert (got[0].pool_tokens, got[0].computed_tokens) == (70, 0)
+        small.flush_writes()
+        assert small.runner.allocator.num_free == 17
+    finally:
+        pcore.close()
+        small.close()
+
+
 def test_pull_waits_for_the_blocks_prefill_is_still_writing(tiny_llama: Path,
                                                             pool_address: str) -> None:
     ids = prompt(40, seed=80)
@@ -128,8 +159,10 @@ def test_pull_waits_for_the_blocks_prefill_is_still_writing(tiny_llama: Path,
         events = list(handle.events(timeout=30))
         engine.stop()
         assert tokens_of(events) == expected
-        # Both full blocks came from the pool once written: only the 8-token tail computed.
-        assert (events[0].pool_tokens, events[0].computed_tokens) == (32, 8)
+        # Both full blocks and the tail (one put) came from the pool once written: none of the
+        # prompt computed.
+        assert (events[0].pool_tokens, events[0].computed_tokens) == (40, 0)
+        assert metric(dcore, "pantry_engine_prompt_tails_pulled_total") == 1
         waited = metric(dcore, "pantry_engine_handoff_wait_seconds_total")
         # The wait starts after the pull's first look, a moment after submit: at least most
         # of the 0.3 s slept (it measured 0.2991 s once under load), far under the limit.

@@ -87,8 +87,10 @@ def test_metrics_server_serves_the_core_registry_until_closed(core: EngineCore) 
     assert value("pantry_engine_kv_cached_blocks") == 2
     assert value("pantry_engine_local_hit_blocks_total") == 0
     assert value("pantry_pool_client_blocks_missed_total") == 2
-    assert value("pantry_pool_client_blocks_stored_total") == 2
-    assert value("pantry_pool_client_written_bytes_total") == 2 * block_object_bytes(core)
+    # Both full blocks and the 8-token tail (under its tail key, for decode; never indexed).
+    assert value("pantry_pool_client_blocks_stored_total") == 3
+    assert value("pantry_pool_client_written_bytes_total") == 3 * block_object_bytes(core)
+    assert value("pantry_engine_prompt_tails_stored_total") == 1
     with pytest.raises(urllib.error.URLError):
         urllib.request.urlopen(server.url, timeout=2)
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from engine.block_keys import KeyChain
 from engine.role_core import EngineCore
 from pantry.common.errors import InvalidRequest
 from pantry.common.sampling import SamplingParams
@@ -40,6 +41,17 @@ def job(tokens: tuple[int, ...], tenant: str = "", rid: str = "r",
     return PrefillJob(request_id=rid, token_ids=tokens, tenant=tenant, sampling=sampling)
 
 
+def pool_keys(core: EngineCore, tokens: tuple[int, ...], tenant: str = "") -> list[str]:
+    """The keys of the prompt's full blocks, then its tail key when it has a partial block."""
+    chain = KeyChain(core.addressing.hasher(tenant), tokens)
+    tail = chain.tail_key(tokens)
+    return chain.keys + ([tail] if tail is not None else [])
+
+
+def tails_stored(core: EngineCore) -> float | None:
+    return metric(core, "pantry_engine_prompt_tails_stored_total")
+
+
 def test_miss_then_hit(core: EngineCore, tiny_llama: Path) -> None:
     engine = PrefillEngine(core)
     ids = prompt(40, seed=1)
@@ -52,16 +64,17 @@ def test_miss_then_hit(core: EngineCore, tiny_llama: Path) -> None:
     core.flush_writes()  # the first token came back before the blocks were written
     assert core.runner.allocator.num_free == free
 
-    keys = core.addressing.block_keys(ids, "")
-    assert len(keys) == 2
+    keys = pool_keys(core, ids)
+    assert len(keys) == 3  # two full blocks and the 8-token tail
     with pool_client(core.config.kv_master) as c:
-        assert c.exists(keys) == [True, True]
+        assert c.exists(keys) == [True, True, True]
 
-    # The same prompt again: both full blocks (32 tokens) come from the pool; the 8-token tail
-    # has no block and is computed.
+    # The same prompt again: both full blocks (32 tokens) come from this engine's cache; the
+    # 8-token tail is computed (its last token's logits are needed anyway) and put again.
     second = engine.prefill(job(ids, rid="r2"))
     assert second.first_token == expected_first
     assert (second.pool_tokens, second.computed_tokens, second.stored_blocks) == (32, 8, 2)
+    core.flush_writes()
     assert core.runner.allocator.num_free == free
 
     counters = core.counters()
@@ -92,16 +105,18 @@ def test_metrics_count_a_miss_then_a_hit(core: EngineCore) -> None:
     assert (m("pantry_engine_waiting_requests"), m("pantry_engine_running_requests")) == (0, 0)
     assert core.runner.kv.num_blocks == 128
     assert (m("pantry_engine_kv_free_blocks"), m("pantry_engine_kv_blocks")) == (128, 128)
-    # First prefill: both blocks missed, computed and stored. Second: both still held by this
-    # engine (its prefix cache), so the pool is neither read nor written.
+    # First prefill: both blocks missed, computed and stored with the tail. Second: both still
+    # held by this engine (its prefix cache), so the pool is not read; the tail, computed again,
+    # is put again (the pool answers that it holds it: counted as stored).
     pool = "pantry_pool_client_"
     assert [m(f"{pool}blocks_{kind}_total") for kind in ("hit", "missed", "rejected", "stored")
-            ] == [0, 2, 0, 2]
-    assert (m(f"{pool}read_seconds_count"), m(f"{pool}write_seconds_count")) == (1, 1)
-    obj = block_object_bytes(core)
-    assert (m(f"{pool}read_bytes_total"), m(f"{pool}written_bytes_total")) == (0, 2 * obj)
+            ] == [0, 2, 0, 4]
+    assert (m(f"{pool}read_seconds_count"), m(f"{pool}write_seconds_count")) == (1, 2)
+    obj = block_object_bytes(core)  # a tail object is a block-sized object like any other
+    assert (m(f"{pool}read_bytes_total"), m(f"{pool}written_bytes_total")) == (0, 4 * obj)
     assert m("pantry_engine_local_hit_blocks_total") == 2
-    assert m("pantry_engine_kv_cached_blocks") == 2
+    assert m("pantry_engine_kv_cached_blocks") == 2  # the tail is never indexed here
+    assert tails_stored(core) == 2
 
 
 def test_partial_hit_resumes_after_the_shared_prefix(core: EngineCore, tiny_llama: Path) -> None:
@@ -127,13 +142,42 @@ def test_exact_block_multiple_prompt_recomputes_only_its_last_token(
     assert again.first_token == first.first_token == hf_greedy(tiny_llama, ids, 1)[0]
 
 
-def test_prompt_shorter_than_a_block_stores_nothing(core: EngineCore, tiny_llama: Path) -> None:
+def test_prompt_shorter_than_a_block_stores_only_its_tail(core: EngineCore,
+                                                          tiny_llama: Path) -> None:
     engine = PrefillEngine(core)
     ids = prompt(5, seed=5)
     for _ in range(2):
         out = engine.prefill(job(ids))
         assert (out.pool_tokens, out.computed_tokens, out.stored_blocks) == (0, 5, 0)
         assert out.first_token == hf_greedy(tiny_llama, ids, 1)[0]
+    core.flush_writes()
+    (tail,) = pool_keys(core, ids)
+    assert tail == core.addressing.hasher("").tail_key(None, ids)
+    with pool_client(core.config.kv_master) as c:
+        assert c.exists([tail]) == [True]
+    assert tails_stored(core) == 2
+    assert metric(core, "pantry_engine_kv_cached_blocks") == 0
+    assert core.runner.allocator.num_free == core.runner.kv.num_blocks
+
+
+def test_tail_is_stored_only_when_the_prompt_has_one(core: EngineCore) -> None:
+    engine = PrefillEngine(core)
+    exact = prompt(2 * BLOCK, seed=14)
+    engine.prefill(job(exact))
+    core.flush_writes()
+    assert tails_stored(core) == 0
+    assert metric(core, "pantry_pool_client_blocks_stored_total") == 2
+    longer = (*exact, *prompt(BLOCK - 1, seed=15))  # the same two blocks and a 15-token tail
+    out = engine.prefill(job(longer))
+    assert (out.pool_tokens, out.computed_tokens, out.stored_blocks) == (32, 15, 2)
+    core.flush_writes()
+    assert tails_stored(core) == 1
+    keys = pool_keys(core, longer)
+    assert keys[:2] == pool_keys(core, exact) and len(keys) == 3
+    with pool_client(core.config.kv_master) as c:
+        assert c.exists(keys) == [True, True, True]
+    assert metric(core, "pantry_pool_client_blocks_stored_total") == 3
+    assert metric(core, "pantry_engine_kv_cached_blocks") == 2
 
 
 def test_chunked_prefill_gives_the_same_first_token(core: EngineCore, tiny_llama: Path) -> None:
@@ -218,7 +262,7 @@ def test_first_token_returns_before_the_blocks_are_written(core: EngineCore,
                                                            tiny_llama: Path) -> None:
     engine = PrefillEngine(core)
     ids = prompt(40, seed=11)
-    keys = core.addressing.block_keys(ids, "")
+    keys = pool_keys(core, ids)
     gate = threading.Event()
     # Holds the background writer (test-only reach into the core): the put queues behind it.
     core._writer.submit(gate.wait)
@@ -227,21 +271,25 @@ def test_first_token_returns_before_the_blocks_are_written(core: EngineCore,
         assert out.first_token == hf_greedy(tiny_llama, ids, 1)[0]
         assert out.stored_blocks == 2
         assert core.pending_writes == 1
+        assert tails_stored(core) == 1
+        # The prompt released its blocks, but the writer still holds all three, the
+        # unindexed tail block included: none can be reused before it is written.
+        assert core.runner.allocator.num_free == core.runner.kv.num_blocks - 3
         with pool_client(core.config.kv_master) as c:
-            assert c.exists(keys) == [False, False]
+            assert c.exists(keys) == [False, False, False]
     finally:
         gate.set()
     core.flush_writes()
     assert core.pending_writes == 0
     with pool_client(core.config.kv_master) as c:
-        assert c.exists(keys) == [True, True]
+        assert c.exists(keys) == [True, True, True]
     assert core.runner.allocator.num_free == core.runner.kv.num_blocks
 
 
 def test_queued_prompts_share_token_budgeted_passes(core: EngineCore, tiny_llama: Path) -> None:
     """Three 40-token prompts under a 48-token budget: pass 1 computes p1 and 8 tokens of p2,
     pass 2 the rest of p2 and 16 of p3, pass 3 the rest of p3; each pass puts the blocks it
-    completed (2, then 3, then 1)."""
+    completed and the tail of the prompt it finished (2 + 1, then 3 + 1, then 1 + 1)."""
     engine = PrefillEngine(core, PrefillLimits(chunk_tokens=48), background=False)
     prompts = [prompt(40, seed=20 + i) for i in range(3)]
     futures = [engine.submit(job(ids, rid=f"r{i}")) for i, ids in enumerate(prompts)]
@@ -263,7 +311,8 @@ def test_queued_prompts_share_token_budgeted_passes(core: EngineCore, tiny_llama
         assert (out.pool_tokens, out.computed_tokens, out.stored_blocks) == (0, 40, 2)
     pool = "pantry_pool_client_"
     assert metric(core, f"{pool}write_seconds_count") == 3
-    assert metric(core, f"{pool}blocks_stored_total") == 6
+    assert metric(core, f"{pool}blocks_stored_total") == 9
+    assert tails_stored(core) == 3
     assert core.runner.allocator.num_free == core.runner.kv.num_blocks
 
 
@@ -292,4 +341,5 @@ def test_local_blocks_the_pool_evicted_are_written_again(core: EngineCore) -> No
         assert (again.pool_tokens, again.computed_tokens, again.stored_blocks) == (32, 8, 2)
         core.flush_writes()
         assert c.exists(keys) == [True, True]
-    assert metric(core, "pantry_pool_client_blocks_stored_total") == 3
+    # 2 blocks and the tail, then the lost block and the tail again.
+    assert metric(core, "pantry_pool_client_blocks_stored_total") == 5
