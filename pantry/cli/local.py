@@ -87,8 +87,10 @@ class LocalOptions:
     # A decode step is ~150 OpenMP regions of well under a millisecond; a sleeping thread takes
     # long to wake for each. Measured on 2 cores, one decode step alone (8 streams): spinning
     # 44-50 ms, sleeping 69 ms, the same as one thread. Through `pantry local` on a quiet
-    # machine, spinning 10000 gave 1 stream 19 -> 23-24 tok/s; with other processes running,
-    # `vllm bench serve` fell 2.5x (spin 10000) and 10-25% (1000): it stays off by default.
+    # machine, spinning 10000 gave 1 stream 22-23 -> 25-27 tok/s, 8 streams 148-157 -> 161-177
+    # and `vllm bench serve` +10-20%; but with prefill computing beside decode p99/p50 TBT went
+    # 1.46 -> 3.36 (bench/interference.py), and with other processes running `vllm bench serve`
+    # fell 2.5x (spin 10000) and 10-25% (1000): it stays off by default.
     decode_spin: int = field(default=0, metadata={
         "help": "busy-wait loops of decode's waiting OpenMP threads before they sleep "
                 "(GOMP_SPINCOUNT; 10000 is ~0.25 ms here); 0 = sleep at once"})
