@@ -120,6 +120,26 @@ typedef struct {
     float scale;
 } args_t;
 
+/* Block blk of a span [s, e) in `base` (K or V): its rows, the next block's (NULL at the span's
+   end, else prefetched a token ahead) and the tokens [t0, t1) of it inside the span. */
+typedef struct {
+    const float *rows, *next;
+    int64_t t0, t1;
+} block_t;
+
+INLINE block_t block_at(const args_t *a, const float *base, const int64_t *tab, int64_t blk,
+                        int64_t s, int64_t e)
+{
+    const int64_t bs = a->block_size;
+    const block_t out = {
+        base + tab[blk] * a->block_stride,
+        (blk + 1) * bs < e ? base + tab[blk + 1] * a->block_stride : 0,
+        blk * bs < s ? s - blk * bs : 0,
+        (blk + 1) * bs > e ? e - blk * bs : bs,
+    };
+    return out;
+}
+
 /* Positions [s, e) of sequence b for every query head, reading each token's row of every KV
    head once, in cache order. `part` gets per query head the unnormalised sum of values (dim
    floats), then the max score and the sum of the exps. Inlined with constant dim and group:
@@ -133,15 +153,12 @@ INLINE void attend_span(const args_t *a, int64_t b, int64_t s, int64_t e, float 
     const int64_t *tab = a->table + b * a->max_blocks;
     const float *q = a->q + b * heads * dim;
     for (int64_t blk = s / bs; blk * bs < e; blk++) {
-        const float *rows = a->k_base + tab[blk] * a->block_stride;
-        const float *next = (blk + 1) * bs < e ? a->k_base + tab[blk + 1] * a->block_stride : 0;
-        const int64_t t0 = blk * bs < s ? s - blk * bs : 0;
-        const int64_t t1 = (blk + 1) * bs > e ? e - blk * bs : bs;
-        for (int64_t t = t0; t < t1; t++) {
+        const block_t at = block_at(a, a->k_base, tab, blk, s, e);
+        for (int64_t t = at.t0; t < at.t1; t++) {
             const int64_t p = blk * bs + t - s;
-            if (next) prefetch(next + t * a->token_stride, row);
+            if (at.next) prefetch(at.next + t * a->token_stride, row);
             for (int64_t kh = 0; kh < kvh; kh++) {
-                const float *k = rows + t * a->token_stride + kh * a->head_stride;
+                const float *k = at.rows + t * a->token_stride + kh * a->head_stride;
                 vf kv[16];
                 for (int i = 0; i < nv; i++) kv[i] = ld(k + i * VW);
                 for (int g = 0; g < group; g++) {
@@ -164,15 +181,12 @@ INLINE void attend_span(const args_t *a, int64_t b, int64_t s, int64_t e, float 
     /* The sums stay in L1 (heads * dim floats) while the values stream past in cache order:
        holding them in registers instead means several passes over each block. */
     for (int64_t blk = s / bs; blk * bs < e; blk++) {
-        const float *rows = a->v_base + tab[blk] * a->block_stride;
-        const float *next = (blk + 1) * bs < e ? a->v_base + tab[blk + 1] * a->block_stride : 0;
-        const int64_t t0 = blk * bs < s ? s - blk * bs : 0;
-        const int64_t t1 = (blk + 1) * bs > e ? e - blk * bs : bs;
-        for (int64_t t = t0; t < t1; t++) {
+        const block_t at = block_at(a, a->v_base, tab, blk, s, e);
+        for (int64_t t = at.t0; t < at.t1; t++) {
             const int64_t p = blk * bs + t - s;
-            if (next) prefetch(next + t * a->token_stride, row);
+            if (at.next) prefetch(at.next + t * a->token_stride, row);
             for (int64_t kh = 0; kh < kvh; kh++) {
-                const float *v = rows + t * a->token_stride + kh * a->head_stride;
+                const float *v = at.rows + t * a->token_stride + kh * a->head_stride;
                 vf vv[16];
                 for (int i = 0; i < nv; i++) vv[i] = ld(v + i * VW);
                 for (int g = 0; g < group; g++) {
