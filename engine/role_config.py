@@ -52,6 +52,10 @@ class EngineRoleConfig:
         default="float32",
         metadata={"help": f"model and KV cache dtype: {', '.join(DTYPES)}; engines sharing "
                           "blocks agree"})
+    cuda_graphs: bool = field(
+        default=True,
+        metadata={"help": "decode engines on CUDA replay each step of up to 128 sequences as a "
+                          "CUDA graph: one launch a step instead of one per kernel"})
     pool_kv_dtype: str = field(
         default="auto",
         metadata={"help": "KV blocks as stored in the pool: auto (the cache's dtype, exact) or "

@@ -21,7 +21,7 @@ from decode.config import DecodeLimits
 from engine.model_files import DEFAULT_MODEL_SPEC
 from engine.role_config import EngineRoleConfig
 from kvstore.auth import TOKEN_FILE_ENV
-from pantry.common.config_flags import default_of
+from pantry.common.config_flags import default_of, field_like
 from pantry.common.errors import ConfigError
 from pantry.common.serving import format_table, write_ready_file
 
@@ -59,6 +59,11 @@ class LocalOptions:
         metadata={"help": "requests served at once; more get HTTP 429"})
     threads: int = field(default=default_of(EngineRoleConfig, "threads"), metadata={
         "help": "torch threads per engine; 0 = one per CPU it may use"})
+    # Passed to every engine: prefill and decode share blocks, so they must agree.
+    device: str = field_like(EngineRoleConfig, "device")
+    dtype: str = field_like(EngineRoleConfig, "dtype")
+    pool_kv_dtype: str = field_like(EngineRoleConfig, "pool_kv_dtype")
+    cuda_graphs: bool = field_like(EngineRoleConfig, "cuda_graphs")
     prefill_engines: int = field(default=1, metadata={"help": "prefill engines to start"})
     decode_engines: int = field(default=1, metadata={"help": "decode engines to start"})
     # Measured in bench/cpu_split.py: pinning halves a cold prefill (one core of two) and
@@ -121,6 +126,9 @@ class LocalOptions:
         if not 0 <= self.prefill_nice <= 19:
             raise ConfigError(f"prefill_nice: {self.prefill_nice} is not a nice increment "
                               "from 0 to 19")
+        # The engines' own checks, here, before any process starts.
+        EngineRoleConfig(model=self.model, kv_master="localhost:1", engine_id="check",
+                         device=self.device, dtype=self.dtype, pool_kv_dtype=self.pool_kv_dtype)
 
 
 def split_cpus(prefill_engines: int = 1, decode_engines: int = 1) -> tuple[list[str], list[str]]:
@@ -235,7 +243,10 @@ class LocalCluster:
         engine_args = ["--model", o.model, "--kv-master", master.address, "--host", o.host,
                        "--port", "0", "--block-size", str(o.block_size),
                        "--kv-cache-bytes", str(o.kv_cache_bytes),
-                       "--max-model-len", str(o.max_model_len), "--threads", str(o.threads)]
+                       "--max-model-len", str(o.max_model_len), "--threads", str(o.threads),
+                       "--device", o.device, "--dtype", o.dtype,
+                       "--pool-kv-dtype", o.pool_kv_dtype,
+                       "--cuda-graphs" if o.cuda_graphs else "--no-cuda-graphs"]
         prefill_cpus, decode_cpus = (split_cpus(o.prefill_engines, o.decode_engines) if o.pin
                                      else ([""] * o.prefill_engines, [""] * o.decode_engines))
         # Shared CPUs: an engine's OpenMP threads that wait would otherwise spin on the cores

@@ -104,6 +104,13 @@ def default_of(cls: type[Any], name: str) -> Any:
     return default
 
 
+def field_like(cls: type[Any], name: str) -> Any:
+    """A field with another config's default and help for the same setting (a role's flag that
+    `pantry local` passes on): both written once, where the role defines them."""
+    source = next(f for f in dataclasses.fields(cls) if f.name == name)
+    return dataclasses.field(default=default_of(cls, name), metadata=source.metadata)
+
+
 def config_from_args(cls: type[T], ns: argparse.Namespace, **overrides: Any) -> T:
     """The config dataclass from parsed flags; `overrides` win over the namespace."""
     values: dict[str, Any] = {}

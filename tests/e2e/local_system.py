@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -19,6 +20,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from pantry.v1 import engine_pb2, engine_pb2_grpc
 
 START_TIMEOUT_S = 240.0
+# Flags every system here is started with, before each test's own (a later flag wins): on a GPU
+# machine bench/gpu_check.sh runs the oracle tests with "--device cuda".
+EXTRA_ARGS_ENV = "PANTRY_E2E_ARGS"
 
 
 @dataclass
@@ -88,7 +92,8 @@ def start_local(model: str, workdir: Path, *extra: str) -> LocalSystem:
     proc = subprocess.Popen(
         [sys.executable, "-m", "pantry", "local", "--model", model, "--http-port", "0",
          "--grpc-port", "0", "--ready-file", str(ready), "--log-dir", str(log_dir),
-         "--decode-prefill-tokens", "0", *extra],
+         "--decode-prefill-tokens", "0", *shlex.split(os.environ.get(EXTRA_ARGS_ENV, "")),
+         *extra],
         stdout=open(workdir / "local.out", "wb"), stderr=subprocess.STDOUT, env=env,  # noqa: SIM115
     )
     deadline = time.monotonic() + START_TIMEOUT_S
