@@ -84,6 +84,8 @@ class DecodeEngine(EngineLoop):
         # loop's puller, so the sequences already generating do not wait for it.
         super().__init__(core, "decode")
         self.limits = limits or DecodeLimits()
+        if core.runner.graphs is not None:  # captured now, not in the first steps served
+            core.runner.graphs.capture(self.limits.max_running)
         self._sampler = Sampler()
         self._stops = StopChecker(core.description.eos_token_ids)
         self._waiting: collections.deque[Sequence] = collections.deque()

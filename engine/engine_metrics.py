@@ -113,6 +113,10 @@ class EngineMetrics:
             "pantry_engine_prompt_tails_pulled",
             "Decode: handoffs whose prompt's partial last block came from the pool, so decode "
             "computed none of the prompt.")
+        self.cuda_graph_steps = gauge(
+            "pantry_engine_cuda_graph_steps",
+            "Decode steps replayed as CUDA graphs since start (0 where graphs are off or the "
+            "device is a CPU).")
         self.waiting = gauge("pantry_engine_waiting_requests", "Requests queued, not started.")
         self.running = gauge("pantry_engine_running_requests", "Requests being computed.")
         self.free_blocks = gauge("pantry_engine_kv_free_blocks", "Free KV cache blocks.")

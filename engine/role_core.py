@@ -54,7 +54,8 @@ class EngineCore:
         )
         min_blocks = math.ceil(self.max_model_len / config.block_size) + 1
         num_blocks = max(config.kv_cache_bytes // block_nbytes, min_blocks)
-        self.runner = ModelRunner(loaded, num_blocks=num_blocks, block_size=config.block_size)
+        self.runner = ModelRunner(loaded, num_blocks=num_blocks, block_size=config.block_size,
+                                  cuda_graphs=config.cuda_graphs and role == "decode")
         fingerprint = layout_fingerprint(
             loaded.model_id, loaded.weights_digest, loaded.dtype, config.block_size,
             pool_kv_dtype=config.pool_kv_dtype,
@@ -67,6 +68,8 @@ class EngineCore:
         self.metrics.watch_cache(lambda: self.runner.allocator.num_free,
                                  lambda: self.runner.kv.num_blocks)
         self.metrics.cached_blocks.set_function(lambda: self.runner.allocator.num_cached)
+        graphs = self.runner.graphs
+        self.metrics.cuda_graph_steps.set_function(lambda: 0 if graphs is None else graphs.replays)
         self.transfer = PoolTransfer(pool, self.runner.kv, fingerprint, self.metrics.pool,
                                      config.pool_kv_dtype)
         # Writes into the pool run here, off the caller's thread. Single-threaded: a second

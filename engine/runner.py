@@ -12,6 +12,7 @@ from engine import cpu_paged_attention
 from engine.attention import AttentionBatch
 from engine.block_manager import BlockPool
 from engine.config import ModelConfig
+from engine.cuda_graphs import DecodeGraphs
 from engine.errors import InvalidStep
 from engine.kv_cache import PagedKVCache
 from engine.loader import LoadedModel
@@ -29,7 +30,8 @@ class SeqStep:
 
 class ModelRunner:
     def __init__(
-        self, loaded: LoadedModel, *, num_blocks: int, block_size: int = DEFAULT_BLOCK_SIZE
+        self, loaded: LoadedModel, *, num_blocks: int, block_size: int = DEFAULT_BLOCK_SIZE,
+        cuda_graphs: bool = False,
     ) -> None:
         if block_size <= 0:
             raise ValueError(f"block_size must be positive, got {block_size}")
@@ -38,18 +40,31 @@ class ModelRunner:
         self.config: ModelConfig = loaded.config
         self.block_size = block_size
         self.device = next(self.model.parameters()).device
+        graphs = cuda_graphs and self.device.type == "cuda"
+        # A graph's padding rows write and read one block that no sequence is given.
+        total_blocks = num_blocks + 1 if graphs else num_blocks
         self.kv = PagedKVCache(
             num_layers=self.config.num_layers,
-            num_blocks=num_blocks,
+            num_blocks=total_blocks,
             block_size=block_size,
             num_kv_heads=self.config.num_kv_heads,
             head_dim=self.config.head_dim,
             dtype=loaded.dtype,
             device=str(self.device),
         )
-        self.allocator = BlockPool(num_blocks)
+        self.allocator = BlockPool(total_blocks)
+        self.graphs: DecodeGraphs | None = None
+        if graphs:
+            self.graphs = DecodeGraphs(
+                self._forward_logits, device=self.device, block_size=block_size,
+                max_blocks=-(-self.config.max_position_embeddings // block_size),
+                scratch_block=self.allocator.allocate(1)[0],
+                sliding_window=self.config.sliding_window)
         if self.device.type == "cpu":
             cpu_paged_attention.available()  # built now (~3 s, once a machine), not in a first step
+
+    def _forward_logits(self, ids: Tensor, positions: Tensor, batch: AttentionBatch) -> Tensor:
+        return self.model.compute_logits(self.model(ids, positions, batch, self.kv))
 
     def _validate(self, seq: SeqStep) -> None:
         if not seq.token_ids:
@@ -77,6 +92,10 @@ class ModelRunner:
             raise InvalidStep("step() needs at least one SeqStep")
         for seq in seqs:
             self._validate(seq)
+        if self.graphs is not None:
+            replayed = self.graphs.step(seqs)
+            if replayed is not None:
+                return replayed
         ids: list[int] = []
         positions: list[int] = []
         for seq in seqs:
