@@ -2,11 +2,15 @@
 shape (random weights: the embedded GGUF is too large to travel to a lent GPU machine, and speed
 does not depend on the weights' values), float32 and bfloat16, at 1, 8 and 64 streams.
 
-In the same run and process, the baseline: decode attention through the torch reference
-(`reference_paged_decode_attention`, gather + einsum on the GPU) instead of the Triton kernel.
-Each step brings the sampled ids back to the host, as serving does.
+Three ways in the same run and process, each step bringing the sampled ids back to the host as
+serving does:
+  graphs     each step replayed as a CUDA graph (engine/cuda_graphs.py), what decode engines run;
+  eager      the same step launched kernel by kernel (the baseline);
+  torch-ref  eager, with the torch reference attention (`reference_paged_decode_attention`,
+             gather + einsum) instead of the Triton kernel.
 
-    python3 bench/gpu_check.py [--context 256] [--steps 64] [--streams 1 8 64] [--json FILE]
+    python3 bench/gpu_check.py [--context 256] [--steps 64] [--streams 1 8 64]
+                               [--variants graphs eager torch-ref] [--json FILE]
 """
 
 from __future__ import annotations
@@ -16,7 +20,6 @@ import json
 import statistics
 import sys
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +60,8 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--streams", type=int, nargs="+", default=[1, 8, 64])
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--variants", nargs="+", default=["graphs", "eager", "torch-ref"],
+                    choices=["graphs", "eager", "torch-ref"])
     ap.add_argument("--json", default=None)
     ns = ap.parse_args()
     if not torch.cuda.is_available():
@@ -64,10 +69,6 @@ def main() -> int:
         return 2
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, SmolLM2-135M shape, "
           f"context {ns.context}, {ns.steps} steps, median of {ns.reps}")
-    kernels: dict[str, Callable[..., torch.Tensor]] = {
-        "triton": triton_kernels.paged_decode_attention,
-        "torch-ref": triton_kernels.reference_paged_decode_attention,
-    }
     rows: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         path = smollm2_shaped(Path(tmp))
@@ -75,25 +76,32 @@ def main() -> int:
             dname = str(dtype).removeprefix("torch.")
             loaded = load_model(path, dtype=dtype, device="cuda")
             blocks = max(ns.streams) * (-(-(ns.context + ns.steps + 1) // 16)) + 1
-            runner = ModelRunner(loaded, num_blocks=blocks, block_size=16)
-            # Warm-up: compiles the kernels.
-            decode_rate(runner, 2, 32, 4, seed=0, sync=torch.cuda.synchronize)
+            runners = {graphs: ModelRunner(loaded, num_blocks=blocks, block_size=16,
+                                           cuda_graphs=graphs) for graphs in (True, False)}
+            for runner in runners.values():  # warm-up: compiles the kernels
+                decode_rate(runner, 2, 32, 4, seed=0, sync=torch.cuda.synchronize)
             for streams in ns.streams:
-                for name, fn in kernels.items():
-                    attention.paged_decode_attention = fn  # type: ignore[assignment]
+                for name in ns.variants:
+                    runner = runners[name == "graphs"]
+                    if name == "torch-ref":
+                        attention.paged_decode_attention = (  # type: ignore[assignment]
+                            triton_kernels.reference_paged_decode_attention)
                     try:
-                        # This shape's warm-up.
+                        # This shape's warm-up (and capture, for graphs).
                         decode_rate(runner, streams, 32, 2, seed=1, sync=torch.cuda.synchronize)
                         rows[f"{dname} {streams} {name}"] = statistics.median(
                             decode_rate(runner, streams, ns.context, ns.steps, seed=r,
                                         sync=torch.cuda.synchronize)
                             for r in range(ns.reps))
                     finally:
-                        attention.paged_decode_attention = kernels["triton"]  # type: ignore[assignment]
-                fast, ref = rows[f"{dname} {streams} triton"], rows[f"{dname} {streams} torch-ref"]
-                print(f"{dname:9} {streams:3} streams: {fast:9.1f} tok/s with the Triton kernel, "
-                      f"{ref:8.1f} with the torch reference attention ({fast / ref:.2f}x)")
-            del runner, loaded
+                        attention.paged_decode_attention = triton_kernels.paged_decode_attention
+                base = rows.get(f"{dname} {streams} eager")
+                print(f"{dname:9} {streams:3} streams: " + ", ".join(
+                    f"{name} {rows[f'{dname} {streams} {name}']:8.1f} tok/s"
+                    + (f" ({rows[f'{dname} {streams} {name}'] / base:.2f}x eager)"
+                       if base and name != "eager" else "")
+                    for name in ns.variants), flush=True)
+            del runners, runner, loaded
             torch.cuda.empty_cache()
     if ns.json:
         Path(ns.json).write_text(json.dumps(rows, indent=2))

@@ -24,11 +24,11 @@ from pantry.cli.client_stream import stream_request
 TARGET_RATIO_2048 = 0.2
 
 
-def start_pantry(workdir: Path, max_len: int, *extra: str
+def start_pantry(workdir: Path, max_len: int, *extra: str, model: str = "smollm2"
                  ) -> tuple[subprocess.Popen[bytes], dict[str, str]]:
     ready = workdir / "ready.json"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pantry", "local", "--model", "smollm2", "--http-port", "0",
+        [sys.executable, "-m", "pantry", "local", "--model", model, "--http-port", "0",
          "--grpc-port", "0", "--max-model-len", str(max_len), "--ready-file", str(ready),
          "--log-dir", str(workdir / "logs"), *extra],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
