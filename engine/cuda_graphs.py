@@ -134,13 +134,8 @@ class DecodeGraphs:
         ids, positions, slots, blocks, offsets, lens, table = self._views(size)
         decode = DecodeGroup(
             rows=torch.arange(size, dtype=torch.int64, device=self.device),
-            block_table=table,
-            # The CUDA kernel reads seq_lens; the mask is for the torch paths, never taken here.
-            key_mask=torch.ones((size, 1, 1, 1), dtype=torch.bool, device=self.device),
-            max_blocks=self.max_blocks,
-            seq_lens=lens,
-            sliding_window=self.sliding_window,
-        )
+            block_table=table, seq_lens=lens, max_blocks=self.max_blocks,
+            block_size=self.block_size, sliding_window=self.sliding_window)
         batch = AttentionBatch(
             query_lens=(1,) * size, context_lens=(0,) * size, block_tables=(),
             slot_mapping=slots, block_size=self.block_size, slot_index=(blocks, offsets),

@@ -132,31 +132,34 @@ def test_only_a_lone_sequence_skips_the_mask() -> None:
     assert after_decode.prefill.lone == (1, 6) and after_decode.prefill.mask is None
 
 
-def test_step_made_mask_and_slot_split_change_no_bit() -> None:
-    """The float mask and the (block, offset) split made once a step are exactly what each
-    layer would otherwise make: decode through them is bit-identical to decode without them."""
+def test_step_made_mask_and_slot_split_change_no_bit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The (block, offset) split made once a step is exactly what each layer would otherwise
+    make, and the decode masks are made only when the torch path needs them, once: decode
+    through them is bit-identical to decode without them."""
     q_lens, ctx_lens = [1, 1, 1, 4], [0, 5, 17, 3]
     batch = AttentionBatch.build(q_lens, ctx_lens, [[3, 9], [1, 4], [0, 7, 2, 8, 6], [5, 10]],
                                  BLOCK, sliding_window=6)
     dec = batch.decode
-    assert dec is not None and dec.key_bias is not None and batch.slot_index is not None
-    bias = dec.key_bias.flatten(1)
-    assert torch.equal(bias == 0, dec.key_mask.flatten(1))
-    assert bias.dtype == torch.float32 and torch.equal(bias != 0, bias == float("-inf"))
+    assert dec is not None and batch.slot_index is not None
+    assert "key_mask" not in vars(dec) and "key_bias" not in vars(dec)  # not made by build
     assert batch.slot_index[0].tolist() == [3, 4, 6, 5, 10, 10, 10]
     assert batch.slot_index[1].tolist() == [0, 1, 1, 3, 0, 1, 2]
-    bare = dataclasses.replace(batch, slot_index=None,
-                               decode=dataclasses.replace(dec, key_bias=None))
+    bare = dataclasses.replace(batch, slot_index=None)
     g = torch.Generator().manual_seed(3)
     shape = (NUM_BLOCKS, BLOCK, KV_HEADS, HD)
     k_cache, v_cache = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
     t = sum(q_lens)
     q = torch.randn(t, HEADS, HD, generator=g)
     k, v = torch.randn(t, KV_HEADS, HD, generator=g), torch.randn(t, KV_HEADS, HD, generator=g)
+    monkeypatch.setattr(cpu_paged_attention, "available", lambda: False)  # the torch path
     caches = [(k_cache.clone(), v_cache.clone()) for _ in range(2)]
     ours = batched_paged_attention(q, k, v, *caches[0], batch, HD**-0.5)
     plain = batched_paged_attention(q, k, v, *caches[1], bare, HD**-0.5)
     assert torch.equal(ours, plain)
     assert torch.equal(caches[0][0], caches[1][0]) and torch.equal(caches[0][1], caches[1][1])
+    bias = dec.key_bias.flatten(1)
+    assert torch.equal(bias == 0, dec.key_mask.flatten(1))
+    assert bias.dtype == torch.float32 and torch.equal(bias != 0, bias == float("-inf"))
+    assert vars(dec)["key_bias"] is dec.key_bias  # made once, kept for every layer
     ref = reference_paged_attention(q, k, v, k_cache, v_cache, batch, HD**-0.5)
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
