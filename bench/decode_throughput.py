@@ -3,6 +3,8 @@ and 8 streams, measured in the same run against two baselines:
 
   * the per-sequence torch reference attention (`reference_paged_attention`) against the
     batched one the engine uses, in this process on the same loaded model;
+  * the few-row linears on our thread pool (engine.cpu_linear_pool, the engine's default)
+    against oneDNN for every input, in this process on the same loaded model, alternated;
   * with `--baseline-tree DIR` (a checkout of an earlier commit, e.g. `git archive HEAD`), that
     tree's whole engine (its model, attention and matmuls), in a subprocess, alternating with
     this tree's, so both see the same machine.
@@ -26,7 +28,9 @@ from pathlib import Path
 
 import torch
 
+from engine import cpu_linear_pool
 from engine.loader import load_model
+from engine.packed_linear import PackedLinear
 from engine.runner import ModelRunner, SeqStep
 
 HERE = Path(__file__).resolve()
@@ -69,7 +73,7 @@ def measure(ns: argparse.Namespace, attention_fns: dict[str, object]) -> dict[st
         for streams in ns.streams:
             for name, fn in (attention_fns or {"engine": None}).items():
                 if fn is not None:
-                    model_cls.attention_fn = staticmethod(fn)  # type: ignore[assignment]
+                    model_cls.attention_fn = staticmethod(fn)  # type: ignore[assignment, arg-type]
                 rates[f"{name} {streams}"] = statistics.median(
                     decode_rate(runner, streams, ns.context, ns.steps, seed=rep)
                     for rep in range(ns.reps))
@@ -77,6 +81,29 @@ def measure(ns: argparse.Namespace, attention_fns: dict[str, object]) -> dict[st
     finally:
         model_cls.attention_fn = default_fn
     return rates
+
+
+def measure_linears(ns: argparse.Namespace) -> dict[str, float]:
+    """{"<pool|oneDNN> <streams>": tok/s}: each decode run with the linears' pool copies in
+    use, then set aside (oneDNN for every input), alternated, medians."""
+    runner = ModelRunner(load_model("smollm2"), num_blocks=max(ns.streams) * (
+        -(-(ns.context + ns.steps) // 16) + 2))
+    linears = [m for m in runner.model.modules() if isinstance(m, PackedLinear)]
+    copies = [m.few_rows for m in linears]
+    runs: dict[str, list[float]] = {}
+    try:
+        decode_rate(runner, 1, 32, 4, seed=0)
+        for streams in ns.streams:
+            for rep in range(ns.reps):
+                for name in ("pool", "oneDNN"):
+                    for m, copy in zip(linears, copies, strict=True):
+                        m.few_rows = copy if name == "pool" else None
+                    runs.setdefault(f"{name} {streams}", []).append(
+                        decode_rate(runner, streams, ns.context, ns.steps, seed=rep))
+    finally:
+        for m, copy in zip(linears, copies, strict=True):
+            m.few_rows = copy
+    return {key: statistics.median(rates) for key, rates in runs.items()}
 
 
 def in_subprocess(tree: Path, ns: argparse.Namespace) -> dict[str, float]:
@@ -133,6 +160,18 @@ def main() -> int:
         for name in ("reference (per sequence)", "batched"):
             rate = rates[f"{name} {streams}"]
             print(f"{name:<26} {streams:>7} {rate:>9.1f} {rate / base:>12.2f}x")
+    if cpu_linear_pool.available():
+        rates = measure_linears(ns)
+        print(f"\nfew-row linears (<= {cpu_linear_pool.MAX_ROWS} rows), this tree, same process, "
+              f"alternated ({cpu_linear_pool.threads()} pool threads)")
+        print(f"{'linears':<26} {'streams':>7} {'tok/s':>9} {'vs oneDNN':>13}")
+        for streams in ns.streams:
+            base = rates[f"oneDNN {streams}"]
+            for name in ("oneDNN", "pool"):
+                rate = rates[f"{name} {streams}"]
+                print(f"{name:<26} {streams:>7} {rate:>9.1f} {rate / base:>12.2f}x")
+    else:
+        print(f"\nno linear pool: {cpu_linear_pool.unavailable_reason()}")
     return 0
 
 

@@ -10,27 +10,23 @@ computed eight at a time. Head sizes 64 and 128 with up to 8 query heads per KV 
 unrolled at compile time; any other shape runs the same steps in scalar loops. The same role as
 the Triton kernel plays on CUDA.
 
-It is C compiled on first use with the machine's C compiler (`cc`, or $CC) into a cache
-directory ($PANTRY_KERNEL_CACHE, default ~/.cache/pantry/kernels), keyed by source, compiler
-flags and CPU, and loaded with ctypes. Where no compiler works, `available()` is False and
-the engine keeps the torch path; `unavailable_reason()` says why.
+It is C compiled on first use with the machine's C compiler (engine.kernel_build) and loaded
+with ctypes. Where no compiler works, `available()` is False and the engine keeps the torch
+path; `unavailable_reason()` says why.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
 import os
-import platform
-import shutil
 import subprocess
-import tempfile
 import threading
-from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from engine.kernel_build import compile_library
 
 log = logging.getLogger(__name__)
 
@@ -320,37 +316,8 @@ def _flags() -> list[str]:
             "-fPIC", "-shared"]
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("model name", "flags")):
-                return line
-    except OSError:
-        pass
-    return platform.processor()
-
-
 def _build() -> ctypes.CDLL:
-    flags = _flags()
-    key = hashlib.sha256("\0".join([_SOURCE, *flags, platform.machine(),
-                                    _cpu_name()]).encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("PANTRY_KERNEL_CACHE",
-                                Path.home() / ".cache" / "pantry" / "kernels"))
-    lib = cache / f"paged_decode-{key}.so"
-    if not lib.exists():
-        cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-        if cc is None:
-            raise RuntimeError("no C compiler (cc, gcc or $CC) on this machine")
-        cache.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=cache) as tmp:
-            src = Path(tmp) / "paged_decode.c"
-            src.write_text(_SOURCE)
-            built = Path(tmp) / "out.so"
-            done = subprocess.run([cc, *flags, str(src), "-o", str(built), "-lm"],
-                                  capture_output=True, text=True, timeout=120)
-            if done.returncode:
-                raise RuntimeError(f"{cc} failed: {done.stderr.strip()[-500:]}")
-            os.replace(built, lib)  # atomic: processes building at once each get a whole file
+    lib = compile_library("paged_decode", _SOURCE, _flags())
     # torch has loaded its libgomp already: the library's libgomp.so.1 resolves to that one,
     # so the kernel runs on torch's OpenMP threads, not a second pool.
     handle = ctypes.CDLL(str(lib))

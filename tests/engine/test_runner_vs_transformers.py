@@ -198,18 +198,17 @@ def test_mistral_sliding_window_matches_transformers(
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_one_thread_one_row_path_matches_transformers(tiny_model_dirs: dict[str, Path],
+def test_one_thread_few_row_path_matches_transformers(tiny_model_dirs: dict[str, Path],
                                                       models: dict, variant: str) -> None:
-    """On one thread the loader keeps each weight's one-row copy and decode steps of one
-    sequence go through it (engine.packed_linear): still transformers' tokens."""
+    """On one thread decode steps run on the linear pool's caller alone
+    (engine.cpu_linear_pool): still transformers' tokens."""
     _, hf = models[variant]
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         loaded = load_model(tiny_model_dirs[variant])
         linears = [m for m in loaded.model.modules() if isinstance(m, PackedLinear)]
-        assert linears and all(m.one_row is not None for m in linears)
-        assert {m.wide for m in linears} == {True, False}  # both one-row kinds are exercised
+        assert linears and all(m.few_rows is not None for m in linears)
         prompt = prompt_ids(17, seed=17)
         ours, _ = run_greedy(loaded, prompt, new_tokens=2 * NEW_TOKENS)
     finally:

@@ -89,14 +89,14 @@ def test_logits_and_greedy_match_transformers(
 
 
 def _greedy_on_one_thread(ids: list[int], n: int) -> list[int]:
-    """Greedy tokens from a model loaded and run on one thread: its decode steps take the
-    one-row weight copies (engine.packed_linear), a different matmul than on two threads."""
+    """Greedy tokens from a model loaded and run on one thread: its decode steps run on the
+    linear pool's caller alone (engine.cpu_linear_pool), not split over two threads."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         loaded = load_model("smollm2")
         head = loaded.model.lm_head
-        assert isinstance(head, PackedLinear) and head.one_row is not None
+        assert isinstance(head, PackedLinear) and head.few_rows is not None
         runner = ModelRunner(loaded, num_blocks=16)
         blocks = tuple(runner.allocator.allocate(8))
         logits = runner.step([SeqStep(tuple(ids), 0, blocks)])
