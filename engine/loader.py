@@ -38,19 +38,23 @@ class LoadedModel:
 
 
 def load_model(
-    spec: str | Path, *, dtype: torch.dtype = torch.float32, device: str = "cpu"
+    spec: str | Path, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
+    few_rows: bool = True,
 ) -> LoadedModel:
+    """`few_rows`: on CPU, keep each linear's copy for decode-sized inputs
+    (engine.packed_linear); an engine that computes only prompts does without it."""
     path = resolve_model_path(spec)
     if is_gguf(path):
         gguf = GGUFFile.open(path)
         config = gguf.model_config()
         arrays = gguf.tensors(config)
-        model = _build(config, ((n, torch.from_numpy(a)) for n, a in arrays), dtype, device)
+        model = _build(config, ((n, torch.from_numpy(a)) for n, a in arrays), dtype, device,
+                       few_rows)
         files = [path]
     else:
         config = hf_config(path)
         files = _safetensors_files(path)
-        model = _build(config, _iter_safetensors(files), dtype, device)
+        model = _build(config, _iter_safetensors(files), dtype, device, few_rows)
     return LoadedModel(
         config=config,
         model=model,
@@ -83,6 +87,7 @@ def _build(
     tensors: Iterable[tuple[str, torch.Tensor]],
     dtype: torch.dtype,
     device: str,
+    few_rows: bool = True,
 ) -> CausalLM:
     # Built on the meta device so no time is spent on random init that is overwritten anyway.
     with torch.device("meta"):
@@ -108,5 +113,5 @@ def _build(
     model.model.rotary_emb.inv_freq = inverse_frequencies(config).to(device)
     model.fuse_projections()
     if can_pack(model):
-        pack_linears(model)
+        pack_linears(model, few_rows=few_rows)
     return model.eval()

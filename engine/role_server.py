@@ -35,7 +35,10 @@ def build_core(config: EngineRoleConfig, role: str) -> EngineCore:
     if config.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device: {config.device} asked for, but torch sees no CUDA device "
                           "here; use --device cpu")
-    loaded = load_model(config.model, dtype=getattr(torch, config.dtype), device=config.device)
+    # Prefill computes prompts, whose inputs are too many rows for the few-row linears: the
+    # copy they keep (~540 MB on SmolLM2) would only take memory there.
+    loaded = load_model(config.model, dtype=getattr(torch, config.dtype), device=config.device,
+                        few_rows=role != "prefill")
     token = load_token(config.token_file) if config.token_file else None
     pool = KVStoreClient(config.kv_master, token=token)
     core = EngineCore(config, role, loaded, pool)

@@ -187,3 +187,19 @@ def test_a_process_using_the_pool_forks_idles_and_exits() -> None:
     assert lines[1] == "forked-ok"
     assert lines[0].startswith("idle-cpu ")
     assert float(lines[0].split()[1]) < 0.05  # asleep: 0.5 s spinning would be ~0.5 s of CPU
+
+
+def test_a_model_loaded_without_few_rows_keeps_no_pool_copy(tiny_llama: Path) -> None:
+    """What prefill engines load: every linear on oneDNN alone, and the same greedy logits."""
+    from engine.loader import load_model
+    from engine.runner import ModelRunner, SeqStep
+
+    plain = load_model(tiny_llama, few_rows=False)
+    linears = [m for m in plain.model.modules() if isinstance(m, PackedLinear)]
+    assert linears and all(m.few_rows is None for m in linears)
+    full = load_model(tiny_llama)
+    assert all(m.few_rows is not None for m in full.model.modules()
+               if isinstance(m, PackedLinear)) == pool.available()
+    logits = [ModelRunner(m, num_blocks=4).step([SeqStep(tuple(range(3, 40)), 0, (0, 1, 2))])
+              for m in (plain, full)]
+    torch.testing.assert_close(logits[0], logits[1], atol=1e-4, rtol=1e-4)
