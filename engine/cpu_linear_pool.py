@@ -36,18 +36,14 @@ them), and a forked child, which has none, runs its calls on the caller alone.
 from __future__ import annotations
 
 import ctypes
-import logging
 import os
-import subprocess
 import threading
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from engine.kernel_build import compile_library
-
-log = logging.getLogger(__name__)
+from engine.kernel_build import KernelLibrary, compile_library
 
 # How long an idle helper spins before it sleeps. A step's matmuls come tens of us apart;
 # measured 8 streams, 20 / 200 / 1000 us: the longer the window, the faster the matmuls but the
@@ -311,8 +307,6 @@ void pantry_linear(const float *x, const float *w, const float *bias, float *y, 
 """
 
 _lock = threading.Lock()
-_lib: ctypes.CDLL | None = None
-_reason: str | None = None
 _threads = 0  # the pool's size once started; 0 before
 
 
@@ -336,36 +330,26 @@ def _build() -> ctypes.CDLL:
     return handle
 
 
+_kernel = KernelLibrary("CPU linear pool", "oneDNN", _build,
+                        ("PANTRY_CPU_KERNELS", "PANTRY_CPU_LINEAR_POOL"))
+
+
 def available() -> bool:
     """Whether the kernel is built and loaded (built on the first call) and not switched off."""
-    global _lib, _reason
-    if _lib is not None or _reason is not None:
-        return _lib is not None
-    with _lock:
-        if _lib is None and _reason is None:
-            for switch in ("PANTRY_CPU_KERNELS", "PANTRY_CPU_LINEAR_POOL"):
-                if os.environ.get(switch, "1") == "0":
-                    _reason = f"{switch}=0"
-                    return False
-            try:
-                _lib = _build()
-            except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-                _reason = str(exc)
-                log.warning("CPU linear pool unavailable, using oneDNN: %s", exc)
-    return _lib is not None
+    return _kernel.available()
 
 
 def unavailable_reason() -> str | None:
-    available()
-    return _reason
+    return _kernel.unavailable_reason()
 
 
 def set_threads(threads: int) -> None:
     """The pool becomes the calling thread plus `threads - 1` helpers (1: the caller alone)."""
     global _threads
-    assert _lib is not None, "call available() first"
+    lib = _kernel.lib
+    assert lib is not None, "call available() first"
     assert threads >= 1
-    _lib.pantry_pool_resize(threads, SPIN_US * 1000)
+    lib.pantry_pool_resize(threads, SPIN_US * 1000)
     _threads = threads
 
 
@@ -381,8 +365,9 @@ def threads() -> int:
 
 def helped_blocks() -> int:
     """Blocks the helpers have computed since the library was loaded (the rest: callers)."""
-    assert _lib is not None, "call available() first"
-    return int(_lib.pantry_pool_helped())
+    lib = _kernel.lib
+    assert lib is not None, "call available() first"
+    return int(lib.pantry_pool_helped())
 
 
 @dataclass(frozen=True)
@@ -397,9 +382,10 @@ class PoolWeight:
 
 def pack(weight: Tensor, bias: Tensor | None) -> PoolWeight:
     """weight [out, in] float32 (and bias [out]) -> the blocked copy; starts the pool."""
-    assert _lib is not None, "call available() first"
+    lib = _kernel.lib
+    assert lib is not None, "call available() first"
     assert weight.dtype == torch.float32 and weight.dim() == 2 and weight.device.type == "cpu"
-    block = _lib.pantry_linear_block()
+    block = lib.pantry_linear_block()
     out, fan_in = weight.shape
     blocks = -(-out // block)
     assert blocks < 1 << 16, "a job's blocks are counted in 16 bits"
@@ -416,13 +402,14 @@ def pack(weight: Tensor, bias: Tensor | None) -> PoolWeight:
 
 def linear(x: Tensor, weight: PoolWeight) -> Tensor:
     """x [rows, in] float32, contiguous -> x @ W^T + bias, [rows, out]."""
-    assert _lib is not None, "call available() first"
+    lib = _kernel.lib
+    assert lib is not None, "call available() first"
     assert x.dtype == torch.float32 and x.is_contiguous() and x.dim() == 2
     assert x.shape[1] == weight.blocked.shape[1]
     threads()
     y = torch.empty(x.shape[0], weight.out_features, dtype=torch.float32)
     bias = weight.bias
-    _lib.pantry_linear(x.data_ptr(), weight.blocked.data_ptr(),
+    lib.pantry_linear(x.data_ptr(), weight.blocked.data_ptr(),
                        None if bias is None else bias.data_ptr(), y.data_ptr(), x.shape[0],
                        x.shape[1], weight.out_features)
     return y

@@ -18,17 +18,11 @@ path; `unavailable_reason()` says why.
 from __future__ import annotations
 
 import ctypes
-import logging
-import os
-import subprocess
-import threading
 
 import torch
 from torch import Tensor
 
-from engine.kernel_build import compile_library
-
-log = logging.getLogger(__name__)
+from engine.kernel_build import KernelLibrary, compile_library
 
 # Per span of up to SPAN positions of a sequence: scores of every query head (each token's row
 # of every KV head read once, in cache order), their exps, then the weighted sum of values;
@@ -305,10 +299,6 @@ void pantry_paged_decode(
 }
 """
 
-_lock = threading.Lock()
-_lib: ctypes.CDLL | None = None
-_reason: str | None = None
-
 
 def _flags() -> list[str]:
     # -march=native: the cache key names the CPU, so a library is only loaded where built.
@@ -329,27 +319,16 @@ def _build() -> ctypes.CDLL:
     return handle
 
 
+_kernel = KernelLibrary("CPU paged attention kernel", "torch", _build)
+
+
 def available() -> bool:
-    """Whether the kernel is built and loaded (built on the first call)."""
-    global _lib, _reason
-    if _lib is not None or _reason is not None:
-        return _lib is not None
-    with _lock:
-        if _lib is None and _reason is None:
-            if os.environ.get("PANTRY_CPU_KERNELS", "1") == "0":
-                _reason = "PANTRY_CPU_KERNELS=0"
-            else:
-                try:
-                    _lib = _build()
-                except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-                    _reason = str(exc)
-                    log.warning("CPU paged attention kernel unavailable, using torch: %s", exc)
-    return _lib is not None
+    """Whether the kernel is built and loaded (built on the first call) and not switched off."""
+    return _kernel.available()
 
 
 def unavailable_reason() -> str | None:
-    available()
-    return _reason
+    return _kernel.unavailable_reason()
 
 
 def paged_decode_attention_cpu(
@@ -359,7 +338,8 @@ def paged_decode_attention_cpu(
     """q [B, H, hd] float32; k_cache/v_cache one layer's [num_blocks, block_size, n_kv, hd]
     views of the cache (strided over blocks); block_table [B, max_blocks] int64; seq_lens [B]
     int64 keys per sequence, the new token's included -> [B, H, hd]."""
-    assert _lib is not None, "call available() first"
+    lib = _kernel.lib
+    assert lib is not None, "call available() first"
     b, heads, dim = q.shape
     num_blocks, block_size, kv_heads, hd = k_cache.shape
     assert q.dtype == k_cache.dtype == v_cache.dtype == torch.float32 and hd == dim
@@ -370,7 +350,7 @@ def paged_decode_attention_cpu(
     lens = seq_lens.contiguous()
     assert table.dtype == lens.dtype == torch.int64 and table.shape[0] == b
     out = torch.empty_like(q)
-    _lib.pantry_paged_decode(
+    lib.pantry_paged_decode(
         q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         table.data_ptr(), table.shape[1], lens.data_ptr(),

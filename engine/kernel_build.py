@@ -5,13 +5,19 @@ kind of CPU it was built for. The callers load the file with ctypes."""
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
+import logging
 import os
 import platform
 import shutil
 import subprocess
 import tempfile
+import threading
+from collections.abc import Callable
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 def _cpu_name() -> str:
@@ -48,3 +54,40 @@ def compile_library(name: str, source: str, flags: list[str]) -> Path:
                 raise RuntimeError(f"{cc} failed: {done.stderr.strip()[-500:]}")
             os.replace(built, lib)  # atomic: processes building at once each get a whole file
     return lib
+
+
+class KernelLibrary:
+    """One of the engine's C kernels: built and loaded on first use, once a process, or the
+    reason it is not (a switch set to 0, no compiler, a failed build), in which case its
+    callers keep their torch path."""
+
+    def __init__(self, what: str, fallback: str, build: Callable[[], ctypes.CDLL],
+                 switches: tuple[str, ...] = ("PANTRY_CPU_KERNELS",)) -> None:
+        self.what = what
+        self.fallback = fallback
+        self.switches = switches
+        self._build = build
+        self._lock = threading.Lock()
+        self.lib: ctypes.CDLL | None = None
+        self.reason: str | None = None
+
+    def available(self) -> bool:
+        if self.lib is not None or self.reason is not None:
+            return self.lib is not None
+        with self._lock:
+            if self.lib is None and self.reason is None:
+                off = next((s for s in self.switches if os.environ.get(s, "1") == "0"), None)
+                if off is not None:
+                    self.reason = f"{off}=0"
+                else:
+                    try:
+                        self.lib = self._build()
+                    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+                        self.reason = str(exc)
+                        log.warning("%s unavailable, using %s: %s", self.what, self.fallback,
+                                    exc)
+        return self.lib is not None
+
+    def unavailable_reason(self) -> str | None:
+        self.available()
+        return self.reason

@@ -137,8 +137,8 @@ def test_packed_linear_takes_the_pool_up_to_max_rows() -> None:
 @pytest.mark.parametrize("how", ["no-compiler", "switched-off"])
 def test_fallback_to_onednn_where_unavailable(how: str, tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(pool, "_lib", None)
-    monkeypatch.setattr(pool, "_reason", None)
+    monkeypatch.setattr(pool._kernel, "lib", None)
+    monkeypatch.setattr(pool._kernel, "reason", None)
     if how == "no-compiler":
         monkeypatch.setenv("PANTRY_KERNEL_CACHE", str(tmp_path))  # nothing built there
         monkeypatch.setenv("CC", "/nonexistent/cc")
