@@ -28,10 +28,7 @@ from pantry.common.serving import format_table, write_ready_file
 log = logging.getLogger("pantry.local")
 
 START_TIMEOUT_S = 300.0
-# Measured in bench/interference.py (full, disaggregated) once decode's linears ran on its own
-# spinning pool: p99/p50 TBT 1.60-1.66 at nice 10 against 1.50-1.51 at 19 (three runs and two),
-# with the same TTFT p50 and decode tok/s 98-101 -> 105-106; prefill alone is unaffected.
-PREFILL_NICE = 19
+PREFILL_NICE = 10
 STOP_TIMEOUT_S = 15.0
 NODE_ID = "node-0"
 
@@ -80,10 +77,8 @@ class LocalOptions:
     prefill_nice: int = field(default=PREFILL_NICE, metadata={
         "help": "how much lower prefill's scheduling priority is than decode's (nice), when "
                 "the CPUs are shared"})
-    # SCHED_IDLE (CFS weight 3, against nice 19's 15), measured in bench/interference.py and
-    # bench/cpu_split.py on 2 cores, against nice 10: decode's p99/p50 TBT no better (2.40 vs
-    # 2.30 at low load); against nice 19, once decode's linears had their own pool: 1.45 vs
-    # 1.50, but the arriving prompts' TTFT p50 83.5 vs 57.7 s (one run). At nice 10 also:
+    # SCHED_IDLE (CFS weight 3, against nice 10's 110), measured in bench/interference.py and
+    # bench/cpu_split.py on 2 cores: decode's p99/p50 TBT no better (2.40 vs 2.30 at low load),
     # prompts arriving under decode load waited longer for their first token (17.8 vs 13.4 s),
     # and with other processes running a cold prefill took 1.3x to 2.9x as long: an idle-class
     # prefill yields to every process on the machine, not only to decode.

@@ -1,5 +1,5 @@
 """`pantry local`'s CPU split, read back from the running engine processes: by default every
-engine may use every CPU, their OpenMP threads wait passively, and prefill runs at nice 19
+engine may use every CPU, their OpenMP threads wait passively, and prefill runs at nice 10
 (under SCHED_IDLE too with `--prefill-idle`), decode's threads spin first with `--decode-spin`;
 `--pin` gives each role its own CPUs instead."""
 
@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from pantry.cli.local import PREFILL_NICE
 from tests.e2e.local_system import LocalSystem, start_local, stop_local
 
 
@@ -59,12 +58,11 @@ def test_default_shares_the_cpus_and_pin_splits_them(
     other, idle = os.SCHED_OTHER, os.SCHED_IDLE
     args = ("--kv-cache-bytes", "16MiB", "--pool-bytes", "64MiB")
     passive = ("PASSIVE", None)
-    lowered = min(19, nice_of(0) + PREFILL_NICE) - nice_of(0)  # nice stops at 19
     expectations: list[tuple[tuple[str, ...], dict[str, Split]]] = [
-        ((), {"prefill": (lowered, other, every, passive),
+        ((), {"prefill": (10, other, every, passive),
               "decode": (0, other, every, passive)}),
         (("--prefill-idle", "--decode-threads", "1", "--decode-spin", "1000"),
-         {"prefill": (lowered, idle, every, passive),
+         {"prefill": (10, idle, every, passive),
           "decode": (0, other, every, ("PASSIVE", "1000"))}),
         # Pinned roles have CPUs of their own: nothing to yield to, --prefill-idle is moot.
         (("--pin", "--prefill-idle"), {"prefill": (0, other, frozenset(cpus[:half]), (None, None)),
