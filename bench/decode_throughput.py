@@ -106,6 +106,17 @@ def measure_linears(ns: argparse.Namespace) -> dict[str, float]:
     return {key: statistics.median(rates) for key, rates in runs.items()}
 
 
+def print_against(kind: str, names: tuple[str, ...], rates: dict[str, float],
+                  streams: list[int]) -> None:
+    """A table of `rates` ({"<name> <streams>": tok/s}), each against the first name's."""
+    print(f"{kind:<26} {'streams':>7} {'tok/s':>9} {'vs ' + names[0].split()[0]:>13}")
+    for n in streams:
+        base = rates[f"{names[0]} {n}"]
+        for name in names:
+            rate = rates[f"{name} {n}"]
+            print(f"{name:<26} {n:>7} {rate:>9.1f} {rate / base:>12.2f}x")
+
+
 def in_subprocess(tree: Path, ns: argparse.Namespace) -> dict[str, float]:
     """This tree's default engine path measured by the code in `tree`."""
     args = [sys.executable, str(HERE), "--worker", "--context", str(ns.context), "--steps",
@@ -154,22 +165,12 @@ def main() -> int:
     rates = measure(ns, {"reference (per sequence)": attention.reference_paged_attention,
                          "batched": attention.batched_paged_attention})
     print("\nattention only, this tree, same process")
-    print(f"{'attention':<26} {'streams':>7} {'tok/s':>9} {'vs reference':>13}")
-    for streams in ns.streams:
-        base = rates[f"reference (per sequence) {streams}"]
-        for name in ("reference (per sequence)", "batched"):
-            rate = rates[f"{name} {streams}"]
-            print(f"{name:<26} {streams:>7} {rate:>9.1f} {rate / base:>12.2f}x")
+    print_against("attention", ("reference (per sequence)", "batched"), rates, ns.streams)
     if cpu_linear_pool.available():
         rates = measure_linears(ns)
         print(f"\nfew-row linears (<= {cpu_linear_pool.MAX_ROWS} rows), this tree, same process, "
               f"alternated ({cpu_linear_pool.threads()} pool threads)")
-        print(f"{'linears':<26} {'streams':>7} {'tok/s':>9} {'vs oneDNN':>13}")
-        for streams in ns.streams:
-            base = rates[f"oneDNN {streams}"]
-            for name in ("oneDNN", "pool"):
-                rate = rates[f"{name} {streams}"]
-                print(f"{name:<26} {streams:>7} {rate:>9.1f} {rate / base:>12.2f}x")
+        print_against("linears", ("oneDNN", "pool"), rates, ns.streams)
     else:
         print(f"\nno linear pool: {cpu_linear_pool.unavailable_reason()}")
     return 0
