@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from engine import cpu_linear_pool
+from engine import cpu_linear_pool, cpu_pool
 from engine.loader import load_model
 from engine.packed_linear import PackedLinear
 from engine.runner import ModelRunner, SeqStep
@@ -169,7 +169,7 @@ def main() -> int:
     if cpu_linear_pool.available():
         rates = measure_linears(ns)
         print(f"\nfew-row linears (<= {cpu_linear_pool.MAX_ROWS} rows), this tree, same process, "
-              f"alternated ({cpu_linear_pool.threads()} pool threads)")
+              f"alternated ({cpu_pool.threads()} pool threads)")
         print_against("linears", ("oneDNN", "pool"), rates, ns.streams)
     else:
         print(f"\nno linear pool: {cpu_linear_pool.unavailable_reason()}")

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine import cpu_linear_pool as pool
+from engine import cpu_pool
 from engine.packed_linear import PackedLinear, can_pack
 
 pytestmark = pytest.mark.skipif(not pool.available(),
@@ -28,10 +29,10 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
 def pool_threads(request: pytest.FixtureRequest) -> Iterator[int]:
-    before = pool.threads()
-    pool.set_threads(request.param)
+    before = cpu_pool.threads()
+    cpu_pool.set_threads(request.param)
     yield request.param
-    pool.set_threads(before)
+    cpu_pool.set_threads(before)
 
 
 def _case(rows: int, fan_in: int, fan_out: int, bias: bool,
@@ -66,15 +67,15 @@ def test_result_does_not_depend_on_threads() -> None:
     """Each output is one thread's sum in a fixed order: bit-identical on 1 and 2 threads."""
     x, linear = _case(9, 576, 3072, bias=True)
     weight = pool.pack(linear.weight, linear.bias)
-    before = pool.threads()
+    before = cpu_pool.threads()
     try:
-        pool.set_threads(1)
+        cpu_pool.set_threads(1)
         one = pool.linear(x, weight)
-        pool.set_threads(2)
-        assert pool.threads() == 2
+        cpu_pool.set_threads(2)
+        assert cpu_pool.threads() == 2
         assert torch.equal(pool.linear(x, weight), one)
     finally:
-        pool.set_threads(before)
+        cpu_pool.set_threads(before)
 
 
 def test_a_sleeping_helper_is_woken_and_helps() -> None:
@@ -82,21 +83,21 @@ def test_a_sleeping_helper_is_woken_and_helps() -> None:
     helper never woken would leave every block to the caller: right results, one core.)"""
     x, linear = _case(2, 576, 49152, bias=False)
     weight = pool.pack(linear.weight, None)
-    before = pool.threads()
+    before = cpu_pool.threads()
     try:
-        pool.set_threads(2)
-        helped = pool.helped_blocks()
+        cpu_pool.set_threads(2)
+        helped = cpu_pool.helped_blocks()
         deadline = time.monotonic() + 10  # a busy machine may keep the helper off its core
-        while pool.helped_blocks() == helped and time.monotonic() < deadline:
+        while cpu_pool.helped_blocks() == helped and time.monotonic() < deadline:
             time.sleep(0.02)  # asleep again before each job
             pool.linear(x, weight)
-        assert pool.helped_blocks() > helped
-        pool.set_threads(1)
-        helped = pool.helped_blocks()
+        assert cpu_pool.helped_blocks() > helped
+        cpu_pool.set_threads(1)
+        helped = cpu_pool.helped_blocks()
         pool.linear(x, weight)
-        assert pool.helped_blocks() == helped  # no helper: the caller alone
+        assert cpu_pool.helped_blocks() == helped  # no helper: the caller alone
     finally:
-        pool.set_threads(before)
+        cpu_pool.set_threads(before)
 
 
 def test_two_callers_at_once(pool_threads: int) -> None:
@@ -161,9 +162,9 @@ def test_a_process_using_the_pool_forks_idles_and_exits() -> None:
     CPU), a forked child computes on its caller alone, and the process exits at once."""
     script = textwrap.dedent("""
         import os, sys, time, torch
-        from engine import cpu_linear_pool as pool
+        from engine import cpu_linear_pool as pool, cpu_pool
         assert pool.available()
-        pool.set_threads(2)
+        cpu_pool.set_threads(2)
         w = torch.randn(3072, 576)
         x = torch.randn(4, 576)
         packed = pool.pack(w, None)

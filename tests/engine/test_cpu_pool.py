@@ -1,0 +1,112 @@
+"""The generic pool through a C kernel of the test's own: every block run exactly once, on one
+and two threads, past the 16-bit block count, from two callers at once, and switched off."""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine import cpu_linear_pool, cpu_pool
+from engine.kernel_build import compile_library
+
+pytestmark = pytest.mark.skipif(not cpu_pool.available(),
+                                reason=f"no CPU pool: {cpu_pool.unavailable_reason()}")
+
+# Each block adds its index + 1 to its own counter (atomically, so a block run twice shows)
+# and spends a few microseconds, so the helper gets a share.
+_COUNTER_SOURCE = r"""
+#include <stdint.h>
+""" + cpu_pool.C_POOL_TYPES + r"""
+typedef struct { int64_t *counts; } ctx_t;
+static pantry_run_fn run = 0;
+void counter_set_pool(pantry_run_fn fn) { run = fn; }
+static void count(const void *ctx, int64_t blk)
+{
+    const ctx_t *c = ctx;
+    volatile double spin = 0;
+    for (int i = 0; i < 2000; i++) spin += i;
+    __atomic_fetch_add(&c->counts[blk], blk + 1, __ATOMIC_RELAXED);
+}
+void counter_run(int64_t *counts, int64_t blocks)
+{
+    const ctx_t c = {counts};
+    run(count, &c, blocks);
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def counter(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(compile_library("test_counter", _COUNTER_SOURCE, cpu_pool.C_FLAGS)))
+    lib.counter_set_pool.argtypes = [ctypes.c_void_p]
+    lib.counter_run.argtypes = [ctypes.c_void_p, ctypes.c_int64]
+    lib.counter_set_pool(cpu_pool.run_function())
+    return lib
+
+
+@pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
+def pool_threads(request: pytest.FixtureRequest) -> Iterator[int]:
+    before = cpu_pool.threads()
+    cpu_pool.set_threads(request.param)
+    yield request.param
+    cpu_pool.set_threads(before)
+
+
+def _run(counter: ctypes.CDLL, blocks: int) -> torch.Tensor:
+    counts = torch.zeros(blocks, dtype=torch.int64)
+    counter.counter_run(counts.data_ptr(), blocks)
+    return counts
+
+
+@pytest.mark.parametrize("blocks", [0, 1, 2, 3, 1000, 70_000])
+def test_every_block_runs_exactly_once(counter: ctypes.CDLL, pool_threads: int,
+                                       blocks: int) -> None:
+    assert torch.equal(_run(counter, blocks), torch.arange(1, blocks + 1))
+
+
+def test_the_helper_takes_blocks(counter: ctypes.CDLL) -> None:
+    before = cpu_pool.threads()
+    try:
+        cpu_pool.set_threads(2)
+        helped = cpu_pool.helped_blocks()
+        for _ in range(200):  # a busy machine may keep the helper off its core for a while
+            _run(counter, 64)
+            if cpu_pool.helped_blocks() > helped:
+                break
+        assert cpu_pool.helped_blocks() > helped
+    finally:
+        cpu_pool.set_threads(before)
+
+
+def test_two_callers_at_once(counter: ctypes.CDLL, pool_threads: int) -> None:
+    """The second caller finds the pool busy and runs its blocks alone; both complete."""
+    bad: list[int] = []
+
+    def work(blocks: int) -> None:
+        for _ in range(30):
+            if not torch.equal(_run(counter, blocks), torch.arange(1, blocks + 1)):
+                bad.append(blocks)
+
+    workers = [threading.Thread(target=work, args=(n,)) for n in (300, 500)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert bad == []
+
+
+def test_switched_off_the_kernels_that_need_it_are_off(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cpu_pool._kernel, "lib", None)
+    monkeypatch.setattr(cpu_pool._kernel, "reason", None)
+    monkeypatch.setenv("PANTRY_CPU_POOL", "0")
+    assert not cpu_pool.available()
+    assert cpu_pool.unavailable_reason() == "PANTRY_CPU_POOL=0"
+    assert cpu_pool.run_function() is None
+    assert not cpu_linear_pool.available()
+    assert cpu_linear_pool.unavailable_reason() == "PANTRY_CPU_POOL=0"
