@@ -4,8 +4,9 @@ The torch path (`engine.attention._decode`) gathers every decoding sequence's ke
 out of the cache into new tensors for each layer, then calls SDPA: the gather copies the whole
 context each layer of each step (a 4k-token sequence: ~180 MB a step for SmolLM2), so a step
 slows down with every long sequence in the batch. This kernel reads each block where it lies,
-in cache order, every KV head of a token's row at once, on torch's own OpenMP threads; a long
-sequence is split into spans over the threads and merged (flash-decoding), and the exps are
+in cache order, every KV head of a token's row at once, on our own thread pool (engine.cpu_pool,
+as the step's linears); a long sequence is split into spans, the pool's blocks, and merged
+(flash-decoding), and the exps are
 computed eight at a time. Head sizes 64 and 128 with up to 8 query heads per KV head get loops
 unrolled at compile time; any other shape runs the same steps in scalar loops. The same role as
 the Triton kernel plays on CUDA.
@@ -22,6 +23,7 @@ import ctypes
 import torch
 from torch import Tensor
 
+from engine import cpu_pool
 from engine.kernel_build import KernelLibrary, compile_library
 
 # Per span of up to SPAN positions of a sequence: scores of every query head (each token's row
@@ -32,7 +34,7 @@ _SOURCE = r"""
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-
+""" + cpu_pool.C_POOL_TYPES + r"""
 /* Eight floats (GCC/Clang vector extensions: one AVX register where the CPU has it), loaded
    from and stored to any float address. */
 typedef float vf __attribute__((vector_size(32)));
@@ -235,6 +237,34 @@ static void attend(const args_t *a, int64_t b, int64_t s, int64_t e, float *scor
     attend_span_any(a, b, s, e, scores, part, dim, group);
 }
 
+/* The pool's work item: one span. */
+typedef struct {
+    const args_t *a;
+    const int64_t *item_b, *item_s, *item_e;
+    float *parts;
+    int64_t dim, group;
+} job_t;
+
+static pantry_run_fn run = NULL;
+
+void pantry_paged_decode_set_pool(pantry_run_fn fn) { run = fn; }
+
+static void span_block(const void *ctx, int64_t it)
+{
+    /* Each thread's scores, kept from job to job: a helper's stack is small. */
+    static __thread float *scores = NULL;
+    static __thread int64_t capacity = 0;
+    const job_t *j = ctx;
+    const int64_t need = j->a->heads * SPAN;
+    if (need > capacity) {
+        free(scores);
+        scores = (float *)malloc(sizeof(float) * need);
+        capacity = need;
+    }
+    attend(j->a, j->item_b[it], j->item_s[it], j->item_e[it], scores,
+           j->parts + it * j->a->heads * (j->dim + 2), j->dim, j->group);
+}
+
 void pantry_paged_decode(
     const float *restrict q, const float *restrict k_base, const float *restrict v_base,
     int64_t block_stride, int64_t token_stride, int64_t head_stride,
@@ -262,14 +292,11 @@ void pantry_paged_decode(
             item_e[i] = s + SPAN < len ? s + SPAN : len;
         }
     }
-    #pragma omp parallel
-    {
-        float *scores = (float *)malloc(sizeof(float) * heads * SPAN);
-        #pragma omp for schedule(dynamic, 1)
-        for (int64_t it = 0; it < items; it++)
-            attend(&a, item_b[it], item_s[it], item_e[it], scores, parts + it * heads * stride,
-                   dim, group);
-        free(scores);
+    const job_t job = {&a, item_b, item_s, item_e, parts, dim, group};
+    if (run == NULL) {
+        for (int64_t it = 0; it < items; it++) span_block(&job, it);
+    } else {
+        run(span_block, &job, items);
     }
     /* A sequence's spans merged by their max scores: the softmax over all its positions. */
     i = 0;
@@ -300,22 +327,16 @@ void pantry_paged_decode(
 """
 
 
-def _flags() -> list[str]:
-    # -march=native: the cache key names the CPU, so a library is only loaded where built.
-    return ["-O3", "-march=native", "-ffast-math", "-fno-finite-math-only", "-fopenmp",
-            "-fPIC", "-shared"]
-
-
 def _build() -> ctypes.CDLL:
-    lib = compile_library("paged_decode", _SOURCE, _flags())
-    # torch has loaded its libgomp already: the library's libgomp.so.1 resolves to that one,
-    # so the kernel runs on torch's OpenMP threads, not a second pool.
-    handle = ctypes.CDLL(str(lib))
+    handle = ctypes.CDLL(str(compile_library("paged_decode", _SOURCE, cpu_pool.C_FLAGS)))
     fn = handle.pantry_paged_decode
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     fn.argtypes = [ptr, ptr, ptr, i64, i64, i64, ptr, i64, ptr, i64, i64, i64, i64, i64,
                    ctypes.c_float, i64, ptr]
     fn.restype = None
+    handle.pantry_paged_decode_set_pool.argtypes = [ptr]
+    handle.pantry_paged_decode_set_pool.restype = None
+    handle.pantry_paged_decode_set_pool(cpu_pool.run_function())
     return handle
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from engine import cpu_paged_attention as kernel
+from engine import cpu_pool
 from engine.attention import AttentionBatch, reference_paged_attention
 from engine.kv_cache import PagedKVCache
 
@@ -51,6 +52,34 @@ def test_matches_the_reference(heads: int, kv_heads: int, hd: int, lens: list[in
         q, kv.k[layer], kv.v[layer], batch.decode.block_table.view(len(lens), -1),
         batch.decode.seq_lens, hd ** -0.5, window)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not cpu_pool.available(), reason="no CPU pool: the kernel runs on the caller")
+def test_result_does_not_depend_on_the_pool_threads() -> None:
+    """Each span is one block of the pool, computed by one thread in a fixed order, and the spans
+    are merged on the caller: bit-identical on one and two threads."""
+    torch.manual_seed(3)
+    lens = [1500, 7, 600, 33]
+    kv = PagedKVCache(1, 200, BLOCK, 3, 64, torch.float32)
+    kv.blocks.normal_()
+    tables, first = [], 0
+    for n in lens:
+        tables.append(list(range(first, first + -(-n // BLOCK))))
+        first += len(tables[-1])
+    batch = AttentionBatch.build([1] * len(lens), [n - 1 for n in lens], tables, BLOCK)
+    assert batch.decode is not None and batch.decode.seq_lens is not None
+    q = torch.randn(len(lens), 9, 64)
+    before = cpu_pool.threads()
+    outs = []
+    try:
+        for threads in (1, 2, 1):
+            cpu_pool.set_threads(threads)
+            outs.append(kernel.paged_decode_attention_cpu(
+                q, kv.k[0], kv.v[0], batch.decode.block_table.view(len(lens), -1),
+                batch.decode.seq_lens, 0.125))
+    finally:
+        cpu_pool.set_threads(before)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
 
 
 def test_cached_library_is_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
