@@ -11,10 +11,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from engine import cpu_fused_ops
 from engine.attention import AttentionBatch, AttentionFn, batched_paged_attention
 from engine.config import ModelConfig
 from engine.kv_cache import PagedKVCache
-from engine.rope import RotaryEmbedding, apply_rotary, rotary_factors
+from engine.rope import RotaryEmbedding, apply_rotary_, rotary_factors
 
 
 class RMSNorm(nn.Module):
@@ -25,12 +26,24 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         dtype = x.dtype
+        if x.dim() == 2 and x.is_contiguous() and cpu_fused_ops.applies(x):
+            return cpu_fused_ops.rms_norm(x, self.weight, self.eps)
         if dtype == torch.float32:
             # One fused op instead of six: the same formula, ~60 per decode step.
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         x = x.to(torch.float32)
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
+
+    def add_forward(self, x: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
+        """The residual add before this norm and the norm: (x + delta, norm(x + delta)). On CPU
+        in float32 one pass that adds into x in place (x must be the residual stream, owned by
+        the caller); elsewhere a new sum, as transformers computes it."""
+        if (x.dim() == 2 and x.is_contiguous() and delta.is_contiguous()
+                and delta.dtype == x.dtype and cpu_fused_ops.applies(x)):
+            return x, cpu_fused_ops.add_rms_norm(x, delta, self.weight, self.eps)
+        x = x + delta
+        return x, self(x)
 
 
 class Attention(nn.Module):
@@ -70,7 +83,9 @@ class Attention(nn.Module):
             qkv = self.qkv_proj(x)
             qk, v = qkv[:, : q_dim + kv_dim], qkv[:, q_dim + kv_dim :]
         # Q and K side by side are [T, heads + kv heads, head_dim]: rotated in one pass.
-        qk = apply_rotary(qk.view(t, self.num_heads + self.num_kv_heads, self.head_dim), cos, sin)
+        # (in place on the projection's output where the CPU kernel takes it)
+        qk = apply_rotary_(qk.view(t, self.num_heads + self.num_kv_heads, self.head_dim), cos,
+                           sin)
         q, k = qk.split((self.num_heads, self.num_kv_heads), dim=1)
         v = v.view(t, self.num_kv_heads, self.head_dim)
         out = attention_fn(q, k, v, kv.k[self.layer_idx], kv.v[self.layer_idx], batch, self.scale)
@@ -93,7 +108,10 @@ class MLP(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.gate_up_proj is None:
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if gate_up.dim() == 2 and gate_up.stride(1) == 1 and cpu_fused_ops.applies(gate_up):
+            return self.down_proj(cpu_fused_ops.silu_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -118,11 +136,21 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, batch: AttentionBatch, kv: PagedKVCache,
-        attention_fn: AttentionFn,
-    ) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, batch, kv, attention_fn)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        self, x: Tensor, delta: Tensor | None, cos: Tensor, sin: Tensor, batch: AttentionBatch,
+        kv: PagedKVCache, attention_fn: AttentionFn,
+    ) -> tuple[Tensor, Tensor]:
+        """x: the residual stream; delta: the previous layer's MLP output, not yet added (None
+        in the first layer). Returns the residual stream and this layer's MLP output, to be
+        added by the next layer's (or the final) norm: each residual add and the norm after
+        it are one pass (`RMSNorm.add_forward`), the same sums as transformers'
+        x + attn(norm1(x)), then x + mlp(norm2(x))."""
+        if delta is None:
+            h = self.input_layernorm(x)
+        else:
+            x, h = self.input_layernorm.add_forward(x, delta)
+        attn = self.self_attn(h, cos, sin, batch, kv, attention_fn)
+        x, h = self.post_attention_layernorm.add_forward(x, attn)
+        return x, self.mlp(h)
 
 
 class DecoderStack(nn.Module):
@@ -160,9 +188,12 @@ class CausalLM(nn.Module):
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.model.rotary_emb(positions)
         cos, sin = rotary_factors(cos, sin, x.dtype)
+        delta: Tensor | None = None
         for layer in self.model.layers:
-            x = layer(x, cos, sin, batch, kv, self.attention_fn)
-        return self.model.norm(x)
+            x, delta = layer(x, delta, cos, sin, batch, kv, self.attention_fn)
+        if delta is None:
+            return self.model.norm(x)
+        return self.model.norm.add_forward(x, delta)[1]
 
     def compute_logits(self, hidden: Tensor) -> Tensor:
         return self.lm_head(hidden)

@@ -7,6 +7,7 @@ import math
 import torch
 from torch import Tensor
 
+from engine import cpu_fused_ops
 from engine.config import ModelConfig
 
 
@@ -67,3 +68,12 @@ def apply_rotary(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
     x * cos + rotate_half(x) * sin with rotate_half(x) = (-x2, x1): the halves swapped by one
     roll and the sign carried by the sine, so the same products, four ops instead of nine."""
     return x * cos + torch.roll(x, x.shape[-1] // 2, dims=-1) * signed_sin
+
+
+def apply_rotary_(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
+    """`apply_rotary`, written over x where engine.cpu_fused_ops takes it (float32 on CPU, each
+    row's heads contiguous: one pass instead of four ops and their temporaries), else a new
+    tensor: use the result, and pass an x that may be overwritten (a projection's output)."""
+    if cpu_fused_ops.applies(x) and cpu_fused_ops.rotary_takes(x, cos, signed_sin):
+        return cpu_fused_ops.rotary_(x, cos, signed_sin)
+    return apply_rotary(x, cos, signed_sin)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from engine import cpu_paged_attention
+from engine import cpu_fused_ops, cpu_paged_attention
 from engine.attention import AttentionBatch
 from engine.block_manager import BlockPool
 from engine.config import ModelConfig
@@ -61,7 +61,9 @@ class ModelRunner:
                 scratch_block=self.allocator.allocate(1)[0],
                 sliding_window=self.config.sliding_window)
         if self.device.type == "cpu":
-            cpu_paged_attention.available()  # built now (~3 s, once a machine), not in a first step
+            # Built now (seconds, once a machine), not in a first step.
+            cpu_paged_attention.available()
+            cpu_fused_ops.available()
 
     def _forward_logits(self, ids: Tensor, positions: Tensor, batch: AttentionBatch) -> Tensor:
         return self.model.compute_logits(self.model(ids, positions, batch, self.kv))
