@@ -1,6 +1,7 @@
 """The batched paged attention equals the per-sequence reference on every kind of step: decode
 only, one plain prefill, prefill after a cached prefix, and mixes of all of them. Every test
-runs twice: decode through the CPU kernel (engine.cpu_paged_attention) and through torch."""
+runs twice: through the CPU kernels (engine.cpu_paged_attention for decode,
+engine.cpu_prefill_attention for prefill) and through torch."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import dataclasses
 import pytest
 import torch
 
-from engine import cpu_paged_attention
+from engine import cpu_paged_attention, cpu_prefill_attention
 from engine.attention import AttentionBatch, batched_paged_attention, reference_paged_attention
 
 BLOCK = 4
@@ -17,12 +18,14 @@ HEADS, KV_HEADS, HD = 4, 2, 8
 NUM_BLOCKS = 40
 
 
-@pytest.fixture(autouse=True, params=["cpu-kernel", "torch"])
-def decode_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+@pytest.fixture(autouse=True, params=["cpu-kernels", "torch"])
+def kernel_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     if request.param == "torch":
         monkeypatch.setattr(cpu_paged_attention, "available", lambda: False)
-    elif not cpu_paged_attention.available():
-        pytest.skip(f"no CPU kernel: {cpu_paged_attention.unavailable_reason()}")
+        monkeypatch.setattr(cpu_prefill_attention, "supports", lambda *_: False)
+    elif not (cpu_paged_attention.available() and cpu_prefill_attention.available()):
+        pytest.skip(f"no CPU kernels: {cpu_paged_attention.unavailable_reason()}, "
+                    f"{cpu_prefill_attention.unavailable_reason()}")
     return str(request.param)
 
 
@@ -80,7 +83,6 @@ def test_sliding_window_masks_exactly_the_last_positions() -> None:
     assert batch.decode is not None and batch.prefill is not None
     # Position 6 sees 4, 5, 6.
     assert batch.decode.key_mask.flatten().tolist() == [False] * 4 + [True] * 3 + [False]
-    assert batch.prefill.mask is not None
     assert batch.prefill.mask[0, 0].int().tolist() == [   # positions 2, 3, 4
         [1, 1, 1, 0, 0, 0, 0, 0],
         [0, 1, 1, 1, 0, 0, 0, 0],
@@ -98,7 +100,8 @@ def test_step_metadata_is_grouped_once() -> None:
         [True] * 4 + [False] * 4, [True] * 7 + [False]]
     assert batch.prefill.rows.tolist() == [1, 2, 3, 4, 5]
     assert batch.prefill.out_rows.tolist() == [1, 2, 3, 4, 5]
-    assert batch.prefill.mask is None  # one sequence, nothing cached: plain causal
+    assert batch.prefill.lone == (1, 0)  # one sequence, nothing cached: plain causal
+    assert batch.prefill.sequences.tolist() == [[1, 5, 0]]
     assert batch.slot_mapping.tolist() == [31, 0, 1, 2, 3, 4, 38]
 
 
@@ -117,7 +120,7 @@ def test_chunk_after_prefix_merges_to_one_softmax(heads: int, kv_heads: int) -> 
                                                                       generator=g)
     batch = AttentionBatch.build([q_len], [ctx], [table], BLOCK)
     assert batch.prefill is not None
-    assert batch.prefill.lone == (0, ctx) and batch.prefill.mask is None
+    assert batch.prefill.lone == (0, ctx)
     ours = batched_paged_attention(q, k, v, k_cache.clone(), v_cache.clone(), batch, HD**-0.5)
     ref = reference_paged_attention(q, k, v, k_cache, v_cache, batch, HD**-0.5)
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
@@ -126,10 +129,11 @@ def test_chunk_after_prefix_merges_to_one_softmax(heads: int, kv_heads: int) -> 
 def test_only_a_lone_sequence_skips_the_mask() -> None:
     two = AttentionBatch.build([3, 5], [4, 0], [[0, 1], [2, 3]], BLOCK)
     assert two.prefill is not None and two.prefill.lone is None
-    assert two.prefill.mask is not None and two.prefill.mask.shape == (2, 1, 5, 8)
+    assert two.prefill.mask.shape == (2, 1, 5, 8)
+    assert two.prefill.sequences.tolist() == [[0, 3, 4], [3, 5, 0]]
     after_decode = AttentionBatch.build([1, 5], [3, 6], [[0], [1, 2, 3]], BLOCK)
     assert after_decode.prefill is not None
-    assert after_decode.prefill.lone == (1, 6) and after_decode.prefill.mask is None
+    assert after_decode.prefill.lone == (1, 6)
 
 
 def test_step_made_mask_and_slot_split_change_no_bit(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -142,6 +146,7 @@ def test_step_made_mask_and_slot_split_change_no_bit(monkeypatch: pytest.MonkeyP
     dec = batch.decode
     assert dec is not None and batch.slot_index is not None
     assert "key_mask" not in vars(dec) and "key_bias" not in vars(dec)  # not made by build
+    assert batch.prefill is not None and "mask" not in vars(batch.prefill)
     assert batch.slot_index[0].tolist() == [3, 4, 6, 5, 10, 10, 10]
     assert batch.slot_index[1].tolist() == [0, 1, 1, 3, 0, 1, 2]
     bare = dataclasses.replace(batch, slot_index=None)
