@@ -30,7 +30,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine import attention, cpu_pool, cpu_prefill_attention  # noqa: E402
-from engine.attention import AttentionBatch, batched_paged_attention  # noqa: E402
+from engine.attention import batched_paged_attention  # noqa: E402
+from engine.attention_batch import AttentionBatch  # noqa: E402
 from engine.kv_cache import PagedKVCache  # noqa: E402
 
 HEADS, KV_HEADS, HD, BLOCK = 9, 3, 64, 16

@@ -413,7 +413,7 @@ def prefill_attention(
     """Attention of every sequence with more than one query into `out`'s rows of it.
 
     q [T, H, hd] float32 (rows and heads strided, each head's hd floats contiguous);
-    sequences [P, 3] int64 (engine.attention.PrefillGroup.sequences): sequence i owns rows
+    sequences [P, 3] int64 (engine.attention_batch.PrefillGroup.sequences): sequence i owns rows
     first .. first + queries - 1, at positions context onwards, its keys and values already
     written to k_cache/v_cache (one layer's [num_blocks, block_size, n_kv, hd] views of the
     cache); block_table [P * max_blocks] or [P, max_blocks] int64, the table row of each

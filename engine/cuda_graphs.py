@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from engine.attention import AttentionBatch, DecodeGroup
+from engine.attention_batch import AttentionBatch, DecodeGroup
 
 if TYPE_CHECKING:
     from engine.runner import SeqStep

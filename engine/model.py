@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from engine import cpu_fused_ops
-from engine.attention import AttentionBatch, AttentionFn, batched_paged_attention
+from engine.attention import AttentionFn, batched_paged_attention
+from engine.attention_batch import AttentionBatch
 from engine.config import ModelConfig
 from engine.kv_cache import PagedKVCache
 from engine.rope import RotaryEmbedding, apply_rotary_, rotary_factors

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from engine import cpu_fused_ops, cpu_paged_attention
-from engine.attention import AttentionBatch
+from engine.attention_batch import AttentionBatch
 from engine.block_manager import BlockPool
 from engine.config import ModelConfig
 from engine.cuda_graphs import DecodeGraphs

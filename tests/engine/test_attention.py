@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from engine import cpu_paged_attention, cpu_prefill_attention
-from engine.attention import AttentionBatch, batched_paged_attention, reference_paged_attention
+from engine.attention import batched_paged_attention, reference_paged_attention
+from engine.attention_batch import AttentionBatch
 
 BLOCK = 4
 HEADS, KV_HEADS, HD = 4, 2, 8

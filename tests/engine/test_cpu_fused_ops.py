@@ -261,7 +261,7 @@ def test_rms_norm_module_takes_the_kernel_and_keeps_torch_elsewhere() -> None:
 
 @pytest.mark.parametrize("fuse", [False, True], ids=["separate", "fused-projections"])
 def test_model_forward_matches_the_torch_path(fuse: bool) -> None:
-    from engine.attention import AttentionBatch
+    from engine.attention_batch import AttentionBatch
     from engine.kv_cache import PagedKVCache
 
     model = _tiny_model()

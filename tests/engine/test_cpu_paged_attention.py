@@ -11,7 +11,8 @@ import torch
 
 from engine import cpu_paged_attention as kernel
 from engine import cpu_pool
-from engine.attention import AttentionBatch, reference_paged_attention
+from engine.attention import reference_paged_attention
+from engine.attention_batch import AttentionBatch
 from engine.kv_cache import PagedKVCache
 
 pytestmark = pytest.mark.skipif(not kernel.available(),

@@ -17,7 +17,8 @@ import torch
 
 from engine import attention, cpu_pool
 from engine import cpu_prefill_attention as kernel
-from engine.attention import AttentionBatch, batched_paged_attention, reference_paged_attention
+from engine.attention import batched_paged_attention, reference_paged_attention
+from engine.attention_batch import AttentionBatch
 from engine.kv_cache import PagedKVCache
 
 pytestmark = pytest.mark.skipif(not kernel.available(),

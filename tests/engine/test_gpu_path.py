@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM
 
 from decode.engine import DecodeEngine
 from decode.sequence import DecodeJob
-from engine.attention import AttentionBatch
+from engine.attention_batch import AttentionBatch
 from engine.kv_cache import PagedKVCache
 from engine.loader import LoadedModel, load_model
 from engine.role_config import EngineRoleConfig
