@@ -132,6 +132,25 @@ def test_cuda_bfloat16_first_token_matches_transformers(tiny_model_dirs: dict[st
 
 
 @needs_cuda
+def test_cuda_prompts_take_flash_attention_not_cudnn(tiny_llama: Path) -> None:
+    """cuDNN's attention builds a plan for every new prompt length (~100 ms each on an H200):
+    the runner turns it off, so prompts of new lengths take flash attention as they come."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from engine.runner import SeqStep
+
+    runner = ModelRunner(load_model(tiny_llama, dtype=torch.bfloat16, device="cuda"),
+                         num_blocks=16)
+    assert not torch.backends.cuda.cudnn_sdp_enabled()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for n in (23, 37):
+            runner.step([SeqStep(tuple(prompt_ids(n, seed=n)), 0, tuple(range(-(-n // 16))))])
+    ops = {e.key for e in prof.key_averages()}
+    assert "aten::_scaled_dot_product_flash_attention" in ops
+    assert not any("cudnn_attention" in op for op in ops)
+
+
+@needs_cuda
 def test_cuda_sliding_window_matches_transformers(tmp_path: Path) -> None:
     path = make_tiny_model(tmp_path / "mistral-sw", "mistral", seed=11, sliding_window=8)
     loaded = load_model(path, device="cuda")
