@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from engine import cpu_pool
-from engine.kernel_build import KernelLibrary, compile_library
+from engine.kernel_build import C_EXP, KernelLibrary, compile_library
 
 # Per span of up to SPAN positions of a sequence: scores of every query head (each token's row
 # of every KV head read once, in cache order), their exps, then the weighted sum of values;
@@ -53,28 +53,7 @@ INLINE float hsum(vf v)
     return s;
 }
 
-/* e^x for x <= 0 (a score minus its row's maximum) within a few ulp, eight at a time: libm's
-   expf is one call per score. x = n ln2 + r, e^r by Cephes' polynomial on |r| <= ln2 / 2,
-   2^n written into the exponent bits. */
-INLINE vf exp_nonpositive(vf x)
-{
-    const vf lo = splat(-87.f);
-    const vi under = x < lo;
-    x = (vf)(((vi)x & ~under) | ((vi)lo & under));
-    /* y - 0.5 <= 0, so truncating it rounds y to nearest. */
-    const vi n = __builtin_convertvector(x * splat(1.44269504088896341f) - splat(0.5f), vi);
-    const vf fn = __builtin_convertvector(n, vf);
-    const vf r = x - fn * splat(0.693359375f) - fn * splat(-2.12194440e-4f);
-    vf p = splat(1.9875691500e-4f);
-    p = p * r + splat(1.3981999507e-3f);
-    p = p * r + splat(8.3334519073e-3f);
-    p = p * r + splat(4.1665795894e-2f);
-    p = p * r + splat(1.6666665459e-1f);
-    p = p * r + splat(5.0000001201e-1f);
-    p = p * (r * r) + r + splat(1.f);
-    return p * (vf)((n + 127) << 23);
-}
-
+""" + C_EXP + r"""
 /* Scores -> exp(score - max) in place; the max and the sum of the exps out. */
 static void exp_scores(float *s, int64_t n, float *max_out, float *sum_out)
 {
@@ -83,7 +62,7 @@ static void exp_scores(float *s, int64_t n, float *max_out, float *sum_out)
     vf acc = splat(0.f);
     int64_t i = 0;
     for (; i + VW <= n; i += VW) {
-        const vf e = exp_nonpositive(ld(s + i) - splat(m));
+        const vf e = exp_nonpositive_bits(ld(s + i) - splat(m));
         st(s + i, e);
         acc += e;
     }

@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 
 from engine import cpu_pool
-from engine.kernel_build import KernelLibrary, compile_library
+from engine.kernel_build import C_EXP, KernelLibrary, compile_library
 
 _SOURCE = r"""
 #include <math.h>
@@ -74,51 +74,26 @@ typedef int32_t vi __attribute__((vector_size(VW * 4)));
 INLINE vf ld(const float *p) { return *(const vf *)p; }  /* scratch: aligned */
 INLINE void st(float *p, vf v) { *(vf *)p = v; }
 INLINE vf splat(float x) { return (vf){0} + x; }
+""" + C_EXP + r"""
 #if defined(__AVX512F__)
 #include <immintrin.h>
 INLINE vf vmax(vf a, vf b) { return (vf)_mm512_max_ps((__m512)a, (__m512)b); }
 
-/* e^x within ~1 ulp for x <= 0 (a score minus its running maximum; -inf for a masked one: 0):
-   x = n ln2 + r, e^r by Cephes' polynomial on |r| <= ln2 / 2, times 2^n by vscalefps, which
-   gives the denormals and 0 below them as expf does. */
+/* e^x for x <= 0 (a score minus its running maximum; -inf for a masked one: 0), within
+   ~1 ulp: x = n ln2 + r, times 2^n by vscalefps, which gives the denormals and 0 below them
+   as expf does. */
 INLINE vf exp_nonpositive(vf x)
 {
     x = vmax(x, splat(-110.f));
     const vf n = (vf)_mm512_roundscale_ps((__m512)(x * splat(1.44269504088896341f)),
                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const vf r = x - n * splat(0.693359375f) - n * splat(-2.12194440e-4f);
-    vf p = splat(1.9875691500e-4f);
-    p = p * r + splat(1.3981999507e-3f);
-    p = p * r + splat(8.3334519073e-3f);
-    p = p * r + splat(4.1665795894e-2f);
-    p = p * r + splat(1.6666665459e-1f);
-    p = p * r + splat(5.0000001201e-1f);
-    p = p * (r * r) + r + splat(1.f);
+    const vf p = exp_reduced(x - n * splat(0.693359375f) - n * splat(-2.12194440e-4f));
     return (vf)_mm512_scalef_ps((__m512)p, (__m512)n);
 }
 #else
 INLINE vf vmax(vf a, vf b) { const vi m = a > b; return (vf)(((vi)a & m) | ((vi)b & ~m)); }
 
-/* e^x within ~1 ulp, exactly 0 below -87 (and for -inf: a masked score): x = n ln2 + r,
-   e^r by Cephes' polynomial on |r| <= ln2 / 2, 2^n written into the exponent bits. The
-   arguments are scores minus their running maximum, so x <= 0. */
-INLINE vf exp_nonpositive(vf x)
-{
-    const vf lo = splat(-87.f);
-    const vi under = x < lo;
-    x = (vf)(((vi)x & ~under) | ((vi)lo & under));
-    const vi n = __builtin_convertvector(x * splat(1.44269504088896341f) - splat(0.5f), vi);
-    const vf fn = __builtin_convertvector(n, vf);
-    const vf r = x - fn * splat(0.693359375f) - fn * splat(-2.12194440e-4f);
-    vf p = splat(1.9875691500e-4f);
-    p = p * r + splat(1.3981999507e-3f);
-    p = p * r + splat(8.3334519073e-3f);
-    p = p * r + splat(4.1665795894e-2f);
-    p = p * r + splat(1.6666665459e-1f);
-    p = p * r + splat(5.0000001201e-1f);
-    p = p * (r * r) + r + splat(1.f);
-    return (vf)((vi)(p * (vf)((n + 127) << 23)) & ~under);
-}
+INLINE vf exp_nonpositive(vf x) { return exp_nonpositive_bits(x); }
 #endif
 
 typedef struct {
