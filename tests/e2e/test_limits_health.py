@@ -41,7 +41,14 @@ def test_concurrency_limit_is_429_and_harms_nobody(limited_system: LocalSystem) 
             if line.startswith("data: {"):
                 tokens += json.loads(line[6:])["choices"][0]["token_ids"]
                 break
-        second = limited_system.post("/v1/completions", body)
+        # Decode paused, so the first request stays in flight however fast the engine is (a
+        # tiny model can finish its 64 tokens before a second request arrives).
+        decode_pid = limited_system.role("decode")["pid"]
+        os.kill(decode_pid, signal.SIGSTOP)
+        try:
+            second = limited_system.post("/v1/completions", body)
+        finally:
+            os.kill(decode_pid, signal.SIGCONT)
         assert second.status_code == 429, second.text
         assert second.json()["error"] == {
             "message": "1 requests in flight (max_concurrent_requests); retry later",
