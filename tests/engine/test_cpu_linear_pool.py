@@ -9,7 +9,6 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,19 +19,12 @@ from torch import nn
 from engine import cpu_linear_pool as pool
 from engine import cpu_pool
 from engine.packed_linear import PackedLinear, can_pack
+from tests.helpers.pool_threads import pool_size_restored
 
 pytestmark = pytest.mark.skipif(not pool.available(),
                                 reason=f"no CPU linear pool: {pool.unavailable_reason()}")
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
-def pool_threads(request: pytest.FixtureRequest) -> Iterator[int]:
-    before = cpu_pool.threads()
-    cpu_pool.set_threads(request.param)
-    yield request.param
-    cpu_pool.set_threads(before)
 
 
 def _case(rows: int, fan_in: int, fan_out: int, bias: bool,
@@ -67,15 +59,12 @@ def test_result_does_not_depend_on_threads() -> None:
     """Each output is one thread's sum in a fixed order: bit-identical on 1 and 2 threads."""
     x, linear = _case(9, 576, 3072, bias=True)
     weight = pool.pack(linear.weight, linear.bias)
-    before = cpu_pool.threads()
-    try:
+    with pool_size_restored():
         cpu_pool.set_threads(1)
         one = pool.linear(x, weight)
         cpu_pool.set_threads(2)
         assert cpu_pool.threads() == 2
         assert torch.equal(pool.linear(x, weight), one)
-    finally:
-        cpu_pool.set_threads(before)
 
 
 def test_a_sleeping_helper_is_woken_and_helps() -> None:
@@ -83,8 +72,7 @@ def test_a_sleeping_helper_is_woken_and_helps() -> None:
     helper never woken would leave every block to the caller: right results, one core.)"""
     x, linear = _case(2, 576, 49152, bias=False)
     weight = pool.pack(linear.weight, None)
-    before = cpu_pool.threads()
-    try:
+    with pool_size_restored():
         cpu_pool.set_threads(2)
         helped = cpu_pool.helped_blocks()
         deadline = time.monotonic() + 10  # a busy machine may keep the helper off its core
@@ -96,8 +84,6 @@ def test_a_sleeping_helper_is_woken_and_helps() -> None:
         helped = cpu_pool.helped_blocks()
         pool.linear(x, weight)
         assert cpu_pool.helped_blocks() == helped  # no helper: the caller alone
-    finally:
-        cpu_pool.set_threads(before)
 
 
 def test_two_callers_at_once(pool_threads: int) -> None:

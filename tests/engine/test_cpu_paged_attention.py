@@ -14,6 +14,7 @@ from engine import cpu_pool
 from engine.attention import reference_paged_attention
 from engine.attention_batch import AttentionBatch
 from engine.kv_cache import PagedKVCache
+from tests.helpers.pool_threads import pool_size_restored
 
 pytestmark = pytest.mark.skipif(not kernel.available(),
                                 reason=f"no CPU kernel: {kernel.unavailable_reason()}")
@@ -70,16 +71,13 @@ def test_result_does_not_depend_on_the_pool_threads() -> None:
     batch = AttentionBatch.build([1] * len(lens), [n - 1 for n in lens], tables, BLOCK)
     assert batch.decode is not None and batch.decode.seq_lens is not None
     q = torch.randn(len(lens), 9, 64)
-    before = cpu_pool.threads()
     outs = []
-    try:
+    with pool_size_restored():
         for threads in (1, 2, 1):
             cpu_pool.set_threads(threads)
             outs.append(kernel.paged_decode_attention_cpu(
                 q, kv.k[0], kv.v[0], batch.decode.block_table.view(len(lens), -1),
                 batch.decode.seq_lens, 0.125))
-    finally:
-        cpu_pool.set_threads(before)
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
 
 

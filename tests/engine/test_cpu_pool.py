@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import ctypes
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ import torch
 
 from engine import cpu_linear_pool, cpu_pool
 from engine.kernel_build import compile_library
+from tests.helpers.pool_threads import pool_size_restored
 
 pytestmark = pytest.mark.skipif(not cpu_pool.available(),
                                 reason=f"no CPU pool: {cpu_pool.unavailable_reason()}")
@@ -49,14 +49,6 @@ def counter(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
     return lib
 
 
-@pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
-def pool_threads(request: pytest.FixtureRequest) -> Iterator[int]:
-    before = cpu_pool.threads()
-    cpu_pool.set_threads(request.param)
-    yield request.param
-    cpu_pool.set_threads(before)
-
-
 def _run(counter: ctypes.CDLL, blocks: int) -> torch.Tensor:
     counts = torch.zeros(blocks, dtype=torch.int64)
     counter.counter_run(counts.data_ptr(), blocks)
@@ -70,8 +62,7 @@ def test_every_block_runs_exactly_once(counter: ctypes.CDLL, pool_threads: int,
 
 
 def test_the_helper_takes_blocks(counter: ctypes.CDLL) -> None:
-    before = cpu_pool.threads()
-    try:
+    with pool_size_restored():
         cpu_pool.set_threads(2)
         helped = cpu_pool.helped_blocks()
         for _ in range(200):  # a busy machine may keep the helper off its core for a while
@@ -79,8 +70,6 @@ def test_the_helper_takes_blocks(counter: ctypes.CDLL) -> None:
             if cpu_pool.helped_blocks() > helped:
                 break
         assert cpu_pool.helped_blocks() > helped
-    finally:
-        cpu_pool.set_threads(before)
 
 
 def test_two_callers_at_once(counter: ctypes.CDLL, pool_threads: int) -> None:

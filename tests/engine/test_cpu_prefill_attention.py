@@ -20,6 +20,7 @@ from engine import cpu_prefill_attention as kernel
 from engine.attention import batched_paged_attention, reference_paged_attention
 from engine.attention_batch import AttentionBatch
 from engine.kv_cache import PagedKVCache
+from tests.helpers.pool_threads import pool_size_restored
 
 pytestmark = pytest.mark.skipif(not kernel.available(),
                                 reason=f"no CPU kernel: {kernel.unavailable_reason()}")
@@ -116,9 +117,8 @@ def test_narrower_vectors_match_the_reference(flags: tuple[str, ...]) -> None:
 
 @pytest.fixture
 def two_pool_threads() -> Iterator[None]:
-    before = cpu_pool.threads()
-    yield
-    cpu_pool.set_threads(before)
+    with pool_size_restored():
+        yield
 
 
 def test_same_bits_on_one_and_two_threads(two_pool_threads: None) -> None:
