@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.sampling import Sampler, make_generator
+from engine.sampling import Sampler, locate, make_generator
 from engine.stopping import StopChecker
 from pantry.common.errors import InvalidRequest
 from pantry.common.sampling import SamplingParams
@@ -50,6 +50,54 @@ def test_top_k_only_draws_from_top_k() -> None:
     p = SamplingParams(temperature=10.0, top_k=3)
     draws = {Sampler().sample(logits, [p], [gen])[0] for _ in range(100)}
     assert draws <= top3 and len(draws) > 1
+
+
+def test_draws_follow_the_softmax_of_the_scaled_logits() -> None:
+    logits = torch.tensor([[0.0, 1.0, 2.0, float("-inf")]])
+    p = SamplingParams(temperature=2.0)
+    gen = make_generator(3)
+    n = 20000
+    counts = torch.bincount(torch.tensor(
+        [Sampler().sample(logits, [p], [gen])[0] for _ in range(n)]), minlength=4)
+    expected = torch.softmax(logits[0] / 2.0, dim=-1) * n  # 3006, 4956, 8171, 0
+    # 5 standard deviations of a binomial count at most: about 330 draws.
+    assert (counts - expected).abs().max().item() < 330
+    assert counts[3].item() == 0
+
+
+def test_a_seeded_row_draws_the_same_alone_or_beside_others() -> None:
+    logits = random_logits(rows=4, vocab=50)
+    params = [SamplingParams(temperature=1.0), SamplingParams(),
+              SamplingParams(temperature=0.7, top_k=10), SamplingParams(temperature=1.0)]
+    alone_gen, batch_gens = make_generator(7), [make_generator(s) for s in (7, None, 9, 10)]
+    alone = [Sampler().sample(logits[:1], params[:1], [alone_gen])[0] for _ in range(30)]
+    batched = [Sampler().sample(logits, params, batch_gens) for _ in range(30)]
+    assert [b[0] for b in batched] == alone
+    assert {b[1] for b in batched} == {int(logits[1].argmax())}
+
+
+def test_top_p_only_draws_from_the_nucleus() -> None:
+    logits = torch.tensor([[3.0, 2.9, 2.8, 0.0, -1.0, -2.0]])
+    probs = torch.softmax(logits[0], dim=-1)  # 0.33, 0.30, 0.27, ...: three reach 0.9
+    assert probs[:2].sum() < 0.9 <= probs[:3].sum()
+    gen = make_generator(5)
+    p = SamplingParams(temperature=1.0, top_p=0.9)
+    draws = {Sampler().sample(logits, [p], [gen])[0] for _ in range(300)}
+    assert draws == {0, 1, 2}
+
+
+@pytest.mark.parametrize("weights,u,token", [
+    ([0.5, 0.5, 0.0, 0.0], 0.0, 0),
+    ([0.5, 0.5, 0.0, 0.0], 0.4999, 0),
+    ([0.5, 0.5, 0.0, 0.0], 0.5, 1),
+    ([0.0, 1.0, 0.0], 0.0, 1),       # a zero-weight first token is never drawn
+    ([0.5, 0.0, 0.5, 0.0], 0.5, 2),  # nor one between two others
+    ([0.5, 0.5, 0.0, 0.0], 1.0, 1),  # a draw rounded up to the total: the last weighted token
+])
+def test_locate_picks_the_interval_holding_the_draw(weights: list[float], u: float,
+                                                    token: int) -> None:
+    cdf = torch.cumsum(torch.tensor([weights], dtype=torch.float64), dim=-1)
+    assert locate(cdf, torch.tensor([u], dtype=torch.float64)) == [token]
 
 
 @pytest.mark.parametrize("field,kwargs", [
