@@ -29,6 +29,15 @@ def write_kv(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mappin
     _scatter_kv(k, v, k_cache, v_cache, split_slots(slot_mapping, k_cache.shape[1]))
 
 
+def write_step_kv(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
+                  batch: AttentionBatch) -> None:
+    """Every new token's K/V of the step into one layer's cache."""
+    if batch.slot_index is None:
+        write_kv(k, v, k_cache, v_cache, batch.slot_mapping)
+    else:
+        _scatter_kv(k, v, k_cache, v_cache, batch.slot_index)
+
+
 def _scatter_kv(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
                 index: tuple[Tensor, Tensor]) -> None:
     k_cache.index_put_(index, k.to(k_cache.dtype))
@@ -48,10 +57,7 @@ def batched_paged_attention(
     """Paged attention with one SDPA call for every decoding sequence and one for every prefill
     chunk of the step: q [T, H, hd], k/v [T, n_kv, hd] -> [T, H, hd]. Same results as
     `reference_paged_attention`, which loops over sequences."""
-    if batch.slot_index is None:
-        write_kv(k, v, k_cache, v_cache, batch.slot_mapping)
-    else:
-        _scatter_kv(k, v, k_cache, v_cache, batch.slot_index)
+    write_step_kv(k, v, k_cache, v_cache, batch)
     num_heads, hd = q.shape[1:]
     n_kv = k_cache.shape[-2]
     dec, pre = batch.decode, batch.prefill

@@ -16,6 +16,7 @@ from engine.cuda_graphs import DecodeGraphs
 from engine.errors import InvalidStep
 from engine.kv_cache import PagedKVCache
 from engine.loader import LoadedModel
+from engine.model import LastRows
 from kvstore.hashing import DEFAULT_BLOCK_SIZE
 
 
@@ -101,6 +102,13 @@ class ModelRunner:
             if not 0 <= block_id < self.kv.num_blocks:
                 raise InvalidStep(f"SeqStep.block_table has invalid block id {block_id}")
 
+    def _layout(self, seqs: Sequence[SeqStep], query_lens: list[int], context_lens: list[int]
+                ) -> AttentionBatch:
+        return AttentionBatch.build(
+            query_lens=query_lens, context_lens=context_lens,
+            block_tables=[s.block_table for s in seqs], block_size=self.block_size,
+            device=self.device, sliding_window=self.config.sliding_window)
+
     def step(self, seqs: Sequence[SeqStep]) -> Tensor:
         """Float32 logits [len(seqs), vocab] at each sequence's last computed position."""
         if not seqs:
@@ -116,24 +124,21 @@ class ModelRunner:
         for seq in seqs:
             ids.extend(seq.token_ids)
             positions.extend(range(seq.start_pos, seq.start_pos + len(seq.token_ids)))
-        batch = AttentionBatch.build(
-            query_lens=[len(s.token_ids) for s in seqs],
-            context_lens=[s.start_pos for s in seqs],
-            block_tables=[s.block_table for s in seqs],
-            block_size=self.block_size,
-            device=self.device,
-            sliding_window=self.config.sliding_window,
-        )
+        batch = self._layout(seqs, [len(s.token_ids) for s in seqs], [s.start_pos for s in seqs])
+        last = None
+        if len(ids) > len(seqs):  # some sequence computes several tokens: only its last is kept
+            last = LastRows(
+                rows=torch.tensor(batch.cu_query_lens[1:], dtype=torch.int64,
+                                  device=self.device) - 1,
+                batch=self._layout(seqs, [1] * len(seqs),
+                                   [s.start_pos + len(s.token_ids) - 1 for s in seqs]))
         with torch.inference_mode():
             hidden = self.model(
                 torch.tensor(ids, dtype=torch.int64, device=self.device),
                 torch.tensor(positions, dtype=torch.int64, device=self.device),
                 batch,
                 self.kv,
+                last,
             )
-            if len(ids) > len(seqs):  # some sequence computed several tokens: keep its last
-                last = torch.tensor(batch.cu_query_lens[1:], dtype=torch.int64,
-                                    device=self.device) - 1
-                hidden = hidden.index_select(0, last)
             logits = self.model.compute_logits(hidden)
         return logits.float()

@@ -214,3 +214,42 @@ def test_one_thread_few_row_path_matches_transformers(tiny_model_dirs: dict[str,
     finally:
         torch.set_num_threads(before)
     assert ours == hf_greedy(hf, prompt, 2 * NEW_TOKENS)
+
+
+@pytest.mark.parametrize("variant", ["llama", "qwen2", "mistral"])
+def test_last_layer_for_last_rows_only_equals_every_row(models: dict, variant: str) -> None:
+    """A step of several tokens runs its last layer past the K/V for each sequence's last token
+    alone. Against the same step with every row through the last layer: the same logits, and
+    every layer's cache bit-identical (the last layer still writes every token's K/V). The
+    step mixes a decoding row, a chunk after a cached prefix and a whole prompt."""
+    loaded, _ = models[variant]
+    runners = [ModelRunner(loaded, num_blocks=32, block_size=BLOCK) for _ in range(2)]
+    results = []
+    for r, runner in enumerate(runners):
+        decoding = Seq(runner, prompt_ids(21, seed=5))
+        chunked = Seq(runner, prompt_ids(37, seed=6))
+        whole = Seq(runner, prompt_ids(19, seed=7))
+        runner.step([decoding.step_for(21), chunked.step_for(16)])
+        decoding.tokens.append(9)
+        steps = [decoding.step_for(1), chunked.step_for(21), whole.step_for(19)]
+        if r == 0:
+            logits = runner.step(steps)
+        else:  # every row through the last layer, then each sequence's last kept
+            ids = [t for s in steps for t in s.token_ids]
+            positions = [p for s in steps
+                         for p in range(s.start_pos, s.start_pos + len(s.token_ids))]
+            batch = runner._layout(steps, [len(s.token_ids) for s in steps],
+                                   [s.start_pos for s in steps])
+            with torch.inference_mode():
+                hidden = runner.model(torch.tensor(ids), torch.tensor(positions), batch,
+                                      runner.kv)
+                last = torch.tensor(batch.cu_query_lens[1:]) - 1
+                logits = runner.model.compute_logits(hidden[last])
+        caches = zip(runner.kv.k, runner.kv.v, strict=True)
+        results.append((logits, [(k.clone(), v.clone()) for k, v in caches]))
+    (ours, our_kv), (every, every_kv) = results
+    assert ours.shape == every.shape == (3, loaded.config.vocab_size)
+    torch.testing.assert_close(ours, every, atol=1e-5, rtol=1e-5)
+    assert ours.argmax(-1).tolist() == every.argmax(-1).tolist()
+    for (k1, v1), (k2, v2) in zip(our_kv, every_kv, strict=True):
+        assert torch.equal(k1, k2) and torch.equal(v1, v2)
