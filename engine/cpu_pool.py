@@ -14,6 +14,9 @@ large share of each. This pool is the calling thread plus one helper pthread per
   that has claimed nothing (a helper descheduled by prefill on its core leaves every block to
   the caller), only for blocks a helper has claimed and not finished.
 
+Between jobs an idle helper can read a posted range into cache (`prefetch`): decode's linears
+post the weight the step reads next, so the memory works while the caller runs Python.
+
 A kernel library takes the pool's run function once (`run_function()`, a C address) and its
 entry points call it with a context on their own stack: no Python per block, and the ctypes
 call into the kernel releases the GIL. Each kernel writes every output element from one block,
@@ -32,6 +35,7 @@ import os
 import threading
 
 import torch
+from torch import Tensor
 
 from engine.kernel_build import KernelLibrary, compile_library
 
@@ -62,6 +66,7 @@ _SOURCE = r"""
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
+#include <limits.h>
 
 #if defined(__x86_64__) || defined(__i386__)
 #define PAUSE() __builtin_ia32_pause()
@@ -91,6 +96,44 @@ static struct {
     pthread_t threads[MAX_HELPERS];
     pthread_mutex_t call;                  /* one job at a time; held while resizing */
 } P = {.call = PTHREAD_MUTEX_INITIALIZER};
+
+/* Bytes an idle helper reads into cache while the caller runs Python between jobs (the next
+   weight of a memory-bound decode step), claimed in chunks of 64 KiB; every job takes the
+   range back first (`stop_prefetch`), waiting at most for the chunk a helper is reading. The
+   range is published with `next` last, so a claim always sees its own base and end; posts
+   are serialized by P.call. */
+#define PREFETCH_CHUNK (64 << 10)
+static struct {
+    _Alignas(64) _Atomic int64_t next;
+    _Atomic int64_t end;
+    _Atomic int busy;
+    const char *_Atomic base;
+    _Atomic int64_t chunks;                /* read since the library was loaded */
+} F;
+static volatile float prefetch_sink;
+
+static void prefetch_some(void)
+{
+    atomic_fetch_add(&F.busy, 1);
+    const int64_t c = atomic_fetch_add(&F.next, PREFETCH_CHUNK);
+    const int64_t end = atomic_load(&F.end);
+    if (c < end) {
+        const float *p = (const float *)(atomic_load(&F.base) + c);
+        const int64_t n = ((end - c < PREFETCH_CHUNK) ? end - c : PREFETCH_CHUNK) / 4;
+        float acc = 0.f;
+        for (int64_t i = 0; i < n; i += 16) acc += p[i];
+        prefetch_sink = acc;
+        atomic_fetch_add_explicit(&F.chunks, 1, memory_order_relaxed);
+    }
+    atomic_fetch_sub(&F.busy, 1);
+}
+
+static void stop_prefetch(void)
+{
+    atomic_store(&F.next, INT64_MAX / 2);
+    while (atomic_load(&F.busy) > 0) PAUSE();
+}
+
 
 static int64_t now_ns(void)
 {
@@ -123,6 +166,12 @@ static void *helper_main(void *arg)
             w = atomic_load_explicit(&P.word, memory_order_acquire);
             if ((uint32_t)(w >> 32) != seen) break;
             if (atomic_load_explicit(&P.stop, memory_order_relaxed)) return NULL;
+            if (atomic_load_explicit(&F.next, memory_order_relaxed) <
+                atomic_load_explicit(&F.end, memory_order_relaxed)) {
+                prefetch_some();
+                deadline = now_ns() + P.spin_ns;
+                continue;
+            }
             PAUSE();
             if ((it & 63) == 0) {
                 /* Anything else runnable on this core (an OpenMP thread, prefill) goes
@@ -130,11 +179,13 @@ static void *helper_main(void *arg)
                 sched_yield();
                 if (now_ns() > deadline) {
                     /* Sleep. The futex value is read before announcing ourselves, the job
-                       word after: a job published in between is seen here, or its caller
-                       sees a sleeper and bumps the futex, so the wait returns at once. */
+                       word (and read-ahead range) after: a job or range published in between
+                       is seen here, or its poster sees a sleeper and bumps the futex, so the
+                       wait returns at once. */
                     const uint32_t f = atomic_load(&P.futex);
                     atomic_fetch_add(&P.sleepers, 1);
-                    if ((uint32_t)(atomic_load(&P.word) >> 32) == seen && !atomic_load(&P.stop))
+                    if ((uint32_t)(atomic_load(&P.word) >> 32) == seen && !atomic_load(&P.stop)
+                        && atomic_load(&F.next) >= atomic_load(&F.end))
                         syscall(SYS_futex, &P.futex, FUTEX_WAIT_PRIVATE, f, NULL, NULL, 0);
                     atomic_fetch_sub(&P.sleepers, 1);
                     deadline = now_ns() + P.spin_ns;
@@ -159,6 +210,20 @@ static void wake_helpers(void)
 {
     atomic_fetch_add(&P.futex, 1);
     syscall(SYS_futex, &P.futex, FUTEX_WAKE_PRIVATE, MAX_HELPERS, NULL, NULL, 0);
+}
+
+/* The caller keeps [p, p + bytes) mapped until its next post or job. Skipped (returns 0) with
+   no helpers or while another thread's job runs. A sleeping helper is woken for it. */
+int pantry_pool_prefetch(const void *p, int64_t bytes)
+{
+    if (P.helpers == 0 || pthread_mutex_trylock(&P.call) != 0) return 0;
+    stop_prefetch();
+    atomic_store(&F.base, (const char *)p);
+    atomic_store(&F.end, bytes);
+    atomic_store(&F.next, 0);
+    if (atomic_load(&P.sleepers) > 0) wake_helpers();
+    pthread_mutex_unlock(&P.call);
+    return 1;
 }
 
 static void forked_child(void)
@@ -198,8 +263,13 @@ int pantry_pool_resize(int threads, int64_t spin_ns)
 
 int64_t pantry_pool_helped(void) { return atomic_load(&P.helped); }
 
+int64_t pantry_pool_prefetched(void) { return atomic_load(&F.chunks); }
+
+
+
 void pantry_pool_run(pantry_block_fn fn, const void *ctx, int64_t n)
 {
+    stop_prefetch();
     /* One block, no helpers, or another thread's job running: all here. */
     if (n < 2 || P.helpers == 0 || pthread_mutex_trylock(&P.call) != 0) {
         for (int64_t c = 0; c < n; c++) fn(ctx, c);
@@ -241,6 +311,10 @@ def _build() -> ctypes.CDLL:
     handle.pantry_pool_resize.restype = ctypes.c_int
     handle.pantry_pool_helped.argtypes = []
     handle.pantry_pool_helped.restype = ctypes.c_int64
+    handle.pantry_pool_prefetched.argtypes = []
+    handle.pantry_pool_prefetched.restype = ctypes.c_int64
+    handle.pantry_pool_prefetch.argtypes = [ctypes.c_void_p, ctypes.c_int64]
+    handle.pantry_pool_prefetch.restype = ctypes.c_int
     return handle
 
 
@@ -282,6 +356,28 @@ def helped_blocks() -> int:
     lib = _kernel.lib
     assert lib is not None, "call available() first"
     return int(lib.pantry_pool_helped())
+
+
+_prefetching: Tensor | None = None  # the range posted last, kept alive while a helper may read it
+
+
+def prefetch(tensor: Tensor) -> None:
+    """Idle helpers read `tensor` (contiguous, on the CPU) into cache until the next job starts:
+    what a memory-bound kernel reads next comes from cache for the part they reached. Nothing
+    is computed; results never depend on it."""
+    global _prefetching
+    lib = _kernel.lib
+    assert lib is not None, "call available() first"
+    assert tensor.is_contiguous() and tensor.device.type == "cpu"
+    if lib.pantry_pool_prefetch(tensor.data_ptr(), tensor.numel() * tensor.element_size()):
+        _prefetching = tensor
+
+
+def prefetched_chunks() -> int:
+    """Chunks of 64 KiB the helpers have read ahead since the library was loaded."""
+    lib = _kernel.lib
+    assert lib is not None, "call available() first"
+    return int(lib.pantry_pool_prefetched())
 
 
 def run_function() -> int | None:

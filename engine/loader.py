@@ -22,7 +22,7 @@ from engine.model_files import (
     model_id_for,
     resolve_model_path,
 )
-from engine.packed_linear import can_pack, pack_linears
+from engine.packed_linear import can_pack, pack_linears, read_ahead_in_order
 from engine.rope import inverse_frequencies
 from engine.tokenizer import Tokenizer
 
@@ -114,4 +114,5 @@ def _build(
     model.fuse_projections()
     if can_pack(model):
         pack_linears(model, few_rows=few_rows)
+        read_ahead_in_order(model.linears_in_step_order())
     return model.eval()

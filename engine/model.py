@@ -208,6 +208,16 @@ class CausalLM(nn.Module):
             layer.self_attn.fuse_projections()
             layer.mlp.fuse_projections()
 
+    def linears_in_step_order(self) -> list[nn.Module]:
+        """Every linear in the order a step runs them (fused projections)."""
+        order: list[nn.Module] = []
+        for layer in self.model.layers:
+            assert isinstance(layer, DecoderLayer)
+            attn, mlp = layer.self_attn, layer.mlp
+            assert attn.qkv_proj is not None and mlp.gate_up_proj is not None, "fuse first"
+            order += [attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj]
+        return [*order, self.lm_head]
+
     def forward(
         self, input_ids: Tensor, positions: Tensor, batch: AttentionBatch, kv: PagedKVCache,
         last: LastRows | None = None,

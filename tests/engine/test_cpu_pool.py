@@ -4,7 +4,9 @@ and two threads, past the 16-bit block count, from two callers at once, and swit
 from __future__ import annotations
 
 import ctypes
+import gc
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -87,6 +89,55 @@ def test_two_callers_at_once(counter: ctypes.CDLL, pool_threads: int) -> None:
     for w in workers:
         w.join()
     assert bad == []
+
+
+def _wait_for_chunks(want: int) -> int:
+    """Prefetched chunks since `want` was computed, waiting up to 5 s for the helper."""
+    deadline = time.monotonic() + 5.0
+    while cpu_pool.prefetched_chunks() < want and time.monotonic() < deadline:
+        time.sleep(0.001)
+    return cpu_pool.prefetched_chunks()
+
+
+def test_the_helper_reads_a_posted_range_ahead_once(counter: ctypes.CDLL) -> None:
+    with pool_size_restored():
+        cpu_pool.set_threads(2)
+        data = torch.ones(5 << 20, dtype=torch.uint8)  # 80 chunks of 64 KiB
+        before = cpu_pool.prefetched_chunks()
+        time.sleep(0.01)  # the helper is asleep by now: a post wakes it
+        cpu_pool.prefetch(data)
+        assert _wait_for_chunks(before + 80) == before + 80
+        time.sleep(0.01)
+        assert cpu_pool.prefetched_chunks() == before + 80  # each chunk once, then nothing
+        # A job takes the range back: what is left of it is never read.
+        cpu_pool.prefetch(torch.ones(512 << 20, dtype=torch.uint8))
+        assert torch.equal(_run(counter, 100), torch.arange(1, 101))
+        taken = cpu_pool.prefetched_chunks()
+        time.sleep(0.01)
+        assert cpu_pool.prefetched_chunks() == taken < before + 80 + 8192
+
+
+def test_a_posted_range_stays_mapped_after_its_tensor_is_dropped(counter: ctypes.CDLL) -> None:
+    """The pool keeps the posted tensor: freeing its memory (large tensors are unmapped) while
+    the helper reads would crash this process."""
+    with pool_size_restored():
+        cpu_pool.set_threads(2)
+        before = cpu_pool.prefetched_chunks()
+        cpu_pool.prefetch(torch.ones(256 << 20, dtype=torch.uint8))
+        gc.collect()
+        for _ in range(20):
+            torch.ones(256 << 20, dtype=torch.uint8)  # allocated and freed: unmapped
+        assert _wait_for_chunks(before + 1) > before
+        assert torch.equal(_run(counter, 10), torch.arange(1, 11))
+
+
+def test_no_helper_no_read_ahead(counter: ctypes.CDLL) -> None:
+    with pool_size_restored():
+        cpu_pool.set_threads(1)
+        before = cpu_pool.prefetched_chunks()
+        cpu_pool.prefetch(torch.ones(1 << 20, dtype=torch.uint8))
+        time.sleep(0.01)
+        assert cpu_pool.prefetched_chunks() == before
 
 
 def test_switched_off_the_kernels_that_need_it_are_off(tmp_path: Path,

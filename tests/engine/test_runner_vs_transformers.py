@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from engine.loader import LoadedModel, load_model
-from engine.packed_linear import PackedLinear
+from engine.packed_linear import PackedLinear, read_ahead_in_order
 from engine.runner import ModelRunner, SeqStep
 from tests.helpers.tiny_models import VARIANTS, make_tiny_model
 
@@ -253,3 +253,36 @@ def test_last_layer_for_last_rows_only_equals_every_row(models: dict, variant: s
     assert ours.argmax(-1).tolist() == every.argmax(-1).tolist()
     for (k1, v1), (k2, v2) in zip(our_kv, every_kv, strict=True):
         assert torch.equal(k1, k2) and torch.equal(v1, v2)
+
+
+def test_reading_weights_ahead_changes_no_result(models: dict,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The loader links every pool linear to the next one a step runs (read ahead by the pool's
+    idle helper); the logits of decode steps are bit-identical with the links and without."""
+    loaded, _ = models["llama"]
+    linears = loaded.model.linears_in_step_order()
+    if not all(isinstance(m, PackedLinear) and m.few_rows is not None for m in linears):
+        pytest.skip("no pool linears here (no compiler, or the pool is off)")
+    assert len(linears) == 4 * loaded.config.num_layers + 1
+    assert [m.then for m in linears] == [m.few_rows for m in linears[1:] + linears[:1]]
+    monkeypatch.setenv("PANTRY_CPU_READ_AHEAD", "0")
+    assert read_ahead_in_order(linears) == 0
+    monkeypatch.delenv("PANTRY_CPU_READ_AHEAD")
+
+    def decode(read_ahead: bool) -> list[torch.Tensor]:
+        for m in linears:
+            m.then = None
+        if read_ahead:
+            assert read_ahead_in_order(linears) == len(linears)
+        runner = ModelRunner(loaded, num_blocks=32, block_size=BLOCK)
+        seqs = [Seq(runner, prompt_ids(n, seed=n)) for n in (9, 30)]
+        runner.step([s.step_for(len(s.tokens)) for s in seqs])
+        out = []
+        for t in range(6):
+            for s in seqs:
+                s.tokens.append(100 + t)
+            out.append(runner.step([s.step_for(1) for s in seqs]))
+        return out
+
+    without, with_links = decode(False), decode(True)
+    assert all(torch.equal(a, b) for a, b in zip(without, with_links, strict=True))
