@@ -14,8 +14,9 @@ large share of each. This pool is the calling thread plus one helper pthread per
   that has claimed nothing (a helper descheduled by prefill on its core leaves every block to
   the caller), only for blocks a helper has claimed and not finished.
 
-Between jobs an idle helper can read a posted range into cache (`prefetch`): decode's linears
-post the weight the step reads next, so the memory works while the caller runs Python.
+Between jobs an idle helper can read a posted range into cache (`prefetch`): with
+PANTRY_CPU_READ_AHEAD=1 decode's linears post the weight the step reads next, so the memory
+works while the caller runs Python (engine.packed_linear.read_ahead_in_order says when that pays).
 
 A kernel library takes the pool's run function once (`run_function()`, a C address) and its
 entry points call it with a context on their own stack: no Python per block, and the ctypes

@@ -100,10 +100,17 @@ def read_ahead_in_order(linears: Sequence[nn.Module]) -> int:
     after each pool linear, the pool's idle helpers read the next one's weight into cache
     while the caller runs the Python between them. A decode step on CPU streams every weight
     from memory (540 MB on SmolLM2); this uses the gaps the memory would otherwise sit idle.
-    Measured on 2 cores, 4 streams: 25-27 -> 23.5-24.5 ms a step. Returns the links made;
-    none with PANTRY_CPU_READ_AHEAD=0 or where a linear has no pool weight."""
+    Returns the links made: none unless PANTRY_CPU_READ_AHEAD=1, or where a linear has no pool
+    weight.
+
+    Off by default. Measured on 2 cores, on and off alternated in one process: 4 streams 3-7%
+    faster a step (25.5 -> 24.0, 31.2 -> 28.9, 29.3 -> 28.3 ms), 1 stream 2.5%, 8 streams 4%.
+    But a helper reading ahead keeps its core through the gaps, where it would yield it to
+    prefill: with `pantry local` sharing both cores, bench/interference.py went from p99/p50
+    TBT 1.71-1.75 and TTFT p50 36 s to 1.84-2.00 and 56 s (yielding between chunks: 1.82-1.83
+    and 40 s, and most of the gain gone). For decode engines with cores of their own."""
     packed = [m for m in linears if isinstance(m, PackedLinear) and m.few_rows is not None]
-    if os.environ.get("PANTRY_CPU_READ_AHEAD", "1") == "0" or len(packed) != len(linears):
+    if os.environ.get("PANTRY_CPU_READ_AHEAD", "0") != "1" or len(packed) != len(linears):
         return 0
     for current, following in zip(packed, packed[1:] + packed[:1], strict=True):
         current.then = following.few_rows

@@ -257,23 +257,25 @@ def test_last_layer_for_last_rows_only_equals_every_row(models: dict, variant: s
 
 def test_reading_weights_ahead_changes_no_result(models: dict,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    """The loader links every pool linear to the next one a step runs (read ahead by the pool's
-    idle helper); the logits of decode steps are bit-identical with the links and without."""
+    """PANTRY_CPU_READ_AHEAD=1 links every pool linear to the next one a step runs (read ahead
+    by the pool's idle helper); the logits of decode steps are bit-identical with the links and
+    without."""
     loaded, _ = models["llama"]
     linears = loaded.model.linears_in_step_order()
     if not all(isinstance(m, PackedLinear) and m.few_rows is not None for m in linears):
         pytest.skip("no pool linears here (no compiler, or the pool is off)")
     assert len(linears) == 4 * loaded.config.num_layers + 1
-    assert [m.then for m in linears] == [m.few_rows for m in linears[1:] + linears[:1]]
-    monkeypatch.setenv("PANTRY_CPU_READ_AHEAD", "0")
-    assert read_ahead_in_order(linears) == 0
-    monkeypatch.delenv("PANTRY_CPU_READ_AHEAD")
+    monkeypatch.delenv("PANTRY_CPU_READ_AHEAD", raising=False)
+    assert read_ahead_in_order(linears) == 0  # off by default
+    assert all(m.then is None for m in linears)
 
     def decode(read_ahead: bool) -> list[torch.Tensor]:
         for m in linears:
             m.then = None
         if read_ahead:
+            monkeypatch.setenv("PANTRY_CPU_READ_AHEAD", "1")
             assert read_ahead_in_order(linears) == len(linears)
+            assert [m.then for m in linears] == [m.few_rows for m in linears[1:] + linears[:1]]
         runner = ModelRunner(loaded, num_blocks=32, block_size=BLOCK)
         seqs = [Seq(runner, prompt_ids(n, seed=n)) for n in (9, 30)]
         runner.step([s.step_for(len(s.tokens)) for s in seqs])
@@ -282,6 +284,8 @@ def test_reading_weights_ahead_changes_no_result(models: dict,
             for s in seqs:
                 s.tokens.append(100 + t)
             out.append(runner.step([s.step_for(1) for s in seqs]))
+        for m in linears:
+            m.then = None
         return out
 
     without, with_links = decode(False), decode(True)
