@@ -43,14 +43,21 @@ def _timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - t
 
 
-def _pair(name: str, torch_fn: Callable[[], object], kernel_fn: Callable[[], object],
-          reps: int) -> None:
-    torch_fn(), kernel_fn()  # warm
+def _alternated(reps: int, first: Callable[[], float], second: Callable[[], float]
+                ) -> tuple[list[float], list[float]]:
+    """Seconds of each, measured in turn `reps` times after one warm call each."""
+    first(), second()
     a: list[float] = []
     b: list[float] = []
     for _ in range(reps):
-        a.append(_timed(torch_fn))
-        b.append(_timed(kernel_fn))
+        a.append(first())
+        b.append(second())
+    return a, b
+
+
+def _pair(name: str, torch_fn: Callable[[], object], kernel_fn: Callable[[], object],
+          reps: int) -> None:
+    a, b = _alternated(reps, lambda: _timed(torch_fn), lambda: _timed(kernel_fn))
     ta, tb = statistics.median(a) * 1e3, statistics.median(b) * 1e3
     print(f"{name:<22} torch {min(a) * 1e3:7.2f} / {ta:7.2f} ms   kernel {min(b) * 1e3:7.2f} / "
           f"{tb:7.2f} ms   (best / median)   x{ta / tb:.2f}", flush=True)
@@ -138,12 +145,7 @@ def whole_step(reps: int, sizes: list[int]) -> None:
                 cpu_prefill_attention.supports = real  # type: ignore[assignment]
                 runner.allocator.free(table)
             return took
-        one(False), one(True)
-        off: list[float] = []
-        on: list[float] = []
-        for _ in range(reps):
-            off.append(one(False))
-            on.append(one(True))
+        off, on = _alternated(reps, lambda: one(False), lambda: one(True))
         a, b = statistics.median(off) * 1e3, statistics.median(on) * 1e3
         print(f"step {t:<17} torch {min(off) * 1e3:7.1f} / {a:7.1f} ms   kernel "
               f"{min(on) * 1e3:7.1f} / {b:7.1f} ms   (best / median)   {b - a:+.1f} ms",
