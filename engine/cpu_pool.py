@@ -67,7 +67,6 @@ _SOURCE = r"""
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
-#include <limits.h>
 
 #if defined(__x86_64__) || defined(__i386__)
 #define PAUSE() __builtin_ia32_pause()

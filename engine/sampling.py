@@ -50,7 +50,7 @@ class Sampler:
 
 
 def _argmax(logits: Tensor) -> list[int]:
-    if logits.device.type == "cpu":
+    if logits.device.type == "cpu" and logits.dtype == torch.float32:
         # numpy's argmax: 18 us for 4 x 49k float32 here against torch's 240 us, every step.
         # Both take the first of equal maxima.
         return logits.detach().numpy().argmax(axis=-1).tolist()  # type: ignore[no-any-return]
