@@ -4,12 +4,13 @@ The torch path (`engine.attention._decode`) gathers every decoding sequence's ke
 out of the cache into new tensors for each layer, then calls SDPA: the gather copies the whole
 context each layer of each step (a 4k-token sequence: ~180 MB a step for SmolLM2), so a step
 slows down with every long sequence in the batch. This kernel reads each block where it lies,
-in cache order, every KV head of a token's row at once, on our own thread pool (engine.cpu_pool,
-as the step's linears); a long sequence is split into spans, the pool's blocks, and merged
-(flash-decoding), and the exps are
-computed eight at a time. Head sizes 64 and 128 with up to 8 query heads per KV head get loops
-unrolled at compile time; any other shape runs the same steps in scalar loops. The same role as
-the Triton kernel plays on CUDA.
+on our own thread pool (engine.cpu_pool, as the step's linears): a long sequence is split into
+spans, the pool's blocks, merged at the end (flash-decoding); within a span it goes sixteen
+positions at a time (eight without AVX-512) with flash attention's online softmax, so a chunk's
+K and V rows are read once, close together, while the next chunk's are prefetched. Head sizes
+64 and 128 with up to 8 query heads per KV head get loops unrolled at compile time, a tile of
+query heads in registers; any other shape runs the two-pass form in scalar loops. The same
+role as the Triton kernel plays on CUDA.
 
 It is C compiled on first use with the machine's C compiler (engine.kernel_build) and loaded
 with ctypes. Where no compiler works, `available()` is False and the engine keeps the torch
@@ -26,31 +27,52 @@ from torch import Tensor
 from engine import cpu_pool
 from engine.kernel_build import C_EXP, KernelLibrary, compile_library
 
-# Per span of up to SPAN positions of a sequence: scores of every query head (each token's row
-# of every KV head read once, in cache order), their exps, then the weighted sum of values;
-# a sequence's spans merged by their max scores. Spans are the threads' work items.
+# Per span of up to SPAN positions of a sequence, per query head: the weighted sum of values,
+# the max score and the sum of the exps; a sequence's spans merged by their max scores. Spans
+# are the threads' work items.
 _SOURCE = r"""
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 """ + cpu_pool.C_POOL_TYPES + r"""
-/* Eight floats (GCC/Clang vector extensions: one AVX register where the CPU has it), loaded
-   from and stored to any float address. */
-typedef float vf __attribute__((vector_size(32)));
-typedef float vfu __attribute__((vector_size(32), aligned(4)));
-typedef int32_t vi __attribute__((vector_size(32)));
+/* One vector of floats (GCC/Clang vector extensions): sixteen, a zmm, where the CPU has
+   AVX-512 (its 32 registers hold a tile of query heads' q rows or sums), else eight, a ymm.
+   Loaded from and stored to any float address. */
+#if defined(__AVX512F__)
+#define VW 16
+#else
 #define VW 8
+#endif
+typedef float vf __attribute__((vector_size(VW * 4)));
+typedef float vfu __attribute__((vector_size(VW * 4), aligned(4)));
+typedef int32_t vi __attribute__((vector_size(VW * 4)));
 #define INLINE static inline __attribute__((always_inline))
+#define UNROLL _Pragma("GCC unroll 16")
 
 INLINE vf ld(const float *p) { return *(const vfu *)p; }
 INLINE void st(float *p, vf v) { *(vfu *)p = v; }
 INLINE vf splat(float x) { return (vf){0} + x; }
+/* Halves added until four floats are left: GCC sums a loop over the lanes one by one. */
+typedef float vf8 __attribute__((vector_size(32)));
+typedef float vf4 __attribute__((vector_size(16)));
 INLINE float hsum(vf v)
 {
-    float s = 0.f;
-    for (int i = 0; i < VW; i++) s += v[i];
-    return s;
+#if VW == 16
+    const vf8 h = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7)
+                + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+#else
+    const vf8 h = v;
+#endif
+    vf4 x = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
+    x += __builtin_shufflevector(x, x, 2, 3, 0, 1);
+    return x[0] + x[1];
+}
+INLINE float hmax(vf v)
+{
+    float m = v[0];
+    for (int i = 1; i < VW; i++) m = v[i] > m ? v[i] : m;
+    return m;
 }
 
 """ + C_EXP + r"""
@@ -72,12 +94,16 @@ static void exp_scores(float *s, int64_t n, float *max_out, float *sum_out)
     *sum_out = sum;
 }
 
-/* The next block lies anywhere in the cache: a token's row of it is asked for one block
-   ahead of its use, spread over the block's tokens (all at once stalls on the fill
-   buffers). */
+/* A position's row lies anywhere in the cache (each layer's part of a block is 12 KB for
+   SmolLM2, blocks a whole block apart). The pass over a chunk for one KV head asks for the
+   same head's K (and V) rows of the next chunk as it reads its own, so the requests are spread
+   over the whole chunk's work and each arrives about a chunk ahead of its use. Into L2 (hint
+   1): measured faster than into L1 (whose fill buffers are few) or than no prefetch; one
+   thread over a 4k-token sequence, 30 layers: 17 ms, against 22 ms asking for whole rows
+   (every head) during the first head's pass and 27 ms without. */
 INLINE void prefetch(const float *p, int64_t floats)
 {
-    for (int64_t i = 0; i < floats; i += 16) __builtin_prefetch(p + i);
+    for (int64_t i = 0; i < floats; i += 16) __builtin_prefetch(p + i, 0, 1);
 }
 
 /* Positions per work item: a long sequence is split over threads, its spans merged after. */
@@ -91,86 +117,133 @@ typedef struct {
     float scale;
 } args_t;
 
-/* Block blk of a span [s, e) in `base` (K or V): its rows, the next block's (NULL at the span's
-   end, else prefetched a token ahead) and the tokens [t0, t1) of it inside the span. */
-typedef struct {
-    const float *rows, *next;
-    int64_t t0, t1;
-} block_t;
-
-INLINE block_t block_at(const args_t *a, const float *base, const int64_t *tab, int64_t blk,
-                        int64_t s, int64_t e)
+/* VW vectors at m (VW positions' products of q and k, each to be summed) -> one vector whose
+   lane j is the sum of vector j: halves of pairs added level by level, positions kept in
+   order. Summing each vector alone would take log2(VW) shuffles per position and head. */
+#define SH __builtin_shufflevector
+INLINE vf sums_of(const float *m)
 {
-    const int64_t bs = a->block_size;
-    const block_t out = {
-        base + tab[blk] * a->block_stride,
-        (blk + 1) * bs < e ? base + tab[blk + 1] * a->block_stride : 0,
-        blk * bs < s ? s - blk * bs : 0,
-        (blk + 1) * bs > e ? e - blk * bs : bs,
-    };
-    return out;
+    vf r[VW];
+    for (int j = 0; j < VW; j++) r[j] = ld(m + j * VW);
+#if VW == 16
+    for (int j = 0; j < 8; j++)
+        r[j] = SH(r[2 * j], r[2 * j + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23)
+             + SH(r[2 * j], r[2 * j + 1], 8, 9, 10, 11, 12, 13, 14, 15,
+                  24, 25, 26, 27, 28, 29, 30, 31);
+    for (int j = 0; j < 4; j++)
+        r[j] = SH(r[2 * j], r[2 * j + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27)
+             + SH(r[2 * j], r[2 * j + 1], 4, 5, 6, 7, 12, 13, 14, 15,
+                  20, 21, 22, 23, 28, 29, 30, 31);
+    for (int j = 0; j < 2; j++)
+        r[j] = SH(r[2 * j], r[2 * j + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29)
+             + SH(r[2 * j], r[2 * j + 1], 2, 3, 6, 7, 10, 11, 14, 15,
+                  18, 19, 22, 23, 26, 27, 30, 31);
+    return SH(r[0], r[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30)
+         + SH(r[0], r[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+#else
+    for (int j = 0; j < 4; j++)
+        r[j] = SH(r[2 * j], r[2 * j + 1], 0, 1, 2, 3, 8, 9, 10, 11)
+             + SH(r[2 * j], r[2 * j + 1], 4, 5, 6, 7, 12, 13, 14, 15);
+    for (int j = 0; j < 2; j++)
+        r[j] = SH(r[2 * j], r[2 * j + 1], 0, 1, 4, 5, 8, 9, 12, 13)
+             + SH(r[2 * j], r[2 * j + 1], 2, 3, 6, 7, 10, 11, 14, 15);
+    return SH(r[0], r[1], 0, 2, 4, 6, 8, 10, 12, 14) + SH(r[0], r[1], 1, 3, 5, 7, 9, 11, 13, 15);
+#endif
 }
 
-/* Positions [s, e) of sequence b for every query head, reading each token's row of every KV
-   head once, in cache order. `part` gets per query head the unnormalised sum of values (dim
-   floats), then the max score and the sum of the exps. Inlined with constant dim and group:
-   loops unroll and a KV head's row is held in registers. */
-INLINE void attend_span(const args_t *a, int64_t b, int64_t s, int64_t e, float *scores,
-                        float *part, const int dim, const int group)
+/* Query heads of one KV head taken in one pass over a chunk's rows: as many as keep their q
+   rows (for the scores) or their sums (for the values) in registers. */
+#define TILE_REGS 16
+
+/* Positions [s, e) of sequence b for every query head, one chunk of VW positions at a time
+   (flash attention's online softmax within the span): for each KV head and tile of its query
+   heads, the chunk's scores (products summed by sums_of), their max folded into the head's
+   running max (rescaling its sums when it rises), their exps, then the values weighted into
+   sums held in registers. A chunk's K and V rows are read once and close together in time;
+   the next chunk's are prefetched meanwhile. `part` gets per query head the unnormalised sum
+   of values (dim floats), then the max score and the sum of the exps. Inlined with constant
+   dim and group: the loops unroll and a tile stays in registers. */
+INLINE void attend_span(const args_t *a, int64_t b, int64_t s, int64_t e, float *part,
+                        const int dim, const int group)
 {
-    const int nv = dim / VW;
+    const int nv = dim / VW, gt = TILE_REGS / nv < 1 ? 1 : TILE_REGS / nv;
     const int64_t n = e - s, bs = a->block_size, kvh = a->kv_heads, heads = a->heads;
-    const int64_t row = kvh * a->head_stride, stride = dim + 2;
+    const int64_t stride = dim + 2;
     const int64_t *tab = a->table + b * a->max_blocks;
     const float *q = a->q + b * heads * dim;
-    for (int64_t blk = s / bs; blk * bs < e; blk++) {
-        const block_t at = block_at(a, a->k_base, tab, blk, s, e);
-        for (int64_t t = at.t0; t < at.t1; t++) {
-            const int64_t p = blk * bs + t - s;
-            if (at.next) prefetch(at.next + t * a->token_stride, row);
-            for (int64_t kh = 0; kh < kvh; kh++) {
-                const float *k = at.rows + t * a->token_stride + kh * a->head_stride;
-                vf kv[16];
-                for (int i = 0; i < nv; i++) kv[i] = ld(k + i * VW);
-                for (int g = 0; g < group; g++) {
-                    const float *qh = q + (kh * group + g) * dim;
-                    vf s0 = ld(qh) * kv[0], s1 = splat(0.f);
-                    for (int i = 1; i < nv; i += 2) {
-                        s1 += ld(qh + i * VW) * kv[i];
-                        if (i + 1 < nv) s0 += ld(qh + (i + 1) * VW) * kv[i + 1];
-                    }
-                    scores[(kh * group + g) * SPAN + p] = hsum(s0 + s1) * a->scale;
-                }
-            }
-        }
+    int64_t off[SPAN];  /* each position's row, from the base of K or V */
+    for (int64_t p = s, blk = s / bs, t = s % bs; p < e; p++) {
+        off[p - s] = tab[blk] * a->block_stride + t * a->token_stride;
+        if (++t == bs) { t = 0; blk++; }
     }
     for (int64_t h = 0; h < heads; h++) {
-        float *ph = part + h * stride;
-        exp_scores(scores + h * SPAN, n, ph + dim, ph + dim + 1);
-        memset(ph, 0, sizeof(float) * dim);
+        memset(part + h * stride, 0, sizeof(float) * dim);
+        part[h * stride + dim] = -INFINITY;
+        part[h * stride + dim + 1] = 0.f;
     }
-    /* The sums stay in L1 (heads * dim floats) while the values stream past in cache order:
-       holding them in registers instead means several passes over each block. */
-    for (int64_t blk = s / bs; blk * bs < e; blk++) {
-        const block_t at = block_at(a, a->v_base, tab, blk, s, e);
-        for (int64_t t = at.t0; t < at.t1; t++) {
-            const int64_t p = blk * bs + t - s;
-            if (at.next) prefetch(at.next + t * a->token_stride, row);
-            for (int64_t kh = 0; kh < kvh; kh++) {
-                const float *v = at.rows + t * a->token_stride + kh * a->head_stride;
-                vf vv[16];
-                for (int i = 0; i < nv; i++) vv[i] = ld(v + i * VW);
-                for (int g = 0; g < group; g++) {
-                    float *o = part + (kh * group + g) * stride;
-                    const vf w = splat(scores[(kh * group + g) * SPAN + p]);
-                    for (int i = 0; i < nv; i++) st(o + i * VW, ld(o + i * VW) + w * vv[i]);
+    /* Zeroed once: the lanes past a short last chunk hold finite leftovers, then are masked. */
+    float prod[8 * VW * VW] __attribute__((aligned(64))) = {0};
+    float w[8 * VW] __attribute__((aligned(64)));
+    for (int64_t c = 0; c < n; c += VW) {
+        const int64_t m = n - c < VW ? n - c : VW, next = c + VW;
+        for (int64_t kh = 0; kh < kvh; kh++)
+            _Pragma("GCC unroll 8") for (int g0 = 0; g0 < group; g0 += gt) {
+                const int gn = group - g0 < gt ? group - g0 : gt;
+                const int64_t h0 = kh * group + g0;
+                vf qv[8][16], acc[8][16];
+                UNROLL for (int g = 0; g < gn; g++)
+                    UNROLL for (int i = 0; i < nv; i++)
+                        qv[g][i] = ld(q + (h0 + g) * dim + i * VW);
+                for (int64_t j = 0; j < m; j++) {
+                    if (g0 == 0 && next + j < n)
+                        prefetch(a->k_base + off[next + j] + kh * a->head_stride, dim);
+                    const float *k = a->k_base + off[c + j] + kh * a->head_stride;
+                    vf kv[16];
+                    UNROLL for (int i = 0; i < nv; i++) kv[i] = ld(k + i * VW);
+                    UNROLL for (int g = 0; g < gn; g++) {
+                        vf s0 = qv[g][0] * kv[0], s1 = splat(0.f);
+                        UNROLL for (int i = 1; i < nv; i += 2) {
+                            s1 += qv[g][i] * kv[i];
+                            if (i + 1 < nv) s0 += qv[g][i + 1] * kv[i + 1];
+                        }
+                        st(prod + (g * VW + j) * VW, s0 + s1);
+                    }
                 }
+                UNROLL for (int g = 0; g < gn; g++) {
+                    float *ph = part + (h0 + g) * stride;
+                    vf sc = sums_of(prod + g * VW * VW) * splat(a->scale);
+                    for (int64_t j = m; j < VW; j++) sc[j] = -INFINITY;
+                    const float top = hmax(sc);
+                    float r = 1.f;
+                    if (top > ph[dim]) {
+                        r = expf(ph[dim] - top);  /* 0 for the first chunk (max -inf) */
+                        ph[dim] = top;
+                    }
+                    const vf p = exp_nonpositive_bits(sc - splat(ph[dim]));
+                    ph[dim + 1] = ph[dim + 1] * r + hsum(p);
+                    st(w + g * VW, p);
+                    UNROLL for (int i = 0; i < nv; i++) acc[g][i] = ld(ph + i * VW) * splat(r);
+                }
+                for (int64_t j = 0; j < m; j++) {
+                    const float *v = a->v_base + off[c + j] + kh * a->head_stride;
+                    if (g0 == 0 && next + j < n)
+                        prefetch(a->v_base + off[next + j] + kh * a->head_stride, dim);
+                    vf vv[16];
+                    UNROLL for (int i = 0; i < nv; i++) vv[i] = ld(v + i * VW);
+                    UNROLL for (int g = 0; g < gn; g++) {
+                        const vf wj = splat(w[g * VW + j]);
+                        UNROLL for (int i = 0; i < nv; i++) acc[g][i] += wj * vv[i];
+                    }
+                }
+                UNROLL for (int g = 0; g < gn; g++)
+                    UNROLL for (int i = 0; i < nv; i++)
+                        st(part + (h0 + g) * stride + i * VW, acc[g][i]);
             }
-        }
     }
 }
 
-/* Any other head size or group: the same, in scalar loops. */
+/* Any other head size or group: in scalar loops and two passes, all the span's scores (and
+   their exps) before any value. */
 static void attend_span_any(const args_t *a, int64_t b, int64_t s, int64_t e, float *scores,
                             float *part, int64_t dim, int64_t group)
 {
@@ -201,7 +274,7 @@ static void attend_span_any(const args_t *a, int64_t b, int64_t s, int64_t e, fl
     }
 }
 
-#define CASE(D, G) case (D) * 16 + (G): attend_span(a, b, s, e, scores, part, D, G); return;
+#define CASE(D, G) case (D) * 16 + (G): attend_span(a, b, s, e, part, D, G); return;
 
 static void attend(const args_t *a, int64_t b, int64_t s, int64_t e, float *scores,
                    float *part, int64_t dim, int64_t group)
@@ -303,11 +376,16 @@ void pantry_paged_decode(
     free(parts);
     free(item_b);
 }
+
+int pantry_paged_decode_lanes(void) { return VW; }
 """
 
 
-def _build() -> ctypes.CDLL:
-    handle = ctypes.CDLL(str(compile_library("paged_decode", _SOURCE, cpu_pool.C_FLAGS)))
+def _build(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL:
+    """The library, built with the pool's flags and `extra_flags` (tests build the eight-wide
+    form with -mno-avx512f)."""
+    handle = ctypes.CDLL(str(compile_library("paged_decode", _SOURCE,
+                                             [*cpu_pool.C_FLAGS, *extra_flags])))
     fn = handle.pantry_paged_decode
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     fn.argtypes = [ptr, ptr, ptr, i64, i64, i64, ptr, i64, ptr, i64, i64, i64, i64, i64,
@@ -316,6 +394,8 @@ def _build() -> ctypes.CDLL:
     handle.pantry_paged_decode_set_pool.argtypes = [ptr]
     handle.pantry_paged_decode_set_pool.restype = None
     handle.pantry_paged_decode_set_pool(cpu_pool.run_function())
+    handle.pantry_paged_decode_lanes.argtypes = []
+    handle.pantry_paged_decode_lanes.restype = ctypes.c_int
     return handle
 
 
@@ -329,6 +409,13 @@ def available() -> bool:
 
 def unavailable_reason() -> str | None:
     return _kernel.unavailable_reason()
+
+
+def lanes() -> int:
+    """Positions the kernel takes at a time: 16 where it was built with AVX-512, else 8."""
+    lib = _kernel.lib
+    assert lib is not None, "call available() first"
+    return int(lib.pantry_paged_decode_lanes())
 
 
 def paged_decode_attention_cpu(

@@ -13,6 +13,7 @@ from engine import cpu_paged_attention as kernel
 from engine import cpu_pool
 from engine.attention import reference_paged_attention
 from engine.attention_batch import AttentionBatch
+from engine.kernel_build import KernelLibrary
 from engine.kv_cache import PagedKVCache
 from tests.helpers.pool_threads import pool_size_restored
 
@@ -20,6 +21,19 @@ pytestmark = pytest.mark.skipif(not kernel.available(),
                                 reason=f"no CPU kernel: {kernel.unavailable_reason()}")
 
 BLOCK = 16
+
+
+@pytest.fixture(params=["native", "eight"])
+def width(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> int:
+    """The kernel as this CPU builds it (sixteen positions at a time with AVX-512), and built
+    without AVX-512, as on CPUs that lack it: eight at a time."""
+    if request.param == "eight":
+        narrow = KernelLibrary("CPU paged attention kernel, eight wide", "torch",
+                               lambda: kernel._build(("-mno-avx512f",)))
+        assert narrow.available(), narrow.unavailable_reason()
+        monkeypatch.setattr(kernel, "_kernel", narrow)
+        assert kernel.lanes() == 8
+    return kernel.lanes()
 
 
 # SmolLM2's shape, one KV head per query head, Llama's group of 8, head size 128 (each unrolled
@@ -34,7 +48,7 @@ BLOCK = 16
     ([1500, 9], 600),                  # a window over two spans, starting mid-block
 ])
 def test_matches_the_reference(heads: int, kv_heads: int, hd: int, lens: list[int],
-                               window: int | None) -> None:
+                               window: int | None, width: int) -> None:
     torch.manual_seed(len(lens) + heads)
     layers, blocks = 3, 200
     kv = PagedKVCache(layers, blocks, BLOCK, kv_heads, hd, torch.float32)
@@ -91,3 +105,29 @@ def test_cached_library_is_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("CC", "/nonexistent/cc")  # would fail if it compiled again
     kernel._build()
     assert sorted(p.name for p in tmp_path.iterdir()) == built
+
+
+def test_a_max_that_rises_late_rescales_what_came_before(width: int) -> None:
+    """Each chunk's scores higher than the last (keys scaled up along the sequence): every
+    chunk raises the running max, so the sums so far are rescaled each time; a missed or
+    doubled rescale shows in the output."""
+    torch.manual_seed(7)
+    heads, kv_heads, hd, n = 9, 3, 64, 200
+    kv = PagedKVCache(1, 20, BLOCK, kv_heads, hd, torch.float32)
+    q = torch.randn(1, heads, hd)
+    keys = q.view(heads // kv_heads, kv_heads, hd).mean(0)       # a key each KV head's q favours
+    ramp = torch.linspace(0.0, 3.0, n).view(n, 1, 1)
+    table = list(range(-(-n // BLOCK)))
+    for p in range(n):
+        kv.k[0, table[p // BLOCK], p % BLOCK] = keys * ramp[p] + 0.1 * torch.randn(kv_heads, hd)
+        kv.v[0, table[p // BLOCK], p % BLOCK] = torch.randn(kv_heads, hd)
+    batch = AttentionBatch.build([1], [n - 1], [table], BLOCK)
+    assert batch.decode is not None and batch.decode.seq_lens is not None
+    last = (0, table[-1], (n - 1) % BLOCK)
+    expected = reference_paged_attention(q, kv.k[last].clone().view(1, kv_heads, hd),
+                                         kv.v[last].clone().view(1, kv_heads, hd), kv.k[0],
+                                         kv.v[0], batch, hd ** -0.5)
+    got = kernel.paged_decode_attention_cpu(q, kv.k[0], kv.v[0],
+                                            batch.decode.block_table.view(1, -1),
+                                            batch.decode.seq_lens, hd ** -0.5)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
