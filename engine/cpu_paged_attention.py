@@ -49,6 +49,7 @@ typedef float vfu __attribute__((vector_size(VW * 4), aligned(4)));
 typedef int32_t vi __attribute__((vector_size(VW * 4)));
 #define INLINE static inline __attribute__((always_inline))
 #define UNROLL _Pragma("GCC unroll 16")
+#define SH __builtin_shufflevector
 
 INLINE vf ld(const float *p) { return *(const vfu *)p; }
 INLINE void st(float *p, vf v) { *(vfu *)p = v; }
@@ -59,13 +60,12 @@ typedef float vf4 __attribute__((vector_size(16)));
 INLINE float hsum(vf v)
 {
 #if VW == 16
-    const vf8 h = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7)
-                + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+    const vf8 h = SH(v, v, 0, 1, 2, 3, 4, 5, 6, 7) + SH(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
 #else
     const vf8 h = v;
 #endif
-    vf4 x = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
-    x += __builtin_shufflevector(x, x, 2, 3, 0, 1);
+    vf4 x = SH(h, h, 0, 1, 2, 3) + SH(h, h, 4, 5, 6, 7);
+    x += SH(x, x, 2, 3, 0, 1);
     return x[0] + x[1];
 }
 INLINE float hmax(vf v)
@@ -120,7 +120,6 @@ typedef struct {
 /* VW vectors at m (VW positions' products of q and k, each to be summed) -> one vector whose
    lane j is the sum of vector j: halves of pairs added level by level, positions kept in
    order. Summing each vector alone would take log2(VW) shuffles per position and head. */
-#define SH __builtin_shufflevector
 INLINE vf sums_of(const float *m)
 {
     vf r[VW];
@@ -184,8 +183,7 @@ INLINE void attend_span(const args_t *a, int64_t b, int64_t s, int64_t e, float 
         part[h * stride + dim] = -INFINITY;
         part[h * stride + dim + 1] = 0.f;
     }
-    /* Zeroed once: the lanes past a short last chunk hold finite leftovers, then are masked. */
-    float prod[8 * VW * VW] __attribute__((aligned(64))) = {0};
+    float prod[8 * VW * VW] __attribute__((aligned(64)));
     float w[8 * VW] __attribute__((aligned(64)));
     for (int64_t c = 0; c < n; c += VW) {
         const int64_t m = n - c < VW ? n - c : VW, next = c + VW;
@@ -212,6 +210,9 @@ INLINE void attend_span(const args_t *a, int64_t b, int64_t s, int64_t e, float 
                         st(prod + (g * VW + j) * VW, s0 + s1);
                     }
                 }
+                /* A short last chunk: its missing positions summed as zeros, then masked. */
+                for (int64_t j = m; j < VW; j++)
+                    UNROLL for (int g = 0; g < gn; g++) st(prod + (g * VW + j) * VW, splat(0.f));
                 UNROLL for (int g = 0; g < gn; g++) {
                     float *ph = part + (h0 + g) * stride;
                     vf sc = sums_of(prod + g * VW * VW) * splat(a->scale);
