@@ -4,6 +4,7 @@ views `conductor.placement` decides on. The clock is passed in by the caller."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
@@ -23,6 +24,19 @@ from .placement import (
 )
 
 C = TypeVar("C")
+M = TypeVar("M", PrefillModel, DecodeModel)
+
+
+def peer_scaled(models: Sequence[M]) -> list[M]:
+    """The models to predict with: an engine not measured yet at the middle scale of those that
+    are. Its own guess is a CPU-class default; beside a measured peer much faster than that it
+    would never be chosen, so it would never serve the request that measures it (two decode
+    engines of a tiny model: all eight requests went to the one measured first)."""
+    seen = sorted(m.scale for m in models if m.observed)
+    if not seen:
+        return list(models)
+    middle = seen[len(seen) // 2]
+    return [m if m.observed else dataclasses.replace(m, scale=middle) for m in models]
 
 
 @dataclass
@@ -79,8 +93,9 @@ class Scheduler(Generic[C]):
         is up."""
         if not engines:
             return None
-        views = [PrefillView(str(i), st.ledger.queue_s(now), st.prefill_model, st.up)
-                 for i, st in enumerate(engines)]
+        models = peer_scaled([st.prefill_model for st in engines])
+        views = [PrefillView(str(i), st.ledger.queue_s(now), model, st.up)
+                 for i, (st, model) in enumerate(zip(engines, models, strict=True))]
         choice = self.policy.prefill(self._shape(engines, prompt_tokens),
                                      prefix_match(engines, block_hosts), views, self.transfer)
         return None if choice is None else Placement(engines[int(choice.engine_id)],
@@ -97,12 +112,13 @@ class Scheduler(Generic[C]):
         if not engines:
             return None
         views = []
-        for i, st in enumerate(engines):
+        models = peer_scaled([st.decode_model for st in engines])
+        for i, (st, model) in enumerate(zip(engines, models, strict=True)):
             load = st.load
             views.append(DecodeView(
                 str(i), running=st.inflight_requests + (load.waiting if load else 0),
                 context_tokens=0, free_blocks=load.free_blocks if load else None,
-                block_size=st.info.block_size, model=st.decode_model, up=st.up))
+                block_size=st.info.block_size, model=model, up=st.up))
         req = RequestShape(prompt_tokens, tokens_reserved - prompt_tokens, 1)
         # Fit is judged on each engine's own block size: reserve in tokens, not blocks.
         choice = self.policy.decode(req, views)

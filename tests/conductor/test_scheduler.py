@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import pytest
 
-from conductor.perf_model import PrefillModel, QueueLedger, TransferModel
+from conductor.perf_model import DecodeModel, PrefillModel, QueueLedger, TransferModel
 from conductor.placement import (
     CachePolicy,
     Choice,
@@ -23,7 +23,7 @@ from conductor.placement import (
     predict_ttft,
     rejection,
 )
-from conductor.scheduler import EngineState, Placement, Scheduler, prefix_match
+from conductor.scheduler import EngineState, Placement, Scheduler, peer_scaled, prefix_match
 from pantry.common.engine_info import EngineDescription, EngineLoad
 from pantry.common.wire import info_from_proto, info_to_proto
 
@@ -199,3 +199,33 @@ def test_engine_info_carries_salt_and_host_over_the_wire() -> None:
     d = replace(info("a"), salt="tenant-x", host_id="node-7/boot")
     assert info_from_proto(info_to_proto(d)) == d
     assert info_from_proto(info_to_proto(info("a"))) == info("a")
+
+
+def test_an_engine_not_measured_yet_is_predicted_like_its_measured_peers() -> None:
+    """A tiny model's decode steps take a millisecond, far under the CPU-class guess: once one
+    engine is measured, the other (still on the guess) must still get requests as the first
+    one's batch grows, and the same holds for prefill."""
+    a = EngineState(client="a", info=info("a", "decode"))
+    b = EngineState(client="b", info=info("b", "decode"))
+    sched: Scheduler[str] = Scheduler()
+    sched.decoded(a, batch=1, tokens=10, seconds=0.01)      # 1 ms a step against 21 ms guessed
+    assert a.decode_model.scale == pytest.approx(0.001 / 0.021)
+    a.inflight_requests = 3
+    choice = sched.decode_choice([a, b], 16, 10)
+    assert choice is not None and choice[0] is b
+    assert choice[1] == pytest.approx(0.001)                 # b at a's scale, batch of one
+    assert b.decode_model.scale == 1.0 and b.decode_model.observed == 0  # b's own model kept
+    p, q = EngineState(client="p", info=info("p")), EngineState(client="q", info=info("q"))
+    sched.dispatched(p, Placement(p, 0.0), now=0.0)
+    sched.completed(p, computed_tokens=64, prefix_tokens=0, now=0.0128)  # 0.2 ms a token
+    sched.dispatched(p, Placement(p, 0.02), now=1.0)                    # p busy for 20 ms
+    placed = sched.choose_prefill([p, q], 64, (), now=1.0)
+    assert placed == Placement(q, pytest.approx(64 * 2e-4))
+
+
+def test_peer_scaling_keeps_measured_models_and_needs_a_measurement() -> None:
+    guess, fast, slow = DecodeModel(), DecodeModel(scale=0.1, observed=3), DecodeModel(scale=0.3,
+                                                                                    observed=1)
+    assert peer_scaled([guess, guess]) == [guess, guess]
+    assert peer_scaled([fast, guess, slow]) == [fast, DecodeModel(scale=0.3), slow]
+    assert peer_scaled([fast, guess]) == [fast, DecodeModel(scale=0.1)]
