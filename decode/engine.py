@@ -128,6 +128,8 @@ class DecodeEngine(EngineLoop):
         """The engine loop; returns once stop is requested."""
         while True:
             with self._cv:
+                if not self._waiting and not self._active:
+                    self._computing(False)
                 while not self._stopped and not self._waiting and not self._active:
                     self._cv.wait()
                 if self._stopped:
@@ -166,6 +168,8 @@ class DecodeEngine(EngineLoop):
                 budget -= len(chunk)
                 steps.append(SeqStep(tuple(chunk), seq.num_computed, table))
                 members.append((seq, len(chunk)))
+        # Pulls alone are not computing: a prefill engine computing their blocks keeps every CPU.
+        self._computing(bool(steps))
         if not steps:
             return False
         logits = self.core.runner.step(steps)

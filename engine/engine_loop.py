@@ -38,6 +38,12 @@ class EngineLoop(ABC):
                                             daemon=True)
             self._thread.start()
 
+    def _computing(self, computing: bool) -> None:
+        """Where the loop may change CPUs (engine.cpu_split): before it computes, and before
+        it waits with nothing to do."""
+        if self.core.cpus is not None:
+            self.core.cpus.poll(computing)
+
     @abstractmethod
     def load(self) -> tuple[int, int]:
         """(waiting, running) for the engine's Load RPC and metrics."""

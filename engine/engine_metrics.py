@@ -117,6 +117,14 @@ class EngineMetrics:
             "pantry_engine_cuda_graph_steps",
             "Decode steps replayed as CUDA graphs since start (0 where graphs are off or the "
             "device is a CPU).")
+        self.compute_cpus = gauge(
+            "pantry_engine_compute_cpus",
+            "CPUs the engine computes on now; under pantry local's adaptive split, its own share "
+            "while an engine of the other role computes, every CPU otherwise.")
+        self.cpu_switches = counter(
+            "pantry_engine_cpu_switches",
+            "Times the adaptive CPU split moved this engine between its own share of the CPUs "
+            "and every CPU.")
         self.waiting = gauge("pantry_engine_waiting_requests", "Requests queued, not started.")
         self.running = gauge("pantry_engine_running_requests", "Requests being computed.")
         self.free_blocks = gauge("pantry_engine_kv_free_blocks", "Free KV cache blocks.")

@@ -7,6 +7,7 @@ layer runs two input matmuls instead of five.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -198,6 +199,8 @@ class CausalLM(nn.Module):
         self.config = config
         self.model = DecoderStack(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # Called after each layer but the last (prefill's CPU split polls here).
+        self.between_layers: Callable[[], None] | None = None
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
@@ -234,6 +237,8 @@ class CausalLM(nn.Module):
         for i, layer in enumerate(self.model.layers):
             x, delta = layer(x, delta, cos, sin, batch, kv, self.attention_fn,
                              last if i == final else None)
+            if self.between_layers is not None and i != final:
+                self.between_layers()
         if delta is None:
             return self.model.norm(x)
         return self.model.norm.add_forward(x, delta)[1]

@@ -40,6 +40,14 @@ class EngineRoleConfig:
         default=0, metadata={"help": "torch threads; 0 = one per pinned CPU, or torch's default"})
     cpus: tuple[int, ...] = field(
         default=(), metadata={"help": "pin the engine to these CPUs, e.g. 0,1", "cpus": True})
+    # Written by `pantry local` (engine.cpu_split): with it, --cpus is the engine's share while
+    # an engine of the other role computes, and every CPU the process may use otherwise.
+    cpu_board: str | None = field(
+        default=None,
+        metadata={"help": "shared CPU board of `pantry local`: compute on --cpus while an "
+                          "engine of the other role computes, on every CPU otherwise"})
+    cpu_board_slot: int = field(
+        default=0, metadata={"help": "this engine's slot on --cpu-board"})
     ready_file: str | None = field(
         default=None,
         metadata={"help": "once serving, write the gRPC and metrics addresses here as JSON"})
@@ -92,3 +100,7 @@ class EngineRoleConfig:
                 f"pool_kv_dtype: {self.pool_kv_dtype!r} must be one of {', '.join(POOL_KV_DTYPES)}")
         if any(c < 0 for c in self.cpus) or len(set(self.cpus)) != len(self.cpus):
             raise ConfigError(f"cpus: {list(self.cpus)} must be distinct CPU numbers")
+        if self.cpu_board and not self.cpus:
+            raise ConfigError("cpu_board: give the engine's own share of the CPUs with --cpus")
+        if self.cpu_board_slot < 0:
+            raise ConfigError(f"cpu_board_slot: {self.cpu_board_slot} must be 0 or positive")

@@ -19,6 +19,7 @@ from kvstore.hashing import PoolAddressing
 from pantry.common.contract import check_prompt
 from pantry.common.engine_info import EngineDescription, EngineLoad
 
+from .cpu_split import AdaptiveCpus
 from .engine_metrics import EngineCounters, EngineMetrics
 from .loader import LoadedModel
 from .pool_transfer import PoolTransfer, layout_fingerprint
@@ -43,6 +44,8 @@ class EngineCore:
     ) -> None:
         self.config = config
         self.loaded = loaded
+        # Set by the server with `pantry local`'s CPU board; polled by the loop.
+        self.cpus: AdaptiveCpus | None = None
         model_cfg = loaded.config
         self.max_model_len = model_cfg.max_position_embeddings
         if config.max_model_len:

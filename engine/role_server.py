@@ -17,6 +17,7 @@ from pantry.common.errors import ConfigError
 from pantry.common.metrics import MetricsServer
 from pantry.common.serving import create_grpc_server, write_ready_file
 
+from .cpu_split import AdaptiveCpus, CpuBoard
 from .loader import load_model
 from .role_config import EngineRoleConfig
 from .role_core import EngineCore
@@ -25,11 +26,15 @@ log = logging.getLogger(__name__)
 
 
 def build_core(config: EngineRoleConfig, role: str) -> EngineCore:
-    if config.cpus:
+    every = sorted(os.sched_getaffinity(0))
+    pinned = bool(config.cpus) and not config.cpu_board
+    if pinned:
         # Its own cores, as a disaggregated engine has its own machine: another role's work
         # cannot preempt this one's spinning OpenMP threads.
         os.sched_setaffinity(0, config.cpus)
-    threads = config.threads or len(config.cpus)
+    # With a board the engine starts on every CPU; its first step confines it if need be.
+    threads = config.threads or (len(config.cpus) if pinned else
+                                 len(every) if config.cpu_board else 0)
     if threads:
         torch.set_num_threads(threads)
     if config.device.startswith("cuda") and not torch.cuda.is_available():
@@ -42,6 +47,17 @@ def build_core(config: EngineRoleConfig, role: str) -> EngineCore:
     token = load_token(config.token_file) if config.token_file else None
     pool = KVStoreClient(config.kv_master, token=token)
     core = EngineCore(config, role, loaded, pool)
+    if config.cpu_board:
+        if not set(config.cpus) <= set(every):
+            raise ConfigError(f"cpus: {list(config.cpus)} are not all CPUs this process may "
+                              f"use ({every})")
+        core.cpus = AdaptiveCpus(CpuBoard(config.cpu_board, config.cpu_board_slot),
+                                 own=config.cpus, every=every, threads=config.threads,
+                                 background_away=role == "decode",
+                                 on_switch=core.metrics.cpu_switches.inc)
+    split = core.cpus
+    core.metrics.compute_cpus.set_function(
+        lambda: split.cpus_in_use if split is not None else len(os.sched_getaffinity(0)))
     # The pool client's own series (objects refused by the read checks, transports) belong on
     # the engine's /metrics: a registry is itself a collector.
     core.metrics.registry.register(pool.metrics.registry)

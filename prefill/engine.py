@@ -95,6 +95,10 @@ class PrefillEngine(EngineLoop):
         self._sampler = Sampler()
         self._queue: collections.deque[_Prompt] = collections.deque()
         self._running: list[_Prompt] = []
+        if core.cpus is not None:
+            # A pass over a long prompt takes seconds: a decode engine that starts computing
+            # meanwhile gets its CPUs back within a layer.
+            core.runner.model.between_layers = lambda: self._computing(True)
         self._begin(background)
 
     # ---- called from server threads -------------------------------------------------------
@@ -135,6 +139,8 @@ class PrefillEngine(EngineLoop):
         """The engine loop; returns once stop is requested."""
         while True:
             with self._cv:
+                if not self._queue and not self._running:
+                    self._computing(False)
                 while not self._stopped and not self._queue and not self._running:
                     self._cv.wait()
                 if self._stopped:
@@ -143,11 +149,13 @@ class PrefillEngine(EngineLoop):
                 self._admit()
                 self._collect_pulls()
                 if not any(p.ready for p in self._running):
+                    self._computing(False)
                     # Pulls still running, or every free block still held by the writer:
                     # either frees up shortly (a finished pull also wakes the loop).
                     with self._cv:
                         self._cv.wait(timeout=_BLOCKS_RETRY_S)
                     continue
+                self._computing(True)
                 with self.core.busy():
                     self._pass()
             except Exception as exc:  # keep serving: fail this batch, not the process
