@@ -47,7 +47,7 @@ def start_pantry(workdir: Path, model: Path, block: int, engines: int
          "--prefill-engines", str(engines), "--decode-engines", str(engines),
          "--kv-cache-bytes", "64MiB", "--pool-bytes", "512MiB",
          # Pinned, as the simulated cluster assumes: each engine on CPUs of its own.
-         "--pin", "--ready-file", str(ready), "--log-dir", str(workdir / "logs")],
+         "--cpu-split", "pin", "--ready-file", str(ready), "--log-dir", str(workdir / "logs")],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     while not ready.exists():

@@ -23,6 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ttft_prefix import make_prompt, start_pantry  # noqa: E402
 
 from pantry.cli.client_stream import stream_request  # noqa: E402
+from pantry.cli.local import CPU_SPLITS, LocalOptions  # noqa: E402
+from pantry.common.config_flags import default_of  # noqa: E402
 
 
 def gaps_of(http: str, ids: list[int], tokens: int) -> list[float]:
@@ -49,13 +51,13 @@ def summary(gaps: list[float]) -> tuple[float, float, float]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--tokens", type=int, default=120)
-    ap.add_argument("--no-pin", action="store_true",
-                    help="let prefill and decode share every CPU (pantry local --no-pin)")
+    ap.add_argument("--cpu-split", choices=CPU_SPLITS,
+                    default=default_of(LocalOptions, "cpu_split"), help="pantry local's")
     ns = ap.parse_args()
     rng = random.Random(time.time_ns())
     rows: list[tuple[str, tuple[float, float, float]]] = []
     with tempfile.TemporaryDirectory(prefix="pantry-bench-") as tmp:
-        proc, info = start_pantry(Path(tmp), 2300, *(["--no-pin"] if ns.no_pin else []))
+        proc, info = start_pantry(Path(tmp), 2300, "--cpu-split", ns.cpu_split)
         http = info["http"]
         try:
             cached = [make_prompt(rng, 2048) for _ in range(3)]

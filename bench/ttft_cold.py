@@ -7,7 +7,7 @@ request by request, so each sees the same machine; an idle one costs nothing (it
 sleep). Every prompt is fresh random token ids: nothing is cached anywhere.
 
     .venv/bin/python bench/ttft_cold.py [--lengths 512 1024 2048] [--reps 3]
-        [--variant default=] [--variant pinned=--pin] [--variant t1='--threads 1']
+        [--variant default=] [--variant pinned='--cpu-split pin'] [--variant t1='--threads 1']
         [--variant head@/tmp/head=]   # NAME@DIR: the tree at DIR (e.g. `git archive HEAD`)
 """
 

@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 
 from pantry.cli.client_stream import stream_request
+from pantry.cli.local import CPU_SPLITS, LocalOptions
+from pantry.common.config_flags import default_of
 
 TARGET_RATIO_2048 = 0.2
 
@@ -56,14 +58,13 @@ def main() -> int:
     ap.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048])
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--png", default="bench/out/ttft_prefix.png")
-    ap.add_argument("--no-pin", action="store_true",
-                    help="let prefill and decode share every CPU (pantry local --no-pin)")
+    ap.add_argument("--cpu-split", choices=CPU_SPLITS,
+                    default=default_of(LocalOptions, "cpu_split"), help="pantry local's")
     ns = ap.parse_args()
     rng = random.Random(time.time_ns())
     rows = []
     with tempfile.TemporaryDirectory(prefix="pantry-bench-") as tmp:
-        proc, info = start_pantry(Path(tmp), max(ns.lengths) + 64,
-                                  *(["--no-pin"] if ns.no_pin else []))
+        proc, info = start_pantry(Path(tmp), max(ns.lengths) + 64, "--cpu-split", ns.cpu_split)
         http = info["http"]
         try:
             ttft(http, make_prompt(rng, 64))  # warm-up: first-call costs are not prefill

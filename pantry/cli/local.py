@@ -18,10 +18,11 @@ from typing import IO
 
 from conductor.config import ConductorConfig
 from decode.config import DecodeLimits
+from engine.cpu_split import CpuBoard
 from engine.model_files import DEFAULT_MODEL_SPEC
 from engine.role_config import EngineRoleConfig
 from kvstore.auth import TOKEN_FILE_ENV
-from pantry.common.config_flags import default_of, field_like
+from pantry.common.config_flags import default_of, field_like, parse_cpus
 from pantry.common.errors import ConfigError
 from pantry.common.serving import format_table, write_ready_file
 
@@ -31,6 +32,7 @@ START_TIMEOUT_S = 300.0
 PREFILL_NICE = 10
 STOP_TIMEOUT_S = 15.0
 NODE_ID = "node-0"
+CPU_SPLITS = ("adaptive", "shared", "pin")
 
 
 @dataclass(frozen=True)
@@ -66,14 +68,15 @@ class LocalOptions:
     cuda_graphs: bool = field_like(EngineRoleConfig, "cuda_graphs")
     prefill_engines: int = field(default=1, metadata={"help": "prefill engines to start"})
     decode_engines: int = field(default=1, metadata={"help": "decode engines to start"})
-    # Measured in bench/cpu_split.py: pinning halves a cold prefill (one core of two) and
-    # decode's tok/s, for steadier decode steps while prompts arrive; sharing with passive
-    # waits gives an engine alone every CPU, and the lower priority of prefill keeps decode's
-    # steps going first when both compute.
-    pin: bool = field(default=False, metadata={
-        "help": "split the CPUs between prefill and decode, then between the engines of each "
-                "(default: every engine may use every CPU; waiting OpenMP threads sleep rather "
-                "than spin, and prefill runs at a lower priority than decode)"})
+    # Measured in bench/cpu_split.py and bench/interference.py (engine/cpu_split.py says
+    # what): one core each is better for both roles while both compute, every core is better
+    # for a role computing alone.
+    cpu_split: str = field(default="adaptive", metadata={
+        "help": "how prefill and decode share the CPUs: adaptive (each engine on its own half "
+                "while an engine of the other role computes, on every CPU otherwise), shared "
+                "(every engine on every CPU, always) or pin (each role on its own half, always). "
+                "Unpinned engines' waiting OpenMP threads sleep rather than spin, and prefill "
+                "runs at a lower priority than decode"})
     prefill_nice: int = field(default=PREFILL_NICE, metadata={
         "help": "how much lower prefill's scheduling priority is than decode's (nice), when "
                 "the CPUs are shared"})
@@ -116,6 +119,9 @@ class LocalOptions:
         "help": "one log file per role instead of this terminal"})
 
     def __post_init__(self) -> None:
+        if self.cpu_split not in CPU_SPLITS:
+            raise ConfigError(f"cpu_split: {self.cpu_split!r} must be one of "
+                              f"{', '.join(CPU_SPLITS)}")
         for name in ("prefill_engines", "decode_engines"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be at least 1")
@@ -150,18 +156,21 @@ def _share(cpus: list[int], engines: int) -> list[str]:
     return [",".join(map(str, cpus[bounds[i]:bounds[i + 1]])) for i in range(engines)]
 
 
-def lower_priority(nice: int, idle: bool) -> Callable[[], None] | None:
-    """What the child runs before exec, so every thread it starts inherits the priority."""
-    if not nice and not idle:
+def child_setup(nice: int, idle: bool, cpus: str = "") -> Callable[[], None] | None:
+    """What the child runs before exec, so every thread it starts inherits its priority and
+    CPUs."""
+    if not nice and not idle and not cpus:
         return None
 
-    def lower() -> None:
+    def setup() -> None:
         if nice:
             os.nice(nice)
         if idle:
             os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        if cpus:
+            os.sched_setaffinity(0, parse_cpus(cpus))
 
-    return lower
+    return setup
 
 
 def role_name(kind: str, index: int, count: int) -> str:
@@ -199,7 +208,7 @@ class LocalCluster:
         self.env = {**os.environ, TOKEN_FILE_ENV: str(self.token_file)}
 
     def _start(self, name: str, argv: list[str], env: dict[str, str] | None = None,
-               nice: int = 0, idle: bool = False) -> Role:
+               nice: int = 0, idle: bool = False, cpus: str = "") -> Role:
         ready = self.workdir / f"{name}.ready.json"
         role = Role(name, [sys.executable, *argv, "--ready-file", str(ready)], ready)
         stdout: IO[bytes] | int | None = None
@@ -210,7 +219,7 @@ class LocalCluster:
             stdout = role.log_file
         role.proc = subprocess.Popen(role.argv, stdout=stdout, stderr=subprocess.STDOUT
                                      if stdout else None, env=env or self.env,
-                                     preexec_fn=lower_priority(nice, idle))
+                                     preexec_fn=child_setup(nice, idle, cpus))
         self.roles.append(role)
         log.info("started %-10s pid %d", name, role.proc.pid)
         return role
@@ -233,12 +242,20 @@ class LocalCluster:
         o = self.options
         deadline = time.monotonic() + START_TIMEOUT_S
         token = ["--token-file", str(self.token_file)]
+        pinned = o.cpu_split == "pin"
+        prefill_cpus, decode_cpus = (split_cpus(o.prefill_engines, o.decode_engines)
+                                     if o.cpu_split != "shared"
+                                     else ([""] * o.prefill_engines, [""] * o.decode_engines))
+        # The pool and the conductor stay off decode's CPUs when decode has its own: serving
+        # a token or a block then never preempts a decode step.
+        decoding = {c for cpus in decode_cpus if cpus for c in parse_cpus(cpus)}
+        aux = ",".join(map(str, sorted(os.sched_getaffinity(0) - decoding))) if decoding else ""
         master = self._start("kv-master", ["-m", "kvstore", "master", "--host", o.host,
-                                           "--port", "0", *token])
+                                           "--port", "0", *token], cpus=aux)
         self._wait_ready(master, deadline)
         node = self._start("kv-node", ["-m", "kvstore", "node", "--master", master.address,
                                        "--host", o.host, "--port", "0", "--node-id", NODE_ID,
-                                       "--dram-bytes", str(o.pool_bytes), *token])
+                                       "--dram-bytes", str(o.pool_bytes), *token], cpus=aux)
         self._wait_ready(node, deadline)
         engine_args = ["--model", o.model, "--kv-master", master.address, "--host", o.host,
                        "--port", "0", "--block-size", str(o.block_size),
@@ -247,26 +264,31 @@ class LocalCluster:
                        "--device", o.device, "--dtype", o.dtype,
                        "--pool-kv-dtype", o.pool_kv_dtype,
                        "--cuda-graphs" if o.cuda_graphs else "--no-cuda-graphs"]
-        prefill_cpus, decode_cpus = (split_cpus(o.prefill_engines, o.decode_engines) if o.pin
-                                     else ([""] * o.prefill_engines, [""] * o.decode_engines))
-        # Shared CPUs: an engine's OpenMP threads that wait would otherwise spin on the cores
-        # the other engine is computing on.
-        engine_env = self.env if o.pin else {"OMP_WAIT_POLICY": "PASSIVE", **self.env}
+        board: list[str] = []
+        if o.cpu_split == "adaptive" and prefill_cpus[0]:  # '' with one CPU: nothing to split
+            path = self.workdir / "cpu-board"
+            CpuBoard.create(path, ["prefill"] * o.prefill_engines + ["decode"] * o.decode_engines)
+            board = ["--cpu-board", str(path)]
+        # Engines that may share CPUs: their OpenMP threads that wait would otherwise spin on
+        # the cores the other engine is computing on.
+        engine_env = self.env if pinned else {"OMP_WAIT_POLICY": "PASSIVE", **self.env}
         engines: dict[str, list[Role]] = {"prefill": [], "decode": []}
         for kind, cpus in (("prefill", prefill_cpus), ("decode", decode_cpus)):
             extra = ["--chunk-tokens", str(o.decode_chunk_tokens)] if kind == "decode" else []
             env = engine_env
-            if kind == "decode" and o.decode_spin and not o.pin:
+            if kind == "decode" and o.decode_spin and not pinned:
                 env = {**engine_env, "GOMP_SPINCOUNT": str(o.decode_spin)}
             if kind == "decode" and o.decode_threads:
                 extra += ["--threads", str(o.decode_threads)]  # the later flag wins
             for i, cpu in enumerate(cpus):
+                slot = len(engines["prefill"]) + i if kind == "decode" else i
                 engines[kind].append(self._start(
                     role_name(kind, i, len(cpus)),
                     ["-m", "pantry", kind, *engine_args, "--engine-id", f"{kind}-{i}",
-                     "--cpus", cpu, *extra], env=env,
-                    nice=o.prefill_nice if kind == "prefill" and not o.pin else 0,
-                    idle=o.prefill_idle and kind == "prefill" and not o.pin))
+                     "--cpus", cpu, *board, *(["--cpu-board-slot", str(slot)] if board else []),
+                     *extra], env=env,
+                    nice=o.prefill_nice if kind == "prefill" and not pinned else 0,
+                    idle=o.prefill_idle and kind == "prefill" and not pinned))
         for role in [*engines["prefill"], *engines["decode"]]:
             self._wait_ready(role, deadline)
         conductor = self._start("conductor", [
@@ -278,7 +300,7 @@ class LocalCluster:
             "--max-concurrent-requests", str(o.max_concurrent_requests),
             "--decode-prefill-tokens", str(o.decode_prefill_tokens),
             *(["--served-model-name", o.served_model_name] if o.served_model_name else []),
-        ])
+        ], cpus=aux)
         self._wait_ready(conductor, deadline)
 
     def summary(self) -> dict[str, object]:
