@@ -75,18 +75,20 @@ class LocalOptions:
         "help": "how prefill and decode share the CPUs: adaptive (each engine on its own half "
                 "while an engine of the other role computes, on every CPU otherwise), shared "
                 "(every engine on every CPU, always) or pin (each role on its own half, always). "
-                "Unpinned engines' waiting OpenMP threads sleep rather than spin, and prefill "
-                "runs at a lower priority than decode"})
+                "Unpinned engines' waiting OpenMP threads sleep rather than spin"})
+    # Adaptive: prefill shares a core with decode's compute only until its next layer, but it
+    # always shares its own half with decode's pulls and servers and with the pool: at nice
+    # 10, interference TTFT p50 was 43.7 s against pin's 37.2 s (alternated, two rounds).
     prefill_nice: int = field(default=PREFILL_NICE, metadata={
-        "help": "how much lower prefill's scheduling priority is than decode's (nice), when "
-                "the CPUs are shared"})
+        "help": "with --cpu-split shared, how much lower prefill's scheduling priority is than "
+                "decode's (nice)"})
     # SCHED_IDLE (CFS weight 3, against nice 10's 110), measured in bench/interference.py and
     # bench/cpu_split.py on 2 cores: decode's p99/p50 TBT no better (2.40 vs 2.30 at low load),
     # prompts arriving under decode load waited longer for their first token (17.8 vs 13.4 s),
     # and with other processes running a cold prefill took 1.3x to 2.9x as long: an idle-class
     # prefill yields to every process on the machine, not only to decode.
     prefill_idle: bool = field(default=False, metadata={
-        "help": "run prefill under SCHED_IDLE when the CPUs are shared: it computes only on "
+        "help": "with --cpu-split shared, run prefill under SCHED_IDLE: it computes only on "
                 "cycles that decode and every other process leave free"})
     # Measured: one decode thread does not make steps steadier while prompts arrive (p99/p50
     # 5.0 against 3.5 with two), and halves the tok/s of a decode alone.
@@ -242,7 +244,7 @@ class LocalCluster:
         o = self.options
         deadline = time.monotonic() + START_TIMEOUT_S
         token = ["--token-file", str(self.token_file)]
-        pinned = o.cpu_split == "pin"
+        pinned, shared = o.cpu_split == "pin", o.cpu_split == "shared"
         prefill_cpus, decode_cpus = (split_cpus(o.prefill_engines, o.decode_engines)
                                      if o.cpu_split != "shared"
                                      else ([""] * o.prefill_engines, [""] * o.decode_engines))
@@ -287,8 +289,8 @@ class LocalCluster:
                     ["-m", "pantry", kind, *engine_args, "--engine-id", f"{kind}-{i}",
                      "--cpus", cpu, *board, *(["--cpu-board-slot", str(slot)] if board else []),
                      *extra], env=env,
-                    nice=o.prefill_nice if kind == "prefill" and not pinned else 0,
-                    idle=o.prefill_idle and kind == "prefill" and not pinned))
+                    nice=o.prefill_nice if kind == "prefill" and shared else 0,
+                    idle=o.prefill_idle and kind == "prefill" and shared))
         for role in [*engines["prefill"], *engines["decode"]]:
             self._wait_ready(role, deadline)
         conductor = self._start("conductor", [

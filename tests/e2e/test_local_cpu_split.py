@@ -1,8 +1,8 @@
 """`pantry local`'s CPU split, read back from the running engine processes: by default
 (adaptive) an engine computes on every CPU while the other role is idle and on its own half
-while it computes; unpinned engines' OpenMP threads wait passively and prefill runs at nice 10
-(under SCHED_IDLE too with `--prefill-idle`), decode's threads spin first with `--decode-spin`;
-`--cpu-split shared` never confines them, `--cpu-split pin` always does."""
+while it computes; unpinned engines' OpenMP threads wait passively, decode's threads spin first
+with `--decode-spin`; `--cpu-split shared` never confines them and runs prefill at nice 10
+(under SCHED_IDLE too with `--prefill-idle`), `--cpu-split pin` always confines them."""
 
 from __future__ import annotations
 
@@ -78,8 +78,9 @@ def test_each_split_sets_the_engines_cpus_priorities_and_waits(
     args = ("--kv-cache-bytes", "16MiB", "--pool-bytes", "64MiB")
     passive = ("PASSIVE", None)
     expectations: list[tuple[tuple[str, ...], dict[str, Split]]] = [
-        ((), {"prefill": (10, other, every, passive),
-              "decode": (0, other, every, passive)}),
+        # Adaptive: at rest both on every CPU; --prefill-idle is for shared CPUs only.
+        (("--prefill-idle",), {"prefill": (0, other, every, passive),
+                               "decode": (0, other, every, passive)}),
         (("--cpu-split", "shared", "--prefill-idle", "--decode-threads", "1",
           "--decode-spin", "1000"),
          {"prefill": (10, idle, every, passive),
@@ -100,7 +101,8 @@ def test_each_split_sets_the_engines_cpus_priorities_and_waits(
                 assert os.sched_getaffinity(int(system.role(role)["pid"])) == aux, role
             boards = [cmdline_flag(int(system.role(r)["pid"]), "--cpu-board")
                       for r in ("prefill", "decode")]
-            assert boards == ([None, None] if extra else [boards[0]] * 2), boards
+            assert boards == ([boards[0]] * 2 if "--cpu-split" not in extra else [None, None])
+            assert boards[0] is not None or "--cpu-split" in extra
             decode_threads = "1" if "--decode-threads" in extra else "0"
             assert threads_flag(int(system.role("decode")["pid"])) == decode_threads
             assert threads_flag(int(system.role("prefill")["pid"])) == "0"

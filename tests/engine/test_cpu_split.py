@@ -15,7 +15,9 @@ import torch
 
 from engine.cpu_split import CpuBoard, CpuBoardError
 from engine.loader import load_model
+from engine.role_config import EngineRoleConfig
 from engine.runner import ModelRunner, SeqStep
+from pantry.common.errors import ConfigError
 
 
 def test_board_reports_only_the_other_roles_engines(tmp_path: Path) -> None:
@@ -127,3 +129,12 @@ def test_between_layers_runs_after_each_layer_but_the_last(
     hooked = runner.step(steps)
     assert len(calls) == loaded.config.num_layers - 1
     assert torch.equal(plain, hooked)
+
+
+def test_a_board_without_cpus_is_refused() -> None:
+    with pytest.raises(ConfigError, match="cpu_board: give the engine's own share"):
+        EngineRoleConfig(model="smollm2", kv_master="localhost:1", engine_id="e",
+                         cpu_board="/tmp/board")
+    with pytest.raises(ConfigError, match="cpu_board_slot: -1 must be 0 or positive"):
+        EngineRoleConfig(model="smollm2", kv_master="localhost:1", engine_id="e",
+                         cpus=(0,), cpu_board="/tmp/board", cpu_board_slot=-1)

@@ -32,6 +32,7 @@ def test_defaults_are_cpu_float32_exact_pool_kv() -> None:
     ({"device": "gpu"}, "device: 'gpu' must be cpu, cuda or cuda:N"),
     ({"dtype": "int4"}, "dtype: 'int4' must be one of float32, bfloat16, float16"),
     ({"pool_kv_dtype": "fp8"}, "pool_kv_dtype: 'fp8' must be one of auto, int8"),
+    ({"cpu_split": "half"}, "cpu_split: 'half' must be one of adaptive, shared, pin"),
 ])
 def test_a_bad_engine_setting_is_refused_before_anything_starts(setting: dict[str, str],
                                                                  message: str) -> None:
