@@ -76,9 +76,10 @@ class LocalOptions:
                 "while an engine of the other role computes, on every CPU otherwise), shared "
                 "(every engine on every CPU, always) or pin (each role on its own half, always). "
                 "Unpinned engines' waiting OpenMP threads sleep rather than spin"})
-    # Adaptive: prefill shares a core with decode's compute only until its next layer, but it
-    # always shares its own half with decode's pulls and servers and with the pool: at nice
-    # 10, interference TTFT p50 was 43.7 s against pin's 37.2 s (alternated, two rounds).
+    # Not under adaptive: there prefill shares decode's compute cores only until its next
+    # layer, but it always shares its own half with decode's pulls and servers and with the
+    # pool, which nice 10 would put ahead of it. Measured, the prompts' TTFT p50 was the same
+    # at nice 10 and 0 (43.7 and 43.2 s, against pin's 37.2 and 34.7 s in the same runs).
     prefill_nice: int = field(default=PREFILL_NICE, metadata={
         "help": "with --cpu-split shared, how much lower prefill's scheduling priority is than "
                 "decode's (nice)"})
