@@ -16,10 +16,11 @@ creates: no messages, no process watching the others; each engine reads the boar
 would switch anyway (decode before each step, prefill before each pass and between layers) and
 changes only itself.
 
-While confined, decode also moves every thread of its process but the loop (and the loop's
-own pool helpers) onto the other role's CPUs: pulls from the pool (a memcpy and a checksum of
-each block), write-back and gRPC threads then cost prefill a little rather than stalling
-decode's steps, as a NIC's DMA would on machines of their own.
+The loop's compute threads (OpenMP's, the C pool's helpers: every thread that is not Python's)
+follow the loop. While confined, decode also moves its process's other Python threads onto the
+other role's CPUs: pulls from the pool (a memcpy and a checksum of each block), write-back and
+gRPC threads then cost prefill a little rather than stalling decode's steps (for the core, and
+for the GIL each time a step asks for it back), as a NIC's DMA would on machines of their own.
 """
 
 from __future__ import annotations

@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 
 def build_core(config: EngineRoleConfig, role: str) -> EngineCore:
     every = sorted(os.sched_getaffinity(0))
+    if config.cpu_board and not set(config.cpus) <= set(every):
+        raise ConfigError(f"cpus: {list(config.cpus)} are not all CPUs this process may use "
+                          f"({every})")
     pinned = bool(config.cpus) and not config.cpu_board
     if pinned:
         # Its own cores, as a disaggregated engine has its own machine: another role's work
@@ -48,9 +51,6 @@ def build_core(config: EngineRoleConfig, role: str) -> EngineCore:
     pool = KVStoreClient(config.kv_master, token=token)
     core = EngineCore(config, role, loaded, pool)
     if config.cpu_board:
-        if not set(config.cpus) <= set(every):
-            raise ConfigError(f"cpus: {list(config.cpus)} are not all CPUs this process may "
-                              f"use ({every})")
         core.cpus = AdaptiveCpus(CpuBoard(config.cpu_board, config.cpu_board_slot),
                                  own=config.cpus, every=every, threads=config.threads,
                                  background_away=role == "decode",
