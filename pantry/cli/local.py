@@ -243,10 +243,6 @@ class LocalCluster:
         o = self.options
         deadline = time.monotonic() + START_TIMEOUT_S
         token = ["--token-file", str(self.token_file)]
-        pinned, shared = o.cpu_split == "pin", o.cpu_split == "shared"
-        prefill_cpus, decode_cpus = (split_cpus(o.prefill_engines, o.decode_engines)
-                                     if o.cpu_split != "shared"
-                                     else ([""] * o.prefill_engines, [""] * o.decode_engines))
         # The pool and the conductor go where the scheduler puts them. Kept off decode's half
         # (adaptive), interference p99/p50 was 1.59-1.66 and TTFT p50 44 s, against 1.49-1.60
         # and 40 s left free (alternated, two rounds each).
@@ -264,11 +260,18 @@ class LocalCluster:
                        "--device", o.device, "--dtype", o.dtype,
                        "--pool-kv-dtype", o.pool_kv_dtype,
                        "--cuda-graphs" if o.cuda_graphs else "--no-cuda-graphs"]
+        pinned = o.cpu_split == "pin"
+        prefill_cpus, decode_cpus = (split_cpus(o.prefill_engines, o.decode_engines)
+                                     if o.cpu_split != "shared"
+                                     else ([""] * o.prefill_engines, [""] * o.decode_engines))
         board: list[str] = []
         if o.cpu_split == "adaptive" and prefill_cpus[0]:  # '' with one CPU: nothing to split
             path = self.workdir / "cpu-board"
             CpuBoard.create(path, ["prefill"] * o.prefill_engines + ["decode"] * o.decode_engines)
             board = ["--cpu-board", str(path)]
+        # Engines on every CPU always (shared, or adaptive with one CPU): prefill yields to
+        # decode by priority.
+        shared = not pinned and not board
         # Engines that may share CPUs: their OpenMP threads that wait would otherwise spin on
         # the cores the other engine is computing on.
         engine_env = self.env if pinned else {"OMP_WAIT_POLICY": "PASSIVE", **self.env}
