@@ -135,8 +135,8 @@ class DecodeEngine(EngineLoop):
                 if self._stopped:
                     break
             try:
-                with self.core.busy():
-                    stepped = self._iteration()
+                with self.core.busy() as iteration:
+                    iteration.computed = stepped = self._iteration()
                 if not stepped:
                     self._wait_for_pulls()
             except Exception as exc:  # keep serving: fail the batch, not the process

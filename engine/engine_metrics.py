@@ -16,6 +16,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from pantry.common.metrics import POOL_IO_BUCKETS, TBT_BUCKETS, TTFT_BUCKETS
 
+# Decode steps (tens of ms on CPU, ms on a GPU) and prefill passes (up to seconds).
+STEP_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 10.0)
+
 LABELS = ("role", "engine_id")
 
 
@@ -92,6 +95,20 @@ class EngineMetrics:
             "pantry_engine_pool_tokens", "Prompt tokens whose KV came from the pool.")
         self._busy_seconds = counter(
             "pantry_engine_busy_seconds", "Seconds spent computing (prefill or decode steps).")
+        # Measured under pantry local's adaptive split (perf sched): while prefill computed on
+        # the other CPU, decode's loop spent 5% of its time waiting for the GIL, held by its own
+        # pull and server threads waiting for that CPU; a step that lost 30 ms showed as a TBT
+        # 1.5x the median. This counter makes such stalls visible without a profiler.
+        self.loop_wait_seconds = counter(
+            "pantry_engine_loop_wait_seconds",
+            "Of pantry_engine_busy_seconds, the time the loop thread was off its CPU: waiting "
+            "for the GIL (held by another thread of this engine), for a CPU, or for its compute "
+            "threads. Steps that wait show as uneven time between tokens.")
+        self.step_seconds = histogram(
+            "pantry_engine_step_seconds",
+            "Each loop iteration that computed: a decode step with its bookkeeping, or a "
+            "prefill pass.",
+            STEP_BUCKETS)
         self.local_hit_blocks = counter(
             "pantry_engine_local_hit_blocks",
             "Prompt blocks found in this engine's own prefix cache: neither pulled nor computed.")
@@ -148,9 +165,15 @@ class EngineMetrics:
             self._pool_tokens.inc(pooled)
         self.ttft.observe(ttft_seconds)
 
-    def add_busy(self, seconds: float) -> None:
+    def add_busy(self, seconds: float, off_cpu_seconds: float = 0.0, *, step: bool = True
+                 ) -> None:
+        """One loop iteration of `seconds`, `off_cpu_seconds` of them off the CPU; `step`:
+        it computed something (a decode step, a prefill pass)."""
         with self._lock:
             self._busy_seconds.inc(seconds)
+        if step:
+            self.step_seconds.observe(seconds)
+        self.loop_wait_seconds.inc(max(0.0, off_cpu_seconds))
 
     def counters(self) -> EngineCounters:
         with self._lock:

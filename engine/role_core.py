@@ -29,6 +29,13 @@ from .runner import ModelRunner
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class LoopIteration:
+    """What `EngineCore.busy` is told about the iteration it times."""
+
+    computed: bool = True
+
+
 @dataclass(frozen=True)
 class PromptBlocks:
     """The blocks a prompt was given: `local` leading ones already hold its KV (this engine's
@@ -208,12 +215,18 @@ class EngineCore:
         self.metrics.record_request(computed, pooled, ttft_seconds)
 
     @contextmanager
-    def busy(self) -> Iterator[None]:
-        start = time.perf_counter()
+    def busy(self) -> Iterator[LoopIteration]:
+        """Around one loop iteration, on the loop thread: its wall time, and how much of it the
+        thread was not running (its CPU time is the rest). The caller marks an iteration that
+        found nothing to compute, which is not a step."""
+        iteration = LoopIteration()
+        start, cpu = time.perf_counter(), time.thread_time()
         try:
-            yield
+            yield iteration
         finally:
-            self.metrics.add_busy(time.perf_counter() - start)
+            wall = time.perf_counter() - start
+            self.metrics.add_busy(wall, wall - (time.thread_time() - cpu),
+                                  step=iteration.computed)
 
     def counters(self) -> EngineCounters:
         return self.metrics.counters()

@@ -79,6 +79,11 @@ def test_metrics_server_serves_the_core_registry_until_closed(core: EngineCore) 
     assert value("pantry_engine_busy_seconds_total") == core.counters().busy_seconds_total
     assert value("pantry_engine_time_to_first_token_seconds_count") == 1
     assert value("pantry_engine_time_between_tokens_seconds_count") == 0
+    # A 40-token prompt is one pass; its time is the busy time, some of it perhaps off the CPU.
+    assert value("pantry_engine_step_seconds_count") == 1
+    assert value("pantry_engine_step_seconds_sum") == value("pantry_engine_busy_seconds_total")
+    assert 0 <= value("pantry_engine_loop_wait_seconds_total") <= value(
+        "pantry_engine_busy_seconds_total")
     assert value("pantry_engine_waiting_requests") == 0
     assert value("pantry_engine_running_requests") == 0
     assert value("pantry_engine_kv_free_blocks") == NUM_BLOCKS
@@ -93,6 +98,25 @@ def test_metrics_server_serves_the_core_registry_until_closed(core: EngineCore) 
     assert value("pantry_engine_prompt_tails_stored_total") == 1
     with pytest.raises(urllib.error.URLError):
         urllib.request.urlopen(server.url, timeout=2)
+
+
+def test_busy_counts_the_loop_off_its_cpu_and_only_iterations_that_computed(
+        core: EngineCore) -> None:
+    def value(name: str) -> float:
+        return core.metrics.registry.get_sample_value(
+            name, {"role": "prefill", "engine_id": "prefill-m"}) or 0.0
+
+    with core.busy():
+        time.sleep(0.05)  # off the CPU for all of it: as a loop waiting for the GIL would be
+    waited = value("pantry_engine_loop_wait_seconds_total")
+    assert value("pantry_engine_busy_seconds_total") >= 0.05
+    # The thread's own CPU time in there is microseconds.
+    assert 0.04 <= waited <= value("pantry_engine_busy_seconds_total")
+    assert value("pantry_engine_step_seconds_count") == 1
+    with core.busy() as iteration:
+        iteration.computed = False  # nothing to compute: busy time, but not a step
+    assert value("pantry_engine_step_seconds_count") == 1
+    assert value("pantry_engine_busy_seconds_total") > value("pantry_engine_step_seconds_sum")
 
 
 # ---- a real role process --------------------------------------------------------------------
