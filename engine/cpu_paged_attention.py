@@ -5,12 +5,12 @@ out of the cache into new tensors for each layer, then calls SDPA: the gather co
 context each layer of each step (a 4k-token sequence: ~180 MB a step for SmolLM2), so a step
 slows down with every long sequence in the batch. This kernel reads each block where it lies,
 on our own thread pool (engine.cpu_pool, as the step's linears): a long sequence is split into
-spans, the pool's blocks, merged at the end (flash-decoding); within a span it goes sixteen
-positions at a time (eight without AVX-512) with flash attention's online softmax, so a chunk's
-K and V rows are read once, close together, while the next chunk's are prefetched. Head sizes
-64 and 128 with up to 8 query heads per KV head get loops unrolled at compile time, a tile of
-query heads in registers; any other shape runs the two-pass form in scalar loops. The same
-role as the Triton kernel plays on CUDA.
+spans, the pool's blocks, merged at the end (flash-decoding); within a span it goes 32
+positions at a time with flash attention's online softmax, so a chunk's K and V rows are read
+from memory once, while the next chunk's rows are asked for in the order they lie. Head sizes
+64 and 128 with up to 8 query heads per KV head get loops unrolled at compile time, a query
+head's q row or sums in registers; any other shape runs the two-pass form in scalar loops.
+The same role as the Triton kernel plays on CUDA.
 
 It is C compiled on first use with the machine's C compiler (engine.kernel_build) and loaded
 with ctypes. Where no compiler works, `available()` is False and the engine keeps the torch
@@ -94,20 +94,17 @@ static void exp_scores(float *s, int64_t n, float *max_out, float *sum_out)
     *sum_out = sum;
 }
 
-/* A position's row lies anywhere in the cache (each layer's part of a block is 12 KB for
-   SmolLM2, blocks a whole block apart). The pass over a chunk for one KV head asks for the
-   same head's K (and V) rows of the next chunk as it reads its own, so the requests are spread
-   over the whole chunk's work and each arrives about a chunk ahead of its use. Into L2 (hint
-   1): measured faster than into L1 (whose fill buffers are few) or than no prefetch; one
-   thread over a 4k-token sequence, 30 layers: 17 ms, against 22 ms asking for whole rows
-   (every head) during the first head's pass and 27 ms without. */
-INLINE void prefetch(const float *p, int64_t floats)
-{
-    for (int64_t i = 0; i < floats; i += 16) __builtin_prefetch(p + i, 0, 1);
-}
-
 /* Positions per work item: a long sequence is split over threads, its spans merged after. */
 #define SPAN 512
+
+/* Positions per chunk. A chunk's scores are all computed before its softmax step, so the max,
+   the rescale and the exps are paid once per CH positions per query head, not per VW; small
+   enough that a KV head's rows of a chunk (SmolLM2: 8 KB of K, 8 KB of V) stay in L1 while
+   its group's query heads read them in turn. One thread over a 4k-token sequence, 30 layers,
+   blocks scattered (a Zen 3, alternated in one process): 16-19 ms at 16 and at 32, within
+   noise of each other, 18-19 at 64, 19-20 at 128. 32 rather than 16 keeps the softmax step
+   for two of AVX-512's sixteen-position groups. */
+#define CH 32
 
 typedef struct {
     const float *q, *k_base, *v_base;
@@ -116,6 +113,29 @@ typedef struct {
     int64_t max_blocks, heads, kv_heads, block_size;
     float scale;
 } args_t;
+
+/* The next chunk's K and V rows, every KV head's (a position's whole row), asked for a few
+   64-byte lines at a time through the current chunk's work, so that all are asked for before
+   the chunk ends: a position's K lines in order, then its V lines. A row is contiguous and a
+   block's rows follow each other, so the requests walk each block's part of the layer straight
+   through. One thread over a 4k-token sequence, 30 layers, blocks scattered (a Zen 3,
+   alternated in one process): 16-19 ms, against 23-25 ms asking for each head's rows of the
+   next chunk during that head's pass, 25 asking for none, and 12 ms for a loop that only reads
+   the same rows in the same order. */
+typedef struct {
+    const float *k, *v;
+    const int64_t *off;
+    int64_t p, end, lines, l, per_call;
+} ahead_t;
+
+INLINE void read_ahead(ahead_t *c)
+{
+    for (int64_t i = 0; i < c->per_call && c->p < c->end; i++) {
+        const int64_t o = c->off[c->p] + c->l * 16;
+        __builtin_prefetch(c->l < c->lines ? c->k + o : c->v + o - c->lines * 16, 0, 1);
+        if (++c->l == 2 * c->lines) { c->l = 0; c->p++; }
+    }
+}
 
 /* VW vectors at m (VW positions' products of q and k, each to be summed) -> one vector whose
    lane j is the sum of vector j: halves of pairs added level by level, positions kept in
@@ -150,27 +170,26 @@ INLINE vf sums_of(const float *m)
 #endif
 }
 
-/* Query heads of one KV head taken in one pass over a chunk's rows: as many as keep their q
-   rows (for the scores) or their sums (for the values) in 8 registers. 16 kept SmolLM2's group
-   of 3 in one pass but spilled a sum to the stack in the values' loop (GCC keeps the exps'
-   constants in registers); 8 reads the chunk's rows twice, the second time from L1, and
-   measured 3-5% faster over a cache in DRAM. */
-#define TILE_REGS 8
+INLINE vf vmax(vf x, vf y)
+{
+    const vi m = x > y;
+    return (vf)(((vi)x & m) | ((vi)y & ~m));
+}
 
-/* Positions [s, e) of sequence b for every query head, one chunk of VW positions at a time
-   (flash attention's online softmax within the span): for each KV head and tile of its query
-   heads, the chunk's scores (products summed by sums_of), their max folded into the head's
-   running max (rescaling its sums when it rises), their exps, then the values weighted into
-   sums held in registers. A chunk's K and V rows are read once and close together in time;
-   the next chunk's are prefetched meanwhile. `part` gets per query head the unnormalised sum
-   of values (dim floats), then the max score and the sum of the exps. Inlined with constant
-   dim and group: the loops unroll and a tile stays in registers. */
+/* Positions [s, e) of sequence b for every query head, a chunk of CH positions at a time
+   (flash attention's online softmax from chunk to chunk): for each KV head, each of its query
+   heads' scores over the chunk (the products of VW positions summed at once by sums_of), then
+   per query head the chunk's max folded into its running max (rescaling its sums when it
+   rises), the exps, and the values weighted into sums held in registers. `part` gets per query
+   head the unnormalised sum of values (dim floats), then the max score and the sum of the
+   exps. Inlined with constant dim and group: the loops over a row unroll and its q row or its
+   sums stay in registers. */
 INLINE void attend_span(const args_t *a, int64_t b, int64_t s, int64_t e, float *part,
                         const int dim, const int group)
 {
-    const int nv = dim / VW, gt = TILE_REGS / nv < 1 ? 1 : TILE_REGS / nv;
+    const int nv = dim / VW;
     const int64_t n = e - s, bs = a->block_size, kvh = a->kv_heads, heads = a->heads;
-    const int64_t stride = dim + 2;
+    const int64_t stride = dim + 2, hs = a->head_stride;
     const int64_t *tab = a->table + b * a->max_blocks;
     const float *q = a->q + b * heads * dim;
     int64_t off[SPAN];  /* each position's row, from the base of K or V */
@@ -183,66 +202,74 @@ INLINE void attend_span(const args_t *a, int64_t b, int64_t s, int64_t e, float 
         part[h * stride + dim] = -INFINITY;
         part[h * stride + dim + 1] = 0.f;
     }
-    float prod[8 * VW * VW] __attribute__((aligned(64)));
-    float w[8 * VW] __attribute__((aligned(64)));
-    for (int64_t c = 0; c < n; c += VW) {
-        const int64_t m = n - c < VW ? n - c : VW, next = c + VW;
-        for (int64_t kh = 0; kh < kvh; kh++)
-            _Pragma("GCC unroll 8") for (int g0 = 0; g0 < group; g0 += gt) {
-                const int gn = group - g0 < gt ? group - g0 : gt;
-                const int64_t h0 = kh * group + g0;
-                vf qv[8][16], acc[8][16];
-                UNROLL for (int g = 0; g < gn; g++)
-                    UNROLL for (int i = 0; i < nv; i++)
-                        qv[g][i] = ld(q + (h0 + g) * dim + i * VW);
-                for (int64_t j = 0; j < m; j++) {
-                    if (g0 == 0 && next + j < n)
-                        prefetch(a->k_base + off[next + j] + kh * a->head_stride, dim);
-                    const float *k = a->k_base + off[c + j] + kh * a->head_stride;
-                    vf kv[16];
-                    UNROLL for (int i = 0; i < nv; i++) kv[i] = ld(k + i * VW);
-                    UNROLL for (int g = 0; g < gn; g++) {
-                        vf s0 = qv[g][0] * kv[0], s1 = splat(0.f);
+    /* A row's cache lines, and how many to ask for per row read so that the next chunk's are
+       all asked for within this chunk (each row is read twice per query head: K and V). */
+    const int64_t lines = (kvh * hs + 15) / 16;
+    const int64_t per_call = (2 * lines + 2 * heads - 1) / (2 * heads);
+    {
+        ahead_t first = {a->k_base, a->v_base, off, 0, n < CH ? n : CH, lines, 0, 2 * lines};
+        while (first.p < first.end) read_ahead(&first);
+    }
+    float prod[VW * VW] __attribute__((aligned(64)));
+    float sc[8 * CH] __attribute__((aligned(64)));
+    for (int64_t c = 0; c < n; c += CH) {
+        const int64_t m = n - c < CH ? n - c : CH;
+        ahead_t ahead = {a->k_base, a->v_base, off, c + CH, c + 2 * CH < n ? c + 2 * CH : n,
+                         lines, 0, per_call};
+        for (int64_t kh = 0; kh < kvh; kh++) {
+            const float *kb = a->k_base + kh * hs, *vb = a->v_base + kh * hs;
+            for (int g = 0; g < group; g++) {
+                vf qv[16];
+                UNROLL for (int i = 0; i < nv; i++) qv[i] = ld(q + (kh * group + g) * dim + i * VW);
+                for (int64_t j0 = 0; j0 < m; j0 += VW) {
+                    const int64_t jn = m - j0 < VW ? m - j0 : VW;
+                    for (int64_t j = 0; j < jn; j++) {
+                        read_ahead(&ahead);
+                        const float *k = kb + off[c + j0 + j];
+                        vf s0 = qv[0] * ld(k), s1 = splat(0.f);
                         UNROLL for (int i = 1; i < nv; i += 2) {
-                            s1 += qv[g][i] * kv[i];
-                            if (i + 1 < nv) s0 += qv[g][i + 1] * kv[i + 1];
+                            s1 += qv[i] * ld(k + i * VW);
+                            if (i + 1 < nv) s0 += qv[i + 1] * ld(k + (i + 1) * VW);
                         }
-                        st(prod + (g * VW + j) * VW, s0 + s1);
+                        st(prod + j * VW, s0 + s1);
                     }
+                    /* A short last chunk: its missing positions summed as zeros, then masked
+                       (their exps are 0). */
+                    for (int64_t j = jn; j < VW; j++) st(prod + j * VW, splat(0.f));
+                    vf sv = sums_of(prod) * splat(a->scale);
+                    for (int64_t j = jn; j < VW; j++) sv[j] = -INFINITY;
+                    st(sc + g * CH + j0, sv);
                 }
-                /* A short last chunk: its missing positions summed as zeros, then masked. */
-                for (int64_t j = m; j < VW; j++)
-                    UNROLL for (int g = 0; g < gn; g++) st(prod + (g * VW + j) * VW, splat(0.f));
-                UNROLL for (int g = 0; g < gn; g++) {
-                    float *ph = part + (h0 + g) * stride;
-                    vf sc = sums_of(prod + g * VW * VW) * splat(a->scale);
-                    for (int64_t j = m; j < VW; j++) sc[j] = -INFINITY;
-                    const float top = hmax(sc);
-                    float r = 1.f;
-                    if (top > ph[dim]) {
-                        r = expf(ph[dim] - top);  /* 0 for the first chunk (max -inf) */
-                        ph[dim] = top;
-                    }
-                    const vf p = exp_nonpositive_bits(sc - splat(ph[dim]));
-                    ph[dim + 1] = ph[dim + 1] * r + hsum(p);
-                    st(w + g * VW, p);
-                    UNROLL for (int i = 0; i < nv; i++) acc[g][i] = ld(ph + i * VW) * splat(r);
-                }
-                for (int64_t j = 0; j < m; j++) {
-                    const float *v = a->v_base + off[c + j] + kh * a->head_stride;
-                    if (g0 == 0 && next + j < n)
-                        prefetch(a->v_base + off[next + j] + kh * a->head_stride, dim);
-                    vf vv[16];
-                    UNROLL for (int i = 0; i < nv; i++) vv[i] = ld(v + i * VW);
-                    UNROLL for (int g = 0; g < gn; g++) {
-                        const vf wj = splat(w[g * VW + j]);
-                        UNROLL for (int i = 0; i < nv; i++) acc[g][i] += wj * vv[i];
-                    }
-                }
-                UNROLL for (int g = 0; g < gn; g++)
-                    UNROLL for (int i = 0; i < nv; i++)
-                        st(part + (h0 + g) * stride + i * VW, acc[g][i]);
             }
+            for (int g = 0; g < group; g++) {
+                float *ph = part + (kh * group + g) * stride, *sg = sc + g * CH;
+                vf top = ld(sg);
+                for (int64_t j0 = VW; j0 < m; j0 += VW) top = vmax(top, ld(sg + j0));
+                const float mx = hmax(top);
+                float r = 1.f;
+                if (mx > ph[dim]) {
+                    r = expf(ph[dim] - mx);  /* 0 for the first chunk (max -inf) */
+                    ph[dim] = mx;
+                }
+                const vf base = splat(ph[dim]);
+                vf sum = splat(0.f);
+                for (int64_t j0 = 0; j0 < m; j0 += VW) {
+                    const vf p = exp_nonpositive_bits(ld(sg + j0) - base);
+                    st(sg + j0, p);
+                    sum += p;
+                }
+                ph[dim + 1] = ph[dim + 1] * r + hsum(sum);
+                vf acc[16];
+                UNROLL for (int i = 0; i < nv; i++) acc[i] = ld(ph + i * VW) * splat(r);
+                for (int64_t j = 0; j < m; j++) {
+                    read_ahead(&ahead);
+                    const float *v = vb + off[c + j];
+                    const vf wj = splat(sg[j]);
+                    UNROLL for (int i = 0; i < nv; i++) acc[i] += wj * ld(v + i * VW);
+                }
+                UNROLL for (int i = 0; i < nv; i++) st(ph + i * VW, acc[i]);
+            }
+        }
     }
 }
 
