@@ -206,10 +206,9 @@ INLINE void attend_span(const args_t *a, int64_t b, int64_t s, int64_t e, float 
        all asked for within this chunk (each row is read twice per query head: K and V). */
     const int64_t lines = (kvh * hs + 15) / 16;
     const int64_t per_call = (2 * lines + 2 * heads - 1) / (2 * heads);
-    {
-        ahead_t first = {a->k_base, a->v_base, off, 0, n < CH ? n : CH, lines, 0, 2 * lines};
-        while (first.p < first.end) read_ahead(&first);
-    }
+    /* The first chunk's rows all at once: no work comes before them to spread them over. */
+    ahead_t first = {a->k_base, a->v_base, off, 0, n < CH ? n : CH, lines, 0, 2 * lines};
+    while (first.p < first.end) read_ahead(&first);
     float prod[VW * VW] __attribute__((aligned(64)));
     float sc[8 * CH] __attribute__((aligned(64)));
     for (int64_t c = 0; c < n; c += CH) {
