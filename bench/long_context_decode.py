@@ -12,16 +12,24 @@ thread. A long sequence's attention reads all of its keys and values each step (
 SmolLM2: 189 MB), while the step's linears stream the weights (540 MB): the added time is what
 sets decode's slow steps while long prompts arrive (bench/interference.py).
 
+`--beside-prefill` measures that case itself: this process computes on its last CPU, a prefill
+engine's work (the same model over 2048-token chunks, a process of its own) on the others, and
+the comparison is this tree's kernel with the C pool's far helpers (one per other CPU, as a
+confined decode engine runs them: engine.cpu_split) against without. It also prints the far
+helpers' CPU time per step: what prefill gives up.
+
     .venv/bin/python bench/long_context_decode.py [--context 4096] [--streams 4] [--steps 30]
-        [--threads 1] [--baseline-tree /tmp/old]
+        [--threads 1] [--baseline-tree /tmp/old | --beside-prefill]
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import random
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -69,6 +77,40 @@ class Kernels:
             cpu_paged_attention.available = lambda: False  # type: ignore[assignment]
 
 
+# The prefill engine's work beside decode: the model over chunks of 2048 new tokens, forever.
+PREFILL_LOOP = """
+import random, sys, torch
+from engine.loader import load_model
+from engine.runner import ModelRunner, SeqStep
+torch.set_num_threads(len(__import__("os").sched_getaffinity(0)))
+runner = ModelRunner(load_model("smollm2"), num_blocks=300)
+rng = random.Random(2)
+table = tuple(runner.allocator.allocate(256))
+print("ready", flush=True)
+while True:
+    for start in (0, 2048):
+        runner.step([SeqStep(tuple(rng.randrange(1000, 40000) for _ in range(2048)), start, table)])
+"""
+
+
+class FarHelpers:
+    """The pool's far helpers on the CPUs this process does not compute on, or none; counts
+    the CPU time they used."""
+
+    def __init__(self, cpus: set[int]) -> None:
+        self.cpus = cpus
+        self.tids: list[int] = []
+        self.cpu_s = 0.0
+
+    def use(self, on: bool) -> None:
+        for tid in self.tids:  # their CPU time, before they stop
+            with open(f"/proc/self/task/{tid}/schedstat") as f:
+                self.cpu_s += int(f.read().split()[0]) / 1e9
+        self.tids = cpu_pool.set_far_helpers(len(self.cpus) if on else 0)
+        for tid in self.tids:
+            os.sched_setaffinity(tid, self.cpus)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--context", type=int, default=4096, help="the long sequence's context")
@@ -76,10 +118,31 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30, help="steps per kernel and batch")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--baseline-tree", type=Path, default=None)
+    ap.add_argument("--beside-prefill", action="store_true",
+                    help="prefill's work on the other CPUs; far helpers against none")
     ns = ap.parse_args()
     if not cpu_paged_attention.available():
         sys.exit(f"no CPU paged kernel here: {cpu_paged_attention.unavailable_reason()}")
     base_name, base_fn = baseline_kernel(ns.baseline_tree)
+    prefill: subprocess.Popen[str] | None = None
+    far: FarHelpers | None = None
+    if ns.beside_prefill:
+        if ns.baseline_tree is not None or not cpu_pool.available():
+            sys.exit("--beside-prefill compares far helpers in this tree's pool: no baseline "
+                     "tree, and the C pool must build")
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) < 2:
+            sys.exit("--beside-prefill needs two CPUs")
+        own, others = cpus[-1], set(cpus[:-1])
+        os.sched_setaffinity(0, {own})
+        far = FarHelpers(others)
+        base_name = "no far helpers"
+        prefill = subprocess.Popen(
+            [sys.executable, "-c", PREFILL_LOOP], stdout=subprocess.PIPE, text=True,
+            cwd=Path(__file__).resolve().parent.parent,
+            preexec_fn=lambda: os.sched_setaffinity(0, others))
+        assert prefill.stdout is not None
+        prefill.stdout.readline()  # "ready": its model is loaded, its chunks start
     torch.set_num_threads(ns.threads)
     runner = ModelRunner(load_model("smollm2"), num_blocks=ns.context // 16 + 200)
     if cpu_pool.available():
@@ -103,7 +166,10 @@ def main() -> None:
     tokens: dict[str, list[int]] = {"ours": [], "baseline": []}
     for step in range(ns.steps):
         for which in ("ours", "baseline") if step % 2 else ("baseline", "ours"):
-            kernels.use(which)
+            if far is not None:
+                far.use(which == "ours")
+            else:
+                kernels.use(which)
             for name, seqs in batches.items():
                 start = time.perf_counter()
                 logits = runner.step(seqs)
@@ -111,6 +177,13 @@ def main() -> None:
                 if step == 0 and name == "with long":
                     tokens[which] = logits.argmax(-1).tolist()
     kernels.use("ours")
+    if far is not None and prefill is not None:
+        far.use(False)
+        prefill.kill()
+        prefill.wait()
+        per_step = far.cpu_s / (ns.steps * len(batches))
+        print(f"prefill's work on CPUs {sorted(far.cpus)}; far helpers' CPU time: "
+              f"{per_step * 1e3:.1f} ms a step")
     print(f"SmolLM2-135M float32, {ns.threads} thread(s), {ns.streams} streams of "
           f"{SHORT_CONTEXT} tokens + 1 of {ns.context}, median of {ns.steps} steps each")
     print(f"greedy tokens the same: {tokens['ours'] == tokens['baseline']}")

@@ -97,6 +97,10 @@ static void exp_scores(float *s, int64_t n, float *max_out, float *sum_out)
 /* Positions per work item: a long sequence is split over threads, its spans merged after. */
 #define SPAN 512
 
+/* Positions in a call worth waking the pool's far helpers for (engine.cpu_pool): a thread on
+   the other engine's CPU takes spans while the caller takes the rest. */
+#define FAR_POSITIONS 2048
+
 /* Positions per chunk. A chunk's scores are all computed before its softmax step, so the max,
    the rescale and the exps are paid once per CH positions per query head, not per VW; small
    enough that a KV head's rows of a chunk (SmolLM2: 8 KB of K, 8 KB of V) stay in L1 while
@@ -327,9 +331,13 @@ typedef struct {
     int64_t dim, group;
 } job_t;
 
-static pantry_run_fn run = NULL;
+static pantry_run_fn run = NULL, run_far = NULL;
 
-void pantry_paged_decode_set_pool(pantry_run_fn fn) { run = fn; }
+void pantry_paged_decode_set_pool(pantry_run_fn fn, pantry_run_fn far)
+{
+    run = fn;
+    run_far = far;
+}
 
 static void span_block(const void *ctx, int64_t it)
 {
@@ -357,10 +365,11 @@ void pantry_paged_decode(
     const int64_t group = heads / kv_heads, stride = dim + 2;
     const args_t a = {q, k_base, v_base, block_stride, token_stride, head_stride, table,
                       max_blocks, heads, kv_heads, block_size, scale};
-    int64_t items = 0;
+    int64_t items = 0, positions = 0;
     for (int64_t b = 0; b < batch; b++) {
         const int64_t len = lens[b], start = (window > 0 && len > window) ? len - window : 0;
         items += (len - start + SPAN - 1) / SPAN;
+        positions += len - start;
     }
     int64_t *item_b = (int64_t *)malloc(sizeof(int64_t) * 3 * items);
     int64_t *item_s = item_b + items, *item_e = item_s + items;
@@ -378,7 +387,7 @@ void pantry_paged_decode(
     if (run == NULL) {
         for (int64_t it = 0; it < items; it++) span_block(&job, it);
     } else {
-        run(span_block, &job, items);
+        (positions >= FAR_POSITIONS ? run_far : run)(span_block, &job, items);
     }
     /* A sequence's spans merged by their max scores: the softmax over all its positions. */
     i = 0;
@@ -421,9 +430,10 @@ def _build(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL:
     fn.argtypes = [ptr, ptr, ptr, i64, i64, i64, ptr, i64, ptr, i64, i64, i64, i64, i64,
                    ctypes.c_float, i64, ptr]
     fn.restype = None
-    handle.pantry_paged_decode_set_pool.argtypes = [ptr]
+    handle.pantry_paged_decode_set_pool.argtypes = [ptr, ptr]
     handle.pantry_paged_decode_set_pool.restype = None
-    handle.pantry_paged_decode_set_pool(cpu_pool.run_function())
+    handle.pantry_paged_decode_set_pool(cpu_pool.run_function(),
+                                        cpu_pool.run_function(far=True))
     handle.pantry_paged_decode_lanes.argtypes = []
     handle.pantry_paged_decode_lanes.restype = ctypes.c_int
     return handle

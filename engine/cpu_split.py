@@ -95,6 +95,13 @@ def compute_threads(count: int) -> None:
         cpu_pool.set_threads(count)
 
 
+def far_helpers(count: int) -> list[int]:
+    """The C pool's far helpers (`count`, 0: none), by kernel thread id; none without the pool."""
+    from engine import cpu_pool
+
+    return cpu_pool.set_far_helpers(count) if cpu_pool.available() else []
+
+
 def thread_ids() -> list[int]:
     """Every thread of this process, by kernel thread id."""
     return [int(tid) for tid in os.listdir("/proc/self/task")]
@@ -108,12 +115,16 @@ class AdaptiveCpus:
     `set_threads(n)` resizes the loop's compute threads (torch's and the engine's C pool); it
     runs on the loop thread after the loop's own CPUs are set, so threads it starts inherit
     them. `background_away`: while confined, every other thread of the process goes to the CPUs
-    this engine is not given (decode); otherwise they stay with the loop (prefill)."""
+    this engine is not given (decode); otherwise they stay with the loop (prefill). With them,
+    `set_far(n)` starts n far helpers of the C pool (their thread ids) while confined, one per
+    CPU it is not given, and stops them when not: they take spans of a long sequence's
+    attention on the other role's CPUs, only while that work waits (engine.cpu_pool)."""
 
     def __init__(self, board: CpuBoard, own: Sequence[int], every: Sequence[int],
                  set_threads: Callable[[int], None] | None = None, *, threads: int = 0,
                  background_away: bool = False,
-                 on_switch: Callable[[], None] | None = None) -> None:
+                 on_switch: Callable[[], None] | None = None,
+                 set_far: Callable[[int], list[int]] | None = None) -> None:
         self.board = board
         self.own = frozenset(own)
         self.every = frozenset(every)
@@ -121,6 +132,8 @@ class AdaptiveCpus:
         self._set_threads = set_threads or compute_threads
         self._threads = threads  # 0: one per CPU in use
         self._away = background_away and self.every != self.own
+        self._set_far = set_far or far_helpers
+        self._far: frozenset[int] = frozenset()  # the far helpers' thread ids
         self.confined: bool | None = None  # None until the first poll applies a state
         self.switches = 0
         self._on_switch = on_switch
@@ -138,6 +151,8 @@ class AdaptiveCpus:
 
     def _apply(self, confined: bool) -> None:
         cpus = self.own if confined else self.every
+        if self._away:
+            self._far = frozenset(self._set_far(len(self.every - self.own) if confined else 0))
         self._place(cpus, self.every - self.own if confined and self._away else cpus)
         count = len(cpus) if not self._threads else min(self._threads, len(cpus))
         self._set_threads(count)
@@ -154,10 +169,10 @@ class AdaptiveCpus:
     def _place(self, compute: frozenset[int], background: frozenset[int]) -> None:
         """The loop and every thread that is not Python's (OpenMP's, the C pool's helpers:
         the loop's compute) on `compute`; the process's other Python threads (pulls,
-        write-back, servers) on `background`."""
+        write-back, servers) and the pool's far helpers on `background`."""
         self._placed = time.monotonic()
         loop = threading.get_native_id()
-        python = {t.native_id for t in threading.enumerate()} - {loop}
+        python = ({t.native_id for t in threading.enumerate()} - {loop}) | self._far
         for tid in thread_ids():
             try:
                 os.sched_setaffinity(tid, background if tid in python else compute)

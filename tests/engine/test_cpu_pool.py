@@ -1,10 +1,12 @@
 """The generic pool through a C kernel of the test's own: every block run exactly once, on one
-and two threads, past the 16-bit block count, from two callers at once, and switched off."""
+and two threads, with far helpers, past the 16-bit block count, from two callers at once, and
+switched off."""
 
 from __future__ import annotations
 
 import ctypes
 import gc
+import os
 import threading
 import time
 from pathlib import Path
@@ -42,13 +44,23 @@ void counter_run(int64_t *counts, int64_t blocks)
 """
 
 
-@pytest.fixture(scope="module")
-def counter(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
-    lib = ctypes.CDLL(str(compile_library("test_counter", _COUNTER_SOURCE, cpu_pool.C_FLAGS)))
+def _counter(name: str, far: bool) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(compile_library(name, _COUNTER_SOURCE, cpu_pool.C_FLAGS)))
     lib.counter_set_pool.argtypes = [ctypes.c_void_p]
     lib.counter_run.argtypes = [ctypes.c_void_p, ctypes.c_int64]
-    lib.counter_set_pool(cpu_pool.run_function())
+    lib.counter_set_pool(cpu_pool.run_function(far=far))
     return lib
+
+
+@pytest.fixture(scope="module")
+def counter() -> ctypes.CDLL:
+    return _counter("test_counter", far=False)
+
+
+@pytest.fixture(scope="module")
+def far_counter() -> ctypes.CDLL:
+    """The same kernel posting far jobs (pantry_pool_run_far)."""
+    return _counter("test_counter_far", far=True)
 
 
 def _run(counter: ctypes.CDLL, blocks: int) -> torch.Tensor:
@@ -72,6 +84,35 @@ def test_the_helper_takes_blocks(counter: ctypes.CDLL) -> None:
             if cpu_pool.helped_blocks() > helped:
                 break
         assert cpu_pool.helped_blocks() > helped
+
+
+@pytest.mark.parametrize("blocks", [0, 1, 2, 1000, 70_000])
+def test_far_jobs_run_every_block_exactly_once(far_counter: ctypes.CDLL, pool_threads: int,
+                                               blocks: int) -> None:
+    """With and without far helpers, beside the pool's own on two threads."""
+    for far in (0, 1, 2, 0):
+        assert len(cpu_pool.set_far_helpers(far)) == far
+        assert torch.equal(_run(far_counter, blocks), torch.arange(1, blocks + 1))
+
+
+def test_a_far_helper_takes_blocks_of_a_caller_alone(far_counter: ctypes.CDLL) -> None:
+    """A decode engine confined to one CPU runs its pool as the caller alone: a far job's blocks
+    are still shared, with the far helper."""
+    with pool_size_restored():
+        cpu_pool.set_threads(1)
+        tids = cpu_pool.set_far_helpers(1)
+        assert len(tids) == 1 and os.path.exists(f"/proc/self/task/{tids[0]}")
+        helped = cpu_pool.far_helped_blocks()
+        for _ in range(200):
+            assert torch.equal(_run(far_counter, 64), torch.arange(1, 65))
+            if cpu_pool.far_helped_blocks() > helped:
+                break
+        assert cpu_pool.far_helped_blocks() > helped
+        assert cpu_pool.set_far_helpers(0) == []
+        assert not os.path.exists(f"/proc/self/task/{tids[0]}")
+        helped = cpu_pool.far_helped_blocks()
+        assert torch.equal(_run(far_counter, 64), torch.arange(1, 65))
+        assert cpu_pool.far_helped_blocks() == helped
 
 
 def test_two_callers_at_once(counter: ctypes.CDLL, pool_threads: int) -> None:

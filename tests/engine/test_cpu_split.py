@@ -54,14 +54,20 @@ def test_board_errors_name_the_file_and_what_is_wrong(tmp_path: Path) -> None:
 
 CHILD = textwrap.dedent("""
     import json, os, sys, threading
-    from engine.cpu_split import AdaptiveCpus, CpuBoard, thread_ids
+    from engine.cpu_split import AdaptiveCpus, CpuBoard, far_helpers, thread_ids
 
     path, own, every = sys.argv[1], {int(sys.argv[2])}, sorted(os.sched_getaffinity(0))
     CpuBoard.create(path, ["prefill", "decode"])
     prefill = CpuBoard(path, 0)
     sizes = []
+    far = []  # the C pool's far helpers now running
+
+    def set_far(count):
+        far[:] = far_helpers(count)
+        return far
+
     split = AdaptiveCpus(CpuBoard(path, 1), own=own, every=every, set_threads=sizes.append,
-                         background_away=True)
+                         background_away=True, set_far=set_far)
     done = threading.Event()
     # Stands for the puller, the writer, the servers.
     puller = threading.Thread(target=done.wait, daemon=True)
@@ -75,8 +81,9 @@ CHILD = textwrap.dedent("""
         loop = threading.get_native_id()
         others = {"every" if os.sched_getaffinity(t) == set(every) else
                   str(sorted(os.sched_getaffinity(t))) for t in thread_ids()
-                  if t not in (loop, puller.native_id)}
+                  if t not in (loop, puller.native_id, *far)}
         return {"loop": sorted(os.sched_getaffinity(loop)),
+                "far": [sorted(os.sched_getaffinity(t)) for t in far],
                 "puller": sorted(os.sched_getaffinity(puller.native_id)),
                 "not_python": sorted(others), "sizes": list(sizes),
                 "confined": split.confined, "switches": split.switches,
@@ -107,10 +114,12 @@ def test_engine_moves_its_threads_when_the_other_role_computes(tmp_path: Path) -
                          cwd=Path(__file__).resolve().parents[2])
     alone, confined, idle, again = json.loads(out.stdout)
     board = [*b"PCPU", 2, ord("p"), ord("d")]
-    assert alone == {"loop": every, "puller": every, "not_python": ["every"],
+    assert alone == {"loop": every, "far": [], "puller": every, "not_python": ["every"],
                      "sizes": [len(every)], "confined": False, "switches": 0,
                      "board": [*board, 0, 1]}
-    assert confined == {"loop": [own], "puller": away, "not_python": [str([own])],
+    # One far helper per CPU decode is not given, on those CPUs.
+    assert confined == {"loop": [own], "far": [away] * len(away), "puller": away,
+                        "not_python": [str([own])],
                         "sizes": [len(every), 1], "confined": True, "switches": 1,
                         "board": [*board, 1, 1]}
     assert idle == {**confined, "board": [*board, 1, 0]}
