@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 from pantry.common.metrics import POOL_IO_BUCKETS, TBT_BUCKETS, TTFT_BUCKETS
 
@@ -76,6 +78,7 @@ class EngineMetrics:
     def __init__(self, role: str, engine_id: str) -> None:
         self.registry = CollectorRegistry()
         labels = {"role": role, "engine_id": engine_id}
+        self._labels = labels
         registry = self.registry
 
         def counter(name: str, doc: str) -> Counter:
@@ -188,10 +191,31 @@ class EngineMetrics:
         self.free_blocks.set_function(free)
         self.total_blocks.set_function(total)
 
+    def watch_far_helpers(self, blocks: Callable[[], int]) -> None:
+        """`blocks` returns the spans the C pool's far helpers have computed (engine.cpu_pool),
+        read at every scrape: how much of a confined decode engine's long-context attention
+        ran on prefill's CPUs."""
+        self.registry.register(_FarHelperBlocks(blocks, self._labels))
+
     def watch_load(self, load: Callable[[], tuple[int, int]]) -> None:
         """`load` returns (waiting, running); read at every scrape."""
         self.waiting.set_function(lambda: load()[0])
         self.running.set_function(lambda: load()[1])
+
+
+class _FarHelperBlocks(Collector):
+    def __init__(self, blocks: Callable[[], int], labels: dict[str, str]) -> None:
+        self._blocks = blocks
+        self._labels = labels
+
+    def collect(self) -> list[CounterMetricFamily]:
+        family = CounterMetricFamily(
+            "pantry_engine_far_helper_blocks",
+            "Decode: work items of its attention (spans of a long context) computed by its C "
+            "pool's far helpers on prefill's CPUs while it was confined to its own.",
+            labels=list(self._labels))
+        family.add_metric(list(self._labels.values()), self._blocks())
+        return [family]
 
 
 def _value(child: Counter) -> float:

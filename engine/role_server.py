@@ -17,6 +17,7 @@ from pantry.common.errors import ConfigError
 from pantry.common.metrics import MetricsServer
 from pantry.common.serving import create_grpc_server, write_ready_file
 
+from . import cpu_pool
 from .cpu_split import AdaptiveCpus, CpuBoard
 from .loader import load_model
 from .role_config import EngineRoleConfig
@@ -55,6 +56,8 @@ def build_core(config: EngineRoleConfig, role: str) -> EngineCore:
                                  own=config.cpus, every=every, threads=config.threads,
                                  background_away=role == "decode",
                                  on_switch=core.metrics.cpu_switches.inc)
+        if role == "decode" and cpu_pool.available():
+            core.metrics.watch_far_helpers(cpu_pool.far_helped_blocks)
     split = core.cpus
     core.metrics.compute_cpus.set_function(
         lambda: split.cpus_in_use if split is not None else len(os.sched_getaffinity(0)))

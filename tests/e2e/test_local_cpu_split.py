@@ -12,6 +12,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from engine import cpu_pool
 from engine.cpu_split import CpuBoard
 from pantry.common.sampling import SamplingParams
 from pantry.common.wire import sampling_to_proto
@@ -166,6 +167,11 @@ def test_adaptive_split_confines_an_engine_while_the_other_role_computes(
         assert threads[pids["decode"]] == decode_cpus
         assert set(threads.values()) == {decode_cpus, prefill_cpus}
         assert state("decode") == (len(decode_cpus), 1)
+        # Its far helpers (on prefill's half) woke for no job: a 10-token context is far
+        # under the attention kernel's FAR_POSITIONS. (No C pool where nothing compiles.)
+        if cpu_pool.available():
+            assert system.metrics("decode")[
+                'pantry_engine_far_helper_blocks_total{engine_id="decode-0",role="decode"}'] == 0
 
         # "Decode computes": prefill on its half, every thread of it.
         board["decode"].set_computing(True)

@@ -119,6 +119,19 @@ def test_busy_counts_the_loop_off_its_cpu_and_only_iterations_that_computed(
     assert value("pantry_engine_busy_seconds_total") > value("pantry_engine_step_seconds_sum")
 
 
+def test_far_helper_blocks_are_read_at_each_scrape(core: EngineCore) -> None:
+    computed = [0]
+    core.metrics.watch_far_helpers(lambda: computed[0])
+
+    def value() -> float | None:
+        return core.metrics.registry.get_sample_value(
+            "pantry_engine_far_helper_blocks_total", {"role": "prefill", "engine_id": "prefill-m"})
+
+    assert value() == 0
+    computed[0] = 7
+    assert value() == 7
+
+
 # ---- a real role process --------------------------------------------------------------------
 
 ROLE_MAIN = """
