@@ -94,21 +94,25 @@ while True:
 
 
 class FarHelpers:
-    """The pool's far helpers on the CPUs this process does not compute on, or none; counts
-    the CPU time they used."""
+    """The pool's far helpers on the CPUs this process does not compute on, switched on or off;
+    the CPU time they used (they stay, asleep, while off)."""
 
     def __init__(self, cpus: set[int]) -> None:
         self.cpus = cpus
-        self.tids: list[int] = []
-        self.cpu_s = 0.0
+        self.seen: set[int] = set()
 
     def use(self, on: bool) -> None:
-        for tid in self.tids:  # their CPU time, before they stop
-            with open(f"/proc/self/task/{tid}/schedstat") as f:
-                self.cpu_s += int(f.read().split()[0]) / 1e9
-        self.tids = cpu_pool.set_far_helpers(len(self.cpus) if on else 0)
-        for tid in self.tids:
+        tids = cpu_pool.set_far_helpers(len(self.cpus) if on else 0)
+        for tid in tids:
             os.sched_setaffinity(tid, self.cpus)
+        self.seen.update(tids)
+
+    def cpu_seconds(self) -> float:
+        total = 0.0
+        for tid in self.seen:
+            with open(f"/proc/self/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[0]) / 1e9
+        return total
 
 
 def main() -> None:
@@ -183,7 +187,7 @@ def main() -> None:
         prefill.wait()
         # Only the steps with the long sequence wake them (the streams' are under the kernel's
         # FAR_POSITIONS).
-        per_step = far.cpu_s / ns.steps
+        per_step = far.cpu_seconds() / ns.steps
         print(f"prefill's work on CPUs {sorted(far.cpus)}; far helpers' CPU time: "
               f"{per_step * 1e3:.1f} ms a step with the long sequence")
     print(f"SmolLM2-135M float32, {ns.threads} thread(s), {ns.streams} streams of "

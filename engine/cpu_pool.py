@@ -20,8 +20,9 @@ pool as the caller alone, plus one far helper per CPU of prefill's. A far helper
 it sleeps until a job posted through `run_function(far=True)` (the paged decode kernel's over
 a long context) wakes it, claims blocks like any helper, and sleeps again. Prefill gives up
 its core only while that work waits, and the caller never waits for a far helper that prefill
-keeps off its core. Beside prefill's work, a 4k-token sequence then adds 10 ms to a decode
-step rather than 23.5 (bench/long_context_decode.py --beside-prefill).
+keeps off its core. Switched off, they stay asleep, to come back on at the next switch.
+Beside prefill's work, a 4k-token sequence then adds 10 ms to a decode step rather than 23.5
+(bench/long_context_decode.py --beside-prefill).
 
 Between jobs an idle helper can read a posted range into cache (`prefetch`): with
 PANTRY_CPU_READ_AHEAD=1 decode's linears post the weight the step reads next, so the memory
@@ -148,8 +149,9 @@ def prefetched_chunks() -> int:
 
 
 def set_far_helpers(count: int) -> list[int]:
-    """Stops the far helpers and starts `count` (0: none); returns their kernel thread ids, for
-    the caller to place on the CPUs they are to use (they start on the caller's)."""
+    """`count` far helpers switched on (0: off; they stay, asleep, and the same ones come back
+    on); returns their kernel thread ids, for the caller to place on the CPUs they are to use
+    (new ones start on the caller's)."""
     lib = _kernel.lib
     assert lib is not None, "call available() first"
     assert count >= 0

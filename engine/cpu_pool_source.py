@@ -67,11 +67,14 @@ static volatile float prefetch_sink;
 /* Far helpers: threads on CPUs the caller's engine does not compute on (decode's, while a
    prefill engine computes on the rest). They never spin: each sleeps until a far job wakes it,
    claims what blocks are left, and sleeps again, so the engine on their CPUs loses them only
-   while they work. The caller waits only for blocks they claimed, like any helper's. */
+   while they work. The caller waits only for blocks they claimed, like any helper's. Switched
+   off, they stay, asleep (no far job wakes them): decode switches at every prefill pass, and
+   joining a thread parked on a busy CPU would wait for that CPU. */
 #define MAX_FAR 8
 static struct {
     _Alignas(64) _Atomic uint32_t futex;
     _Atomic int stop;
+    _Atomic int active;
     _Atomic int64_t helped;
     _Atomic int tids[MAX_FAR];
     pthread_t threads[MAX_FAR];
@@ -202,6 +205,7 @@ static void forked_child(void)
     /* The helpers did not cross the fork: the child's jobs run on the caller alone. */
     P.helpers = 0;
     R.count = 0;
+    atomic_store(&R.active, 0);
     pthread_mutex_init(&P.call, NULL);
 }
 
@@ -262,28 +266,32 @@ static void wake_far(void)
     syscall(SYS_futex, &R.futex, FUTEX_WAKE_PRIVATE, MAX_FAR, NULL, NULL, 0);
 }
 
-/* Stops the far helpers and starts `count`; returns how many started. Their thread ids are
-   `pantry_pool_far_tid(i)`: they start on the caller's CPUs, which the caller then changes. */
+/* `count` far helpers switched on (the old ones kept if as many, else stopped and new ones
+   started), or 0: switched off, left asleep. Returns how many are on. Their thread ids are
+   `pantry_pool_far_tid(i)`: new ones start on the caller's CPUs, which the caller changes. */
 int pantry_pool_far(int count)
 {
     pthread_mutex_lock(&P.call);
-    atomic_store(&R.stop, 1);
-    wake_far();
-    for (int i = 0; i < R.count; i++) pthread_join(R.threads[i], NULL);
-    R.count = 0;
-    atomic_store(&R.stop, 0);
     const int want = count < MAX_FAR ? count : MAX_FAR;
-    for (int i = 0; i < want; i++) {
-        atomic_store(&R.tids[i], 0);
+    if (want > 0 && want != R.count) {
+        atomic_store(&R.stop, 1);
+        wake_far();
+        for (int i = 0; i < R.count; i++) pthread_join(R.threads[i], NULL);
+        R.count = 0;
+        atomic_store(&R.stop, 0);
+    }
+    for (int i = R.count; i < want; i++) {
+        atomic_store(&R.tids[R.count], 0);
         pthread_attr_t attr;
         pthread_attr_init(&attr);
         pthread_attr_setstacksize(&attr, 256 << 10);
-        if (pthread_create(&R.threads[R.count], &attr, far_main, (void *)(intptr_t)i) == 0)
+        if (pthread_create(&R.threads[R.count], &attr, far_main, (void *)(intptr_t)R.count) == 0)
             R.count++;
         pthread_attr_destroy(&attr);
     }
+    atomic_store(&R.active, want > 0 && R.count > 0);
     pthread_mutex_unlock(&P.call);
-    return R.count;
+    return atomic_load(&R.active) ? R.count : 0;
 }
 
 int pantry_pool_far_tid(int i)
@@ -336,6 +344,6 @@ void pantry_pool_run(pantry_block_fn fn, const void *ctx, int64_t n) { run_job(f
    pantry_pool_run. */
 void pantry_pool_run_far(pantry_block_fn fn, const void *ctx, int64_t n)
 {
-    run_job(fn, ctx, n, R.count > 0);
+    run_job(fn, ctx, n, atomic_load_explicit(&R.active, memory_order_relaxed));
 }
 """

@@ -108,11 +108,18 @@ def test_a_far_helper_takes_blocks_of_a_caller_alone(far_counter: ctypes.CDLL) -
             if cpu_pool.far_helped_blocks() > helped:
                 break
         assert cpu_pool.far_helped_blocks() > helped
+        # Switched off, it stays asleep: a far job runs on the caller alone.
         assert cpu_pool.set_far_helpers(0) == []
-        assert not os.path.exists(f"/proc/self/task/{tids[0]}")
+        assert os.path.exists(f"/proc/self/task/{tids[0]}")
         helped = cpu_pool.far_helped_blocks()
-        assert torch.equal(_run(far_counter, 64), torch.arange(1, 65))
+        for _ in range(20):
+            assert torch.equal(_run(far_counter, 64), torch.arange(1, 65))
         assert cpu_pool.far_helped_blocks() == helped
+        # Back on: the same thread; a different count: new ones.
+        assert cpu_pool.set_far_helpers(1) == tids
+        two = cpu_pool.set_far_helpers(2)
+        assert len(two) == 2 and tids[0] not in two
+        assert not os.path.exists(f"/proc/self/task/{tids[0]}")
 
 
 def test_two_callers_at_once(counter: ctypes.CDLL, pool_threads: int) -> None:
