@@ -241,9 +241,6 @@ int64_t pantry_pool_helped(void) { return atomic_load(&P.helped); }
 
 int64_t pantry_pool_prefetched(void) { return atomic_load(&F.chunks); }
 
-
-
-
 static void *far_main(void *arg)
 {
     const int i = (int)(intptr_t)arg;

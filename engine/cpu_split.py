@@ -96,7 +96,8 @@ def compute_threads(count: int) -> None:
 
 
 def far_helpers(count: int) -> list[int]:
-    """The C pool's far helpers (`count`, 0: none), by kernel thread id; none without the pool."""
+    """The C pool's far helpers switched on (`count`; 0: off, left asleep), by kernel thread
+    id; none without the pool."""
     from engine import cpu_pool
 
     return cpu_pool.set_far_helpers(count) if cpu_pool.available() else []
@@ -116,9 +117,10 @@ class AdaptiveCpus:
     runs on the loop thread after the loop's own CPUs are set, so threads it starts inherit
     them. `background_away`: while confined, every other thread of the process goes to the CPUs
     this engine is not given (decode); otherwise they stay with the loop (prefill). With them,
-    `set_far(n)` starts n far helpers of the C pool (their thread ids) while confined, one per
-    CPU it is not given, and stops them when not: they take spans of a long sequence's
-    attention on the other role's CPUs, only while that work waits (engine.cpu_pool)."""
+    `set_far(n)` switches on n far helpers of the C pool (returning their thread ids) while
+    confined, one per CPU it is not given, and off when not: they take spans of a long
+    sequence's attention on the other role's CPUs, only while that work waits
+    (engine.cpu_pool)."""
 
     def __init__(self, board: CpuBoard, own: Sequence[int], every: Sequence[int],
                  set_threads: Callable[[int], None] | None = None, *, threads: int = 0,
