@@ -32,6 +32,7 @@ from engine.kernel_build import C_EXP, KernelLibrary, compile_library
 # are the threads' work items.
 _SOURCE = r"""
 #include <math.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -339,17 +340,24 @@ void pantry_paged_decode_set_pool(pantry_run_fn fn, pantry_run_fn far)
     run_far = far;
 }
 
+/* Each thread's scores, kept from job to job (a helper's stack is small), freed when the
+   thread exits: the pool's helpers are joined and started again at every CPU switch. */
+static pthread_key_t scores_key;
+static pthread_once_t scores_once = PTHREAD_ONCE_INIT;
+static __thread float *scores = NULL;
+static __thread int64_t capacity = 0;
+static void make_key(void) { pthread_key_create(&scores_key, free); }
+
 static void span_block(const void *ctx, int64_t it)
 {
-    /* Each thread's scores, kept from job to job: a helper's stack is small. */
-    static __thread float *scores = NULL;
-    static __thread int64_t capacity = 0;
     const job_t *j = ctx;
     const int64_t need = j->a->heads * SPAN;
     if (need > capacity) {
+        pthread_once(&scores_once, make_key);
         free(scores);
         scores = (float *)malloc(sizeof(float) * need);
         capacity = need;
+        pthread_setspecific(scores_key, scores);
     }
     attend(j->a, j->item_b[it], j->item_s[it], j->item_e[it], scores,
            j->parts + it * j->a->heads * (j->dim + 2), j->dim, j->group);
