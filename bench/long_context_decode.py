@@ -25,6 +25,7 @@ helpers' CPU time per step with the long sequence: what prefill gives up.
 from __future__ import annotations
 
 import argparse
+import atexit
 import importlib.util
 import os
 import random
@@ -145,6 +146,7 @@ def main() -> None:
             [sys.executable, "-c", PREFILL_LOOP], stdout=subprocess.PIPE, text=True,
             cwd=Path(__file__).resolve().parent.parent,
             preexec_fn=lambda: os.sched_setaffinity(0, others))
+        atexit.register(prefill.kill)  # a run stopped early leaves no prefill loop spinning
         assert prefill.stdout is not None
         prefill.stdout.readline()  # "ready": its model is loaded, its chunks start
     torch.set_num_threads(ns.threads)
