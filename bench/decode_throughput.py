@@ -3,8 +3,10 @@ and 8 streams, measured in the same run against two baselines:
 
   * the per-sequence torch reference attention (`reference_paged_attention`) against the
     batched one the engine uses, in this process on the same loaded model;
-  * the few-row linears on our thread pool (engine.cpu_linear_pool, the engine's default)
-    against oneDNN for every input, in this process on the same loaded model, alternated;
+  * the few-row linears on our thread pool computed from the GGUF file's quantized weights
+    (engine.cpu_quant_linear, the engine's default), from a float32 copy
+    (engine.cpu_linear_pool), and oneDNN for every input, in this process on the same loaded
+    model, alternated;
   * with `--baseline-tree DIR` (a checkout of an earlier commit, e.g. `git archive HEAD`), that
     tree's whole engine (its model, attention and matmuls), in a subprocess, alternating with
     this tree's, so both see the same machine.
@@ -28,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from engine import cpu_linear_pool, cpu_pool
+from engine import cpu_linear_pool, cpu_pool, cpu_quant_linear
 from engine.loader import load_model
 from engine.packed_linear import PackedLinear
 from engine.runner import ModelRunner, SeqStep
@@ -83,25 +85,34 @@ def measure(ns: argparse.Namespace, attention_fns: dict[str, object]) -> dict[st
     return rates
 
 
+LINEARS = ("oneDNN", "float32 pool", "quantized pool")
+
+
 def measure_linears(ns: argparse.Namespace) -> dict[str, float]:
-    """{"<pool|oneDNN> <streams>": tok/s}: each decode run with the linears' pool copies in
-    use, then set aside (oneDNN for every input), alternated, medians."""
+    """{"<LINEARS entry> <streams>": tok/s}: each decode run with the linears' quantized pool
+    copies, their float32 ones (from a second load of the model), then none (oneDNN for every
+    input), alternated, medians."""
     runner = ModelRunner(load_model("smollm2"), num_blocks=max(ns.streams) * (
         -(-(ns.context + ns.steps) // 16) + 2))
     linears = [m for m in runner.model.modules() if isinstance(m, PackedLinear)]
-    copies = [m.few_rows for m in linears]
+    copies = {"quantized pool": [m.few_rows for m in linears], "oneDNN": [None] * len(linears),
+              "float32 pool": [m.few_rows for m in load_model("smollm2", quantized=False)
+                               .model.modules() if isinstance(m, PackedLinear)]}
+    quantized = sum(isinstance(c, cpu_quant_linear.QuantWeight)
+                    for c in copies["quantized pool"])
+    print(f"{quantized} of {len(linears)} linears have quantized pool copies")
     runs: dict[str, list[float]] = {}
     try:
         decode_rate(runner, 1, 32, 4, seed=0)
         for streams in ns.streams:
             for rep in range(ns.reps):
-                for name in ("pool", "oneDNN"):
-                    for m, copy in zip(linears, copies, strict=True):
-                        m.few_rows = copy if name == "pool" else None
+                for name in LINEARS:
+                    for m, copy in zip(linears, copies[name], strict=True):
+                        m.few_rows = copy
                     runs.setdefault(f"{name} {streams}", []).append(
                         decode_rate(runner, streams, ns.context, ns.steps, seed=rep))
     finally:
-        for m, copy in zip(linears, copies, strict=True):
+        for m, copy in zip(linears, copies["quantized pool"], strict=True):
             m.few_rows = copy
     return {key: statistics.median(rates) for key, rates in runs.items()}
 
@@ -170,7 +181,7 @@ def main() -> int:
         rates = measure_linears(ns)
         print(f"\nfew-row linears (<= {cpu_linear_pool.MAX_ROWS} rows), this tree, same process, "
               f"alternated ({cpu_pool.threads()} pool threads)")
-        print_against("linears", ("oneDNN", "pool"), rates, ns.streams)
+        print_against("linears", LINEARS, rates, ns.streams)
     else:
         print(f"\nno linear pool: {cpu_linear_pool.unavailable_reason()}")
     return 0

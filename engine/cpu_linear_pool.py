@@ -194,9 +194,8 @@ def pack(weight: Tensor, bias: Tensor | None) -> PoolWeight:
     return PoolWeight(blocked, padded_bias, out)
 
 
-def linear(x: Tensor, weight: PoolWeight, then: PoolWeight | None = None) -> Tensor:
-    """x [rows, in] float32, contiguous -> x @ W^T + bias, [rows, out]. `then`: the weight the
-    step reads next, for the pool's idle helpers to read ahead while the caller runs Python."""
+def linear(x: Tensor, weight: PoolWeight) -> Tensor:
+    """x [rows, in] float32, contiguous -> x @ W^T + bias, [rows, out]."""
     lib = _kernel.lib
     assert lib is not None, "call available() first"
     assert x.dtype == torch.float32 and x.is_contiguous() and x.dim() == 2
@@ -206,6 +205,4 @@ def linear(x: Tensor, weight: PoolWeight, then: PoolWeight | None = None) -> Ten
     lib.pantry_linear(x.data_ptr(), weight.blocked.data_ptr(),
                        None if bias is None else bias.data_ptr(), y.data_ptr(), x.shape[0],
                        x.shape[1], weight.out_features)
-    if then is not None:
-        cpu_pool.prefetch(then.blocked)
     return y

@@ -8,12 +8,14 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf import GGUFReader
+import xxhash
+from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize
 
 from engine.config import ModelConfig
@@ -41,6 +43,56 @@ _GLOBAL_NAMES = {
 _BLOCK = re.compile(r"^blk\.(\d+)\.(.+)$")
 # llama.cpp permutes Q/K rows only for these architectures (its RoPE is interleaved-pair style).
 _PERMUTED_ARCHS = ("llama", "mistral")
+
+# The quantizations engine.cpu_quant_linear computes from: 32 weights a block.
+GROUP = 32
+Q4_1, Q8_0 = 1, 2
+_FORMATS = {GGMLQuantizationType.Q4_1: Q4_1, GGMLQuantizationType.Q8_0: Q8_0}
+
+
+@dataclass(frozen=True)
+class QuantRows:
+    """Rows of a weight as the file stores them: `blocks` [rows, groups, block bytes], each
+    block 32 weights in format `fmt` (Q4_1 or Q8_0)."""
+
+    fmt: int
+    blocks: np.ndarray
+
+
+class RowIndex:
+    """Every row of the file's Q4_1 and Q8_0 tensors, found by its float32 weights: a loaded
+    weight's rows are looked up by value, so Q/K unpermuting and fused projections need no
+    bookkeeping of where each row came from."""
+
+    def __init__(self) -> None:
+        self._rows: dict[bytes, tuple[int, np.ndarray]] = {}
+
+    def add(self, raw: np.ndarray, qtype: GGMLQuantizationType, values: np.ndarray) -> None:
+        """A tensor's stored rows (`raw`, [rows, bytes]) and their dequantization; skipped unless
+        it is Q4_1 or Q8_0."""
+        fmt = _FORMATS.get(qtype)
+        if fmt is None:
+            return
+        values = values.reshape(raw.shape[0], -1)
+        blocks = raw.reshape(raw.shape[0], values.shape[1] // GROUP, -1)
+        for i in range(raw.shape[0]):
+            self._rows[xxhash.xxh3_128_digest(values[i])] = (fmt, blocks[i])
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def rows_of(self, weight: np.ndarray) -> QuantRows | None:
+        """`weight`'s rows as stored ([out, in] float32), or None unless every row is a stored
+        row of one format. A row is found by the 128-bit digest of its float32 bytes, so what
+        is returned dequantizes to exactly `weight`."""
+        weight = np.ascontiguousarray(weight, dtype=np.float32)
+        found = [self._rows.get(xxhash.xxh3_128_digest(row)) for row in weight]
+        if not found or any(f is None for f in found):
+            return None
+        fmts = {f[0] for f in found if f is not None}
+        if len(fmts) != 1:
+            return None
+        return QuantRows(fmts.pop(), np.stack([f[1] for f in found if f is not None]))
 
 
 class GGUFFile:
@@ -111,14 +163,18 @@ class GGUFFile:
             eos_token_ids=() if eos is None else (int(eos),),
         )
 
-    def tensors(self, config: ModelConfig) -> Iterator[tuple[str, np.ndarray]]:
-        """(hf_name, C-contiguous float32 array) for every tensor, Q/K rows back in HF order."""
+    def tensors(self, config: ModelConfig, rows: RowIndex | None = None
+                ) -> Iterator[tuple[str, np.ndarray]]:
+        """(hf_name, C-contiguous float32 array) for every tensor, Q/K rows back in HF order.
+        `rows`: each quantized tensor's stored rows are added to it as they are read."""
         permute = self.architecture in _PERMUTED_ARCHS
         for t in self.reader.tensors:
             name = _hf_name(t.name)
             if name is None:
                 raise UnsupportedModel(f"unexpected GGUF tensor {t.name!r}")
             array = dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
+            if rows is not None:
+                rows.add(np.asarray(t.data), t.tensor_type, array)
             # GGML lists dims fastest-first; torch wants them slowest-first.
             array = array.reshape(tuple(int(d) for d in reversed(t.shape)))
             if permute and ".q_proj." in name:

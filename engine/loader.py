@@ -10,10 +10,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from engine import cpu_quant_linear
 from engine.config import ModelConfig
 from engine.digest import weights_digest
 from engine.errors import InvalidModelConfig, ModelNotFound
-from engine.gguf_file import GGUFFile
+from engine.gguf_file import GGUFFile, RowIndex
 from engine.model import CausalLM
 from engine.model_files import (
     hf_config,
@@ -39,17 +40,22 @@ class LoadedModel:
 
 def load_model(
     spec: str | Path, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
-    few_rows: bool = True,
+    few_rows: bool = True, quantized: bool = True,
 ) -> LoadedModel:
     """`few_rows`: on CPU, keep each linear's copy for decode-sized inputs
-    (engine.packed_linear); an engine that computes only prompts does without it."""
+    (engine.packed_linear); an engine that computes only prompts does without it.
+    `quantized`: for a GGUF file, that copy is the file's quantized rows where the weight is
+    stored so and the kernel is available (engine.cpu_quant_linear), not float32."""
     path = resolve_model_path(spec)
     if is_gguf(path):
         gguf = GGUFFile.open(path)
         config = gguf.model_config()
-        arrays = gguf.tensors(config)
+        # Only where the quantized kernel would compute from them (engine.cpu_quant_linear).
+        rows = (RowIndex() if quantized and few_rows and device == "cpu"
+                and dtype == torch.float32 and cpu_quant_linear.available() else None)
+        arrays = gguf.tensors(config, rows)
         model = _build(config, ((n, torch.from_numpy(a)) for n, a in arrays), dtype, device,
-                       few_rows)
+                       few_rows, rows)
         files = [path]
     else:
         config = hf_config(path)
@@ -88,7 +94,10 @@ def _build(
     dtype: torch.dtype,
     device: str,
     few_rows: bool = True,
+    rows: RowIndex | None = None,
 ) -> CausalLM:
+    """`rows`: the quantized rows of the file the tensors came from (filled as `tensors` is
+    read); decode-sized inputs compute from them where a weight is stored so."""
     # Built on the meta device so no time is spent on random init that is overwritten anyway.
     with torch.device("meta"):
         model = CausalLM(config)
@@ -113,6 +122,6 @@ def _build(
     model.model.rotary_emb.inv_freq = inverse_frequencies(config).to(device)
     model.fuse_projections()
     if can_pack(model):
-        pack_linears(model, few_rows=few_rows)
+        pack_linears(model, few_rows=few_rows, rows=rows)
         read_ahead_in_order(model.linears_in_step_order())
     return model.eval()

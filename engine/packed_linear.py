@@ -36,7 +36,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from engine import cpu_linear_pool
+from engine import cpu_linear_pool, cpu_pool, cpu_quant_linear
+from engine.gguf_file import RowIndex
+
+FewRows = cpu_linear_pool.PoolWeight | cpu_quant_linear.QuantWeight
 
 
 class PackedLinear(nn.Module):
@@ -47,23 +50,33 @@ class PackedLinear(nn.Module):
     lowers a CPU linear to): converting them to and from oneDNN tensors around each call
     (`mkldnn_linear`) cost ~40 us a matmul, ~5 ms of a ~55 ms SmolLM2 decode step."""
 
-    def __init__(self, linear: nn.Linear, *, few_rows: bool = True) -> None:
+    def __init__(self, linear: nn.Linear, *, few_rows: bool = True,
+                 rows: RowIndex | None = None) -> None:
         super().__init__()
         weight = linear.weight.detach()
         self.out_features = weight.shape[0]
         self.weight_packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous())
         bias = linear.bias
         self.bias = None if bias is None else bias.detach().contiguous()
-        self.few_rows: cpu_linear_pool.PoolWeight | None = None
+        self.few_rows: FewRows | None = None
         if few_rows and cpu_linear_pool.available():
-            self.few_rows = cpu_linear_pool.pack(weight, self.bias)
-        self.then: cpu_linear_pool.PoolWeight | None = None  # see `read_ahead_in_order`
+            stored = (rows.rows_of(weight.numpy()) if rows is not None
+                      and cpu_quant_linear.available() else None)
+            self.few_rows = (cpu_linear_pool.pack(weight, self.bias) if stored is None
+                             else cpu_quant_linear.pack(stored, self.bias))
+        self.then: Tensor | None = None  # see `read_ahead_in_order`
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() == 2 and x.is_contiguous():
             if (self.few_rows is not None and x.shape[0] <= cpu_linear_pool.MAX_ROWS
                     and x.dtype == torch.float32):
-                return cpu_linear_pool.linear(x, self.few_rows, self.then)
+                if isinstance(self.few_rows, cpu_quant_linear.QuantWeight):
+                    y = cpu_quant_linear.linear(x, self.few_rows)
+                else:
+                    y = cpu_linear_pool.linear(x, self.few_rows)
+                if self.then is not None:
+                    cpu_pool.prefetch(self.then)
+                return y
             # The engine's case ([tokens, features]): no reshape around the call, three fewer
             # dispatches a matmul, 121 matmuls a step.
             return torch.ops.mkldnn._linear_pointwise(  # type: ignore[no-any-return]
@@ -81,16 +94,18 @@ def can_pack(module: nn.Module) -> bool:
             and all(p.device.type == "cpu" and p.dtype == torch.float32 for p in params))
 
 
-def pack_linears(module: nn.Module, *, few_rows: bool = True) -> int:
+def pack_linears(module: nn.Module, *, few_rows: bool = True,
+                 rows: RowIndex | None = None) -> int:
     """Replaces every nn.Linear below `module` by a PackedLinear; returns how many. A weight an
     nn.Linear shares with another module (tied embeddings) is copied, the original kept.
     `few_rows`: keep each weight's pool copy for decode-sized inputs, where the pool is
-    available."""
+    available; `rows`: a GGUF file's quantized rows, for weights the pool may then compute
+    from (engine.cpu_quant_linear) instead of a float32 copy."""
     count = 0
     for parent in module.modules():
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):
-                setattr(parent, name, PackedLinear(child, few_rows=few_rows))
+                setattr(parent, name, PackedLinear(child, few_rows=few_rows, rows=rows))
                 count += 1
     return count
 
@@ -113,5 +128,6 @@ def read_ahead_in_order(linears: Sequence[nn.Module]) -> int:
     if os.environ.get("PANTRY_CPU_READ_AHEAD", "0") != "1" or len(packed) != len(linears):
         return 0
     for current, following in zip(packed, packed[1:] + packed[:1], strict=True):
-        current.then = following.few_rows
+        assert following.few_rows is not None
+        current.then = following.few_rows.blocked
     return len(packed)
