@@ -38,13 +38,11 @@ from engine.kernel_build import KernelLibrary, compile_library
 # rows and about even from 64.
 MAX_ROWS = 32
 
-_SOURCE = r"""
-#include <stdint.h>
-#include <string.h>
-""" + cpu_pool.C_POOL_TYPES + r"""
-/* A block of output features is NV vectors of VW floats; with MR input rows at a time, the
-   accumulators (MR * NV), the block's weight vectors (NV) and a broadcast fit in the
-   registers: 32 with AVX-512, 16 with AVX2. */
+# The float32 register tile, shared with engine.cpu_quant_linear (which computes the same sums
+# from weights it rebuilds). A block of output features is NV vectors of VW floats; with MR
+# input rows at a time, the accumulators (MR * NV), the block's weight vectors (NV) and a
+# broadcast fit in the registers: 32 with AVX-512, 16 with AVX2.
+FLOAT_TILE = r"""
 #if defined(__AVX512F__)
 #define VW 16
 #define NV 4
@@ -62,25 +60,39 @@ INLINE vf ld(const float *p) { return *(const vfu *)p; }
 INLINE void st(float *p, vf v) { *(vfu *)p = v; }
 INLINE vf splat(float x) { return (vf){0} + x; }
 
-/* x [rows, in]; w [blocks, in, BW], features past `out` zero; bias NULL or [blocks * BW];
-   y [rows, out]. */
-typedef struct {
-    const float *x, *w, *bias;
-    float *y;
-    int64_t rows, in, out;
-} job_t;
-
-/* Rows [r, r + nr) of block blk; nr is a constant where inlined, so the loops unroll and the
-   accumulators stay in registers. */
-INLINE void tile(const job_t *j, int64_t blk, int64_t r, const int nr)
+/* Every accumulator starts at the block's bias (b: NULL or BW floats). */
+INLINE void start_tile(vf acc[MR][NV], const float *b, const int nr)
 {
-    const int64_t in = j->in;
-    const float *w = j->w + blk * in * BW, *x = j->x + r * in;
-    vf acc[MR][NV];
     for (int v = 0; v < NV; v++) {
-        const vf b = j->bias ? ld(j->bias + blk * BW + v * VW) : splat(0.f);
-        for (int a = 0; a < nr; a++) acc[a][v] = b;
+        const vf bv = b ? ld(b + v * VW) : splat(0.f);
+        for (int a = 0; a < nr; a++) acc[a][v] = bv;
     }
+}
+
+/* nr rows of accumulators -> y (rows `out` apart), features f.. of the `out` there are. */
+INLINE void store_tile(vf acc[MR][NV], float *y, int64_t out, int64_t f, const int nr)
+{
+    const int64_t valid = out - f < BW ? out - f : BW;
+    for (int a = 0; a < nr; a++) {
+        float *ya = y + a * out + f;
+        if (valid == BW) {
+            for (int v = 0; v < NV; v++) st(ya + v * VW, acc[a][v]);
+        } else {
+            float tmp[BW];
+            for (int v = 0; v < NV; v++) st(tmp + v * VW, acc[a][v]);
+            memcpy(ya, tmp, sizeof(float) * valid);
+        }
+    }
+}
+
+/* nr rows of x (rows `in` apart) times one block's weight w [in][BW] (+ b) -> y, features f..;
+   nr is a constant where inlined, so the loops unroll and the accumulators stay in
+   registers. Each output is one sum in input order. */
+INLINE void float_tile(const float *x, const float *w, const float *b, float *y, int64_t in,
+                       int64_t out, int64_t f, const int nr)
+{
+    vf acc[MR][NV];
+    start_tile(acc, b, nr);
     for (int64_t k = 0; k < in; k++) {
         vf wv[NV];
         for (int v = 0; v < NV; v++) wv[v] = ld(w + k * BW + v * VW);
@@ -89,34 +101,45 @@ INLINE void tile(const job_t *j, int64_t blk, int64_t r, const int nr)
             for (int v = 0; v < NV; v++) acc[a][v] += wv[v] * xa;
         }
     }
-    const int64_t f = blk * BW, valid = j->out - f < BW ? j->out - f : BW;
-    for (int a = 0; a < nr; a++) {
-        float *y = j->y + (r + a) * j->out + f;
-        if (valid == BW) {
-            for (int v = 0; v < NV; v++) st(y + v * VW, acc[a][v]);
-        } else {
-            float tmp[BW];
-            for (int v = 0; v < NV; v++) st(tmp + v * VW, acc[a][v]);
-            memcpy(y, tmp, sizeof(float) * valid);
-        }
-    }
+    store_tile(acc, y, out, f, nr);
 }
+
+/* TILE(r, nr) over `rows` rows in groups of at most MR, nr a constant in each call. */
+#define EACH_ROW_TILE(rows, TILE)                                   \
+    for (int64_t r_ = 0; r_ < (rows);) {                            \
+        switch ((rows) - r_) {                                      \
+        case 1: TILE(r_, 1); r_ += 1; break;                        \
+        case 2: TILE(r_, 2); r_ += 2; break;                        \
+        case 3: TILE(r_, 3); r_ += 3; break;                        \
+        case 4: TILE(r_, 4); r_ += 4; break;                        \
+        case 5: TILE(r_, 5); r_ += 5; break;                        \
+        default: TILE(r_, MR); r_ += MR; break;                     \
+        }                                                           \
+    }
+"""
+
+_SOURCE = r"""
+#include <stdint.h>
+#include <string.h>
+""" + cpu_pool.C_POOL_TYPES + FLOAT_TILE + r"""
+/* x [rows, in]; w [blocks, in, BW], features past `out` zero; bias NULL or [blocks * BW];
+   y [rows, out]. */
+typedef struct {
+    const float *x, *w, *bias;
+    float *y;
+    int64_t rows, in, out;
+} job_t;
 
 /* Every row of block blk: the block's weight (in * BW floats) comes from memory once and
    from cache for the later row groups. */
 static void run_block(const void *ctx, int64_t blk)
 {
     const job_t *j = ctx;
-    for (int64_t r = 0; r < j->rows;) {
-        switch (j->rows - r) {
-        case 1: tile(j, blk, r, 1); r += 1; break;
-        case 2: tile(j, blk, r, 2); r += 2; break;
-        case 3: tile(j, blk, r, 3); r += 3; break;
-        case 4: tile(j, blk, r, 4); r += 4; break;
-        case 5: tile(j, blk, r, 5); r += 5; break;
-        default: tile(j, blk, r, MR); r += MR; break;
-        }
-    }
+    const float *w = j->w + blk * j->in * BW, *b = j->bias ? j->bias + blk * BW : NULL;
+#define TILE(r, nr) float_tile(j->x + (r) * j->in, w, b, j->y + (r) * j->out, j->in, j->out, \
+                               blk * BW, nr)
+    EACH_ROW_TILE(j->rows, TILE)
+#undef TILE
 }
 
 static pantry_run_fn run = NULL;

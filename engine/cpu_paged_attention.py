@@ -340,26 +340,13 @@ void pantry_paged_decode_set_pool(pantry_run_fn fn, pantry_run_fn far)
     run_far = far;
 }
 
-/* Each thread's scores, kept from job to job (a helper's stack is small), freed when the
-   thread exits: the pool's helpers are joined and started again at every CPU switch. */
-static pthread_key_t scores_key;
-static pthread_once_t scores_once = PTHREAD_ONCE_INIT;
-static __thread float *scores = NULL;
-static __thread int64_t capacity = 0;
-static void make_key(void) { pthread_key_create(&scores_key, free); }
+/* Each thread's scores live in its scratch (a helper's stack is small). */
+""" + cpu_pool.C_THREAD_SCRATCH + r"""
 
 static void span_block(const void *ctx, int64_t it)
 {
     const job_t *j = ctx;
-    const int64_t need = j->a->heads * SPAN;
-    if (need > capacity) {
-        pthread_once(&scores_once, make_key);
-        free(scores);
-        scores = (float *)malloc(sizeof(float) * need);
-        capacity = need;
-        pthread_setspecific(scores_key, scores);
-    }
-    attend(j->a, j->item_b[it], j->item_s[it], j->item_e[it], scores,
+    attend(j->a, j->item_b[it], j->item_s[it], j->item_e[it], scratch_for(j->a->heads * SPAN),
            j->parts + it * j->a->heads * (j->dim + 2), j->dim, j->group);
 }
 

@@ -49,6 +49,7 @@ import torch
 from torch import Tensor
 
 from engine.cpu_pool_source import C_POOL_TYPES as C_POOL_TYPES  # for kernel libraries' C
+from engine.cpu_pool_source import C_THREAD_SCRATCH as C_THREAD_SCRATCH
 from engine.cpu_pool_source import SOURCE
 from engine.kernel_build import KernelLibrary, compile_library
 

@@ -9,6 +9,30 @@ typedef void (*pantry_block_fn)(const void *ctx, int64_t blk);
 typedef void (*pantry_run_fn)(pantry_block_fn fn, const void *ctx, int64_t blocks);
 """
 
+# For kernel libraries whose blocks need more memory than a helper's stack: each thread's
+# scratch, kept from job to job, 64-byte aligned, freed when the thread exits (the pool's
+# helpers are joined and started again at every CPU switch). Needs <pthread.h>, <stdlib.h>.
+C_THREAD_SCRATCH = r"""
+static pthread_key_t scratch_key;
+static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
+static __thread float *scratch;
+static __thread int64_t scratch_floats;
+static void make_scratch_key(void) { pthread_key_create(&scratch_key, free); }
+
+/* This thread's scratch of at least `floats`; NULL if memory ran out. */
+static float *scratch_for(int64_t floats)
+{
+    if (floats > scratch_floats) {
+        pthread_once(&scratch_once, make_scratch_key);
+        free(scratch);
+        scratch = aligned_alloc(64, (size_t)((floats * 4 + 63) / 64 * 64));
+        scratch_floats = scratch ? floats : 0;
+        pthread_setspecific(scratch_key, scratch);
+    }
+    return scratch;
+}
+"""
+
 SOURCE = r"""
 #define _GNU_SOURCE
 #include <linux/futex.h>

@@ -107,25 +107,7 @@ typedef struct {
     const int64_t *items;             /* [n, 3]: sequence, KV head, first query */
 } args_t;
 
-/* Scratch of the thread running an item, grown on demand, freed when the thread exits. */
-static pthread_key_t scratch_key;
-static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
-static __thread float *scratch;
-static __thread int64_t scratch_floats;
-static void make_key(void) { pthread_key_create(&scratch_key, free); }
-
-static float *scratch_for(int64_t floats)
-{
-    if (floats > scratch_floats) {
-        pthread_once(&scratch_once, make_key);
-        free(scratch);
-        scratch = aligned_alloc(64, (size_t)((floats * 4 + 63) / 64 * 64));
-        scratch_floats = scratch ? floats : 0;
-        pthread_setspecific(scratch_key, scratch);
-    }
-    return scratch;
-}
-
+""" + cpu_pool.C_THREAD_SCRATCH + r"""
 /* Scores of `ng` query vectors (qt [ng][dim][VW]) for nk keys (rows kp, nk a multiple of J)
    -> s [ng][KB][VW]. */
 INLINE void scores(const float *qt, const float *const *kp, float *s, int64_t dim, int nk,

@@ -34,33 +34,19 @@ from engine.gguf_file import GROUP, Q4_1, Q8_0, QuantRows
 from engine.kernel_build import KernelLibrary, compile_library
 
 _SOURCE = r"""
+#include <pthread.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
-""" + cpu_pool.C_POOL_TYPES + r"""
-/* The same register blocking as the float32 kernel (engine/cpu_linear_pool.py). */
-#if defined(__AVX512F__)
-#define VW 16
-#define NV 4
-#else
-#define VW 8
-#define NV 2
-#endif
-#define BW (NV * VW)
-#define MR 6
+""" + cpu_pool.C_POOL_TYPES + cpu_linear_pool.FLOAT_TILE + cpu_pool.C_THREAD_SCRATCH + r"""
 #define GROUP 32
 #define Q4_1 1
 #define Q8_0 2
-typedef float vf __attribute__((vector_size(VW * 4)));
-typedef float vfu __attribute__((vector_size(VW * 4), aligned(4)));
 typedef int32_t vi __attribute__((vector_size(VW * 4)));
-#define INLINE static inline __attribute__((always_inline))
 
-INLINE vf ld(const float *p) { return *(const vfu *)p; }
-INLINE void st(float *p, vf v) { *(vfu *)p = v; }
-INLINE vf splat(float x) { return (vf){0} + x; }
 /* A value the compiler may not fuse into the next operation (-ffast-math would contract
    d * q + m into one FMA, or reassociate the weight into the accumulation): each weight is
    rounded exactly as gguf's numpy dequantization rounds it. */
@@ -110,10 +96,57 @@ INLINE void weights(const int fmt, const uint8_t *codes, const vf *d, const vf *
             w[h + NV / 2] = opaque(opaque(d[h + NV / 2] * hi) + m[h + NV / 2]);
         }
     } else {
-        for (int v = 0; v < NV; v++) {
+        for (int v = 0; v < NV; v++)
             w[v] = opaque(__builtin_convertvector(widen_s8(codes + v * VW), vf) * d[v]);
-        }
     }
+}
+
+/* Group g of a block's codes q: its scales (minimums) and where its codes start. */
+INLINE const uint8_t *group(const uint8_t *q, int64_t g, vf *d, vf *m, const int fmt)
+{
+    const uint8_t *grp = q + g * (head_bytes(fmt) + GROUP * code_bytes(fmt));
+    const float *scales = (const float *)grp;
+    for (int v = 0; v < NV; v++) {
+        d[v] = ld(scales + v * VW);
+        m[v] = fmt == Q4_1 ? ld(scales + BW + v * VW) : splat(0.f);
+    }
+    return grp + head_bytes(fmt);
+}
+
+/* BODY for every input k of a block's codes q, with wv[NV] its BW weights rebuilt. */
+#define EACH_INPUT(q, in, fmt, BODY)                                            \
+    for (int64_t g_ = 0; g_ < (in) / GROUP; g_++) {                             \
+        vf d_[NV], m_[NV];                                                      \
+        const uint8_t *codes_ = group(q, g_, d_, m_, fmt);                      \
+        for (int kk_ = 0; kk_ < GROUP; kk_++) {                                 \
+            vf wv[NV];                                                          \
+            weights(fmt, codes_ + kk_ * code_bytes(fmt), d_, m_, wv);           \
+            const int64_t k = g_ * GROUP + kk_;                                 \
+            BODY                                                                \
+        }                                                                       \
+    }
+
+/* float_tile's sums, each weight rebuilt from the codes as it is needed. */
+INLINE void quant_tile(const float *x, const uint8_t *q, const float *b, float *y, int64_t in,
+                       int64_t out, int64_t f, const int nr, const int fmt)
+{
+    vf acc[MR][NV];
+    start_tile(acc, b, nr);
+    EACH_INPUT(q, in, fmt, {
+        for (int a = 0; a < nr; a++) {
+            const vf xa = splat(x[a * in + k]);
+            for (int v = 0; v < NV; v++) acc[a][v] += wv[v] * xa;
+        }
+    })
+    store_tile(acc, y, out, f, nr);
+}
+
+/* A block's weights rebuilt into w [in][BW], float_tile's layout. */
+INLINE void rebuild(const uint8_t *q, float *w, int64_t in, const int fmt)
+{
+    EACH_INPUT(q, in, fmt, {
+        for (int v = 0; v < NV; v++) st(w + k * BW + v * VW, wv[v]);
+    })
 }
 
 /* x [rows, in]; w: the blocks (module docstring), `block_bytes` each; bias NULL or
@@ -125,61 +158,25 @@ typedef struct {
     int64_t rows, in, out, block_bytes;
 } job_t;
 
-INLINE void tile(const job_t *j, int64_t blk, int64_t r, const int nr, const int fmt)
-{
-    const int64_t in = j->in;
-    const int cb = code_bytes(fmt), hb = head_bytes(fmt);
-    const uint8_t *w = j->w + blk * j->block_bytes;
-    const float *x = j->x + r * in;
-    vf acc[MR][NV];
-    for (int v = 0; v < NV; v++) {
-        const vf b = j->bias ? ld(j->bias + blk * BW + v * VW) : splat(0.f);
-        for (int a = 0; a < nr; a++) acc[a][v] = b;
-    }
-    for (int64_t g = 0; g < in / GROUP; g++) {
-        const uint8_t *grp = w + g * (hb + GROUP * cb);
-        const float *scales = (const float *)grp;
-        vf d[NV], m[NV];
-        for (int v = 0; v < NV; v++) {
-            d[v] = ld(scales + v * VW);
-            m[v] = fmt == Q4_1 ? ld(scales + BW + v * VW) : splat(0.f);
-        }
-        const uint8_t *codes = grp + hb;
-        for (int kk = 0; kk < GROUP; kk++) {
-            vf wv[NV];
-            weights(fmt, codes + kk * cb, d, m, wv);
-            const int64_t k = g * GROUP + kk;
-            for (int a = 0; a < nr; a++) {
-                const vf xa = splat(x[a * in + k]);
-                for (int v = 0; v < NV; v++) acc[a][v] += wv[v] * xa;
-            }
-        }
-    }
-    const int64_t f = blk * BW, valid = j->out - f < BW ? j->out - f : BW;
-    for (int a = 0; a < nr; a++) {
-        float *y = j->y + (r + a) * j->out + f;
-        if (valid == BW) {
-            for (int v = 0; v < NV; v++) st(y + v * VW, acc[a][v]);
-        } else {
-            float tmp[BW];
-            for (int v = 0; v < NV; v++) st(tmp + v * VW, acc[a][v]);
-            memcpy(y, tmp, sizeof(float) * valid);
-        }
-    }
-}
-
 INLINE void rows_of(const job_t *j, int64_t blk, const int fmt)
 {
-    for (int64_t r = 0; r < j->rows;) {
-        switch (j->rows - r) {
-        case 1: tile(j, blk, r, 1, fmt); r += 1; break;
-        case 2: tile(j, blk, r, 2, fmt); r += 2; break;
-        case 3: tile(j, blk, r, 3, fmt); r += 3; break;
-        case 4: tile(j, blk, r, 4, fmt); r += 4; break;
-        case 5: tile(j, blk, r, 5, fmt); r += 5; break;
-        default: tile(j, blk, r, MR, fmt); r += MR; break;
-        }
+    const uint8_t *q = j->w + blk * j->block_bytes;
+    const float *b = j->bias ? j->bias + blk * BW : NULL;
+    float *w;
+    if (j->rows > MR && (w = scratch_for(j->in * BW)) != NULL) {
+        /* More rows than one tile: each weight rebuilt once into this thread's scratch, which
+           every row group then reads from cache. */
+        rebuild(q, w, j->in, fmt);
+#define TILE(r, nr) float_tile(j->x + (r) * j->in, w, b, j->y + (r) * j->out, j->in, j->out, \
+                               blk * BW, nr)
+        EACH_ROW_TILE(j->rows, TILE)
+#undef TILE
+        return;
     }
+#define TILE(r, nr) quant_tile(j->x + (r) * j->in, q, b, j->y + (r) * j->out, j->in, j->out, \
+                               blk * BW, nr, fmt)
+    EACH_ROW_TILE(j->rows, TILE)
+#undef TILE
 }
 
 static void block_q4_1(const void *ctx, int64_t blk) { rows_of(ctx, blk, Q4_1); }
