@@ -8,6 +8,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from engine import cpu_quant_linear
+from engine.cpu_quant_linear import QuantWeight
+from engine.gguf_file import Q4_1, Q8_0
 from engine.loader import LoadedModel, load_model
 from engine.model_files import load_model_config, load_tokenizer
 from engine.packed_linear import PackedLinear
@@ -166,3 +169,30 @@ def test_incremental_detokenizer_streams_exact_text(ours: LoadedModel) -> None:
     assert not any("\ufffd" in p for p in pieces)
     # Multi-byte characters span several byte-level tokens, so some pushes must yield nothing.
     assert "" in pieces
+
+
+@pytest.mark.skipif(not cpu_quant_linear.available(), reason="no C compiler or the pool is off")
+def test_decode_linears_compute_from_the_files_quantized_weights(ours: LoadedModel) -> None:
+    """Every linear's decode copy is the file's codes (Q4_1, the tied LM head Q8_0), and decode
+    steps give bit-identical logits to the float32 copies'."""
+    linears = ours.model.linears_in_step_order()
+    copies = [m.few_rows for m in linears if isinstance(m, PackedLinear)]
+    assert len(copies) == len(linears) == 121
+    assert all(isinstance(c, QuantWeight) for c in copies)
+    assert [c.fmt for c in copies if isinstance(c, QuantWeight)] == [Q4_1] * 120 + [Q8_0]
+
+    def decode(loaded: LoadedModel) -> list[torch.Tensor]:
+        runner = ModelRunner(loaded, num_blocks=32)
+        tables = [tuple(runner.allocator.allocate(4)) for _ in range(8)]
+        prompts = [[100 + 7 * i + j for j in range(5 + i)] for i in range(8)]
+        runner.step([SeqStep(tuple(p), 0, t) for p, t in zip(prompts, tables, strict=True)])
+        out = []
+        for n in (1, 4, 8):  # one tile, a partial one, and more rows than a tile
+            out.append(runner.step([SeqStep((7,), len(p), t) for p, t in
+                                    zip(prompts[:n], tables[:n], strict=True)]))
+        return out
+
+    plain = load_model("smollm2", quantized=False)
+    assert not any(isinstance(m.few_rows, QuantWeight)
+                   for m in plain.model.linears_in_step_order() if isinstance(m, PackedLinear))
+    assert all(torch.equal(a, b) for a, b in zip(decode(ours), decode(plain), strict=True))
