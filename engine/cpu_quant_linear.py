@@ -6,10 +6,12 @@ SmolLM2, and the step waits on memory, not on arithmetic. A GGUF model's weights
 to begin with: Q4_1 stores 32 weights as 4-bit codes with a float16 scale and minimum
 (w = d * q + m), Q8_0 as int8 codes with a scale (w = q * d). Every float32 weight the engine
 computes with is exactly such a value (engine.gguf_file dequantizes with gguf's own code), so
-this kernel reads the codes (5 and 8.5 bits a weight against 32) and rebuilds each weight in
+this kernel reads the codes (blocked with float32 scales: 6 and 9 bits a weight against 32;
+the file's own are 5 and 8.5) and rebuilds each weight in
 registers with the same float32 operations, in the same order and unfused, before the same
 accumulation as engine.cpu_linear_pool: its outputs are bit-identical to that kernel's on the
-dequantized weight, and greedy output is unchanged.
+dequantized weight, and greedy output is unchanged. More rows than one tile (MR) rebuild a
+block's weights once into the thread's scratch and run the float32 tile over them.
 
 The layout (`pack`) follows engine.cpu_linear_pool's: blocks of BW output features, each a
 run of groups of 32 inputs; a group is the features' scales (and minimums) as float32, then

@@ -1,5 +1,6 @@
 """Linear layers with their weights handed to oneDNN once, at load time (CPU, float32), and
-few-row inputs (decode steps) on our own thread pool (engine.cpu_linear_pool).
+few-row inputs (decode steps) on our own thread pool (engine.cpu_linear_pool, or
+engine.cpu_quant_linear for a GGUF file's quantized weights).
 
 On this CPU torch's default float32 matmul (MKL) is slow for the few-row inputs of a decode step:
 measured over the 121 matmuls of one SmolLM2 step (bench/decode_throughput.py's model, 2 threads),
@@ -24,8 +25,11 @@ oneDNN. A whole SmolLM2 decode step (bench/decode_throughput.py --baseline-tree,
 before against this, alternated, PASSIVE): 2 threads, 1 stream 23.6 -> 35.0 tok/s, 8 streams
 158.8 -> 224.8; 1 thread, 1 stream 22.2 -> 32.1, 8 streams 120.1 -> 161.2. On one thread the
 pool (the caller alone) also beat the one-row weight copies this module kept before (MKL on a
-transposed wide weight, oneDNN on a plain narrow one), so its copy replaced them. Where the
-pool is unavailable (no compiler, PANTRY_CPU_LINEAR_POOL=0) every input goes through oneDNN.
+transposed wide weight, oneDNN on a plain narrow one), so its copy replaced them. For a GGUF
+model the copy is the file's quantized rows wherever a weight is stored so
+(engine.cpu_quant_linear): the same outputs, bit for bit, from about a sixth of the memory.
+Where the pool is unavailable (no compiler, PANTRY_CPU_LINEAR_POOL=0) every input goes through
+oneDNN.
 """
 
 from __future__ import annotations
