@@ -153,11 +153,7 @@ void pantry_linear(const float *x, const float *w, const float *bias, float *y, 
 {
     const int64_t n = (out + BW - 1) / BW;
     const job_t job = {x, w, bias, y, rows, in, out};
-    if (run == NULL) {
-        for (int64_t c = 0; c < n; c++) run_block(&job, c);
-        return;
-    }
-    run(run_block, &job, n);
+    pantry_run_blocks(run, run_block, &job, n);
 }
 """
 

@@ -379,11 +379,8 @@ void pantry_paged_decode(
         }
     }
     const job_t job = {&a, item_b, item_s, item_e, parts, dim, group};
-    if (run == NULL) {
-        for (int64_t it = 0; it < items; it++) span_block(&job, it);
-    } else {
-        (positions >= FAR_POSITIONS ? run_far : run)(span_block, &job, items);
-    }
+    pantry_run_blocks(positions >= FAR_POSITIONS && run_far ? run_far : run, span_block, &job,
+                      items);
     /* A sequence's spans merged by their max scores: the softmax over all its positions. */
     i = 0;
     for (int64_t b = 0; b < batch; b++) {

@@ -7,6 +7,17 @@ from __future__ import annotations
 C_POOL_TYPES = r"""
 typedef void (*pantry_block_fn)(const void *ctx, int64_t blk);
 typedef void (*pantry_run_fn)(pantry_block_fn fn, const void *ctx, int64_t blocks);
+
+/* fn over blocks [0, n) on the pool `run`, or on the caller alone before a pool is set. */
+static inline void pantry_run_blocks(pantry_run_fn run, pantry_block_fn fn, const void *ctx,
+                                     int64_t n)
+{
+    if (!run) {
+        for (int64_t b = 0; b < n; b++) fn(ctx, b);
+        return;
+    }
+    run(fn, ctx, n);
+}
 """
 
 # For kernel libraries whose blocks need more memory than a helper's stack: each thread's

@@ -195,12 +195,7 @@ void pantry_qlinear(int fmt, const float *x, const uint8_t *w, const float *bias
 {
     const int64_t n = (out + BW - 1) / BW;
     const job_t job = {x, bias, w, y, rows, in, out, block_bytes};
-    void (*fn)(const void *, int64_t) = fmt == Q4_1 ? block_q4_1 : block_q8_0;
-    if (run == NULL) {
-        for (int64_t c = 0; c < n; c++) fn(&job, c);
-        return;
-    }
-    run(fn, &job, n);
+    pantry_run_blocks(run, fmt == Q4_1 ? block_q4_1 : block_q8_0, &job, n);
 }
 """
 
