@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from engine import cpu_pool
-from engine.kernel_build import KernelLibrary, compile_library
+from pantry.common.c_library import KernelLibrary, compile_library
 
 # A block is at least this many elements of a row-major [rows, width] pass (~10-20 us here), so
 # the pool's handoff stays small beside it; fewer elements in all run on the caller alone.

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from engine import cpu_pool
-from engine.kernel_build import KernelLibrary, compile_library
+from pantry.common.c_library import KernelLibrary, compile_library
 
 # At most this many rows take the pool (decode batches); larger inputs (prefill chunks) stay on
 # oneDNN. Measured (module docstring of engine/packed_linear.py): the pool is faster up to 32

@@ -12,7 +12,7 @@ from memory once, while the next chunk's rows are asked for in the order they li
 head's q row or sums in registers; any other shape runs the two-pass form in scalar loops.
 The same role as the Triton kernel plays on CUDA.
 
-It is C compiled on first use with the machine's C compiler (engine.kernel_build) and loaded
+It is C compiled on first use with the machine's C compiler (pantry.common.c_library) and loaded
 with ctypes. Where no compiler works, `available()` is False and the engine keeps the torch
 path; `unavailable_reason()` says why.
 """
@@ -25,7 +25,8 @@ import torch
 from torch import Tensor
 
 from engine import cpu_pool
-from engine.kernel_build import C_EXP, KernelLibrary, compile_library
+from engine.c_exp import C_EXP
+from pantry.common.c_library import KernelLibrary, compile_library
 
 # Per span of up to SPAN positions of a sequence, per query head: the weighted sum of values,
 # the max score and the sum of the exps; a sequence's spans merged by their max scores. Spans

@@ -51,7 +51,7 @@ from torch import Tensor
 from engine.cpu_pool_source import C_POOL_TYPES as C_POOL_TYPES  # for kernel libraries' C
 from engine.cpu_pool_source import C_THREAD_SCRATCH as C_THREAD_SCRATCH
 from engine.cpu_pool_source import SOURCE
-from engine.kernel_build import KernelLibrary, compile_library
+from pantry.common.c_library import KernelLibrary, compile_library
 
 # How long an idle helper spins before it sleeps. A step's matmuls come tens of us apart;
 # measured 8 streams, 20 / 200 / 1000 us: the longer the window, the faster the matmuls but the

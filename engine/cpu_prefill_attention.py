@@ -30,7 +30,7 @@ peak; the softmax (5% the exps) and the transposes take the other ~13%. On an In
 2048 tokens.
 
 Shapes: any head size that is a multiple of 8, any number of query heads per KV head. The C
-is built on first use (engine.kernel_build) with the machine's vectors (16 lanes with AVX-512,
+is built on first use (pantry.common.c_library) with the machine's vectors (16 lanes with AVX-512,
 else 8: AVX2 or the compiler's scalar lowering). `available()` is False where no compiler
 works, with PANTRY_CPU_KERNELS=0 or PANTRY_CPU_PREFILL_ATTENTION=0; callers keep torch.
 """
@@ -43,7 +43,8 @@ import torch
 from torch import Tensor
 
 from engine import cpu_pool
-from engine.kernel_build import C_EXP, KernelLibrary, compile_library
+from engine.c_exp import C_EXP
+from pantry.common.c_library import KernelLibrary, compile_library
 
 _SOURCE = r"""
 #include <math.h>

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from engine import cpu_linear_pool, cpu_pool
 from engine.gguf_file import GROUP, Q4_1, Q8_0, QuantRows
-from engine.kernel_build import KernelLibrary, compile_library
+from pantry.common.c_library import KernelLibrary, compile_library
 
 _SOURCE = r"""
 #include <pthread.h>

@@ -13,8 +13,8 @@ from engine import cpu_paged_attention as kernel
 from engine import cpu_pool
 from engine.attention import reference_paged_attention
 from engine.attention_batch import AttentionBatch
-from engine.kernel_build import KernelLibrary
 from engine.kv_cache import PagedKVCache
+from pantry.common.c_library import KernelLibrary
 from tests.helpers.pool_threads import pool_size_restored
 
 pytestmark = pytest.mark.skipif(not kernel.available(),

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from engine import cpu_linear_pool, cpu_pool
-from engine.kernel_build import compile_library
+from pantry.common.c_library import compile_library
 from tests.helpers.pool_threads import pool_size_restored
 
 pytestmark = pytest.mark.skipif(not cpu_pool.available(),

@@ -1,7 +1,8 @@
-"""Building the engine's C kernels: compiled on first use with the machine's C compiler (`cc`,
-or $CC) into a cache directory ($PANTRY_KERNEL_CACHE, default ~/.cache/pantry/kernels), keyed
-by source, compiler flags and CPU, so a library built with -march=native is only loaded on the
-kind of CPU it was built for. The callers load the file with ctypes."""
+"""C sources built into shared libraries on first use, for the layers that have hot loops in
+C (the engine's kernels, the pool's hashed copies): compiled with the machine's C compiler
+(`cc`, or $CC) into a cache directory ($PANTRY_KERNEL_CACHE, default ~/.cache/pantry/kernels),
+keyed by source, compiler flags and CPU, so a library built with -march=native is only loaded on
+the kind of CPU it was built for. The callers load the file with ctypes."""
 
 from __future__ import annotations
 
@@ -56,42 +57,10 @@ def compile_library(name: str, source: str, flags: list[str]) -> Path:
     return lib
 
 
-# C the kernels share, pasted into their sources after they define `vf` / `vi` (float and int32
-# vectors of one width), `splat` and `INLINE`.
-C_EXP = r"""
-/* e^r for |r| <= ln2 / 2, within ~1 ulp: Cephes' polynomial. */
-INLINE vf exp_reduced(vf r)
-{
-    vf p = splat(1.9875691500e-4f);
-    p = p * r + splat(1.3981999507e-3f);
-    p = p * r + splat(8.3334519073e-3f);
-    p = p * r + splat(4.1665795894e-2f);
-    p = p * r + splat(1.6666665459e-1f);
-    p = p * r + splat(5.0000001201e-1f);
-    return p * (r * r) + r + splat(1.f);
-}
-
-/* e^x for x <= 0 (a score minus its maximum), exactly 0 below -87 (and for -inf, a masked
-   score): x = n ln2 + r, 2^n written into the exponent bits. libm's expf would be one call
-   per score. */
-INLINE vf exp_nonpositive_bits(vf x)
-{
-    const vf lo = splat(-87.f);
-    const vi under = x < lo;
-    x = (vf)(((vi)x & ~under) | ((vi)lo & under));
-    /* y - 0.5 <= 0, so truncating it rounds y to nearest. */
-    const vi n = __builtin_convertvector(x * splat(1.44269504088896341f) - splat(0.5f), vi);
-    const vf fn = __builtin_convertvector(n, vf);
-    const vf p = exp_reduced(x - fn * splat(0.693359375f) - fn * splat(-2.12194440e-4f));
-    return (vf)((vi)(p * (vf)((n + 127) << 23)) & ~under);
-}
-"""
-
-
 class KernelLibrary:
-    """One of the engine's C kernels: built and loaded on first use, once a process, or the
-    reason it is not (a switch set to 0, no compiler, a failed build), in which case its
-    callers keep their torch path."""
+    """One C library: built and loaded on first use, once a process, or the reason it is not
+    (a switch set to 0, no compiler, a failed build), in which case its callers keep their
+    Python (torch, numpy) path."""
 
     def __init__(self, what: str, fallback: str, build: Callable[[], ctypes.CDLL],
                  switches: tuple[str, ...] = ("PANTRY_CPU_KERNELS",)) -> None:
