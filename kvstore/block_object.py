@@ -130,15 +130,18 @@ def encode_parts(key: str, layout: BlockLayout,
 class PendingObject(Sequence[memoryview]):
     """An object whose payload is still to be hashed: its header is built now (key, layout and
     lengths checked, so a bad one fails before anything is sent) and the checksum written into
-    it by `compute_checksum`, which a writer runs in another thread while earlier objects are
-    on the wire (python-xxhash releases the GIL while it hashes). As write data it is its two
-    parts, header then payload; taking the header waits for the checksum, so no header leaves
-    without it. The payload is not copied; the caller must not change it until written."""
+    it once, by whoever claims the payload first: a writer's thread hashing ahead of the
+    transfers (`compute_checksum`; python-xxhash releases the GIL while it hashes), a transport
+    that hashes as it copies (`claim`, then `set_checksum`), or else whoever takes the header.
+    As write data it is its two parts, header then payload; taking the header waits for the
+    checksum, so no header leaves without it. The payload is not copied; the caller must not
+    change it until written."""
 
     def __init__(self, key: str, layout: BlockLayout,
                  payload: bytes | bytearray | memoryview) -> None:
         self.payload = memoryview(payload).cast("B")
         self._header = bytearray(_encode_header(key, layout, self.payload.nbytes, 0))
+        self._claimed = threading.Lock()  # taken, never released, by the one who hashes
         self._ready = threading.Event()
         self._failed: BaseException | None = None
 
@@ -147,24 +150,43 @@ class PendingObject(Sequence[memoryview]):
         """The encoded object's size, known before its checksum is."""
         return len(self._header) + self.payload.nbytes
 
+    @property
+    def header_bytes(self) -> int:
+        return len(self._header)
+
+    def claim(self) -> bool:
+        """True for the one caller that is to hash the payload; it must then `set_checksum`
+        or `fail`, or the header's takers wait for ever."""
+        return self._claimed.acquire(blocking=False)
+
+    def set_checksum(self, digest: int) -> None:
+        """The claimer's digest of the payload (as it was written)."""
+        _CHECKSUM.pack_into(self._header, _CHECKSUM_AT, digest)
+        self._ready.set()
+
+    def fail(self, exc: BaseException) -> None:
+        """The claimer could not hash: whoever takes the header gets `exc` raised."""
+        self._failed = exc
+        self._ready.set()
+
     def compute_checksum(self) -> None:
-        """Hash the payload into the header (once); a failure is raised to whoever takes it."""
+        """Hash the payload into the header, unless another has claimed it; a failure is
+        raised to whoever takes the header."""
+        if not self.claim():
+            return
         try:
-            _CHECKSUM.pack_into(self._header, _CHECKSUM_AT,
-                                xxhash.xxh3_64_intdigest(self.payload))
+            self.set_checksum(xxhash.xxh3_64_intdigest(self.payload))
         except BaseException as e:  # raised to the sender, in its thread
-            self._failed = e
-        finally:
-            self._ready.set()
+            self.fail(e)
 
     def give_up(self) -> None:
         """For an object that will not be hashed (its put ended first): taking its header
-        raises instead of waiting forever. Called by the thread that would hash it."""
-        if not self._ready.is_set():
-            self._failed = RuntimeError("the put ended before this object's checksum")
-            self._ready.set()
+        raises instead of waiting forever. One being hashed is left to finish."""
+        if self.claim():
+            self.fail(RuntimeError("the put ended before this object's checksum"))
 
     def header(self) -> memoryview:
+        self.compute_checksum()  # nobody has: this taker hashes it
         self._ready.wait()
         if self._failed is not None:
             raise self._failed
@@ -214,9 +236,11 @@ def check_object(data: bytes | memoryview, key: str | None,
 
 
 def check_parts(header: bytes | memoryview, payload: memoryview, key: str | None,
-                layout: BlockLayout | None = None) -> BlockObject | Rejection:
+                layout: BlockLayout | None = None, *,
+                digest: int | None = None) -> BlockObject | Rejection:
     """`check_object` for an object read as two parts: its header, and its payload where the
-    reader wanted it (a caller's buffer). The payload of what is returned is `payload`."""
+    reader wanted it (a caller's buffer). The payload of what is returned is `payload`.
+    `digest`: the payload's xxh3-64, where the copy that landed it computed it already."""
     view = memoryview(header).cast("B")
     if view.nbytes < _FIXED.size:
         return Rejection.FORMAT
@@ -244,7 +268,9 @@ def check_parts(header: bytes | memoryview, payload: memoryview, key: str | None
     if layout is not None and (fingerprint, dtype, shape) != (layout.fingerprint, layout.dtype,
                                                                layout.shape):
         return Rejection.LAYOUT
-    if xxhash.xxh3_64_intdigest(payload) != checksum:
+    if digest is None:
+        digest = xxhash.xxh3_64_intdigest(payload)
+    if digest != checksum:
         return Rejection.CHECKSUM
     return BlockObject(stored_key, fingerprint, dtype, shape, payload)
 

@@ -182,8 +182,9 @@ class Reader:
         objects: list[BlockObject | None] = [None] * n
         rejected: list[Rejection | None] = [None] * n
 
-        def check(i: int, head: memoryview) -> None:
-            got = check_parts(head, views[i], keys[i], layout or BlockLayout.raw(sizes[i]))
+        def check(i: int, head: memoryview, digest: int | None = None) -> None:
+            got = check_parts(head, views[i], keys[i], layout or BlockLayout.raw(sizes[i]),
+                              digest=digest)
             self._settle(i, keys[i], got, objects, rejected)
 
         def one_node(node: NodeInfo, idxs: list[int]) -> int:
@@ -199,12 +200,17 @@ class Reader:
                 checks.append(checker().submit(check, idxs[j], scratch[j]))
 
             overlap = moved >= OVERLAP_CHECK_BYTES
-            ok = self._transfer(node, lambda t: t.read_into(ops, landed if overlap else None))[0]
+            ok, digests = self._transfer(
+                node, lambda t: t.read_into(ops, landed if overlap else None))
             for f in checks:  # objects that landed whole stand even if the transfer then failed
                 f.result()
             if not ok:
                 return 0
-            if overlap:
+            if digests is not None:  # hashed as they were copied: the headers are left
+                assert len(digests) == len(idxs), "a hashing transport digests every op"
+                for i, head, digest in zip(idxs, scratch, digests, strict=True):
+                    check(i, head, digest)
+            elif overlap:
                 assert len(checks) == len(idxs), "a transport tells of every op it filled"
             else:
                 for i, head in zip(idxs, scratch, strict=True):

@@ -24,6 +24,7 @@ from kvstore.block_object import (
 from kvstore.config import ClientConfig
 from kvstore.errors import KVStoreError, ObjectTooLargeError
 from kvstore.limits import check_key
+from kvstore.metadata import NodeInfo
 from kvstore.reader import DropTransport, TransportFor, executor
 from kvstore.transports import TransportError, WriteData, parts_of
 from kvstore.wire import grant_from_proto, node_from_proto
@@ -32,8 +33,8 @@ from pantry.v1 import kvstore_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
-# Below this many payload bytes a put hashes in the calling thread, before any write: handing
-# the hashing to another thread would cost more than it overlaps.
+# Below this many payload bytes a put's objects are hashed as they are written, in the calling
+# thread: handing the hashing to another thread would cost more than it overlaps.
 HASH_BEHIND_BYTES = 1 << 20
 
 
@@ -90,9 +91,8 @@ class Writer:
         layouts = [layout or BlockLayout.raw(v.nbytes) for v in views]
         sizes = [header_size(k, lay) + v.nbytes
                  for k, lay, v in zip(keys, layouts, views, strict=True)]
-        # Small puts hash in this thread, before any write; larger ones in another thread,
-        # behind the writes, and are allocated in two parts: the first batch alone, so its
-        # bytes go out while the master allocates the rest.
+        # Larger puts are allocated in two parts: the first batch alone, so its bytes go out
+        # while the master allocates the rest.
         behind = len(items) > 1 and sum(v.nbytes for v in views) >= HASH_BEHIND_BYTES
         parts = _allocation_parts(sizes, self._config.batch_bytes if behind else 0)
         self._check_sizes(keys, sizes)  # before any part is allocated
@@ -116,12 +116,11 @@ class Writer:
             raise
         assert [o.nbytes for o in objects] == sizes, "header_size is the encoded header's length"
         stop = threading.Event()
-        if behind:
-            # Object i+1 is hashed while object i is on the wire: a transport takes an
-            # object's header, and waits for its checksum, only when the object goes out.
-            hashing = executor().submit(_checksums_in_order, objects, stop)
-        else:
-            _checksums_in_order(objects, stop)
+        # Each object is hashed once, by the first of: a transport that hashes as it copies
+        # (shm), a thread hashing ahead of the transfers (large puts: object i+1 is hashed
+        # while object i is on the wire), the transfer that takes its header.
+        hashing = (executor().submit(self._hash_ahead, objects, stop, starts[0]) if behind
+                   else None)
         written: list[_Written] = []
         done = 0  # parts written (or given up)
         try:
@@ -150,7 +149,7 @@ class Writer:
         finally:
             # No thread reads the caller's payloads once the put returns.
             stop.set()
-            if behind:
+            if hashing is not None:
                 hashing.result()
         # Every part sealed at once, once all are written: one master call on the put's way
         # out rather than one between its parts, where the stream would wait for it.
@@ -158,6 +157,23 @@ class Writer:
         # A key named twice is stored once: every item of it is then stored.
         stored = {k for k, r in zip(keys, results, strict=True) if r is PutResult.STORED}
         return [k in stored for k in keys]
+
+    def _hash_ahead(self, objects: Sequence[PendingObject], stop: threading.Event,
+                    first: Future[pb.PutStartResponse]) -> None:
+        """Hash the objects in the order they are written, once the first part is allocated,
+        unless every node it went to is written through a transport that hashes as it copies
+        (then hashing ahead would only read every payload once more)."""
+        try:
+            nodes = [node_from_proto(n) for n in first.result().nodes]
+        except BaseException:  # the put fails: it says why, not this thread
+            return
+        if nodes and all(self._hashes_writes(n) for n in nodes):
+            return
+        _checksums_in_order(objects, stop)
+
+    def _hashes_writes(self, node: NodeInfo) -> bool:
+        transport = self._transport_for(node)
+        return transport is not None and bool(getattr(transport, "hashes_writes", False))
 
     def _abandon(self, keys: Sequence[str], start: Future[pb.PutStartResponse]) -> None:
         """Give back what an allocation under way got, for a put that cannot go on (a layout

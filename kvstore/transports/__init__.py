@@ -47,10 +47,15 @@ class Transport(Protocol):
     def read(self, ops: Sequence[tuple[int, int]]) -> list[bytes]:
         """The bytes at each (offset, length), of the node's epoch the transport was made
         for: a node in another epoch refuses (TransportError)."""
-    def read_into(self, ops: Sequence[ReadInto], landed: Landed | None = None) -> None:
+    def read_into(self, ops: Sequence[ReadInto],
+                  landed: Landed | None = None) -> list[int] | None:
         """Each op's views filled, in turn, with the bytes from its offset on (their sizes add
         up to the op's length), with no copy on the way: the caller owns the views; `landed(i)`
-        once op i's are. Refused like `read`; a failure may leave views partly written."""
+        once op i's are. Refused like `read`; a failure may leave views partly written.
+
+        A transport that checksums what it copies (shm, kvstore.hashed_copy) returns instead
+        the xxh3-64 of each op's last view as it landed, and never calls `landed`; the others
+        return None."""
     def close(self) -> None: ...
 
 

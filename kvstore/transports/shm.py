@@ -13,6 +13,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from kvstore import hashed_copy
+from kvstore.block_object import PendingObject
 from kvstore.grants import WriteGrant
 from kvstore.transports import Landed, ReadInto, TransportError, WriteData, parts_of
 
@@ -43,20 +45,51 @@ class ShmTransport:
         finally:
             os.close(fd)
         self._view = memoryview(self._mmap)
+        # The mapping's address, for the C copies (the numpy view that tells it must not stay:
+        # a buffer still exported would keep close() from releasing the mapping).
+        self._base = hashed_copy.address(self._view)
         self.size = size
 
     def _check(self, offset: int, length: int) -> None:
         if offset < 0 or offset + length > self.size:
             raise TransportError(f"range [{offset}, {offset + length}) outside the segment")
 
+    @property
+    def hashes_writes(self) -> bool:
+        """Whether `write` hashes the payloads of objects not hashed yet as it copies them (a
+        writer need not hash them ahead)."""
+        return hashed_copy.available()
+
     def write(self, ops: Sequence[tuple[WriteGrant, WriteData]]) -> None:
-        """Each part is copied once, straight into the segment."""
-        for grant, data in ops:
-            parts = parts_of(data)
-            nbytes = sum(p.nbytes for p in parts)
+        """Each part is copied once, straight into the segment. The payloads of objects not
+        hashed yet (PendingObject) are hashed as they are copied, all in one GIL-free call
+        (kvstore.hashed_copy), and their headers written after."""
+        for grant, data in ops:  # every op checked before any byte is written
+            nbytes = (data.nbytes if isinstance(data, PendingObject)
+                      else sum(p.nbytes for p in parts_of(data)))
             if nbytes != grant.length:
                 raise TransportError(f"{nbytes} bytes to write under a grant of {grant.length}")
             self._check(grant.offset, nbytes)
+        hashing = [(g, d) for g, d in ops if isinstance(d, PendingObject)
+                   and hashed_copy.available() and d.claim()]
+        if hashing:
+            try:
+                digests = hashed_copy.copy(
+                    [hashed_copy.address(o.payload) for _, o in hashing],
+                    [self._view[g.offset + o.header_bytes : g.offset + g.length]
+                     for g, o in hashing], [True] * len(hashing))
+            except BaseException as e:
+                for _, o in hashing:
+                    o.fail(e)
+                raise
+            for (_, o), digest in zip(hashing, digests, strict=True):
+                assert digest is not None
+                o.set_checksum(digest)
+        copied = {id(o) for _, o in hashing}
+        for grant, data in ops:
+            # PendingObject.header waits for (or computes) the checksum of one not hashed here.
+            parts = ([data.header()] if isinstance(data, PendingObject) and id(data) in copied
+                     else parts_of(data))
             pos = grant.offset
             for p in parts:
                 copy_into(self._view[pos : pos + p.nbytes], p)
@@ -69,8 +102,13 @@ class ShmTransport:
             out.append(bytes(self._view[offset : offset + length]))
         return out
 
-    def read_into(self, ops: Sequence[ReadInto], landed: Landed | None = None) -> None:
-        """One memcpy per view, out of the segment."""
+    def read_into(self, ops: Sequence[ReadInto],
+                  landed: Landed | None = None) -> list[int] | None:
+        """One copy per view, out of the segment: all of them in one GIL-free call that hashes
+        each op's last view as it copies (kvstore.hashed_copy), or, where that is not built, one
+        numpy memcpy each (None: the caller hashes)."""
+        if hashed_copy.available():
+            return self._read_hashed(ops)
         for i, (offset, views) in enumerate(ops):
             self._check(offset, sum(v.nbytes for v in views))
             for v in views:
@@ -78,6 +116,22 @@ class ShmTransport:
                 offset += v.nbytes
             if landed is not None:
                 landed(i)
+        return None
+
+    def _read_hashed(self, ops: Sequence[ReadInto]) -> list[int]:
+        sources: list[int] = []
+        targets: list[memoryview] = []
+        hashed: list[bool] = []
+        for offset, views in ops:
+            assert views, "a read op lands somewhere"
+            self._check(offset, sum(v.nbytes for v in views))
+            for v in views:
+                sources.append(self._base + offset)
+                targets.append(v)
+                offset += v.nbytes
+            hashed += [False] * (len(views) - 1) + [True]
+        digests = hashed_copy.copy(sources, targets, hashed)
+        return [d for d in digests if d is not None]
 
     def close(self) -> None:
         self._view.release()

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from kv_helpers import raw_size
 
+from kvstore import hashed_copy
 from kvstore.block_object import BlockLayout, Rejection, header_size
 from kvstore.client import KVStoreClient
 from kvstore.node_service import NodeServer
@@ -23,6 +24,9 @@ TRANSPORTS = {
     "grpc": ("host-b", {"enable_tcp": False}),
 }
 SIZES = (10_000, 65_536, 1)
+# Every transport, and shm once more with numpy's copy and Python's hashing in place of the
+# hashed C copy (what runs where no compiler builds it).
+COPIES = [*TRANSPORTS, "shm:numpy"]
 
 
 def block_key(i: int) -> str:
@@ -33,23 +37,29 @@ def payload(i: int, n: int) -> bytes:
     return bytes((i * 7 + j) % 251 for j in range(n))
 
 
-def make_client(client_factory: Callable[..., KVStoreClient], transport: str) -> KVStoreClient:
-    host, cfg = TRANSPORTS[transport]
+def make_client(client_factory: Callable[..., KVStoreClient], transport: str,
+                monkeypatch: pytest.MonkeyPatch | None = None) -> KVStoreClient:
+    """A client that reads through `transport` ("shm:numpy": shm without the hashed copy)."""
+    name, _, copy = transport.partition(":")
+    if copy == "numpy":
+        assert monkeypatch is not None
+        monkeypatch.setattr(hashed_copy, "available", lambda: False)
+    host, cfg = TRANSPORTS[name]
     return client_factory(host_id=host, **cfg)
 
 
-@pytest.mark.parametrize("transport", list(TRANSPORTS))
+@pytest.mark.parametrize("transport", COPIES)
 def test_read_into_a_match_lands_exact_bytes_in_the_callers_buffers(
         node_factory: Callable[..., NodeServer], client_factory: Callable[..., KVStoreClient],
-        transport: str) -> None:
+        transport: str, monkeypatch: pytest.MonkeyPatch) -> None:
     node = node_factory("n")
-    c = make_client(client_factory, transport)
+    c = make_client(client_factory, transport, monkeypatch)
     keys = [block_key(i) for i in range(len(SIZES))]
     data = [payload(i, n) for i, n in enumerate(SIZES)]
     assert c.put_many(list(zip(keys, data, strict=True))) == [True] * 3
     m = c.match_prefix(keys)
     assert m.matched == 3
-    assert c.transport_name(m.nodes[0]) == transport
+    assert c.transport_name(m.nodes[0]) == transport.partition(":")[0]
     assert m.nodes[0].node_id == node.node.config.node_id
     buffers = [bytearray(n) for n in SIZES]
     got = c.read_into(m, buffers)
@@ -86,12 +96,12 @@ def test_read_into_by_keys_with_a_layout_fills_a_numpy_array(
 
 # 600,000 bytes: two objects pass OVERLAP_CHECK_BYTES, so each is checked as it lands.
 @pytest.mark.parametrize("size", [4096, 600_000])
-@pytest.mark.parametrize("transport", list(TRANSPORTS))
+@pytest.mark.parametrize("transport", COPIES)
 def test_a_corrupted_object_read_into_a_buffer_is_a_miss(
         node_factory: Callable[..., NodeServer], client_factory: Callable[..., KVStoreClient],
-        transport: str, size: int) -> None:
+        transport: str, size: int, monkeypatch: pytest.MonkeyPatch) -> None:
     node = node_factory("n")
-    c = make_client(client_factory, transport)
+    c = make_client(client_factory, transport, monkeypatch)
     keys = [block_key(i) for i in range(2)]
     assert c.put_many([(k, payload(i, size)) for i, k in enumerate(keys)]) == [True, True]
     m = c.match_prefix(keys)
