@@ -1,4 +1,5 @@
-"""The decode role's own limits (the settings it shares with prefill are EngineRoleConfig).
+"""The decode role's own settings: its limits, and its step trace (the settings it shares with
+prefill are EngineRoleConfig).
 
 Torch-free, so the command line can build its flags without loading a model runtime.
 """
@@ -29,6 +30,12 @@ class DecodeLimits:
         default=0.5,
         metadata={"help": "how long a pull waits for blocks the prefill engine is still writing "
                           "(after the last one that appeared) before computing them instead"})
+
+    step_trace: str | None = field(
+        default=None,
+        metadata={"help": "append one JSON line per decode step to this file: the loop's wall, "
+                          "CPU and run-queue time, the batch, other threads' CPU "
+                          "(engine/step_trace.py); for finding what made a token late"})
 
     def __post_init__(self) -> None:
         for name in ("max_running", "max_waiting", "chunk_tokens", "idle_chunk_tokens"):

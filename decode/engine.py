@@ -34,6 +34,7 @@ from engine.engine_loop import EngineLoop
 from engine.role_core import EngineCore
 from engine.runner import SeqStep
 from engine.sampling import Sampler, make_generator
+from engine.step_trace import StepMark, StepTrace
 from engine.stopping import StopChecker
 from pantry.common.errors import InvalidRequest, Overloaded, Unavailable
 
@@ -90,6 +91,8 @@ class DecodeEngine(EngineLoop):
         self._stops = StopChecker(core.description.eos_token_ids)
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._active: list[Sequence] = []
+        self._trace = (StepTrace(self.limits.step_trace, core.config.engine_id)
+                       if self.limits.step_trace else None)
         self._begin(background)
 
     # ---- called from server threads -------------------------------------------------------
@@ -145,6 +148,8 @@ class DecodeEngine(EngineLoop):
                     self._finish(seq, error=f"decode step failed: {exc}")
         for seq in [*self._active, *self._waiting]:
             seq.events.put(DecodeEvent(error="decode engine stopped"))
+        if self._trace is not None:
+            self._trace.close()
 
     def _iteration(self) -> bool:
         """One decode step over the batch; False when there was nothing to compute."""
@@ -172,9 +177,22 @@ class DecodeEngine(EngineLoop):
         self._computing(bool(steps))
         if not steps:
             return False
+        mark = self._trace.begin() if self._trace is not None else None
         logits = self.core.runner.step(steps)
         self._advance(members, logits)
+        if mark is not None:
+            self._traced(mark, steps, members)
         return True
+
+    def _traced(self, mark: StepMark, steps: list[SeqStep],
+                members: list[tuple[Sequence, int]]) -> None:
+        assert self._trace is not None
+        cpus = self.core.cpus
+        self._trace.end(
+            mark, sequences=len(steps), tokens=sum(n for _, n in members),
+            positions=sum(s.start_pos + len(s.token_ids) for s in steps),
+            pulling=sum(1 for s in self._active if s.status is SeqStatus.LOADING),
+            confined=cpus.confined if cpus is not None else None)
 
     def _wait_for_pulls(self) -> None:
         """Nothing to compute: sleep until a pull finishes (it notifies), not counted as busy."""

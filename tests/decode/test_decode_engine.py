@@ -4,6 +4,7 @@ admission limits and prompt validation."""
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -187,6 +188,24 @@ def test_concurrent_sequences_each_match_their_own_transformers_output(
     for i, (g, e) in enumerate(zip(got, expected, strict=True)):
         assert g == e, f"sequence {i} (prompt {len(cases[i][0])} tokens) diverged"
     wait_idle(engine, free)
+
+
+def test_a_step_trace_has_one_line_per_step_with_its_batch(
+    make_engine: EngineFactory, tmp_path: Path
+) -> None:
+    path = tmp_path / "steps.jsonl"
+    engine = make_engine(DecodeLimits(max_running=2, chunk_tokens=16, idle_chunk_tokens=16,
+                                      step_trace=str(path)))
+    got = tokens_of(collect(engine.submit(decode_job(prompt(20, seed=31), 5))))
+    assert len(got) == 5
+    engine.stop()  # the loop closes the trace
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    # The 20-token prompt in chunks of 16 and 4 (the first token), then a step per token.
+    assert [line["tokens"] for line in lines] == [16, 4, 1, 1, 1, 1]
+    assert [line["positions"] for line in lines] == [16, 20, 21, 22, 23, 24]
+    assert {line["sequences"] for line in lines} == {1}
+    assert {line["engine"] for line in lines} == {"decode-0"}
+    assert all(line["wall_ms"] >= line["cpu_ms"] - 0.1 for line in lines)
 
 
 def test_more_sequences_than_max_running_queue_and_still_match(
