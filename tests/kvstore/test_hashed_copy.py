@@ -116,12 +116,8 @@ def test_a_pending_objects_payload_is_hashed_by_its_one_claimer() -> None:
         failed.header()
 
 
-@pytest.mark.parametrize("count", [1, 6])  # one object: hashed as written; six: a put of 2 MB+
-def test_shm_puts_hash_each_payload_once_as_they_copy_it(
-        node_factory: Callable[..., NodeServer], client_factory: Callable[..., KVStoreClient],
-        monkeypatch: pytest.MonkeyPatch, count: int) -> None:
-    node_factory("n", dram_bytes=16 * MIB)
-    c = client_factory()  # on the node's host: shm
+def count_python_hashing(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The sizes of the payloads python-xxhash hashes for the pool's objects from now on."""
     hashed: list[int] = []
     real = xxhash.xxh3_64_intdigest
 
@@ -130,6 +126,16 @@ def test_shm_puts_hash_each_payload_once_as_they_copy_it(
         return real(data)  # type: ignore[arg-type]
 
     monkeypatch.setattr(block_object.xxhash, "xxh3_64_intdigest", counted)
+    return hashed
+
+
+@pytest.mark.parametrize("count", [1, 6])  # one object: hashed as written; six: a put of 2 MB+
+def test_shm_puts_hash_each_payload_once_as_they_copy_it(
+        node_factory: Callable[..., NodeServer], client_factory: Callable[..., KVStoreClient],
+        monkeypatch: pytest.MonkeyPatch, count: int) -> None:
+    node_factory("n", dram_bytes=16 * MIB)
+    c = client_factory()  # on the node's host: shm
+    hashed = count_python_hashing(monkeypatch)
     layout = BlockLayout("fp", "uint8", (400_000,))
     keys = [f"{i:032x}" for i in range(count)]
     data = [SOURCE[i * 1000 : i * 1000 + 400_000].tobytes() for i in range(count)]
@@ -146,14 +152,7 @@ def test_puts_without_the_hashed_copy_hash_each_payload_once(
     monkeypatch.setattr(hashed_copy, "available", lambda: False)
     node_factory("n", dram_bytes=16 * MIB)
     c = client_factory()
-    hashed: list[int] = []
-    real = xxhash.xxh3_64_intdigest
-
-    def counted(data: object) -> int:
-        hashed.append(memoryview(data).nbytes)  # type: ignore[arg-type]
-        return real(data)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(block_object.xxhash, "xxh3_64_intdigest", counted)
+    hashed = count_python_hashing(monkeypatch)
     keys = [f"{i:032x}" for i in range(6)]
     assert c.put_many([(k, SOURCE[:400_000].tobytes()) for k in keys]) == [True] * 6
     assert hashed == [400_000] * 6
