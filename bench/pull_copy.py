@@ -69,7 +69,7 @@ def fill(client: KVStoreClient, n: int) -> None:
 
 def child(master: str, n: int, busy: bool) -> dict[str, float]:
     """Runs with the switch set by the parent: each loop alone, beside a pull and beside a
-    store, and those's own times (ms)."""
+    store, and the pull's and store's own times over every trial (ms)."""
     import torch  # only here: the pool's layers never load it, the loops stand for a step
 
     torch.set_num_threads(1)
@@ -89,7 +89,7 @@ def child(master: str, n: int, busy: bool) -> dict[str, float]:
         for _ in range(300):
             torch.mm(a, b)
 
-    LOOPS = {"streaming": streaming, "short ops": short_ops}  # noqa: N806
+    loops = {"streaming": streaming, "short ops": short_ops}
 
     def pull(out: list[float]) -> None:
         os.sched_setaffinity(0, {work_cpu})
@@ -122,23 +122,24 @@ def child(master: str, n: int, busy: bool) -> dict[str, float]:
     if hog is not None:
         os.sched_setaffinity(hog.pid, {work_cpu})
     out: dict[str, float] = {}
+    took: dict[str, list[float]] = {"pull": [], "store": []}
     try:
-        for loop_name, loop in LOOPS.items():
+        for loop_name, loop in loops.items():
             out[f"{loop_name}_alone"] = 1e3 * statistics.median(
                 _timed(loop) for _ in range(TRIALS))
             for work_name, work in (("pull", pull), ("store", store)):
                 beside: list[float] = []
-                took: list[float] = []
                 for _ in range(TRIALS):
-                    th = threading.Thread(target=work, args=(took,))
+                    th = threading.Thread(target=work, args=(took[work_name],))
                     th.start()
                     beside.append(_timed(loop))
                     th.join()
                 out[f"{loop_name}_{work_name}"] = 1e3 * statistics.median(beside)
-                out[f"{work_name}_ms"] = 1e3 * statistics.median(took)
     finally:
         if hog is not None:
             hog.kill()
+    for work_name, times in took.items():
+        out[f"{work_name}_ms"] = 1e3 * statistics.median(times)
     src = np.random.default_rng(1).integers(0, 256, (n, BLOCK_BYTES), dtype=np.uint8)
     out["memcpy_ms"] = 1e3 * min(_timed(lambda: np.copyto(dst, src)) for _ in range(3))
     client.close()
