@@ -10,13 +10,11 @@ prefix cache, and are in the pool or on their way there) and it goes back to the
 queue. Readmitted, it takes back what this engine still holds, pulls what the pool has and
 recomputes the rest, then continues where it stopped: the same tokens as without preemption.
 
-A request that carries a first token comes from a prefill engine, which answers before its last
-blocks are sealed in the pool: the pull waits for them (`handoff_wait_s` after the last one that
-appeared) rather than recompute them. The prefill engine also stores the prompt's partial last
-block under its tail key (kvstore.hashing), pulled into the block after the full ones. With every
-block of the prompt in place, nothing of it is computed: the first token is given, so the last
-prompt token's logits are not needed, and the sequence starts with the first token's own step,
-one query row like any decode step. The tail is never indexed or stored as a full block: once the
+A request that carries a first token comes from a prefill engine (a handoff): what its pull
+waits for and takes is `decode.prompt_pull`'s. With every block of the prompt in place, nothing
+of it is computed: the first token is given, so the last prompt token's logits are not needed,
+and the sequence starts with the first token's own step, one query row like any decode step.
+The prompt's partial last block (its tail) is never indexed or stored as a full block: once the
 output fills that block, it is stored under its full key like any block the output completes."""
 
 from __future__ import annotations
@@ -39,14 +37,10 @@ from engine.stopping import StopChecker
 from pantry.common.errors import InvalidRequest, Overloaded, Unavailable
 
 from .config import DecodeLimits
+from .prompt_pull import PromptPull, is_handoff, wants_tail
 from .sequence import DecodeEvent, DecodeJob, SeqStatus, Sequence
 
 log = logging.getLogger(__name__)
-
-# How often a pull waiting for a prefill's last blocks asks the pool again: one master round
-# trip on loopback is ~0.3 ms, and the wait is usually one chunk's put (tens of ms).
-_HANDOFF_POLL_S = 0.002
-
 
 class EngineStopped(Unavailable):
     """The engine is shutting down and takes no new sequences."""
@@ -91,6 +85,7 @@ class DecodeEngine(EngineLoop):
         self._stops = StopChecker(core.description.eos_token_ids)
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._active: list[Sequence] = []
+        self._pull = PromptPull(core, self.limits.handoff_wait_s, lambda: self._stopped)
         self._trace = (StepTrace(self.limits.step_trace, core.config.engine_id)
                        if self.limits.step_trace else None)
         self._begin(background)
@@ -223,71 +218,13 @@ class DecodeEngine(EngineLoop):
             seq.fill = fill
             seq.block_ids = claim.block_ids
             seq.local_blocks = claim.local
-            if claim.local == len(keys) and not self._wants_tail(seq):
+            if claim.local == len(keys) and not wants_tail(seq):
                 # A repeat on this engine: nothing to pull.
-                self._prompt_loaded(seq, claim.local, whole=self._handoff(seq))
+                self._prompt_loaded(seq, claim.local, whole=is_handoff(seq))
                 continue
             seq.status = SeqStatus.LOADING
             seq.pull = self._puller.submit(self._pull, seq)
             seq.pull.add_done_callback(lambda _f: self._wake())
-
-    @staticmethod
-    def _handoff(seq: Sequence) -> bool:
-        """A prefill engine computed the prompt, and the sequence has not started. (After a
-        preemption its output has moved on; what is missing then is computed.)"""
-        return seq.job.first_token is not None and not seq.output
-
-    def _wants_tail(self, seq: Sequence) -> bool:
-        """A handoff whose prompt's partial last block may be in the pool."""
-        return seq.tail_key is not None and self._handoff(seq)
-
-    def _pull(self, seq: Sequence) -> tuple[int, bool]:
-        """Runs on the puller thread: writes only this sequence's own fresh blocks. Returns the
-        leading full blocks now in the cache, local ones included, and whether a handoff's whole
-        prompt is (its tail block, if it has one, landed after them)."""
-        transfer = self.core.transfer
-        keys = seq.chain.keys[: len(seq.fill) // self.core.block_size]
-        full = len(keys)
-        if self._wants_tail(seq):
-            assert seq.tail_key is not None
-            keys = [*keys, seq.tail_key]  # into the block that follows the full ones
-        loaded = seq.local_blocks
-        loaded += transfer.load(keys[loaded:], seq.block_ids[loaded : len(keys)])
-        handoff = self._handoff(seq)
-        if loaded < len(keys) and handoff:
-            loaded = self._await_handoff(seq, keys, loaded)
-        return min(loaded, full), handoff and loaded == len(keys)
-
-    def _await_handoff(self, seq: Sequence, keys: list[str], loaded: int) -> int:
-        """A prefill engine computed this prompt and answered before its last blocks (and its
-        tail, in the same put) were sealed: pulls them as they appear."""
-        transfer = self.core.transfer
-        started = last_seen = time.monotonic()
-        try:
-            while loaded < len(keys) and not seq.cancelled.is_set() and not self._stopped:
-                if time.monotonic() - last_seen > self.limits.handoff_wait_s:
-                    log.warning("%s: %d prompt blocks never appeared in the pool; computing them",
-                                seq.job.request_id, len(keys) - loaded)
-                    break
-                time.sleep(_HANDOFF_POLL_S)
-                try:
-                    sealed = self.core.pool.match_prefix(keys[loaded:]).matched
-                except Exception:  # the pool is down: computing is all that is left
-                    log.warning("%s: pool unreachable while waiting for the prefill's blocks",
-                                seq.job.request_id, exc_info=True)
-                    break
-                if sealed:
-                    got = transfer.load(keys[loaded : loaded + sealed],
-                                        seq.block_ids[loaded : loaded + sealed])
-                    loaded += got
-                    if got < sealed:  # sealed but refused by its checks: waiting cannot help
-                        log.warning("%s: a prompt block in the pool failed its checks; "
-                                    "computing from there", seq.job.request_id)
-                        break
-                    last_seen = time.monotonic()
-        finally:
-            self.core.metrics.handoff_wait_seconds.inc(time.monotonic() - started)
-        return loaded
 
     def _prompt_loaded(self, seq: Sequence, loaded: int, whole: bool = False) -> None:
         """`loaded` leading blocks of the fill hold its KV; the rest is computed in chunks.
