@@ -19,6 +19,11 @@ and the streams' tok/s; a table and a PNG (TBT over time, one panel per setup).
 
 Target (issue 8): disaggregated p99 TBT at most 1.5x its own p50.
 
+Each round ends by measuring this machine's own floor for that ratio (bench/noise_floor.py): a
+fixed piece of CPU work as long as the setup's TBT p50, timed over and over on every CPU at
+once with nothing of Pantry's running. The `floor` column is its p99/p50 (the steadiest CPU's,
+median over rounds): an engine's steps can be no steadier than that. `--floor-s 0` skips it.
+
     .venv/bin/python bench/interference.py [--quick] [--png bench/out/interference.png]
 
 A/B of `pantry local` flags: `--variant NAME=FLAGS` (repeatable) runs every setup once per
@@ -48,11 +53,14 @@ from pathlib import Path
 
 import grpc
 
-from pantry.cli.local import LocalOptions
-from pantry.common.config_flags import default_of
-from pantry.common.sampling import SamplingParams
-from pantry.common.wire import sampling_to_proto
-from pantry.v1 import engine_pb2, engine_pb2_grpc
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench import noise_floor  # noqa: E402
+from pantry.cli.local import LocalOptions  # noqa: E402
+from pantry.common.config_flags import default_of  # noqa: E402
+from pantry.common.sampling import SamplingParams  # noqa: E402
+from pantry.common.wire import sampling_to_proto  # noqa: E402
+from pantry.v1 import engine_pb2, engine_pb2_grpc  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -250,6 +258,9 @@ def main() -> int:
     ap.add_argument("--variant", action="append", default=[],
                     help="NAME=FLAGS: extra `pantry local` flags (repeatable; default: none)")
     ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--floor-s", type=float, default=20.0,
+                    help="seconds of the machine's noise floor measured after each round "
+                         "(0: none)")
     ap.add_argument("--decode-prefill-tokens", type=int,
                     default=default_of(LocalOptions, "decode_prefill_tokens"),
                     help="disaggregated: prompts up to this long go straight to decode, as the "
@@ -263,18 +274,22 @@ def main() -> int:
              for name, flags in variants]
     rng = random.Random(8)
     rounds: dict[str, list[Run]] = {}
+    floors: list[dict[int, list[float]]] = []  # each round's noise-floor loop times
     print(f"load average before: {os.getloadavg()[0]:.1f}", flush=True)
     for r in range(ns.rounds):
         for setup, name, flags in cells[r % len(cells):] + cells[: r % len(cells)]:
             label = f"{setup.name} {name}".strip()
             print(f"round {r + 1}: {label}: running", flush=True)
             rounds.setdefault(label, []).append(measure(setup, flags, ns, rng))
+        if ns.floor_s > 0:
+            print(f"round {r + 1}: the machine's noise floor: {ns.floor_s:.0f} s", flush=True)
+            floors.append(noise_floor.sample(ns.floor_s))
     print(f"\n{ns.streams} streams decoding while {ns.prompts} prompts of "
           f"{'/'.join(map(str, ns.lengths))} tokens arrive every {ns.interval_s:.1f} s; "
           f"{ns.rounds} round(s); load average after: {os.getloadavg()[0]:.1f}")
     width = max(20, *map(len, rounds))
     print(f"{'setup':<{width}} {'TBT p50':>8} {'p99':>8} {'max':>8} {'p99/p50':>8} "
-          f"{'TTFT p50':>9} {'p99':>8} {'tok/s':>7}  rounds' p99/p50")
+          f"{'floor':>6} {'TTFT p50':>9} {'p99':>8} {'tok/s':>7}  rounds' p99/p50")
     for label, runs in rounds.items():
         gaps, _ = pooled(runs)
         ttfts = [t for r in runs for t in r.ttfts]
@@ -283,10 +298,15 @@ def main() -> int:
         ratios = sorted(pct(g, 0.99) / pct(g, 0.5) for g in (gaps_in(r)[0] for r in runs))
         each = (f"{statistics.median(ratios):.2f} [{ratios[0]:.2f}-{ratios[-1]:.2f}]"
                 if len(ratios) > 1 else "")
+        found = [noise_floor.floor(f, p50) for f in floors]
+        floor = f"{statistics.median(f.ratio for f in found):.2f}" if found else "-"
         print(f"{label:<{width}} {1000 * p50:>8.1f} {1000 * p99:>8.1f} {1000 * max(gaps):>8.1f} "
-              f"{p99 / p50:>8.2f} {statistics.median(ttfts):>9.2f} "
+              f"{p99 / p50:>8.2f} {floor:>6} {statistics.median(ttfts):>9.2f} "
               f"{pct(ttfts, 0.99):>8.2f} {len(gaps) / secs:>7.1f}  {each}")
-    print("(TBT in ms, TTFT in s; tok/s: the streams' tokens inside the arrival window)")
+        for r, f in enumerate(found):
+            print(f"    round {r + 1}: {f.describe()}")
+    print("(TBT in ms, TTFT in s; tok/s: the streams' tokens inside the arrival window; floor: "
+          "the machine's own p99/p50 for fixed work as long as TBT p50)")
     plot(rounds, ns.png)
     print(f"plot: {ns.png}")
     return 0
