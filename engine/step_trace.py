@@ -1,4 +1,5 @@
-"""An engine loop's step trace: one JSON line per step, for finding what made a token late.
+"""An engine loop's step trace: one JSON line per step (a decode step, a prefill pass), for finding
+what made a token late.
 
 Time between tokens is a step's wall time, and a step is slow for one of a few reasons that
 look alike from outside: more work (a prompt's tokens in the batch, a long context), slower
@@ -15,12 +16,17 @@ CPU). Each line separates them:
 - `cpu_ms`: the loop thread's own CPU time in the step; `runq_ms`: its time runnable but not
   running (the kernel's schedstat); the rest of `wall_ms` it was off its CPU, waiting;
 - `sequences`, `tokens`, `positions`: the batch, its new tokens and its total context;
+  `confined`: whether the CPU split gave the engine only its own half (null without a split);
+  decode adds `pulling` (sequences whose prompt is being pulled), prefill `stored` (blocks,
+  tails included, the pass handed to the writer), `finished` (prompts whose first token it
+  gave) and `waiting` (prompts queued behind);
 - `threads`: the engine's other threads that used at least 1 ms of CPU since the last step,
   by name and id (a pull's copies, write-back, the gRPC server; "native" for threads Python
   did not start, such as OpenMP's).
 
-Off unless asked for (`pantry decode --step-trace FILE`): listing the threads costs ~0.3 ms a
-step. Linux only (/proc); elsewhere `runq_ms` and `threads` are left out.
+Off unless asked for (`pantry decode --step-trace FILE`, `pantry prefill --step-trace FILE`):
+listing the threads costs ~0.3 ms a step. Linux only (/proc); elsewhere `runq_ms` and `threads`
+are left out.
 """
 
 from __future__ import annotations
@@ -84,8 +90,9 @@ class StepTrace:
         self._loop = threading.get_native_id()
         return StepMark(time.perf_counter(), time.thread_time(), _runq_ns())
 
-    def end(self, mark: StepMark, *, sequences: int, tokens: int, positions: int,
-            pulling: int, confined: bool | None) -> None:
+    def end(self, mark: StepMark, **batch: object) -> None:
+        """Called by the loop thread as the step ends; `batch` (the engine's own fields, JSON
+        values) goes between the clocks and the threads."""
         wall = time.perf_counter() - mark.wall
         cpu = time.thread_time() - mark.cpu
         line: dict[str, object] = {
@@ -94,8 +101,7 @@ class StepTrace:
         runq = _runq_ns()
         if runq is not None and mark.runq_ns is not None:
             line["runq_ms"] = round((runq - mark.runq_ns) / 1e6, 2)
-        line.update(sequences=sequences, tokens=tokens, positions=positions, pulling=pulling,
-                    confined=confined)
+        line.update(batch)
         now = _thread_cpu_ns()  # a thread started since the last step counts all its CPU
         if now:
             names = {t.native_id: t.name for t in threading.enumerate()}

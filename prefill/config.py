@@ -18,6 +18,11 @@ class PrefillLimits:
     # worker thread as much as it (0.2-0.3 s less at 512); at 1 thread both within 1%.
     chunk_tokens: int = field(
         default=2048, metadata={"help": "prompt tokens computed per forward pass"})
+    step_trace: str | None = field(
+        default=None,
+        metadata={"help": "append one JSON line per forward pass to this file: the loop's "
+                          "wall, CPU and run-queue time, the batch, the blocks stored, other "
+                          "threads' CPU (engine/step_trace.py)"})
 
     def __post_init__(self) -> None:
         if self.chunk_tokens < 1:

@@ -26,6 +26,7 @@ from engine.errors import OutOfBlocks
 from engine.role_core import EngineCore
 from engine.runner import SeqStep
 from engine.sampling import Sampler, make_generator
+from engine.step_trace import StepTrace
 from pantry.common.errors import Unavailable
 from pantry.common.sampling import SamplingParams
 
@@ -91,7 +92,10 @@ class PrefillEngine(EngineLoop):
         # A prompt's cached prefix is pulled on the loop's puller while the passes of the
         # others go on.
         super().__init__(core, "prefill")
-        self.chunk_tokens = (limits or PrefillLimits()).chunk_tokens
+        limits = limits or PrefillLimits()
+        self.chunk_tokens = limits.chunk_tokens
+        self._trace = (StepTrace(limits.step_trace, core.config.engine_id)
+                       if limits.step_trace else None)
         self._sampler = Sampler()
         self._queue: collections.deque[_Prompt] = collections.deque()
         self._running: list[_Prompt] = []
@@ -168,6 +172,8 @@ class PrefillEngine(EngineLoop):
             self._queue.clear()
         for p in left:
             self._fail(p, PrefillStopped("prefill engine stopped"))
+        if self._trace is not None:
+            self._trace.close()
 
     def _admit(self) -> None:
         """Queued prompts take their blocks, first come first served, while blocks last; each
@@ -252,6 +258,7 @@ class PrefillEngine(EngineLoop):
             budget -= len(chunk)
             steps.append(SeqStep(chunk, p.num_computed, tuple(p.block_ids)))
             members.append((p, len(chunk)))
+        mark = self._trace.begin() if self._trace is not None else None
         began = time.perf_counter()
         logits = self.core.runner.step(steps)
         took = time.perf_counter() - began
@@ -281,14 +288,22 @@ class PrefillEngine(EngineLoop):
         # One put for every block this pass completed; the writer holds them until written, so
         # a tail block released with its prompt is not reused before then.
         self.core.store_in_background(keys, block_ids)
-        if not done:
-            return
-        rows = [row for row, _ in done]
-        firsts = self._sampler.sample(
-            logits[rows], [p.job.sampling for _, p in done],
-            [make_generator(p.job.sampling.seed) for _, p in done])
-        for (_, p), first in zip(done, firsts, strict=True):
-            self._finish(p, first)
+        if done:
+            rows = [row for row, _ in done]
+            firsts = self._sampler.sample(
+                logits[rows], [p.job.sampling for _, p in done],
+                [make_generator(p.job.sampling.seed) for _, p in done])
+            for (_, p), first in zip(done, firsts, strict=True):
+                self._finish(p, first)
+        if mark is not None and self._trace is not None:
+            cpus = self.core.cpus
+            with self._cv:
+                waiting = len(self._queue)
+            self._trace.end(
+                mark, sequences=len(steps), tokens=sum(n for _, n in members),
+                positions=sum(s.start_pos + len(s.token_ids) for s in steps),
+                confined=cpus.confined if cpus is not None else None,
+                stored=len(keys), finished=len(done), waiting=waiting)
 
     def _finish(self, p: _Prompt, first: int) -> None:
         core = self.core

@@ -114,6 +114,9 @@ class LocalOptions:
     decode_step_trace: str | None = field(default=None, metadata={
         "help": "the decode engine's step trace file (pantry decode --step-trace; with several "
                 "decode engines, each appends its own lines)"})
+    prefill_step_trace: str | None = field(default=None, metadata={
+        "help": "the prefill engine's pass trace file (pantry prefill --step-trace); may be "
+                "decode's file: each line names its engine"})
     # One machine's CPUs: a short prompt through prefill puts a second process streaming the
     # weights beside decode's steps, and a pool hop before decode starts. Measured with `vllm
     # bench serve` (256-token prompts, concurrency 4), cold output tok/s 18.8-19.0 -> 23.6-28.2
@@ -283,8 +286,9 @@ class LocalCluster:
         engines: dict[str, list[Role]] = {"prefill": [], "decode": []}
         for kind, cpus in (("prefill", prefill_cpus), ("decode", decode_cpus)):
             extra = ["--chunk-tokens", str(o.decode_chunk_tokens)] if kind == "decode" else []
-            if kind == "decode" and o.decode_step_trace:
-                extra += ["--step-trace", o.decode_step_trace]
+            trace = o.decode_step_trace if kind == "decode" else o.prefill_step_trace
+            if trace:
+                extra += ["--step-trace", trace]
             env = engine_env
             if kind == "decode" and o.decode_spin and not pinned:
                 env = {**engine_env, "GOMP_SPINCOUNT": str(o.decode_spin)}

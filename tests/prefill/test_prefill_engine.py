@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -286,11 +287,15 @@ def test_first_token_returns_before_the_blocks_are_written(core: EngineCore,
     assert core.runner.allocator.num_free == core.runner.kv.num_blocks
 
 
-def test_queued_prompts_share_token_budgeted_passes(core: EngineCore, tiny_llama: Path) -> None:
+def test_queued_prompts_share_token_budgeted_passes(core: EngineCore, tiny_llama: Path,
+                                                   tmp_path: Path) -> None:
     """Three 40-token prompts under a 48-token budget: pass 1 computes p1 and 8 tokens of p2,
     pass 2 the rest of p2 and 16 of p3, pass 3 the rest of p3; each pass puts the blocks it
-    completed and the tail of the prompt it finished (2 + 1, then 3 + 1, then 1 + 1)."""
-    engine = PrefillEngine(core, PrefillLimits(chunk_tokens=48), background=False)
+    completed and the tail of the prompt it finished (2 + 1, then 3 + 1, then 1 + 1). The step
+    trace has one line per pass, with exactly that."""
+    trace = tmp_path / "passes.jsonl"
+    engine = PrefillEngine(core, PrefillLimits(chunk_tokens=48, step_trace=str(trace)),
+                           background=False)
     prompts = [prompt(40, seed=20 + i) for i in range(3)]
     futures = [engine.submit(job(ids, rid=f"r{i}")) for i, ids in enumerate(prompts)]
     assert engine.load() == (3, 0)
@@ -314,6 +319,13 @@ def test_queued_prompts_share_token_budgeted_passes(core: EngineCore, tiny_llama
     assert metric(core, f"{pool}blocks_stored_total") == 9
     assert tails_stored(core) == 3
     assert core.runner.allocator.num_free == core.runner.kv.num_blocks
+    lines = [json.loads(line) for line in trace.read_text().splitlines()]
+    assert [(line["sequences"], line["tokens"], line["positions"], line["stored"],
+             line["finished"], line["waiting"]) for line in lines] == [
+        (2, 48, 40 + 8, 3, 1, 0), (2, 48, 40 + 16, 4, 1, 0), (1, 24, 40, 2, 1, 0)]
+    assert {line["engine"] for line in lines} == {"prefill-0"}
+    assert {line["confined"] for line in lines} == {None}
+    assert all(line["wall_ms"] >= line["cpu_ms"] - 0.1 for line in lines)
 
 
 def test_stop_fails_queued_prompts(core: EngineCore) -> None:
