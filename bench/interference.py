@@ -56,7 +56,7 @@ import grpc
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import noise_floor  # noqa: E402
-from pantry.cli.local import LocalOptions  # noqa: E402
+from pantry.cli.local_options import LocalOptions  # noqa: E402
 from pantry.common.config_flags import default_of  # noqa: E402
 from pantry.common.sampling import SamplingParams  # noqa: E402
 from pantry.common.wire import sampling_to_proto  # noqa: E402

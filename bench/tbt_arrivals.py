@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ttft_prefix import make_prompt, start_pantry  # noqa: E402
 
 from pantry.cli.client_stream import stream_request  # noqa: E402
-from pantry.cli.local import CPU_SPLITS, LocalOptions  # noqa: E402
+from pantry.cli.local_options import CPU_SPLITS, LocalOptions  # noqa: E402
 from pantry.common.config_flags import default_of  # noqa: E402
 
 

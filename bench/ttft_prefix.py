@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from pantry.cli.client_stream import stream_request
-from pantry.cli.local import CPU_SPLITS, LocalOptions
+from pantry.cli.local_options import CPU_SPLITS, LocalOptions
 from pantry.common.config_flags import default_of
 
 TARGET_RATIO_2048 = 0.2

@@ -11,7 +11,7 @@ from decode.config import DecodeLimits
 from engine.errors import EngineError
 from engine.model_files import DEFAULT_MODEL_SPEC
 from engine.role_config import EngineRoleConfig
-from pantry.cli.local import LocalOptions
+from pantry.cli.local_options import LocalOptions
 from pantry.cli.replay import add_replay_flags
 from pantry.cli.vllm_serve import add_parser as add_vllm_serve
 from pantry.common.config_flags import add_config_flags, config_from_args

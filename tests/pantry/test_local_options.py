@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 
 from engine.role_config import EngineRoleConfig
-from pantry.cli.local import LocalOptions
+from pantry.cli.local_options import LocalOptions
 from pantry.common.errors import ConfigError
 
 
