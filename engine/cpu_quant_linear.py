@@ -5,12 +5,12 @@ A decode step on CPU streams every weight from memory once; in float32 that is 5
 SmolLM2, and the step waits on memory, not on arithmetic. A GGUF model's weights are quantized
 to begin with: Q4_1 stores 32 weights as 4-bit codes with a float16 scale and minimum
 (w = d * q + m), Q8_0 as int8 codes with a scale (w = q * d). Every float32 weight the engine
-computes with is exactly such a value (engine.gguf_file dequantizes with gguf's own code), so
-this kernel reads the codes (blocked with float32 scales: 6 and 9 bits a weight against 32;
-the file's own are 5 and 8.5) and rebuilds each weight in
-registers with the same float32 operations, in the same order and unfused, before the same
-accumulation as engine.cpu_linear_pool: its outputs are bit-identical to that kernel's on the
-dequantized weight, and greedy output is unchanged. More rows than one tile (MR) rebuild a
+computes with is exactly such a value (engine.cpu_dequant dequantizes as gguf's own code does,
+bit for bit), so this kernel reads the codes (blocked with float32 scales: 6 and 9 bits a
+weight against 32; the file's own are 5 and 8.5) and rebuilds each weight in registers with
+the same float32 operations, in the same order and unfused, before the same accumulation as
+engine.cpu_linear_pool: its outputs are bit-identical to that kernel's on the dequantized
+weight, and greedy output is unchanged. More rows than one tile (MR) rebuild a
 block's weights once into the thread's scratch and run the float32 tile over them.
 
 The layout (`pack`) follows engine.cpu_linear_pool's: blocks of BW output features, each a

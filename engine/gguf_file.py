@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 import xxhash
 from gguf import GGMLQuantizationType, GGUFReader
-from gguf.quants import dequantize
 
 from engine.config import ModelConfig
+from engine.cpu_dequant import dequantize
 from engine.errors import UnsupportedModel
 
 _LAYER_NAMES = {
