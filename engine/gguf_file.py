@@ -15,11 +15,12 @@ from typing import Any
 
 import numpy as np
 import xxhash
-from gguf import GGMLQuantizationType, GGUFReader
+from gguf import GGMLQuantizationType
 
 from engine.config import ModelConfig
 from engine.cpu_dequant import dequantize
 from engine.errors import UnsupportedModel
+from engine.gguf_reader import GGUFReader
 
 _LAYER_NAMES = {
     "attn_norm.weight": "input_layernorm.weight",
@@ -102,16 +103,13 @@ class GGUFFile:
 
     @classmethod
     def open(cls, path: Path) -> GGUFFile:
-        """Shared instance per file version: parsing SmolLM2's ~100k metadata strings takes seconds,
-        and config, weights and tokenizer all read the same file."""
+        """Shared instance per file version: config, weights and tokenizer all read the same
+        file."""
         st = os.stat(path)
         return _open_cached(str(Path(path).resolve()), st.st_mtime_ns, st.st_size)
 
     def field(self, key: str, default: Any = None) -> Any:
-        field = self.reader.fields.get(key)
-        if field is None:
-            return default
-        return field.contents()
+        return self.reader.fields.get(key, default)
 
     @property
     def architecture(self) -> str:
