@@ -46,7 +46,12 @@ class RotaryEmbedding(torch.nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.register_buffer("inv_freq", inverse_frequencies(config), persistent=False)
+        # On the CPU even inside the loader's meta-device build: on the meta device this
+        # arithmetic runs torch's reference decompositions, which import torch._dynamo (~2 s
+        # of every engine's start). The loader puts it on the model's device.
+        with torch.device("cpu"):
+            inv_freq = inverse_frequencies(config)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         """cos, sin of shape [T, head_dim] for integer positions [T]."""
