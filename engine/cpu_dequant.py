@@ -17,7 +17,7 @@ from __future__ import annotations
 import ctypes
 
 import numpy as np
-from gguf import GGMLQuantizationType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
 
 from pantry.common.c_library import KernelLibrary, compile_library
@@ -57,13 +57,13 @@ void pantry_dequant_q8_0(const uint8_t *src, float *dst, int64_t blocks)
 
 # Exact IEEE arithmetic: no -ffast-math, and no multiply-add contracted into an FMA.
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fPIC", "-shared"]
-# Bytes of one block of 32 weights, by format.
-_BLOCK_BYTES = {GGMLQuantizationType.Q4_1: 20, GGMLQuantizationType.Q8_0: 34}
+_FUNCTIONS = {GGMLQuantizationType.Q4_1: "pantry_dequant_q4_1",
+              GGMLQuantizationType.Q8_0: "pantry_dequant_q8_0"}
 
 
 def _build() -> ctypes.CDLL:
     handle = ctypes.CDLL(str(compile_library("dequant", _SOURCE, _FLAGS)))
-    for name in ("pantry_dequant_q4_1", "pantry_dequant_q8_0"):
+    for name in _FUNCTIONS.values():
         fn = getattr(handle, name)
         fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
         fn.restype = None
@@ -81,16 +81,14 @@ def available() -> bool:
 def dequantize(data: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
     """As `gguf.quants.dequantize(data, qtype)`: `data` a tensor's stored bytes ([..., row
     bytes] uint8) or values; Q4_1 and Q8_0 here, every other type by gguf."""
-    block_bytes = _BLOCK_BYTES.get(qtype)
-    if block_bytes is None or not available():
+    name = _FUNCTIONS.get(qtype)
+    if name is None or not available():
         return gguf_dequantize(data, qtype)
     lib = _kernel.lib
     assert lib is not None
+    weights, block_bytes = GGML_QUANT_SIZES[qtype]
     raw = np.ascontiguousarray(data, dtype=np.uint8)
     assert raw.shape[-1] % block_bytes == 0, (raw.shape, qtype)
-    blocks = raw.size // block_bytes
-    out = np.empty((*raw.shape[:-1], raw.shape[-1] // block_bytes * 32), np.float32)
-    fn = (lib.pantry_dequant_q4_1 if qtype == GGMLQuantizationType.Q4_1
-          else lib.pantry_dequant_q8_0)
-    fn(raw.ctypes.data, out.ctypes.data, blocks)
+    out = np.empty((*raw.shape[:-1], raw.shape[-1] // block_bytes * weights), np.float32)
+    getattr(lib, name)(raw.ctypes.data, out.ctypes.data, raw.size // block_bytes)
     return out

@@ -12,6 +12,7 @@ compares the two on the shipped SmolLM2 file).
 
 from __future__ import annotations
 
+import math
 import mmap
 import struct
 from dataclasses import dataclass
@@ -28,11 +29,11 @@ MAGIC = b"GGUF"
 VERSIONS = (2, 3)
 DEFAULT_ALIGNMENT = 32
 
-# GGUF value types: the scalars' struct formats (little-endian), by type id.
-_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q",
-            11: "<q", 12: "<d"}
-_NUMPY = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?",
-          10: "<u8", 11: "<i8", 12: "<f8"}
+# GGUF's numeric value types (little-endian), by type id.
+_NUMBERS: dict[int, np.dtype[Any]] = {
+    kind: np.dtype(code) for kind, code in ((0, "<u1"), (1, "<i1"), (2, "<u2"), (3, "<i2"),
+                                            (4, "<u4"), (5, "<i4"), (6, "<f4"), (7, "?"),
+                                            (10, "<u8"), (11, "<i8"), (12, "<f8"))}
 _STRING, _ARRAY = 8, 9
 # Tensor types stored as plain values; every other type is blocks of raw bytes.
 _PLAIN = {GGMLQuantizationType.F32: np.float32, GGMLQuantizationType.F16: np.float16,
@@ -75,24 +76,26 @@ class _Cursor:
         self.pos = end
         return raw.decode("utf-8")
 
+    def numbers(self, dtype: np.dtype[Any], count: int) -> list[Any]:
+        """`count` values of `dtype` as Python numbers, read as one view."""
+        end = self.pos + count * dtype.itemsize
+        if end > len(self.buf):
+            raise UnsupportedModel(f"{self.path}: truncated GGUF value at byte {self.pos}")
+        values = np.frombuffer(self.buf, dtype, count, self.pos).tolist()
+        self.pos = end
+        return values
+
     def value(self, kind: int) -> Any:
-        if kind in _SCALARS:
-            return self.unpack(_SCALARS[kind])
+        if kind in _NUMBERS:
+            return self.numbers(_NUMBERS[kind], 1)[0]
         if kind == _STRING:
             return self.string()
         if kind == _ARRAY:
             item, count = self.unpack("<I"), self.unpack("<Q")
             if item == _STRING:
                 return [self.string() for _ in range(count)]
-            if item in _NUMPY:  # one view for the whole array, not a value at a time
-                dtype = np.dtype(_NUMPY[item])
-                end = self.pos + count * dtype.itemsize
-                if end > len(self.buf):
-                    raise UnsupportedModel(f"{self.path}: truncated GGUF array at byte "
-                                           f"{self.pos}")
-                values = np.frombuffer(self.buf, dtype, count, self.pos).tolist()
-                self.pos = end
-                return values
+            if item in _NUMBERS:
+                return self.numbers(_NUMBERS[item], count)
             return [self.value(item) for _ in range(count)]  # arrays of arrays
         raise UnsupportedModel(f"{self.path}: unknown GGUF value type {kind} at byte {self.pos}")
 
@@ -139,7 +142,7 @@ class GGUFReader:
         except ValueError:
             raise UnsupportedModel(f"{self.path}: tensor {name!r} has unknown type {kind}") \
                 from None
-        n = int(np.prod(dims, dtype=np.int64)) if dims else 1
+        n = math.prod(dims)
         block, type_bytes = GGML_QUANT_SIZES[ggml_type]
         begin, size = start + offset, n * type_bytes // block
         if begin + size > data.size:
