@@ -56,6 +56,7 @@ import grpc
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import noise_floor  # noqa: E402
+from bench.noise_floor import percentile as pct  # noqa: E402
 from pantry.cli.local_options import LocalOptions  # noqa: E402
 from pantry.common.config_flags import default_of  # noqa: E402
 from pantry.common.sampling import SamplingParams  # noqa: E402
@@ -200,11 +201,6 @@ def gaps_in(run: Run) -> tuple[list[float], list[tuple[float, float]]]:
                 gaps.append(b - a)
                 points.append((b - lo, b - a))
     return gaps, points
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def pooled(runs: list[Run]) -> tuple[list[float], list[tuple[float, float]]]:
