@@ -133,7 +133,11 @@ class LocalCluster:
         token = ["--token-file", str(self.token_file)]
         # The pool and the conductor go where the scheduler puts them. Kept off decode's half
         # (adaptive), interference p99/p50 was 1.59-1.66 and TTFT p50 44 s, against 1.49-1.60
-        # and 40 s left free (alternated, two rounds each).
+        # and 40 s left free (alternated, two rounds each). Measured again with the step trace,
+        # the pool alone on prefill's half: decode's run-queue time at prefill's pass ends (the
+        # master allocating and sealing a pass's 128 blocks) fell from 248-289 to 88-108 ms a
+        # round, its whole run-queue time from 35-38 to 30-32 ms a second, p99/p50 1.72-1.74 ->
+        # 1.54-1.70 (floors 1.84-2.08 and 1.34-2.02), and TTFT p50 rose 55-59 -> 63-64 s.
         master = self._start("kv-master", ["-m", "kvstore", "master", "--host", o.host,
                                            "--port", "0", *token])
         self._wait_ready(master, deadline)
