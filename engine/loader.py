@@ -24,7 +24,6 @@ from engine.model_files import (
     resolve_model_path,
 )
 from engine.packed_linear import can_pack, pack_linears, read_ahead_in_order
-from engine.rope import inverse_frequencies
 from engine.tokenizer import Tokenizer
 
 
@@ -118,8 +117,10 @@ def _build(
     model.load_state_dict(state, strict=False, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    # Non-persistent buffer: never in a checkpoint, so compute it for real here (kept float32).
-    model.model.rotary_emb.inv_freq = inverse_frequencies(config).to(device)
+    # Non-persistent buffer: never in a checkpoint. RotaryEmbedding computed it on the CPU even
+    # inside the meta-device build (float32, kept so); it only moves to the model's device.
+    rope = model.model.rotary_emb
+    rope.inv_freq = rope.inv_freq.to(device)
     model.fuse_projections()
     if can_pack(model):
         pack_linears(model, few_rows=few_rows, rows=rows)
